@@ -1,0 +1,654 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{DeliveryStatus, EscalationReason, TicketCommand, TicketError, TicketEvent};
+use crate::sla::{SlaDeadlines, SlaKind};
+use crate::{Category, Channel, Priority, TicketStatus};
+
+/// The most knowledge-base searches the agent may run for one customer
+/// message before it must escalate with `knowledge_gap`.
+pub const MAX_SEARCHES_PER_MESSAGE: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Draft {
+    pub body: String,
+    pub confidence: f64,
+    pub approval: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    pub draft_id: Uuid,
+    pub state: ApprovalState,
+    /// The text to send once approved: the draft, or the agent's edit.
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub channel: Channel,
+    pub delivery: Option<DeliveryStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Escalation {
+    pub reason: EscalationReason,
+    pub open: bool,
+}
+
+/// The ticket's state, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub id: Option<Uuid>,
+    pub customer_id: Option<Uuid>,
+    pub channel: Option<Channel>,
+    pub subject: Option<String>,
+    pub category: Category,
+    pub priority: Priority,
+    pub status: TicketStatus,
+    pub opened_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub first_response_at: Option<DateTime<Utc>>,
+    pub deadlines: Option<SlaDeadlines>,
+    pub assigned_to: Option<String>,
+    pub channel_message_ids: BTreeSet<String>,
+    pub messages_count: u32,
+    pub last_message_id: Option<Uuid>,
+    pub searches_for_last_message: u32,
+    pub drafts: BTreeMap<Uuid, Draft>,
+    pub approvals: BTreeMap<Uuid, Approval>,
+    pub responses: BTreeMap<Uuid, Response>,
+    pub escalations: BTreeMap<Uuid, Escalation>,
+    pub sla_breaches: BTreeSet<String>,
+    pub feedback: Option<bool>,
+}
+
+impl Ticket {
+    pub fn exists(&self) -> bool {
+        self.id.is_some()
+    }
+
+    /// The deadline that matters next (first response, then resolution).
+    pub fn sla_due_at(&self) -> Option<DateTime<Utc>> {
+        self.deadlines.map(|d| d.next_due(self.first_response_at))
+    }
+
+    pub fn open_escalations(&self) -> impl Iterator<Item = (&Uuid, &Escalation)> {
+        self.escalations.iter().filter(|(_, e)| e.open)
+    }
+
+    pub fn decide(&self, command: TicketCommand) -> Result<Vec<TicketEvent>, TicketError> {
+        use TicketCommand as C;
+        use TicketEvent as E;
+
+        if let C::Open {
+            ticket_id,
+            customer_id,
+            channel,
+            subject,
+            category,
+            priority,
+            at,
+        } = command
+        {
+            if self.exists() {
+                return Err(TicketError::AlreadyOpened);
+            }
+            let deadlines = SlaDeadlines::for_ticket(channel, at);
+            return Ok(vec![E::TicketOpened {
+                ticket_id,
+                customer_id,
+                channel,
+                subject,
+                category,
+                priority,
+                opened_at: at,
+                first_response_due: deadlines.first_response_due,
+                resolution_due: deadlines.resolution_due,
+            }]);
+        }
+        if !self.exists() {
+            return Err(TicketError::NotFound);
+        }
+        let closed = self.status == TicketStatus::Closed;
+        // Commands that still make sense on a closed ticket.
+        let allowed_when_closed = matches!(
+            command,
+            C::RecordDeliveryStatus { .. } | C::RecordFeedback { .. } | C::Close { .. }
+        );
+        if closed && !allowed_when_closed {
+            return Err(TicketError::Closed);
+        }
+
+        match command {
+            C::Open { .. } => unreachable!("handled above"),
+            C::ReceiveCustomerMessage {
+                message_id,
+                customer_id,
+                channel,
+                channel_message_id,
+                body,
+                attachments,
+                at,
+            } => {
+                if self.channel_message_ids.contains(&channel_message_id) {
+                    return Err(TicketError::DuplicateMessage { channel_message_id });
+                }
+                if body.trim().is_empty() && attachments == 0 {
+                    return Err(TicketError::EmptyMessage);
+                }
+                let mut events = Vec::with_capacity(2);
+                if self.status == TicketStatus::Resolved {
+                    events.push(E::TicketReopened {
+                        reopened_by: format!("customer:{customer_id}"),
+                        reason: Some("customer wrote again".into()),
+                        reopened_at: at,
+                    });
+                }
+                events.push(E::CustomerMessageReceived {
+                    message_id,
+                    customer_id,
+                    channel,
+                    channel_message_id,
+                    body,
+                    attachments,
+                    received_at: at,
+                });
+                Ok(events)
+            }
+            C::RecordKnowledgeSearch { query, hits, at } => {
+                if self.searches_for_last_message >= MAX_SEARCHES_PER_MESSAGE {
+                    return Err(TicketError::TooManySearches {
+                        attempts: self.searches_for_last_message,
+                    });
+                }
+                Ok(vec![E::KnowledgeSearched {
+                    query,
+                    attempt: self.searches_for_last_message + 1,
+                    hits,
+                    searched_at: at,
+                }])
+            }
+            C::DraftResponse {
+                draft_id,
+                body,
+                confidence,
+                sources,
+                generated_by,
+                at,
+            } => {
+                if self.drafts.contains_key(&draft_id) {
+                    return Err(TicketError::DuplicateDraft(draft_id));
+                }
+                if body.trim().is_empty() {
+                    return Err(TicketError::EmptyResponse);
+                }
+                if !(0.0..=1.0).contains(&confidence) {
+                    return Err(TicketError::InvalidConfidence);
+                }
+                Ok(vec![E::ResponseDrafted {
+                    draft_id,
+                    body,
+                    confidence,
+                    sources,
+                    generated_by,
+                    drafted_at: at,
+                }])
+            }
+            C::RequestApproval {
+                approval_id,
+                draft_id,
+                reasons,
+                at,
+            } => {
+                let draft = self.drafts.get(&draft_id).ok_or(TicketError::UnknownDraft(draft_id))?;
+                if draft.approval.is_some() {
+                    return Err(TicketError::ApprovalAlreadyRequested(draft_id));
+                }
+                Ok(vec![E::ApprovalRequested {
+                    approval_id,
+                    draft_id,
+                    reasons,
+                    requested_at: at,
+                }])
+            }
+            C::ApproveResponse {
+                approval_id,
+                approved_by,
+                edited_body,
+                at,
+            } => {
+                let approval = self.pending_approval(approval_id)?;
+                if edited_body.as_deref().is_some_and(|b| b.trim().is_empty()) {
+                    return Err(TicketError::EmptyResponse);
+                }
+                Ok(vec![E::ResponseApproved {
+                    approval_id,
+                    draft_id: approval.draft_id,
+                    approved_by,
+                    edited_body,
+                    approved_at: at,
+                }])
+            }
+            C::RejectResponse {
+                approval_id,
+                rejected_by,
+                reason,
+                at,
+            } => {
+                let approval = self.pending_approval(approval_id)?;
+                if reason.trim().is_empty() {
+                    return Err(TicketError::EmptyReason);
+                }
+                Ok(vec![E::ResponseRejected {
+                    approval_id,
+                    draft_id: approval.draft_id,
+                    rejected_by,
+                    reason,
+                    rejected_at: at,
+                }])
+            }
+            C::SendResponse {
+                response_id,
+                draft_id,
+                channel,
+                body,
+                parts,
+                at,
+            } => {
+                if self.responses.contains_key(&response_id) {
+                    return Err(TicketError::DuplicateResponse(response_id));
+                }
+                if body.trim().is_empty() {
+                    return Err(TicketError::EmptyResponse);
+                }
+                if let Some(draft_id) = draft_id {
+                    let draft = self.drafts.get(&draft_id).ok_or(TicketError::UnknownDraft(draft_id))?;
+                    if let Some(approval_id) = draft.approval {
+                        match self.approvals.get(&approval_id).map(|a| a.state) {
+                            Some(ApprovalState::Approved) => {}
+                            Some(ApprovalState::Rejected) => return Err(TicketError::DraftRejected(draft_id)),
+                            _ => return Err(TicketError::ApprovalRequired(draft_id)),
+                        }
+                    }
+                }
+                Ok(vec![E::ResponseSent {
+                    response_id,
+                    draft_id,
+                    channel,
+                    body,
+                    parts,
+                    in_reply_to: self.last_message_id,
+                    sent_at: at,
+                }])
+            }
+            C::RecordDeliveryStatus {
+                response_id,
+                status,
+                provider_message_id,
+                error,
+                at,
+            } => {
+                let response = self
+                    .responses
+                    .get(&response_id)
+                    .ok_or(TicketError::UnknownResponse(response_id))?;
+                let advances = match response.delivery {
+                    None => true,
+                    Some(current) => current.advances_to(status),
+                };
+                if !advances {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::DeliveryStatusChanged {
+                    response_id,
+                    status,
+                    provider_message_id,
+                    error,
+                    changed_at: at,
+                }])
+            }
+            C::Escalate {
+                escalation_id,
+                reason,
+                note,
+                at,
+            } => {
+                if self.escalations.contains_key(&escalation_id) {
+                    return Err(TicketError::DuplicateEscalation(escalation_id));
+                }
+                if self.open_escalations().any(|(_, e)| e.reason == reason) {
+                    // Already with a human for this reason.
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::TicketEscalated {
+                    escalation_id,
+                    reason,
+                    note,
+                    escalated_at: at,
+                }])
+            }
+            C::ResolveEscalation {
+                escalation_id,
+                resolved_by,
+                note,
+                at,
+            } => {
+                let escalation = self
+                    .escalations
+                    .get(&escalation_id)
+                    .ok_or(TicketError::UnknownEscalation(escalation_id))?;
+                if !escalation.open {
+                    return Err(TicketError::EscalationAlreadyResolved(escalation_id));
+                }
+                Ok(vec![E::EscalationResolved {
+                    escalation_id,
+                    resolved_by,
+                    note,
+                    resolved_at: at,
+                }])
+            }
+            C::Assign {
+                agent_id,
+                assigned_by,
+                at,
+            } => {
+                if agent_id.trim().is_empty() {
+                    return Err(TicketError::EmptyAgent);
+                }
+                if self.assigned_to.as_deref() == Some(agent_id.as_str()) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::TicketAssigned {
+                    agent_id,
+                    assigned_by,
+                    assigned_at: at,
+                }])
+            }
+            C::Resolve {
+                resolved_by,
+                resolution,
+                at,
+            } => {
+                if self.status == TicketStatus::Resolved {
+                    return Err(TicketError::AlreadyResolved);
+                }
+                // Resolving the ticket settles whatever was escalated on it.
+                let mut events: Vec<TicketEvent> = self
+                    .open_escalations()
+                    .map(|(id, _)| E::EscalationResolved {
+                        escalation_id: *id,
+                        resolved_by: resolved_by.clone(),
+                        note: Some("ticket resolved".into()),
+                        resolved_at: at,
+                    })
+                    .collect();
+                events.push(E::TicketResolved {
+                    resolved_by,
+                    resolution,
+                    resolved_at: at,
+                });
+                Ok(events)
+            }
+            C::Reopen {
+                reopened_by,
+                reason,
+                at,
+            } => {
+                if self.status != TicketStatus::Resolved {
+                    return Err(TicketError::NotResolved);
+                }
+                Ok(vec![E::TicketReopened {
+                    reopened_by,
+                    reason,
+                    reopened_at: at,
+                }])
+            }
+            C::Close { closed_by, at } => {
+                if closed {
+                    return Err(TicketError::Closed);
+                }
+                Ok(vec![E::TicketClosed {
+                    closed_by,
+                    closed_at: at,
+                }])
+            }
+            C::RecordFeedback { helpful, comment, at } => {
+                if self.responses.is_empty() {
+                    return Err(TicketError::NoResponseYet);
+                }
+                if self.feedback.is_some() {
+                    return Err(TicketError::FeedbackAlreadyRecorded);
+                }
+                Ok(vec![E::FeedbackRecorded {
+                    helpful,
+                    comment,
+                    recorded_at: at,
+                }])
+            }
+            C::RecordSlaBreach { kind, at } => {
+                let deadlines = self.deadlines.expect("an opened ticket has deadlines");
+                if self.sla_breaches.contains(kind.as_str()) {
+                    return Err(TicketError::SlaAlreadyBreached(kind.as_str()));
+                }
+                let due_at = match kind {
+                    SlaKind::FirstResponse => {
+                        if self.first_response_at.is_some() {
+                            return Err(TicketError::SlaNotBreached(kind.as_str()));
+                        }
+                        deadlines.first_response_due
+                    }
+                    SlaKind::Resolution => {
+                        if self.status == TicketStatus::Resolved {
+                            return Err(TicketError::SlaNotBreached(kind.as_str()));
+                        }
+                        deadlines.resolution_due
+                    }
+                };
+                if at <= due_at {
+                    return Err(TicketError::SlaNotBreached(kind.as_str()));
+                }
+                Ok(vec![E::SlaBreached {
+                    kind,
+                    due_at,
+                    breached_at: at,
+                }])
+            }
+        }
+    }
+
+    fn pending_approval(&self, approval_id: Uuid) -> Result<&Approval, TicketError> {
+        let approval = self
+            .approvals
+            .get(&approval_id)
+            .ok_or(TicketError::UnknownApproval(approval_id))?;
+        if approval.state != ApprovalState::Pending {
+            return Err(TicketError::ApprovalAlreadyDecided(approval_id));
+        }
+        Ok(approval)
+    }
+
+    /// Moves to `status` unless a human already holds the ticket.
+    fn progress(&mut self, status: TicketStatus) {
+        if !matches!(self.status, TicketStatus::Escalated | TicketStatus::AwaitingApproval) {
+            self.status = status;
+        }
+    }
+
+    pub fn apply_event(&mut self, event: TicketEvent) {
+        use TicketEvent as E;
+        self.updated_at = Some(event.at());
+        match event {
+            E::TicketOpened {
+                ticket_id,
+                customer_id,
+                channel,
+                subject,
+                category,
+                priority,
+                opened_at,
+                first_response_due,
+                resolution_due,
+            } => {
+                self.id = Some(ticket_id);
+                self.customer_id = Some(customer_id);
+                self.channel = Some(channel);
+                self.subject = subject;
+                self.category = category;
+                self.priority = priority;
+                self.status = TicketStatus::Received;
+                self.opened_at = Some(opened_at);
+                self.deadlines = Some(SlaDeadlines {
+                    first_response_due,
+                    resolution_due,
+                });
+            }
+            E::CustomerMessageReceived {
+                message_id,
+                channel_message_id,
+                ..
+            } => {
+                self.channel_message_ids.insert(channel_message_id);
+                self.messages_count += 1;
+                self.last_message_id = Some(message_id);
+                self.searches_for_last_message = 0;
+                if matches!(self.status, TicketStatus::Responded | TicketStatus::InProgress) {
+                    self.status = TicketStatus::Received;
+                }
+            }
+            E::KnowledgeSearched { attempt, .. } => {
+                self.searches_for_last_message = attempt;
+                self.progress(TicketStatus::InProgress);
+            }
+            E::ResponseDrafted {
+                draft_id,
+                body,
+                confidence,
+                ..
+            } => {
+                self.drafts.insert(
+                    draft_id,
+                    Draft {
+                        body,
+                        confidence,
+                        approval: None,
+                    },
+                );
+                self.progress(TicketStatus::InProgress);
+            }
+            E::ApprovalRequested {
+                approval_id, draft_id, ..
+            } => {
+                let body = match self.drafts.get_mut(&draft_id) {
+                    Some(draft) => {
+                        draft.approval = Some(approval_id);
+                        draft.body.clone()
+                    }
+                    None => String::new(),
+                };
+                self.approvals.insert(
+                    approval_id,
+                    Approval {
+                        draft_id,
+                        state: ApprovalState::Pending,
+                        body,
+                    },
+                );
+                if self.status != TicketStatus::Escalated {
+                    self.status = TicketStatus::AwaitingApproval;
+                }
+            }
+            E::ResponseApproved {
+                approval_id,
+                edited_body,
+                ..
+            } => {
+                if let Some(approval) = self.approvals.get_mut(&approval_id) {
+                    approval.state = ApprovalState::Approved;
+                    if let Some(body) = edited_body {
+                        approval.body = body;
+                    }
+                }
+                self.leave_approval();
+            }
+            E::ResponseRejected { approval_id, .. } => {
+                if let Some(approval) = self.approvals.get_mut(&approval_id) {
+                    approval.state = ApprovalState::Rejected;
+                }
+                self.leave_approval();
+            }
+            E::ResponseSent {
+                response_id,
+                channel,
+                sent_at,
+                ..
+            } => {
+                self.responses.insert(
+                    response_id,
+                    Response {
+                        channel,
+                        delivery: None,
+                    },
+                );
+                self.messages_count += 1;
+                self.first_response_at.get_or_insert(sent_at);
+                if !matches!(self.status, TicketStatus::Escalated | TicketStatus::AwaitingApproval) {
+                    self.status = TicketStatus::Responded;
+                }
+            }
+            E::DeliveryStatusChanged {
+                response_id, status, ..
+            } => {
+                if let Some(response) = self.responses.get_mut(&response_id) {
+                    response.delivery = Some(status);
+                }
+            }
+            E::TicketEscalated {
+                escalation_id, reason, ..
+            } => {
+                self.escalations.insert(escalation_id, Escalation { reason, open: true });
+                self.status = TicketStatus::Escalated;
+            }
+            E::EscalationResolved { escalation_id, .. } => {
+                if let Some(escalation) = self.escalations.get_mut(&escalation_id) {
+                    escalation.open = false;
+                }
+                if self.status == TicketStatus::Escalated && self.open_escalations().next().is_none() {
+                    self.status = TicketStatus::InProgress;
+                }
+            }
+            E::TicketAssigned { agent_id, .. } => {
+                self.assigned_to = Some(agent_id);
+                if self.status == TicketStatus::Received {
+                    self.status = TicketStatus::InProgress;
+                }
+            }
+            E::TicketResolved { .. } => self.status = TicketStatus::Resolved,
+            E::TicketReopened { .. } => self.status = TicketStatus::Received,
+            E::TicketClosed { .. } => self.status = TicketStatus::Closed,
+            E::FeedbackRecorded { helpful, .. } => self.feedback = Some(helpful),
+            E::SlaBreached { kind, .. } => {
+                self.sla_breaches.insert(kind.as_str().to_string());
+            }
+        }
+    }
+
+    fn leave_approval(&mut self) {
+        let pending = self.approvals.values().any(|a| a.state == ApprovalState::Pending);
+        if self.status == TicketStatus::AwaitingApproval && !pending {
+            self.status = TicketStatus::InProgress;
+        }
+    }
+}
+
+crate::impl_aggregate!(Ticket, "ticket", TicketCommand, TicketEvent, TicketError);

@@ -1,0 +1,473 @@
+//! The ticket: one customer issue from first message to closure.
+//!
+//! Every step the desk takes on a ticket (the AI's searches, drafts and
+//! confidence, approvals, replies and their delivery, escalations, human
+//! actions, SLA breaches, feedback) is an event of this aggregate, so the
+//! stream is the complete, replayable record an auditor reads.
+
+mod aggregate;
+#[cfg(test)]
+mod tests;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use aggregate::{Approval, ApprovalState, Draft, Escalation, Response, Ticket};
+
+use crate::sla::SlaKind;
+use crate::{Category, Channel, Priority};
+
+/// Why a ticket went to a human.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationReason {
+    PricingInquiry,
+    RefundRequest,
+    Legal,
+    NegativeSentiment,
+    HumanRequested,
+    KnowledgeGap,
+    DeliveryFailed,
+    ModelUnavailable,
+    /// A member of staff escalated it by hand.
+    Manual,
+}
+
+impl EscalationReason {
+    pub const ALL: [EscalationReason; 9] = [
+        EscalationReason::PricingInquiry,
+        EscalationReason::RefundRequest,
+        EscalationReason::Legal,
+        EscalationReason::NegativeSentiment,
+        EscalationReason::HumanRequested,
+        EscalationReason::KnowledgeGap,
+        EscalationReason::DeliveryFailed,
+        EscalationReason::ModelUnavailable,
+        EscalationReason::Manual,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationReason::PricingInquiry => "pricing_inquiry",
+            EscalationReason::RefundRequest => "refund_request",
+            EscalationReason::Legal => "legal",
+            EscalationReason::NegativeSentiment => "negative_sentiment",
+            EscalationReason::HumanRequested => "human_requested",
+            EscalationReason::KnowledgeGap => "knowledge_gap",
+            EscalationReason::DeliveryFailed => "delivery_failed",
+            EscalationReason::ModelUnavailable => "model_unavailable",
+            EscalationReason::Manual => "manual",
+        }
+    }
+}
+
+/// What the channel provider reports about a reply we sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Queued,
+    Sent,
+    Delivered,
+    Read,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Queued => "queued",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Read => "read",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether a report of `next` after `self` moves the delivery forward.
+    /// Providers deliver callbacks out of order; a late `sent` after
+    /// `delivered` says nothing new, and a failure after delivery is noise.
+    pub fn advances_to(self, next: DeliveryStatus) -> bool {
+        use DeliveryStatus::*;
+        match (self, next) {
+            (Failed, _) => false,
+            (Delivered | Read, Failed) => false,
+            (_, Failed) => true,
+            (a, b) => b > a,
+        }
+    }
+}
+
+impl std::str::FromStr for DeliveryStatus {
+    type Err = crate::values::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Twilio also reports `accepted`, `scheduled`, `sending` and
+        // `undelivered`; they fold into the five states we track.
+        Ok(match s {
+            "queued" | "accepted" | "scheduled" => DeliveryStatus::Queued,
+            "sending" | "sent" => DeliveryStatus::Sent,
+            "delivered" => DeliveryStatus::Delivered,
+            "read" => DeliveryStatus::Read,
+            "failed" | "undelivered" | "canceled" => DeliveryStatus::Failed,
+            other => {
+                return Err(crate::values::UnknownValue {
+                    what: "delivery status",
+                    value: other.chars().take(40).collect(),
+                })
+            }
+        })
+    }
+}
+
+/// One passage the knowledge base returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KnowledgeHit {
+    pub document_id: String,
+    pub chunk_id: String,
+    pub title: String,
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TicketCommand {
+    Open {
+        ticket_id: Uuid,
+        customer_id: Uuid,
+        channel: Channel,
+        subject: Option<String>,
+        category: Category,
+        priority: Priority,
+        at: DateTime<Utc>,
+    },
+    /// A customer wrote. On a resolved ticket this reopens it first.
+    ReceiveCustomerMessage {
+        message_id: Uuid,
+        customer_id: Uuid,
+        channel: Channel,
+        channel_message_id: String,
+        body: String,
+        attachments: u32,
+        at: DateTime<Utc>,
+    },
+    RecordKnowledgeSearch {
+        query: String,
+        hits: Vec<KnowledgeHit>,
+        at: DateTime<Utc>,
+    },
+    DraftResponse {
+        draft_id: Uuid,
+        body: String,
+        confidence: f64,
+        sources: Vec<String>,
+        generated_by: String,
+        at: DateTime<Utc>,
+    },
+    RequestApproval {
+        approval_id: Uuid,
+        draft_id: Uuid,
+        reasons: Vec<String>,
+        at: DateTime<Utc>,
+    },
+    ApproveResponse {
+        approval_id: Uuid,
+        approved_by: String,
+        edited_body: Option<String>,
+        at: DateTime<Utc>,
+    },
+    RejectResponse {
+        approval_id: Uuid,
+        rejected_by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    SendResponse {
+        response_id: Uuid,
+        draft_id: Option<Uuid>,
+        channel: Channel,
+        body: String,
+        parts: Vec<String>,
+        at: DateTime<Utc>,
+    },
+    RecordDeliveryStatus {
+        response_id: Uuid,
+        status: DeliveryStatus,
+        provider_message_id: Option<String>,
+        error: Option<String>,
+        at: DateTime<Utc>,
+    },
+    Escalate {
+        escalation_id: Uuid,
+        reason: EscalationReason,
+        note: Option<String>,
+        at: DateTime<Utc>,
+    },
+    ResolveEscalation {
+        escalation_id: Uuid,
+        resolved_by: String,
+        note: Option<String>,
+        at: DateTime<Utc>,
+    },
+    Assign {
+        agent_id: String,
+        assigned_by: String,
+        at: DateTime<Utc>,
+    },
+    Resolve {
+        resolved_by: String,
+        resolution: Option<String>,
+        at: DateTime<Utc>,
+    },
+    Reopen {
+        reopened_by: String,
+        reason: Option<String>,
+        at: DateTime<Utc>,
+    },
+    Close {
+        closed_by: String,
+        at: DateTime<Utc>,
+    },
+    RecordFeedback {
+        helpful: bool,
+        comment: Option<String>,
+        at: DateTime<Utc>,
+    },
+    RecordSlaBreach {
+        kind: SlaKind,
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum TicketEvent {
+    TicketOpened {
+        ticket_id: Uuid,
+        customer_id: Uuid,
+        channel: Channel,
+        subject: Option<String>,
+        category: Category,
+        priority: Priority,
+        opened_at: DateTime<Utc>,
+        first_response_due: DateTime<Utc>,
+        resolution_due: DateTime<Utc>,
+    },
+    CustomerMessageReceived {
+        message_id: Uuid,
+        customer_id: Uuid,
+        channel: Channel,
+        channel_message_id: String,
+        body: String,
+        attachments: u32,
+        received_at: DateTime<Utc>,
+    },
+    KnowledgeSearched {
+        query: String,
+        attempt: u32,
+        hits: Vec<KnowledgeHit>,
+        searched_at: DateTime<Utc>,
+    },
+    ResponseDrafted {
+        draft_id: Uuid,
+        body: String,
+        confidence: f64,
+        sources: Vec<String>,
+        generated_by: String,
+        drafted_at: DateTime<Utc>,
+    },
+    ApprovalRequested {
+        approval_id: Uuid,
+        draft_id: Uuid,
+        reasons: Vec<String>,
+        requested_at: DateTime<Utc>,
+    },
+    ResponseApproved {
+        approval_id: Uuid,
+        draft_id: Uuid,
+        approved_by: String,
+        edited_body: Option<String>,
+        approved_at: DateTime<Utc>,
+    },
+    ResponseRejected {
+        approval_id: Uuid,
+        draft_id: Uuid,
+        rejected_by: String,
+        reason: String,
+        rejected_at: DateTime<Utc>,
+    },
+    ResponseSent {
+        response_id: Uuid,
+        draft_id: Option<Uuid>,
+        channel: Channel,
+        body: String,
+        parts: Vec<String>,
+        in_reply_to: Option<Uuid>,
+        sent_at: DateTime<Utc>,
+    },
+    DeliveryStatusChanged {
+        response_id: Uuid,
+        status: DeliveryStatus,
+        provider_message_id: Option<String>,
+        error: Option<String>,
+        changed_at: DateTime<Utc>,
+    },
+    TicketEscalated {
+        escalation_id: Uuid,
+        reason: EscalationReason,
+        note: Option<String>,
+        escalated_at: DateTime<Utc>,
+    },
+    EscalationResolved {
+        escalation_id: Uuid,
+        resolved_by: String,
+        note: Option<String>,
+        resolved_at: DateTime<Utc>,
+    },
+    TicketAssigned {
+        agent_id: String,
+        assigned_by: String,
+        assigned_at: DateTime<Utc>,
+    },
+    TicketResolved {
+        resolved_by: String,
+        resolution: Option<String>,
+        resolved_at: DateTime<Utc>,
+    },
+    TicketReopened {
+        reopened_by: String,
+        reason: Option<String>,
+        reopened_at: DateTime<Utc>,
+    },
+    TicketClosed {
+        closed_by: String,
+        closed_at: DateTime<Utc>,
+    },
+    FeedbackRecorded {
+        helpful: bool,
+        comment: Option<String>,
+        recorded_at: DateTime<Utc>,
+    },
+    SlaBreached {
+        kind: SlaKind,
+        due_at: DateTime<Utc>,
+        breached_at: DateTime<Utc>,
+    },
+}
+
+impl TicketEvent {
+    /// When the event happened.
+    pub fn at(&self) -> DateTime<Utc> {
+        match self {
+            TicketEvent::TicketOpened { opened_at: at, .. }
+            | TicketEvent::CustomerMessageReceived { received_at: at, .. }
+            | TicketEvent::KnowledgeSearched { searched_at: at, .. }
+            | TicketEvent::ResponseDrafted { drafted_at: at, .. }
+            | TicketEvent::ApprovalRequested { requested_at: at, .. }
+            | TicketEvent::ResponseApproved { approved_at: at, .. }
+            | TicketEvent::ResponseRejected { rejected_at: at, .. }
+            | TicketEvent::ResponseSent { sent_at: at, .. }
+            | TicketEvent::DeliveryStatusChanged { changed_at: at, .. }
+            | TicketEvent::TicketEscalated { escalated_at: at, .. }
+            | TicketEvent::EscalationResolved { resolved_at: at, .. }
+            | TicketEvent::TicketAssigned { assigned_at: at, .. }
+            | TicketEvent::TicketResolved { resolved_at: at, .. }
+            | TicketEvent::TicketReopened { reopened_at: at, .. }
+            | TicketEvent::TicketClosed { closed_at: at, .. }
+            | TicketEvent::FeedbackRecorded { recorded_at: at, .. }
+            | TicketEvent::SlaBreached { breached_at: at, .. } => *at,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TicketEvent::TicketOpened { .. } => "TicketOpened",
+            TicketEvent::CustomerMessageReceived { .. } => "CustomerMessageReceived",
+            TicketEvent::KnowledgeSearched { .. } => "KnowledgeSearched",
+            TicketEvent::ResponseDrafted { .. } => "ResponseDrafted",
+            TicketEvent::ApprovalRequested { .. } => "ApprovalRequested",
+            TicketEvent::ResponseApproved { .. } => "ResponseApproved",
+            TicketEvent::ResponseRejected { .. } => "ResponseRejected",
+            TicketEvent::ResponseSent { .. } => "ResponseSent",
+            TicketEvent::DeliveryStatusChanged { .. } => "DeliveryStatusChanged",
+            TicketEvent::TicketEscalated { .. } => "TicketEscalated",
+            TicketEvent::EscalationResolved { .. } => "EscalationResolved",
+            TicketEvent::TicketAssigned { .. } => "TicketAssigned",
+            TicketEvent::TicketResolved { .. } => "TicketResolved",
+            TicketEvent::TicketReopened { .. } => "TicketReopened",
+            TicketEvent::TicketClosed { .. } => "TicketClosed",
+            TicketEvent::FeedbackRecorded { .. } => "FeedbackRecorded",
+            TicketEvent::SlaBreached { .. } => "SlaBreached",
+        }
+    }
+}
+
+impl DomainEvent for TicketEvent {
+    fn event_type(&self) -> String {
+        self.name().to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    #[error("ticket does not exist")]
+    NotFound,
+    #[error("ticket is already open")]
+    AlreadyOpened,
+    #[error("ticket is closed")]
+    Closed,
+    #[error("channel message {channel_message_id} is already on this ticket")]
+    DuplicateMessage { channel_message_id: String },
+    #[error("a message needs a body or an attachment")]
+    EmptyMessage,
+    #[error("knowledge base searched {attempts} times for this message already")]
+    TooManySearches { attempts: u32 },
+    #[error("confidence must be between 0 and 1")]
+    InvalidConfidence,
+    #[error("a response needs a body")]
+    EmptyResponse,
+    #[error("draft {0} already exists")]
+    DuplicateDraft(Uuid),
+    #[error("draft {0} does not exist")]
+    UnknownDraft(Uuid),
+    #[error("draft {0} is already waiting for approval")]
+    ApprovalAlreadyRequested(Uuid),
+    #[error("approval {0} does not exist")]
+    UnknownApproval(Uuid),
+    #[error("approval {0} was already decided")]
+    ApprovalAlreadyDecided(Uuid),
+    #[error("draft {0} needs an approval before it can be sent")]
+    ApprovalRequired(Uuid),
+    #[error("draft {0} was rejected")]
+    DraftRejected(Uuid),
+    #[error("a rejection needs a reason")]
+    EmptyReason,
+    #[error("response {0} was already sent")]
+    DuplicateResponse(Uuid),
+    #[error("response {0} does not exist")]
+    UnknownResponse(Uuid),
+    #[error("escalation {0} already exists")]
+    DuplicateEscalation(Uuid),
+    #[error("escalation {0} does not exist")]
+    UnknownEscalation(Uuid),
+    #[error("escalation {0} is already resolved")]
+    EscalationAlreadyResolved(Uuid),
+    #[error("an assignment needs an agent")]
+    EmptyAgent,
+    #[error("ticket is already resolved")]
+    AlreadyResolved,
+    #[error("only a resolved ticket can be reopened")]
+    NotResolved,
+    #[error("feedback needs a response to rate")]
+    NoResponseYet,
+    #[error("feedback was already recorded")]
+    FeedbackAlreadyRecorded,
+    #[error("the {0} SLA is not breached")]
+    SlaNotBreached(&'static str),
+    #[error("the {0} SLA breach was already recorded")]
+    SlaAlreadyBreached(&'static str),
+}

@@ -1,0 +1,628 @@
+//! Given/when/then tests of the ticket's rules, rejections included.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use cqrs_es::test::TestFramework;
+use cqrs_es::Aggregate;
+use uuid::Uuid;
+
+use super::*;
+use crate::sla::SlaKind;
+use crate::TicketStatus;
+
+type Given = TestFramework<Ticket>;
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().with_timezone(&Utc)
+}
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+const TICKET: u128 = 100;
+const CUSTOMER: u128 = 200;
+
+fn opened() -> TicketEvent {
+    TicketEvent::TicketOpened {
+        ticket_id: id(TICKET),
+        customer_id: id(CUSTOMER),
+        channel: Channel::Whatsapp,
+        subject: None,
+        category: Category::General,
+        priority: Priority::Medium,
+        opened_at: t0(),
+        first_response_due: t0() + TimeDelta::minutes(2),
+        resolution_due: t0() + TimeDelta::hours(24),
+    }
+}
+
+fn received(n: u128, sid: &str) -> TicketEvent {
+    TicketEvent::CustomerMessageReceived {
+        message_id: id(n),
+        customer_id: id(CUSTOMER),
+        channel: Channel::Whatsapp,
+        channel_message_id: sid.into(),
+        body: "How do I export my data?".into(),
+        attachments: 0,
+        received_at: t0(),
+    }
+}
+
+fn receive(n: u128, sid: &str) -> TicketCommand {
+    TicketCommand::ReceiveCustomerMessage {
+        message_id: id(n),
+        customer_id: id(CUSTOMER),
+        channel: Channel::Whatsapp,
+        channel_message_id: sid.into(),
+        body: "How do I export my data?".into(),
+        attachments: 0,
+        at: t0(),
+    }
+}
+
+fn drafted(draft: u128, confidence: f64) -> TicketEvent {
+    TicketEvent::ResponseDrafted {
+        draft_id: id(draft),
+        body: "Go to Settings > Export.".into(),
+        confidence,
+        sources: vec!["kb:export".into()],
+        generated_by: "local".into(),
+        drafted_at: t0(),
+    }
+}
+
+fn approval_requested(approval: u128, draft: u128) -> TicketEvent {
+    TicketEvent::ApprovalRequested {
+        approval_id: id(approval),
+        draft_id: id(draft),
+        reasons: vec!["confidence 0.55 below 0.8".into()],
+        requested_at: t0(),
+    }
+}
+
+fn send(response: u128, draft: Option<u128>) -> TicketCommand {
+    TicketCommand::SendResponse {
+        response_id: id(response),
+        draft_id: draft.map(id),
+        channel: Channel::Whatsapp,
+        body: "Go to Settings > Export.".into(),
+        parts: vec!["Go to Settings > Export.".into()],
+        at: t0() + TimeDelta::seconds(30),
+    }
+}
+
+fn sent(response: u128, draft: Option<u128>) -> TicketEvent {
+    TicketEvent::ResponseSent {
+        response_id: id(response),
+        draft_id: draft.map(id),
+        channel: Channel::Whatsapp,
+        body: "Go to Settings > Export.".into(),
+        parts: vec!["Go to Settings > Export.".into()],
+        in_reply_to: Some(id(1)),
+        sent_at: t0() + TimeDelta::seconds(30),
+    }
+}
+
+fn resolved() -> TicketEvent {
+    TicketEvent::TicketResolved {
+        resolved_by: "agent:grace".into(),
+        resolution: None,
+        resolved_at: t0(),
+    }
+}
+
+fn closed() -> TicketEvent {
+    TicketEvent::TicketClosed {
+        closed_by: "agent:grace".into(),
+        closed_at: t0(),
+    }
+}
+
+fn state(events: Vec<TicketEvent>) -> Ticket {
+    let mut ticket = Ticket::default();
+    for e in events {
+        ticket.apply(e);
+    }
+    ticket
+}
+
+#[test]
+fn a_ticket_opens_with_sla_deadlines_from_its_channel() {
+    Given::with(())
+        .given_no_previous_events()
+        .when(TicketCommand::Open {
+            ticket_id: id(TICKET),
+            customer_id: id(CUSTOMER),
+            channel: Channel::Whatsapp,
+            subject: None,
+            category: Category::General,
+            priority: Priority::Medium,
+            at: t0(),
+        })
+        .then_expect_events(vec![opened()]);
+}
+
+#[test]
+fn a_ticket_opens_once() {
+    Given::with(())
+        .given(vec![opened()])
+        .when(TicketCommand::Open {
+            ticket_id: id(TICKET),
+            customer_id: id(CUSTOMER),
+            channel: Channel::Email,
+            subject: None,
+            category: Category::General,
+            priority: Priority::Low,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::AlreadyOpened);
+}
+
+#[test]
+fn nothing_happens_to_a_ticket_that_does_not_exist() {
+    for command in [receive(1, "SM1"), send(5, None), TicketCommand::Close { closed_by: "x".into(), at: t0() }] {
+        Given::with(()).given_no_previous_events().when(command).then_expect_error(TicketError::NotFound);
+    }
+}
+
+#[test]
+fn a_customer_message_is_received() {
+    Given::with(())
+        .given(vec![opened()])
+        .when(receive(1, "SM1"))
+        .then_expect_events(vec![received(1, "SM1")]);
+}
+
+#[test]
+fn the_same_channel_message_is_not_received_twice() {
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(receive(2, "SM1"))
+        .then_expect_error(TicketError::DuplicateMessage {
+            channel_message_id: "SM1".into(),
+        });
+}
+
+#[test]
+fn an_empty_message_is_refused() {
+    Given::with(())
+        .given(vec![opened()])
+        .when(TicketCommand::ReceiveCustomerMessage {
+            message_id: id(1),
+            customer_id: id(CUSTOMER),
+            channel: Channel::Whatsapp,
+            channel_message_id: "SM1".into(),
+            body: "   ".into(),
+            attachments: 0,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::EmptyMessage);
+}
+
+#[test]
+fn a_message_on_a_resolved_ticket_reopens_it() {
+    let events = Given::with(())
+        .given(vec![opened(), received(1, "SM1"), resolved()])
+        .when(receive(2, "SM2"))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(matches!(events[0], TicketEvent::TicketReopened { .. }));
+    assert_eq!(events[1], received(2, "SM2"));
+}
+
+#[test]
+fn nothing_is_received_or_sent_on_a_closed_ticket() {
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), closed()])
+        .when(receive(2, "SM2"))
+        .then_expect_error(TicketError::Closed);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), closed()])
+        .when(send(5, None))
+        .then_expect_error(TicketError::Closed);
+}
+
+#[test]
+fn the_knowledge_base_is_searched_at_most_twice_per_message() {
+    let searched = |attempt| TicketEvent::KnowledgeSearched {
+        query: "export".into(),
+        attempt,
+        hits: vec![],
+        searched_at: t0(),
+    };
+    let search = || TicketCommand::RecordKnowledgeSearch {
+        query: "export".into(),
+        hits: vec![],
+        at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), searched(1)])
+        .when(search())
+        .then_expect_events(vec![searched(2)]);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), searched(1), searched(2)])
+        .when(search())
+        .then_expect_error(TicketError::TooManySearches { attempts: 2 });
+    // A new customer message starts a fresh budget.
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), searched(1), searched(2), received(2, "SM2")])
+        .when(search())
+        .then_expect_events(vec![searched(1)]);
+}
+
+#[test]
+fn a_draft_needs_a_confidence_between_zero_and_one() {
+    for confidence in [-0.1, 1.5, f64::NAN] {
+        Given::with(())
+            .given(vec![opened(), received(1, "SM1")])
+            .when(TicketCommand::DraftResponse {
+                draft_id: id(10),
+                body: "Hi".into(),
+                confidence,
+                sources: vec![],
+                generated_by: "local".into(),
+                at: t0(),
+            })
+            .then_expect_error(TicketError::InvalidConfidence);
+    }
+}
+
+#[test]
+fn a_response_is_sent_and_marks_the_first_response() {
+    let ticket_events = vec![opened(), received(1, "SM1"), drafted(10, 0.93)];
+    Given::with(())
+        .given(ticket_events.clone())
+        .when(send(20, Some(10)))
+        .then_expect_events(vec![sent(20, Some(10))]);
+    let mut all = ticket_events;
+    all.push(sent(20, Some(10)));
+    let ticket = state(all);
+    assert_eq!(ticket.status, TicketStatus::Responded);
+    assert_eq!(ticket.first_response_at, Some(t0() + TimeDelta::seconds(30)));
+    assert_eq!(ticket.messages_count, 2);
+    assert_eq!(ticket.sla_due_at(), Some(t0() + TimeDelta::hours(24)));
+}
+
+#[test]
+fn a_draft_awaiting_approval_is_not_sent() {
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)])
+        .when(send(20, Some(10)))
+        .then_expect_error(TicketError::ApprovalRequired(id(10)));
+}
+
+#[test]
+fn an_approved_draft_is_sent_and_a_rejected_one_never() {
+    let approved = TicketEvent::ResponseApproved {
+        approval_id: id(30),
+        draft_id: id(10),
+        approved_by: "agent:grace".into(),
+        edited_body: None,
+        approved_at: t0(),
+    };
+    let rejected = TicketEvent::ResponseRejected {
+        approval_id: id(30),
+        draft_id: id(10),
+        rejected_by: "agent:grace".into(),
+        reason: "wrong article".into(),
+        rejected_at: t0(),
+    };
+    let base = vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)];
+    Given::with(())
+        .given(base.clone())
+        .and(vec![approved])
+        .when(send(20, Some(10)))
+        .then_expect_events(vec![sent(20, Some(10))]);
+    Given::with(())
+        .given(base)
+        .and(vec![rejected])
+        .when(send(20, Some(10)))
+        .then_expect_error(TicketError::DraftRejected(id(10)));
+}
+
+#[test]
+fn an_approval_is_decided_once() {
+    let approved = TicketEvent::ResponseApproved {
+        approval_id: id(30),
+        draft_id: id(10),
+        approved_by: "agent:grace".into(),
+        edited_body: Some("Edited".into()),
+        approved_at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10), approved])
+        .when(TicketCommand::RejectResponse {
+            approval_id: id(30),
+            rejected_by: "agent:alan".into(),
+            reason: "late".into(),
+            at: t0(),
+        })
+        .then_expect_error(TicketError::ApprovalAlreadyDecided(id(30)));
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(TicketCommand::ApproveResponse {
+            approval_id: id(31),
+            approved_by: "agent:grace".into(),
+            edited_body: None,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::UnknownApproval(id(31)));
+}
+
+#[test]
+fn a_rejection_needs_a_reason() {
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)])
+        .when(TicketCommand::RejectResponse {
+            approval_id: id(30),
+            rejected_by: "agent:grace".into(),
+            reason: " ".into(),
+            at: t0(),
+        })
+        .then_expect_error(TicketError::EmptyReason);
+}
+
+#[test]
+fn approval_status_follows_the_decision() {
+    let mut ticket = state(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)]);
+    assert_eq!(ticket.status, TicketStatus::AwaitingApproval);
+    ticket.apply(TicketEvent::ResponseApproved {
+        approval_id: id(30),
+        draft_id: id(10),
+        approved_by: "agent:grace".into(),
+        edited_body: Some("Edited reply".into()),
+        approved_at: t0(),
+    });
+    assert_eq!(ticket.status, TicketStatus::InProgress);
+    assert_eq!(ticket.approvals[&id(30)].body, "Edited reply");
+}
+
+#[test]
+fn delivery_status_only_moves_forward() {
+    let base = vec![opened(), received(1, "SM1"), sent(20, None)];
+    let changed = |status| TicketEvent::DeliveryStatusChanged {
+        response_id: id(20),
+        status,
+        provider_message_id: Some("SMout".into()),
+        error: None,
+        changed_at: t0(),
+    };
+    let record = |status| TicketCommand::RecordDeliveryStatus {
+        response_id: id(20),
+        status,
+        provider_message_id: Some("SMout".into()),
+        error: None,
+        at: t0(),
+    };
+    Given::with(())
+        .given(base.clone())
+        .when(record(DeliveryStatus::Delivered))
+        .then_expect_events(vec![changed(DeliveryStatus::Delivered)]);
+    Given::with(())
+        .given(base.clone())
+        .and(vec![changed(DeliveryStatus::Delivered)])
+        .when(record(DeliveryStatus::Sent))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(base.clone())
+        .and(vec![changed(DeliveryStatus::Delivered)])
+        .when(record(DeliveryStatus::Read))
+        .then_expect_events(vec![changed(DeliveryStatus::Read)]);
+    Given::with(())
+        .given(base)
+        .when(TicketCommand::RecordDeliveryStatus {
+            response_id: id(21),
+            status: DeliveryStatus::Sent,
+            provider_message_id: None,
+            error: None,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::UnknownResponse(id(21)));
+}
+
+#[test]
+fn delivery_callbacks_still_count_after_closing() {
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), sent(20, None), closed()])
+        .when(TicketCommand::RecordDeliveryStatus {
+            response_id: id(20),
+            status: DeliveryStatus::Read,
+            provider_message_id: None,
+            error: None,
+            at: t0(),
+        })
+        .then_expect_events(vec![TicketEvent::DeliveryStatusChanged {
+            response_id: id(20),
+            status: DeliveryStatus::Read,
+            provider_message_id: None,
+            error: None,
+            changed_at: t0(),
+        }]);
+}
+
+#[test]
+fn an_escalation_for_an_open_reason_is_not_repeated() {
+    let escalated = TicketEvent::TicketEscalated {
+        escalation_id: id(40),
+        reason: EscalationReason::RefundRequest,
+        note: None,
+        escalated_at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(TicketCommand::Escalate {
+            escalation_id: id(40),
+            reason: EscalationReason::RefundRequest,
+            note: None,
+            at: t0(),
+        })
+        .then_expect_events(vec![escalated.clone()]);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), escalated])
+        .when(TicketCommand::Escalate {
+            escalation_id: id(41),
+            reason: EscalationReason::RefundRequest,
+            note: None,
+            at: t0(),
+        })
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn resolving_settles_open_escalations_and_reopen_needs_resolved() {
+    let escalated = TicketEvent::TicketEscalated {
+        escalation_id: id(40),
+        reason: EscalationReason::Legal,
+        note: None,
+        escalated_at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), escalated])
+        .when(TicketCommand::Resolve {
+            resolved_by: "agent:grace".into(),
+            resolution: None,
+            at: t0(),
+        })
+        .then_expect_events(vec![
+            TicketEvent::EscalationResolved {
+                escalation_id: id(40),
+                resolved_by: "agent:grace".into(),
+                note: Some("ticket resolved".into()),
+                resolved_at: t0(),
+            },
+            resolved(),
+        ]);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), resolved()])
+        .when(TicketCommand::Resolve {
+            resolved_by: "agent:grace".into(),
+            resolution: None,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::AlreadyResolved);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(TicketCommand::Reopen {
+            reopened_by: "agent:grace".into(),
+            reason: None,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::NotResolved);
+}
+
+#[test]
+fn a_ticket_closes_once() {
+    Given::with(())
+        .given(vec![opened(), closed()])
+        .when(TicketCommand::Close {
+            closed_by: "agent:grace".into(),
+            at: t0(),
+        })
+        .then_expect_error(TicketError::Closed);
+}
+
+#[test]
+fn feedback_needs_a_response_and_is_recorded_once() {
+    let feedback = TicketCommand::RecordFeedback {
+        helpful: true,
+        comment: None,
+        at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(feedback.clone())
+        .then_expect_error(TicketError::NoResponseYet);
+    Given::with(())
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            sent(20, None),
+            TicketEvent::FeedbackRecorded {
+                helpful: false,
+                comment: None,
+                recorded_at: t0(),
+            },
+        ])
+        .when(feedback)
+        .then_expect_error(TicketError::FeedbackAlreadyRecorded);
+}
+
+#[test]
+fn an_sla_breach_is_recorded_exactly_once_and_only_when_due() {
+    let late = t0() + TimeDelta::minutes(3);
+    let breached = TicketEvent::SlaBreached {
+        kind: SlaKind::FirstResponse,
+        due_at: t0() + TimeDelta::minutes(2),
+        breached_at: late,
+    };
+    let record = |at| TicketCommand::RecordSlaBreach {
+        kind: SlaKind::FirstResponse,
+        at,
+    };
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(record(late))
+        .then_expect_events(vec![breached.clone()]);
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), breached])
+        .when(record(late))
+        .then_expect_error(TicketError::SlaAlreadyBreached("first_response"));
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(record(t0() + TimeDelta::minutes(1)))
+        .then_expect_error(TicketError::SlaNotBreached("first_response"));
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), sent(20, None)])
+        .when(record(late))
+        .then_expect_error(TicketError::SlaNotBreached("first_response"));
+}
+
+#[test]
+fn status_follows_the_lifecycle() {
+    let mut ticket = state(vec![opened(), received(1, "SM1")]);
+    assert_eq!(ticket.status, TicketStatus::Received);
+    ticket.apply(drafted(10, 0.9));
+    assert_eq!(ticket.status, TicketStatus::InProgress);
+    ticket.apply(sent(20, Some(10)));
+    assert_eq!(ticket.status, TicketStatus::Responded);
+    ticket.apply(received(2, "SM2"));
+    assert_eq!(ticket.status, TicketStatus::Received);
+    ticket.apply(TicketEvent::TicketEscalated {
+        escalation_id: id(40),
+        reason: EscalationReason::HumanRequested,
+        note: None,
+        escalated_at: t0(),
+    });
+    assert_eq!(ticket.status, TicketStatus::Escalated);
+    // A holding reply does not take the ticket away from the human.
+    ticket.apply(sent(21, None));
+    assert_eq!(ticket.status, TicketStatus::Escalated);
+    ticket.apply(TicketEvent::EscalationResolved {
+        escalation_id: id(40),
+        resolved_by: "agent:grace".into(),
+        note: None,
+        resolved_at: t0(),
+    });
+    assert_eq!(ticket.status, TicketStatus::InProgress);
+    ticket.apply(resolved());
+    assert_eq!(ticket.status, TicketStatus::Resolved);
+    ticket.apply(closed());
+    assert_eq!(ticket.status, TicketStatus::Closed);
+}
+
+#[test]
+fn events_serialise_with_their_type_name() {
+    let json = serde_json::to_value(opened()).unwrap();
+    assert_eq!(json["type"], "TicketOpened");
+    assert_eq!(json["channel"], "whatsapp");
+    let back: TicketEvent = serde_json::from_value(json).unwrap();
+    assert_eq!(back, opened());
+}
+
+#[test]
+fn twilio_statuses_fold_into_delivery_states() {
+    assert_eq!("undelivered".parse::<DeliveryStatus>().unwrap(), DeliveryStatus::Failed);
+    assert_eq!("sending".parse::<DeliveryStatus>().unwrap(), DeliveryStatus::Sent);
+    assert!("exploded".parse::<DeliveryStatus>().is_err());
+}
