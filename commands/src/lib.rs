@@ -1,1 +1,14 @@
+//! Casebook's write side: the event store (cqrs-es on postgres-es), intake of
+//! customer messages, the outbox relay to Kafka, and the channel API clients.
+//! Only this crate appends events.
 
+pub mod gmail;
+pub mod intake;
+pub mod kafka;
+pub mod metrics;
+pub mod relay;
+pub mod retry;
+pub mod store;
+
+pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, Sender};
+pub use store::{CommandError, EventStore, StoreError};

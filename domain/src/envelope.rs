@@ -64,6 +64,44 @@ pub struct EventEnvelope {
     pub hash: String,
 }
 
+/// One row of the `events` table, as every reader of the store sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event_id: Uuid,
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub hash: String,
+}
+
+impl From<StoredEvent> for EventEnvelope {
+    fn from(e: StoredEvent) -> Self {
+        let meta = crate::EventMetadata::from_json(&e.metadata);
+        Self {
+            event_id: e.event_id,
+            position: e.position,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            sequence: e.sequence,
+            event_type: e.event_type,
+            event_version: e.event_version,
+            occurred_at: e.occurred_at,
+            correlation_id: meta.correlation_id,
+            causation_id: meta.causation_id,
+            actor: meta.actor,
+            channel: meta.channel,
+            payload: e.payload,
+            hash: e.hash,
+        }
+    }
+}
+
 impl EventEnvelope {
     /// Decodes the payload as the event type of an aggregate.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {

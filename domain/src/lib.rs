@@ -8,13 +8,16 @@ pub mod audit;
 pub mod channel_message;
 pub mod conversation;
 pub mod customer;
+pub mod email;
 pub mod envelope;
 pub mod identity;
 pub mod masking;
 pub mod metadata;
+pub mod retry;
 pub mod sanitize;
 pub mod sla;
 pub mod ticket;
+pub mod topics;
 pub mod values;
 pub mod webform;
 
@@ -24,7 +27,7 @@ pub use customer::{
     Customer, CustomerCommand, CustomerError, CustomerEvent, CustomerIdentity, CustomerIdentityCommand,
     CustomerIdentityError, CustomerIdentityEvent,
 };
-pub use envelope::{Actor, ActorKind, EventEnvelope};
+pub use envelope::{Actor, ActorKind, EventEnvelope, StoredEvent};
 pub use identity::{IdentityError, IdentityKey, IdentityKind};
 pub use metadata::EventMetadata;
 pub use ticket::{Ticket, TicketCommand, TicketError, TicketEvent};

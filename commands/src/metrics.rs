@@ -1,0 +1,73 @@
+//! Prometheus metrics of the write side, registered in the default registry
+//! that `/metrics` exposes.
+
+use std::sync::LazyLock;
+
+use cqrs_es::persist::SerializedEvent;
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge,
+};
+
+pub static EVENTS_APPENDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_events_appended_total",
+        "Events appended to the event store",
+        &["aggregate_type", "event_type"]
+    )
+    .expect("metric registers once")
+});
+
+pub static INTAKE_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_intake_messages_total",
+        "Inbound customer messages by channel and outcome (accepted, duplicate)",
+        &["channel", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static RELAY_PUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("casebook_relay_published_total", "Events the relay published to Kafka")
+        .expect("metric registers once")
+});
+
+pub static RELAY_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "casebook_relay_publish_errors_total",
+        "Relay batches that failed to publish and were retried"
+    )
+    .expect("metric registers once")
+});
+
+pub static RELAY_LAG_EVENTS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "casebook_relay_lag_events",
+        "Committed events not yet published to Kafka"
+    )
+    .expect("metric registers once")
+});
+
+pub static RELAY_LAG_SECONDS: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    prometheus::register_gauge!(
+        "casebook_relay_lag_seconds",
+        "Age of the oldest committed event not yet published to Kafka"
+    )
+    .expect("metric registers once")
+});
+
+pub static EXTERNAL_CALLS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "casebook_external_call_seconds",
+        "Latency of calls to external APIs (Gmail, Twilio, LLM) by service, operation and outcome",
+        &["service", "operation", "outcome"],
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("metric registers once")
+});
+
+pub fn record_appended(events: &[SerializedEvent]) {
+    for e in events {
+        EVENTS_APPENDED.with_label_values(&[e.aggregate_type.as_str(), e.event_type.as_str()]).inc();
+    }
+}

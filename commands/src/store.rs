@@ -1,0 +1,376 @@
+//! The event store: postgres-es on the `events` table, plus an atomic commit
+//! across several streams for intake (a message, its dedupe key, its
+//! customer's identities and its ticket are written together or not at all).
+//!
+//! Commands run against the state loaded from the store; a concurrent writer
+//! that got there first turns into an optimistic-lock conflict, and the
+//! command is retried against the new state.
+
+use std::any::Any;
+use std::time::Duration;
+
+use casebook_domain::retry::Backoff;
+use casebook_domain::EventMetadata;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
+use cqrs_es::{Aggregate, DomainEvent};
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+
+use crate::metrics;
+use crate::retry::sleep_backoff;
+
+/// How often a command is retried when another writer got to the stream
+/// first, and how long to wait in between.
+const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200), 8);
+/// Retries for transient database failures (connection loss, pool timeout).
+const TRANSIENT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("another writer changed the stream first")]
+    Conflict,
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored event could not be read: {0}")]
+    Corrupt(String),
+    #[error("event store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<PersistenceError> for StoreError {
+    fn from(err: PersistenceError) -> Self {
+        match err {
+            PersistenceError::OptimisticLockError => StoreError::Conflict,
+            PersistenceError::ConnectionError(e) => StoreError::Unavailable(e.to_string()),
+            PersistenceError::DeserializationError(e) => StoreError::Corrupt(e.to_string()),
+            PersistenceError::UnknownError(e) => match e.downcast::<sqlx::Error>() {
+                Ok(sqlx_err) => StoreError::from(*sqlx_err),
+                Err(e) => StoreError::Other(e.to_string()),
+            },
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => StoreError::Conflict,
+            // serialization_failure, deadlock_detected, too_many_connections,
+            // admin shutdown and friends: worth another try.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40001" | "40P01" | "53300" | "57P01" | "57P03")) =>
+            {
+                StoreError::Unavailable(err.to_string())
+            }
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => {
+                StoreError::Unavailable(err.to_string())
+            }
+            _ => StoreError::Other(err.to_string()),
+        }
+    }
+}
+
+/// A command's outcome when it could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    /// The aggregate refused the command; nothing was written.
+    #[error(transparent)]
+    Rejected(E),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An aggregate loaded from the store and the sequence of its last event.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    pub aggregate: A,
+    pub version: usize,
+}
+
+#[derive(Clone)]
+pub struct EventStore {
+    pool: PgPool,
+    repo: std::sync::Arc<PostgresEventRepository>,
+}
+
+impl EventStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            repo: std::sync::Arc::new(PostgresEventRepository::new(pool.clone())),
+            pool,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The aggregate's current state, folded from its events.
+    pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
+        let events = with_transient_retry(|| async { Ok(self.repo.get_events::<A>(id).await?) }).await?;
+        let mut aggregate = A::default();
+        let mut version = 0;
+        for event in events {
+            version = event.sequence;
+            let payload: A::Event =
+                serde_json::from_value(event.payload).map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))?;
+            aggregate.apply(payload);
+        }
+        Ok(Loaded { aggregate, version })
+    }
+
+    /// Runs `command` on one aggregate and appends the events it decides on,
+    /// through postgres-es. Conflicts with concurrent writers are retried
+    /// against the fresh state.
+    pub async fn execute<A>(
+        &self,
+        id: &str,
+        command: A::Command,
+        meta: &EventMetadata,
+    ) -> Result<Vec<A::Event>, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Command: Clone,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Loaded { mut aggregate, version } = self.load::<A>(id).await?;
+            let events = decide(&mut aggregate, command.clone()).await.map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(events);
+            }
+            let serialized = serialize::<A>(id, version, &events, meta)?;
+            let result = with_transient_retry(|| async { Ok(self.repo.persist::<A>(&serialized, None).await?) }).await;
+            match result {
+                Ok(()) => {
+                    metrics::record_appended(&serialized);
+                    return Ok(events);
+                }
+                Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
+                    sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A unit of work spanning several streams, committed atomically.
+    pub fn unit_of_work(&self, meta: EventMetadata) -> UnitOfWork<'_> {
+        UnitOfWork {
+            store: self,
+            meta,
+            streams: Vec::new(),
+        }
+    }
+}
+
+async fn decide<A: Aggregate<Services = ()>>(aggregate: &mut A, command: A::Command) -> Result<Vec<A::Event>, A::Error> {
+    let sink = EventSink::<A>::default();
+    aggregate.handle(command, &(), &sink).await?;
+    Ok(sink.collect().await)
+}
+
+fn serialize<A: Aggregate>(
+    id: &str,
+    version: usize,
+    events: &[A::Event],
+    meta: &EventMetadata,
+) -> Result<Vec<SerializedEvent>, StoreError> {
+    let metadata = serde_json::to_value(meta.to_map()).map_err(|e| StoreError::Other(e.to_string()))?;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            Ok(SerializedEvent::new(
+                id.to_string(),
+                version + i + 1,
+                A::TYPE.to_string(),
+                event.event_type(),
+                event.event_version(),
+                serde_json::to_value(event).map_err(|e| StoreError::Other(e.to_string()))?,
+                metadata.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// Retries transient failures (connection loss, pool exhaustion) with
+/// backoff; anything else, conflicts included, returns at once.
+pub(crate) async fn with_transient_retry<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Err(e) if e.is_transient() && TRANSIENT_BACKOFF.should_retry(attempt) => {
+                tracing::warn!(attempt, error = %e, "transient event store failure, retrying");
+                sleep_backoff(&TRANSIENT_BACKOFF, attempt).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+struct PendingStream {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    version: usize,
+    state: Box<dyn Any + Send + Sync>,
+    events: Vec<SerializedEvent>,
+}
+
+/// Commands on several aggregates whose events are committed in one
+/// transaction. Each aggregate is loaded once; later commands see the
+/// effects of earlier ones. A conflict on any stream fails the whole commit
+/// (callers rerun the unit from the start).
+pub struct UnitOfWork<'s> {
+    store: &'s EventStore,
+    meta: EventMetadata,
+    streams: Vec<PendingStream>,
+}
+
+impl UnitOfWork<'_> {
+    async fn stream<A>(&mut self, id: &str) -> Result<usize, StoreError>
+    where
+        A: Aggregate + 'static,
+    {
+        if let Some(i) = self
+            .streams
+            .iter()
+            .position(|s| s.aggregate_type == A::TYPE && s.aggregate_id == id)
+        {
+            return Ok(i);
+        }
+        let Loaded { aggregate, version } = self.store.load::<A>(id).await?;
+        self.streams.push(PendingStream {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_string(),
+            version,
+            state: Box::new(aggregate),
+            events: Vec::new(),
+        });
+        Ok(self.streams.len() - 1)
+    }
+
+    /// The aggregate as this unit of work sees it (stored state plus the
+    /// events recorded so far).
+    pub async fn load<A>(&mut self, id: &str) -> Result<&A, StoreError>
+    where
+        A: Aggregate + 'static,
+    {
+        let i = self.stream::<A>(id).await?;
+        Ok(self.streams[i]
+            .state
+            .downcast_ref::<A>()
+            .expect("stream state has the aggregate's type"))
+    }
+
+    /// Runs a command and records its events for the commit.
+    pub async fn execute<A>(&mut self, id: &str, command: A::Command) -> Result<Vec<A::Event>, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()> + 'static,
+    {
+        let i = self.stream::<A>(id).await?;
+        let stream = &mut self.streams[i];
+        let aggregate = stream
+            .state
+            .downcast_mut::<A>()
+            .expect("stream state has the aggregate's type");
+        let events = decide(aggregate, command).await.map_err(CommandError::Rejected)?;
+        let version = stream.version + stream.events.len();
+        stream.events.extend(serialize::<A>(id, version, &events, &self.meta)?);
+        Ok(events)
+    }
+
+    /// Metadata for the events of commands executed from now on.
+    pub fn set_metadata(&mut self, meta: EventMetadata) {
+        self.meta = meta;
+    }
+
+    /// Whether anything would be written.
+    pub fn is_empty(&self) -> bool {
+        self.streams.iter().all(|s| s.events.is_empty())
+    }
+
+    /// Appends every recorded event in one transaction and one statement,
+    /// in the order the commands ran. Returns how many were written.
+    pub async fn commit(self) -> Result<usize, StoreError> {
+        let events: Vec<SerializedEvent> = self.streams.into_iter().flat_map(|s| s.events).collect();
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut columns = Columns::with_capacity(events.len());
+        for e in &events {
+            columns.push(e);
+        }
+        let pool = self.store.pool.clone();
+        with_transient_retry(|| async {
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                 SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                        WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n)
+                  ORDER BY t.n",
+            )
+            .bind(&columns.aggregate_type)
+            .bind(&columns.aggregate_id)
+            .bind(&columns.sequence)
+            .bind(&columns.event_type)
+            .bind(&columns.event_version)
+            .bind(&columns.payload)
+            .bind(&columns.metadata)
+            .execute(&pool)
+            .await?;
+            Ok(())
+        })
+        .await?;
+        metrics::record_appended(&events);
+        Ok(events.len())
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    aggregate_type: Vec<String>,
+    aggregate_id: Vec<String>,
+    sequence: Vec<i64>,
+    event_type: Vec<String>,
+    event_version: Vec<String>,
+    payload: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            aggregate_type: Vec::with_capacity(n),
+            aggregate_id: Vec::with_capacity(n),
+            sequence: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            event_version: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, e: &SerializedEvent) {
+        self.aggregate_type.push(e.aggregate_type.clone());
+        self.aggregate_id.push(e.aggregate_id.clone());
+        self.sequence.push(e.sequence as i64);
+        self.event_type.push(e.event_type.clone());
+        self.event_version.push(e.event_version.clone());
+        self.payload.push(e.payload.clone());
+        self.metadata.push(e.metadata.clone());
+    }
+}

@@ -1,0 +1,266 @@
+//! Runs a projector as a Kafka consumer group member on `<prefix>.events`.
+//!
+//! The consumer runs on its own thread (librdkafka's rebalance callback is
+//! synchronous): on every assignment it reads the offsets the projector
+//! stored in Postgres and starts each partition from there, so Postgres,
+//! not the broker, is the record of what was applied. Offsets are also
+//! committed to Kafka afterwards, as a hint for tooling and as the fallback
+//! start when Postgres cannot be read during a rebalance (the per-stream
+//! sequences then make the replayed events harmless).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use casebook_domain::retry::Backoff;
+use casebook_domain::topics::Topics;
+use casebook_domain::EventEnvelope;
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{BATCH_SECONDS, LAG_EVENTS, SKIPPED};
+use crate::projector::{apply_batch, ConsumedOffset, Projector};
+
+const APPLY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub brokers: String,
+    pub topics: Topics,
+    /// Most events applied in one transaction.
+    pub batch_max: usize,
+    pub poll_timeout: Duration,
+}
+
+impl ConsumerSettings {
+    pub fn new(brokers: impl Into<String>, topics: Topics) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topics,
+            batch_max: 500,
+            poll_timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+struct DbOffsets {
+    pool: PgPool,
+    projector: &'static str,
+    runtime: Handle,
+}
+
+impl ClientContext for DbOffsets {}
+
+impl DbOffsets {
+    fn stored(&self, topic: &str) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+        let query = sqlx::query_as::<_, (i32, i64)>(
+            "SELECT partition, next_offset FROM projector_offsets WHERE projector = $1 AND topic = $2",
+        )
+        .bind(self.projector)
+        .bind(topic);
+        self.runtime.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(5), query.fetch_all(&self.pool)).await {
+                Ok(rows) => rows.map(|r| r.into_iter().collect()),
+                Err(_) => Err(sqlx::Error::PoolTimedOut),
+            }
+        })
+    }
+}
+
+impl ConsumerContext for DbOffsets {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let topics: Vec<String> = {
+                    let mut t: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_string()).collect();
+                    t.dedup();
+                    t
+                };
+                for topic in topics {
+                    let stored = self.stored(&topic);
+                    let partitions: Vec<i32> = tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
+                    for partition in partitions {
+                        let offset = match &stored {
+                            Ok(map) => map.get(&partition).map_or(Offset::Beginning, |o| Offset::Offset(*o)),
+                            Err(e) => {
+                                tracing::warn!(projector = self.projector, error = %e,
+                                    "stored offsets unreadable; starting from Kafka's committed offsets");
+                                Offset::Stored
+                            }
+                        };
+                        if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                            tracing::error!(projector = self.projector, error = %e, "could not set start offset");
+                        }
+                    }
+                }
+                tracing::info!(projector = self.projector, partitions = tpl.count(), "partitions assigned");
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(projector = self.projector, error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(projector = self.projector, "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(projector = self.projector, error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(projector = self.projector, error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+pub struct ProjectorRunner {
+    pool: PgPool,
+    settings: ConsumerSettings,
+    projector: Arc<dyn Projector>,
+}
+
+impl ProjectorRunner {
+    pub fn new(pool: PgPool, settings: ConsumerSettings, projector: Arc<dyn Projector>) -> Self {
+        Self {
+            pool,
+            settings,
+            projector,
+        }
+    }
+
+    /// Starts the consumer on a thread of its own; the handle finishes after
+    /// `shutdown`, once the batch in hand is committed.
+    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let runtime = Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let name = self.projector.name();
+            if let Err(e) = self.run(runtime, shutdown) {
+                tracing::error!(projector = name, error = %e, "projector stopped");
+            }
+        })
+    }
+
+    fn consumer(&self, runtime: Handle) -> KafkaResult<BaseConsumer<DbOffsets>> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("group.id", self.settings.topics.group(self.projector.name()))
+            .set("client.id", format!("casebook-{}", self.projector.name()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "20")
+            .set("socket.timeout.ms", "10000")
+            .set("reconnect.backoff.max.ms", "2000")
+            .set("log_level", "3")
+            .create_with_context(DbOffsets {
+                pool: self.pool.clone(),
+                projector: self.projector.name(),
+                runtime,
+            })
+    }
+
+    fn run(self, runtime: Handle, shutdown: CancellationToken) -> KafkaResult<()> {
+        let name = self.projector.name();
+        let topic = self.settings.topics.events();
+        let consumer = self.consumer(runtime.clone())?;
+        consumer.subscribe(&[&topic])?;
+        tracing::info!(projector = name, topic = %topic, "projector consuming");
+        let mut last_lag = Instant::now() - Duration::from_secs(10);
+        while !shutdown.is_cancelled() {
+            let mut batch: Vec<EventEnvelope> = Vec::new();
+            let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            let mut timeout = self.settings.poll_timeout;
+            while batch.len() < self.settings.batch_max {
+                match consumer.poll(timeout) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(projector = name, error = %e, "consumer error");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        offsets.insert((message.topic().to_string(), message.partition()), message.offset() + 1);
+                        match message.payload().map(serde_json::from_slice::<EventEnvelope>) {
+                            Some(Ok(envelope)) => batch.push(envelope),
+                            other => {
+                                SKIPPED.with_label_values(&[name, "unreadable"]).inc();
+                                tracing::error!(projector = name, partition = message.partition(),
+                                    offset = message.offset(), error = ?other.map(|r| r.err()),
+                                    "message is not an event envelope; skipped");
+                            }
+                        }
+                    }
+                }
+                timeout = Duration::ZERO;
+            }
+            if last_lag.elapsed() > Duration::from_secs(2) {
+                runtime.block_on(observe_lag(&self.pool, name));
+                last_lag = Instant::now();
+            }
+            if offsets.is_empty() {
+                continue;
+            }
+            let consumed: Vec<ConsumedOffset> = offsets
+                .iter()
+                .map(|((topic, partition), next)| ConsumedOffset {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next_offset: *next,
+                })
+                .collect();
+            let mut attempt = 0;
+            let applied = loop {
+                attempt += 1;
+                let started = Instant::now();
+                match runtime.block_on(apply_batch(&self.pool, self.projector.as_ref(), &batch, &consumed)) {
+                    Ok(n) => {
+                        BATCH_SECONDS.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+                        break Some(n);
+                    }
+                    Err(e) => {
+                        tracing::warn!(projector = name, attempt, error = %e, "batch failed; retrying");
+                        std::thread::sleep(APPLY_BACKOFF.delay(attempt.min(10), rand::rng().random::<f64>()));
+                        if shutdown.is_cancelled() {
+                            // Not committed: the batch is consumed again next time.
+                            break None;
+                        }
+                    }
+                }
+            };
+            if applied.is_some() {
+                let mut tpl = TopicPartitionList::new();
+                for c in &consumed {
+                    let _ = tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next_offset));
+                }
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(projector = name, error = %e, "offset hint not committed to Kafka");
+                }
+            }
+        }
+        consumer.unsubscribe();
+        tracing::info!(projector = name, "projector stopped");
+        Ok(())
+    }
+}
+
+async fn observe_lag(pool: &PgPool, projector: &'static str) {
+    let lag: Result<i64, sqlx::Error> = sqlx::query_scalar(
+        "SELECT (SELECT coalesce(max(position), 0) FROM events)
+              - coalesce((SELECT last_position FROM projector_progress WHERE projector = $1), 0)",
+    )
+    .bind(projector)
+    .fetch_one(pool)
+    .await;
+    match lag {
+        Ok(lag) => LAG_EVENTS.with_label_values(&[projector]).set(lag.max(0)),
+        Err(e) => tracing::debug!(projector, error = %e, "could not measure lag"),
+    }
+}

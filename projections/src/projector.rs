@@ -1,0 +1,181 @@
+//! What a projector is, and the one transaction that applies a batch.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use casebook_domain::EventEnvelope;
+use sqlx::{PgConnection, PgPool};
+
+use crate::metrics::{APPLIED, SKIPPED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("read model database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event {event_id} could not be read: {reason}")]
+    Unreadable { event_id: uuid::Uuid, reason: String },
+}
+
+/// A read model built from events.
+#[async_trait]
+pub trait Projector: Send + Sync + 'static {
+    /// The consumer group suffix and bookkeeping key (`crm-tickets`, …).
+    fn name(&self) -> &'static str;
+    /// Aggregate types whose events this projector reads.
+    fn aggregate_types(&self) -> &'static [&'static str];
+    /// Tables this projector owns (emptied before a rebuild).
+    fn tables(&self) -> &'static [&'static str];
+    /// Applies events (new ones only, each stream in order) inside `tx`.
+    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError>;
+    /// Called after the batch's transaction committed.
+    fn after_commit(&self, _applied: &[EventEnvelope]) {}
+}
+
+/// A consumed Kafka position to record with the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// Applies `events` to the projector's read model in one transaction with
+/// the offsets consumed and the per-stream sequences reached. Events of
+/// other aggregate types, and copies of events already applied, are
+/// skipped. Returns the number applied.
+pub async fn apply_batch(
+    pool: &PgPool,
+    projector: &dyn Projector,
+    events: &[EventEnvelope],
+    offsets: &[ConsumedOffset],
+) -> Result<usize, ProjectionError> {
+    let name = projector.name();
+    let types = projector.aggregate_types();
+    let relevant: Vec<&EventEnvelope> = events
+        .iter()
+        .filter(|e| types.contains(&e.aggregate_type.as_str()))
+        .collect();
+    let mut tx = pool.begin().await?;
+
+    let mut ids: Vec<String> = relevant.iter().map(|e| e.aggregate_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut last: HashMap<(String, String), i64> = HashMap::new();
+    if !ids.is_empty() {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT aggregate_type, aggregate_id, last_sequence FROM projector_streams
+              WHERE projector = $1 AND aggregate_id = ANY($2)
+              ORDER BY aggregate_type, aggregate_id
+              FOR UPDATE",
+        )
+        .bind(name)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (t, id, seq) in rows {
+            last.insert((t, id), seq);
+        }
+    }
+
+    let mut fresh = Vec::with_capacity(relevant.len());
+    let mut touched: HashMap<(String, String), i64> = HashMap::new();
+    for e in relevant {
+        let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+        let seen = touched.get(&key).or(last.get(&key)).copied().unwrap_or(0);
+        if e.sequence <= seen {
+            SKIPPED.with_label_values(&[name, "duplicate"]).inc();
+            continue;
+        }
+        if e.sequence > seen + 1 {
+            // An earlier event of this stream never arrived. Apply anyway
+            // (the read model can be rebuilt from the store) but say so.
+            SKIPPED.with_label_values(&[name, "gap"]).inc();
+            tracing::error!(
+                projector = name,
+                aggregate_type = %e.aggregate_type,
+                aggregate_id = %e.aggregate_id,
+                expected = seen + 1,
+                got = e.sequence,
+                "gap in stream; read model may miss events until rebuilt"
+            );
+        }
+        touched.insert(key, e.sequence);
+        fresh.push(e.clone());
+    }
+
+    if !fresh.is_empty() {
+        projector.apply(&mut tx, &fresh).await?;
+        let (types, rest): (Vec<String>, Vec<(String, i64)>) =
+            touched.into_iter().map(|((t, id), seq)| (t, (id, seq))).unzip();
+        let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])
+             ON CONFLICT (projector, aggregate_type, aggregate_id)
+             DO UPDATE SET last_sequence = GREATEST(projector_streams.last_sequence, EXCLUDED.last_sequence)",
+        )
+        .bind(name)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    for o in offsets {
+        sqlx::query(
+            "INSERT INTO projector_offsets (projector, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (projector, topic, partition)
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        )
+        .bind(name)
+        .bind(&o.topic)
+        .bind(o.partition)
+        .bind(o.next_offset)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    if let Some(furthest) = events.iter().max_by_key(|e| e.position) {
+        sqlx::query(
+            "INSERT INTO projector_progress (projector, last_position, last_event_at, events_applied)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (projector) DO UPDATE
+                SET last_position = GREATEST(projector_progress.last_position, EXCLUDED.last_position),
+                    last_event_at = GREATEST(projector_progress.last_event_at, EXCLUDED.last_event_at),
+                    events_applied = projector_progress.events_applied + EXCLUDED.events_applied,
+                    updated_at = now()",
+        )
+        .bind(name)
+        .bind(furthest.position)
+        .bind(furthest.occurred_at)
+        .bind(fresh.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    tx.commit().await?;
+    APPLIED.with_label_values(&[name]).inc_by(fresh.len() as u64);
+    projector.after_commit(&fresh);
+    Ok(fresh.len())
+}
+
+/// Decodes an envelope's payload as an aggregate's event type. An event this
+/// build cannot read (written by a newer version, say) is logged, counted
+/// and skipped rather than stalling the projector.
+pub fn decode_or_skip<E: serde::de::DeserializeOwned>(projector: &str, e: &EventEnvelope) -> Option<E> {
+    match e.decode() {
+        Ok(event) => Some(event),
+        Err(err) => {
+            SKIPPED.with_label_values(&[projector, "unreadable"]).inc();
+            tracing::error!(
+                projector,
+                event_id = %e.event_id,
+                event_type = %e.event_type,
+                error = %err,
+                "event could not be read; skipped"
+            );
+            None
+        }
+    }
+}
