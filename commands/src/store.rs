@@ -112,16 +112,30 @@ impl EventStore {
         &self.pool
     }
 
+    /// The aggregate's events, in order.
+    pub async fn events<A: Aggregate>(&self, id: &str) -> Result<Vec<A::Event>, StoreError> {
+        Ok(self.sequenced_events::<A>(id).await?.into_iter().map(|(_, e)| e).collect())
+    }
+
+    async fn sequenced_events<A: Aggregate>(&self, id: &str) -> Result<Vec<(usize, A::Event)>, StoreError> {
+        let events = with_transient_retry(|| async { Ok(self.repo.get_events::<A>(id).await?) }).await?;
+        events
+            .into_iter()
+            .map(|event| {
+                serde_json::from_value(event.payload)
+                    .map(|payload| (event.sequence, payload))
+                    .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))
+            })
+            .collect()
+    }
+
     /// The aggregate's current state, folded from its events.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
-        let events = with_transient_retry(|| async { Ok(self.repo.get_events::<A>(id).await?) }).await?;
         let mut aggregate = A::default();
         let mut version = 0;
-        for event in events {
-            version = event.sequence;
-            let payload: A::Event =
-                serde_json::from_value(event.payload).map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))?;
-            aggregate.apply(payload);
+        for (sequence, event) in self.sequenced_events::<A>(id).await? {
+            version = sequence;
+            aggregate.apply(event);
         }
         Ok(Loaded { aggregate, version })
     }

@@ -13,9 +13,10 @@ pub mod crm;
 pub mod metrics;
 pub mod projector;
 pub mod queries;
+pub mod store;
 
 pub use consumer::{ConsumerSettings, ProjectorRunner};
-pub use projector::{apply_batch, Projector, ProjectionError};
+pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, Projector, ProjectionError};
 
 /// Every projector this crate provides, by name.
 pub fn all_projectors() -> Vec<std::sync::Arc<dyn Projector>> {

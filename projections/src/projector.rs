@@ -49,13 +49,29 @@ pub async fn apply_batch(
     events: &[EventEnvelope],
     offsets: &[ConsumedOffset],
 ) -> Result<usize, ProjectionError> {
+    let mut tx = pool.begin().await?;
+    let applied = apply_batch_in(&mut tx, projector, events, offsets).await?;
+    tx.commit().await?;
+    APPLIED.with_label_values(&[projector.name()]).inc_by(applied.len() as u64);
+    projector.after_commit(&applied);
+    Ok(applied.len())
+}
+
+/// [`apply_batch`] inside a transaction the caller owns (rebuilds apply many
+/// batches in one). Returns the events applied; the caller reports them
+/// once committed.
+pub async fn apply_batch_in(
+    tx: &mut PgConnection,
+    projector: &dyn Projector,
+    events: &[EventEnvelope],
+    offsets: &[ConsumedOffset],
+) -> Result<Vec<EventEnvelope>, ProjectionError> {
     let name = projector.name();
     let types = projector.aggregate_types();
     let relevant: Vec<&EventEnvelope> = events
         .iter()
         .filter(|e| types.contains(&e.aggregate_type.as_str()))
         .collect();
-    let mut tx = pool.begin().await?;
 
     let mut ids: Vec<String> = relevant.iter().map(|e| e.aggregate_id.clone()).collect();
     ids.sort();
@@ -104,7 +120,7 @@ pub async fn apply_batch(
     }
 
     if !fresh.is_empty() {
-        projector.apply(&mut tx, &fresh).await?;
+        projector.apply(&mut *tx, &fresh).await?;
         let (types, rest): (Vec<String>, Vec<(String, i64)>) =
             touched.into_iter().map(|((t, id), seq)| (t, (id, seq))).unzip();
         let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
@@ -154,10 +170,7 @@ pub async fn apply_batch(
         .await?;
     }
 
-    tx.commit().await?;
-    APPLIED.with_label_values(&[name]).inc_by(fresh.len() as u64);
-    projector.after_commit(&fresh);
-    Ok(fresh.len())
+    Ok(fresh)
 }
 
 /// Decodes an envelope's payload as an aggregate's event type. An event this

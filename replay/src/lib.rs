@@ -1,1 +1,10 @@
+//! Replay and audit: rebuild read models from the event store, show a ticket
+//! as it stood at any moment, and verify that no stored event was altered.
 
+pub mod audit;
+pub mod history;
+pub mod rebuild;
+
+pub use audit::{verify_chains, VerifyReport};
+pub use history::{ticket_as_of, TicketHistory};
+pub use rebuild::{rebuild, RebuildReport};

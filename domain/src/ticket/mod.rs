@@ -412,6 +412,45 @@ impl DomainEvent for TicketEvent {
     }
 }
 
+/// One message of a ticket's conversation, as the customer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptEntry {
+    pub direction: crate::Direction,
+    pub channel: Channel,
+    pub body: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The conversation a ticket's events record: customer messages and the
+/// replies sent, in order.
+pub fn transcript(events: &[TicketEvent]) -> Vec<TranscriptEntry> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TicketEvent::CustomerMessageReceived {
+                channel,
+                body,
+                received_at,
+                ..
+            } => Some(TranscriptEntry {
+                direction: crate::Direction::Inbound,
+                channel: *channel,
+                body: body.clone(),
+                at: *received_at,
+            }),
+            TicketEvent::ResponseSent {
+                channel, body, sent_at, ..
+            } => Some(TranscriptEntry {
+                direction: crate::Direction::Outbound,
+                channel: *channel,
+                body: body.clone(),
+                at: *sent_at,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TicketError {
     #[error("ticket does not exist")]

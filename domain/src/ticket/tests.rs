@@ -626,3 +626,12 @@ fn twilio_statuses_fold_into_delivery_states() {
     assert_eq!("sending".parse::<DeliveryStatus>().unwrap(), DeliveryStatus::Sent);
     assert!("exploded".parse::<DeliveryStatus>().is_err());
 }
+
+#[test]
+fn the_transcript_lists_messages_both_ways() {
+    let entries = super::transcript(&[opened(), received(1, "SM1"), drafted(10, 0.9), sent(20, Some(10))]);
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].direction, crate::Direction::Inbound);
+    assert_eq!(entries[1].direction, crate::Direction::Outbound);
+    assert_eq!(entries[1].body, "Go to Settings > Export.");
+}

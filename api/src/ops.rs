@@ -1,0 +1,170 @@
+//! Probes and metrics for operators: `/health`, `/ready`, `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Probes arrive every few seconds from several places; one check serves
+/// them all for this long.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+
+pub async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyReport {
+    pub postgres: String,
+    pub migrations: String,
+    pub kafka: String,
+}
+
+impl ReadyReport {
+    fn ok(&self) -> bool {
+        self.postgres == "ok" && self.migrations == "ok" && self.kafka == "ok"
+    }
+}
+
+/// What `/ready` checks: Postgres answers, every migration this build
+/// knows is applied, and the broker answers with the events topic.
+pub struct Readiness {
+    kafka: Option<BaseConsumer>,
+    kafka_error: Option<String>,
+    events_topic: String,
+    migrations: Vec<i64>,
+    cache: Mutex<Option<(Instant, ReadyReport)>>,
+}
+
+impl Readiness {
+    pub fn new(brokers: &str, events_topic: String, migrations: Vec<i64>) -> Self {
+        let client = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("socket.timeout.ms", "2000")
+            .set("log_level", "2")
+            .create::<BaseConsumer>();
+        let (kafka, kafka_error) = match client {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Self {
+            kafka,
+            kafka_error,
+            events_topic,
+            migrations,
+            cache: Mutex::new(None),
+        }
+    }
+
+    pub async fn check(&self, pool: &PgPool) -> ReadyReport {
+        if let Some((at, report)) = self.cache.lock().expect("not poisoned").as_ref() {
+            if at.elapsed() < CACHE_FOR {
+                return report.clone();
+            }
+        }
+        let (postgres, migrations) = self.check_postgres(pool).await;
+        let kafka = self.check_kafka().await;
+        let report = ReadyReport {
+            postgres,
+            migrations,
+            kafka,
+        };
+        *self.cache.lock().expect("not poisoned") = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    async fn check_postgres(&self, pool: &PgPool) -> (String, String) {
+        let applied = tokio::time::timeout(
+            CHECK_TIMEOUT,
+            sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(pool),
+        )
+        .await;
+        match applied {
+            Err(_) => ("down: no answer within 2 s".into(), "unknown".into()),
+            Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42P01") => {
+                ("ok".into(), "pending: no migrations applied".into())
+            }
+            Ok(Err(e)) => (format!("down: {e}"), "unknown".into()),
+            Ok(Ok(applied)) => {
+                let missing: Vec<String> = self
+                    .migrations
+                    .iter()
+                    .filter(|v| !applied.contains(v))
+                    .map(|v| v.to_string())
+                    .collect();
+                let state = if missing.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("pending: {}", missing.join(", "))
+                };
+                ("ok".into(), state)
+            }
+        }
+    }
+
+    async fn check_kafka(&self) -> String {
+        let Some(client) = self.kafka.as_ref() else {
+            return format!("down: {}", self.kafka_error.as_deref().unwrap_or("no client"));
+        };
+        // The metadata call blocks; it is bounded by its own timeout.
+        let metadata = tokio::task::block_in_place(|| client.fetch_metadata(Some(&self.events_topic), CHECK_TIMEOUT));
+        match metadata {
+            Err(e) => format!("down: {e}"),
+            Ok(m) => match m.topics().iter().find(|t| t.name() == self.events_topic) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => "ok".into(),
+                _ => format!("down: topic {} missing", self.events_topic),
+            },
+        }
+    }
+}
+
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let report = state.readiness.check(&state.pool).await;
+    if report.ok() {
+        return (StatusCode::OK, Json(serde_json::json!({"status": "ready", "checks": report}))).into_response();
+    }
+    let mut fields = BTreeMap::new();
+    for (name, value) in [
+        ("postgres", &report.postgres),
+        ("migrations", &report.migrations),
+        ("kafka", &report.kafka),
+    ] {
+        if value != "ok" {
+            fields.insert(name.to_string(), value.clone());
+        }
+    }
+    let down: Vec<&str> = fields.keys().map(String::as_str).collect();
+    let body = serde_json::json!({
+        "error": "not_ready",
+        "message": format!("not ready: {}", down.join(", ")),
+        "fields": fields,
+    });
+    tracing::warn!(checks = ?report, "not ready");
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(body)).into_response()
+}
+
+pub async fn metrics() -> Response {
+    let encoder = prometheus::TextEncoder::new();
+    match encoder.encode_to_string(&prometheus::gather()) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(format!("metrics could not be encoded: {e}")).into_response(),
+    }
+}

@@ -1,0 +1,126 @@
+//! `POST /support/tickets`: the public web form.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use casebook_commands::{InboundMessage, Sender};
+use casebook_domain::identity::IdentityKey;
+use casebook_domain::masking::mask_email;
+use casebook_domain::webform::RawWebForm;
+use casebook_domain::Channel;
+use chrono::Utc;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::body::{self, Format};
+use crate::error::ApiError;
+use crate::observe::CorrelationId;
+use crate::state::AppState;
+
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub ticket_id: Uuid,
+    pub status_url: String,
+    pub status_token: String,
+}
+
+fn raw_form(fields: BTreeMap<String, String>) -> RawWebForm {
+    let mut fields = fields;
+    RawWebForm {
+        name: fields.remove("name"),
+        email: fields.remove("email"),
+        subject: fields.remove("subject"),
+        message: fields.remove("message"),
+        category: fields.remove("category"),
+        priority: fields.remove("priority"),
+        client_request_id: fields.remove("client_request_id"),
+    }
+}
+
+/// The channel message id of a submission: a retry with the same
+/// `client_request_id` from the same address is the same message.
+fn submission_key(email: &str, client_request_id: Option<&str>) -> String {
+    match client_request_id {
+        Some(id) => {
+            let digest = Sha256::digest(format!("{email}\u{0}{id}").as_bytes());
+            format!("req-{}", &hex_prefix(&digest, 16))
+        }
+        None => Uuid::now_v7().to_string(),
+    }
+}
+
+fn hex_prefix(bytes: &[u8], n: usize) -> String {
+    bytes.iter().take(n).map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn submit(
+    State(state): State<AppState>,
+    Extension(correlation): Extension<CorrelationId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let format = body::format(&headers)?;
+    let body = body::bytes(body)?;
+    let mut type_errors = BTreeMap::new();
+    let fields: BTreeMap<String, String> = match format {
+        Format::Json => body::json_strings(&body, &mut type_errors)?,
+        Format::Form => body::form_pairs(&body)?.into_iter().collect(),
+    };
+    let form = match raw_form(fields).validate() {
+        Ok(form) if type_errors.is_empty() => form,
+        Ok(_) => return Err(ApiError::validation(type_errors)),
+        Err(mut errors) => {
+            // A field of the wrong JSON type is reported as such, not as
+            // missing.
+            errors.extend(type_errors);
+            return Err(ApiError::validation(errors));
+        }
+    };
+    let identity = IdentityKey::email(&form.email).map_err(|_| {
+        ApiError::validation(BTreeMap::from([("email".to_string(), "must be a valid email address".to_string())]))
+    })?;
+    let message = InboundMessage {
+        channel: Channel::Webform,
+        channel_message_id: submission_key(&form.email, form.client_request_id.as_deref()),
+        sender: Sender {
+            identities: vec![identity],
+            name: Some(form.name),
+        },
+        conversation_id: None,
+        subject: Some(form.subject),
+        body: form.message,
+        attachments: 0,
+        category: form.category,
+        priority: form.priority,
+        received_at: Utc::now(),
+    };
+    let outcome = state.intake.receive(&message, &correlation.0).await?;
+    tracing::info!(email = %mask_email(&form.email), ticket_id = %outcome.ticket_id, "web form submission taken in");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            ticket_id: outcome.ticket_id,
+            status_url: format!("/ticket/{}", outcome.ticket_id),
+            status_token: state.tokens.status_token(outcome.ticket_id),
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_request_id_from_the_same_address_is_one_submission() {
+        let a = submission_key("ada@example.com", Some("r-1"));
+        assert_eq!(a, submission_key("ada@example.com", Some("r-1")));
+        assert_ne!(a, submission_key("bob@example.com", Some("r-1")));
+        assert_ne!(submission_key("ada@example.com", None), submission_key("ada@example.com", None));
+    }
+}

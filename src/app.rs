@@ -1,0 +1,225 @@
+//! Wires the crates into the running service, one role or all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use casebook_api::{ApiSettings, AppState, Inner, Readiness, TokenKeys};
+use casebook_commands::gmail::{GmailClient, GmailSync};
+use casebook_commands::kafka::KafkaSettings;
+use casebook_commands::relay::{Relay, RelaySettings};
+use casebook_commands::{EventStore, Intake};
+use casebook_domain::retry::Backoff;
+use casebook_domain::topics::Topics;
+use casebook_projections::{ConsumerSettings, ProjectorRunner};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db;
+
+/// What `casebook serve --role` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Every role in one process.
+    All,
+    /// HTTP: intake, status, probes, metrics.
+    Api,
+    /// Publishes the event store to Kafka.
+    Relay,
+    /// Builds the read models.
+    Projector,
+}
+
+impl Role {
+    fn expand(roles: &[Role]) -> Vec<Role> {
+        if roles.is_empty() || roles.contains(&Role::All) {
+            return vec![Role::Api, Role::Relay, Role::Projector];
+        }
+        let mut out = roles.to_vec();
+        out.dedup();
+        out
+    }
+}
+
+pub fn kafka_settings(config: &Config) -> KafkaSettings {
+    KafkaSettings {
+        brokers: config.kafka_brokers.clone(),
+        topics: Topics::new(config.topic_prefix.clone()),
+        partitions: config.kafka_partitions,
+        replication: 1,
+    }
+}
+
+/// A started service: its tasks and, with the API role, its address.
+pub struct Running {
+    pub addr: Option<SocketAddr>,
+    pub pool: PgPool,
+    shutdown: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Running {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops taking new work, lets work in flight finish (at most `grace`),
+    /// and returns when every role has stopped.
+    pub async fn stop(self, grace: Duration) {
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        for (name, task) in self.tasks {
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(role = name, error = %e, "role ended abnormally"),
+                Err(_) => tracing::warn!(role = name, "role did not stop within the grace period"),
+            }
+        }
+        self.pool.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Creates the deployment's topics, retrying while the broker is away:
+/// intake must not wait for Kafka.
+async fn ensure_topics_until_done(kafka: &KafkaSettings, shutdown: &CancellationToken) -> bool {
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), u32::MAX);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match kafka.ensure_topics().await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "topics not created yet; retrying");
+                tokio::select! {
+                    _ = casebook_commands::retry::sleep_backoff(&backoff, attempt.min(10)) => {}
+                    _ = shutdown.cancelled() => return false,
+                }
+            }
+        }
+    }
+}
+
+/// Starts `roles`. The API listens on `listener` (or the configured address).
+pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener>) -> anyhow::Result<Running> {
+    let roles = Role::expand(roles);
+    let pool = db::connect(&config.database_url, config.db_max_connections, db::Purpose::Serve).await?;
+    let kafka = kafka_settings(config);
+    let shutdown = CancellationToken::new();
+    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
+    let mut addr = None;
+
+    if roles.contains(&Role::Api) {
+        let secret = config.jwt_secret()?;
+        let store = EventStore::new(pool.clone());
+        let intake = Intake::new(store.clone());
+        let gmail = GmailClient::new(&config.gmail_api_base, config.gmail_access_token.clone())
+            .context("GMAIL_API_BASE: cannot build the Gmail client")?;
+        let gmail = GmailSync::new(gmail, intake.clone(), pool.clone(), config.gmail_support_address.clone());
+        let state = AppState(Arc::new(Inner {
+            pool: pool.clone(),
+            store,
+            intake,
+            gmail: Some(gmail),
+            tokens: TokenKeys::new(secret),
+            settings: ApiSettings {
+                public_url: config.public_url.clone(),
+                twilio_auth_token: config.twilio_auth_token.clone(),
+                gmail_push_token: config.gmail_push_token.clone(),
+            },
+            readiness: Readiness::new(&config.kafka_brokers, kafka.topics.events(), db::migration_versions()),
+        }));
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.http_addr)
+                .await
+                .with_context(|| format!("CASEBOOK_HTTP_ADDR: cannot listen on {}", config.http_addr))?,
+        };
+        addr = Some(listener.local_addr()?);
+        let token = shutdown.clone();
+        tasks.push((
+            "api",
+            tokio::spawn(async move {
+                if let Err(e) = casebook_api::serve(listener, state, token.cancelled_owned()).await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }),
+        ));
+        tracing::info!(addr = %addr.expect("bound"), "api listening");
+    }
+
+    if roles.contains(&Role::Relay) {
+        let relay = Relay::new(pool.clone(), config.database_url.clone(), kafka.clone(), RelaySettings::default());
+        let token = shutdown.clone();
+        tasks.push(("relay", tokio::spawn(relay.run(token))));
+    }
+
+    if roles.contains(&Role::Projector) {
+        let token = shutdown.clone();
+        let pool = pool.clone();
+        let kafka = kafka.clone();
+        tasks.push((
+            "projector",
+            tokio::spawn(async move {
+                if !ensure_topics_until_done(&kafka, &token).await {
+                    return;
+                }
+                let settings = ConsumerSettings::new(kafka.brokers.clone(), kafka.topics.clone());
+                let runners: Vec<JoinHandle<()>> = casebook_projections::all_projectors()
+                    .into_iter()
+                    .map(|p| ProjectorRunner::new(pool.clone(), settings.clone(), p).spawn(token.clone()))
+                    .collect();
+                for runner in runners {
+                    let _ = runner.await;
+                }
+            }),
+        ));
+    } else if roles.contains(&Role::Relay) || roles.contains(&Role::Api) {
+        // Topics exist before anything is published or checked for.
+        let token = shutdown.clone();
+        let kafka = kafka.clone();
+        tasks.push((
+            "topics",
+            tokio::spawn(async move {
+                ensure_topics_until_done(&kafka, &token).await;
+            }),
+        ));
+    }
+
+    Ok(Running {
+        addr,
+        pool,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Runs until SIGINT or SIGTERM, then stops gracefully.
+pub async fn serve(config: &Config, roles: &[Role]) -> anyhow::Result<()> {
+    let running = start(config, roles, None).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing work in flight");
+    running.stop(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,226 @@
+//! The `casebook` command line.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use casebook_api::{Role as TokenRole, TokenKeys};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::app::{self, Role};
+use crate::bench::{self, BenchArgs};
+use crate::config::Config;
+use crate::db;
+
+#[derive(Debug, Parser)]
+#[command(name = "casebook", version, about = "Event-sourced customer support backend")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the service (every role by default) until SIGINT/SIGTERM.
+    Serve {
+        /// all, api, relay or projector; repeat for several.
+        #[arg(long = "role", value_enum, default_value = "all")]
+        roles: Vec<Role>,
+    },
+    /// Applies the database migrations and creates missing Kafka topics.
+    Migrate,
+    /// Bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Rebuilds read models; shows a ticket as it stood.
+    Replay {
+        #[command(subcommand)]
+        command: ReplayCommand,
+    },
+    /// Tamper evidence.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Benchmarks: intake, pipeline, append.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Prints a signed bearer token.
+    Issue {
+        #[arg(long)]
+        role: TokenRole,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        customer_id: Option<Uuid>,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplayCommand {
+    /// Rebuilds read models from the event store.
+    Projections {
+        /// Only this projector (repeatable): crm-customers, crm-customer-identifiers, crm-tickets,
+        /// crm-conversations, crm-messages.
+        #[arg(long)]
+        only: Vec<String>,
+    },
+    /// A ticket's events up to a moment and its state then.
+    Ticket {
+        ticket_id: Uuid,
+        #[arg(long)]
+        as_of: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recomputes every stream's hash chain.
+    Verify,
+}
+
+/// Runs the command line; the exit code follows CONTRACT.md (0 success,
+/// 1 failure explained on stderr, 2 bad usage).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::logging::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("casebook: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("casebook: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::from_env()?;
+    match cli.command {
+        Command::Serve { roles } => {
+            app::serve(&config, &roles).await?;
+        }
+        Command::Migrate => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            db::migrate(&pool).await?;
+            let kafka = app::kafka_settings(&config);
+            tokio::time::timeout(Duration::from_secs(30), kafka.ensure_topics())
+                .await
+                .map_err(|_| anyhow!("KAFKA_BROKERS: no answer within 30 s while creating topics"))?
+                .context("KAFKA_BROKERS: creating topics")?;
+            println!("migrations applied; topics under prefix {:?} exist", config.topic_prefix);
+        }
+        Command::Token {
+            command:
+                TokenCommand::Issue {
+                    role,
+                    sub,
+                    customer_id,
+                    ttl_secs,
+                },
+        } => {
+            if ttl_secs <= 0 {
+                return Err(anyhow!("--ttl-secs must be positive"));
+            }
+            let keys = TokenKeys::new(config.jwt_secret()?);
+            let token = keys.issue(role, &sub, customer_id, ttl_secs, Utc::now().timestamp())?;
+            println!("{token}");
+        }
+        Command::Replay {
+            command: ReplayCommand::Projections { only },
+        } => {
+            let all = casebook_projections::all_projectors();
+            let chosen: Vec<_> = if only.is_empty() {
+                all
+            } else {
+                let names: Vec<&str> = all.iter().map(|p| p.name()).collect();
+                if let Some(unknown) = only.iter().find(|o| !names.contains(&o.as_str())) {
+                    return Err(anyhow!("--only {unknown}: no such projector (known: {})", names.join(", ")));
+                }
+                all.into_iter().filter(|p| only.iter().any(|o| o == p.name())).collect()
+            };
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            for report in casebook_replay::rebuild(&pool, &chosen).await? {
+                println!(
+                    "{}: {} events read, {} applied in {} ms",
+                    report.projector, report.events_read, report.events_applied, report.millis
+                );
+            }
+        }
+        Command::Replay {
+            command: ReplayCommand::Ticket { ticket_id, as_of, json },
+        } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let history = casebook_replay::ticket_as_of(&pool, &ticket_id.to_string(), as_of).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                print_history(&history);
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let report = casebook_replay::verify_chains(&pool).await?;
+            match report.first_break {
+                None => println!("intact: {} streams, {} events", report.streams, report.events),
+                Some(b) => {
+                    eprintln!(
+                        "casebook: hash chain broken in stream {}/{} at sequence {} (stored {}, recomputed {}); \
+                         {} events in {} streams verified before it",
+                        b.aggregate_type, b.aggregate_id, b.at.sequence, b.at.stored, b.at.expected, report.events,
+                        report.streams - 1
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Command::Bench(args) => bench::run(&config, args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_history(h: &casebook_replay::TicketHistory) {
+    match h.as_of {
+        Some(t) => println!("ticket {} as of {}", h.ticket_id, t.to_rfc3339()),
+        None => println!("ticket {} (all events)", h.ticket_id),
+    }
+    for e in &h.events {
+        println!(
+            "  #{:<3} {}  {:<24} {}:{}  {}",
+            e.sequence,
+            e.occurred_at.to_rfc3339(),
+            e.event_type,
+            e.actor.kind.as_str(),
+            e.actor.id,
+            &e.hash[..16]
+        );
+    }
+    let s = &h.state;
+    println!(
+        "state: status {}, channel {}, priority {}, {} messages, first response {}",
+        s.status.as_str(),
+        s.channel.map(|c| c.as_str()).unwrap_or("-"),
+        s.priority.as_str(),
+        s.messages_count,
+        s.first_response_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "none".into())
+    );
+}

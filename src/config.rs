@@ -1,0 +1,267 @@
+//! Configuration from the environment (CONTRACT.md, Configuration). A
+//! missing or malformed setting is reported by its variable name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use url::Url;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://casebook@127.0.0.1:54329/casebook";
+pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:19092";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+/// Where `make run` keeps the local stack's generated secret.
+pub const LOCAL_JWT_SECRET_FILE: &str = ".casebook/jwt_secret";
+pub const JWT_SECRET_MIN_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}: {problem}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub problem: String,
+}
+
+fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub db_max_connections: u32,
+    pub kafka_brokers: String,
+    pub topic_prefix: String,
+    pub kafka_partitions: i32,
+    pub http_addr: SocketAddr,
+    pub public_url: String,
+    jwt_secret: Option<String>,
+    pub twilio_auth_token: Option<String>,
+    pub twilio_account_sid: Option<String>,
+    pub twilio_whatsapp_from: Option<String>,
+    pub twilio_api_base: String,
+    pub gmail_push_token: Option<String>,
+    pub gmail_api_base: String,
+    pub gmail_access_token: Option<String>,
+    pub gmail_support_address: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log line.
+        f.debug_struct("Config")
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("http_addr", &self.http_addr)
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a variable through `get` (the environment, or a map in tests).
+pub struct Source<'a> {
+    get: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    root: PathBuf,
+}
+
+impl<'a> Source<'a> {
+    pub fn env() -> Source<'static> {
+        Source {
+            get: Box::new(|k| std::env::var(k).ok()),
+            root: PathBuf::from("."),
+        }
+    }
+
+    pub fn from_fn(get: impl Fn(&str) -> Option<String> + 'a, root: &Path) -> Self {
+        Source {
+            get: Box::new(get),
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        (self.get)(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    }
+}
+
+fn http_url(name: &'static str, value: &str) -> Result<String, ConfigError> {
+    let url = Url::parse(value).map_err(|e| bad(name, format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad(name, "must be an http(s) URL with a host"));
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::load(&Source::env())
+    }
+
+    pub fn load(src: &Source<'_>) -> Result<Self, ConfigError> {
+        let database_url = src.var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
+        }
+        let db_max_connections = match src.var("CASEBOOK_DB_MAX_CONNECTIONS") {
+            None => 32,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (2..=1000).contains(n))
+                .ok_or_else(|| bad("CASEBOOK_DB_MAX_CONNECTIONS", "must be a number from 2 to 1000"))?,
+        };
+        let kafka_brokers = src.var("KAFKA_BROKERS").unwrap_or_else(|| DEFAULT_KAFKA_BROKERS.into());
+        if kafka_brokers.split(',').any(|b| !b.trim().contains(':')) {
+            return Err(bad("KAFKA_BROKERS", "must be host:port[,host:port…]"));
+        }
+        let topic_prefix = src.var("KAFKA_TOPIC_PREFIX").unwrap_or_else(|| "fte".into());
+        if topic_prefix.len() > 100
+            || !topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(bad("KAFKA_TOPIC_PREFIX", "must be up to 100 of A-Z a-z 0-9 . _ -"));
+        }
+        let kafka_partitions = match src.var("CASEBOOK_KAFKA_PARTITIONS") {
+            None => 3,
+            Some(v) => v
+                .parse::<i32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| bad("CASEBOOK_KAFKA_PARTITIONS", "must be a number from 1 to 1000"))?,
+        };
+        let http_addr = src
+            .var("CASEBOOK_HTTP_ADDR")
+            .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into())
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("CASEBOOK_HTTP_ADDR", "must be an address like 127.0.0.1:8080"))?;
+        let public_url = http_url(
+            "CASEBOOK_PUBLIC_URL",
+            &src.var("CASEBOOK_PUBLIC_URL").unwrap_or_else(|| DEFAULT_PUBLIC_URL.into()),
+        )?;
+        let jwt_secret = match src.var("CASEBOOK_JWT_SECRET") {
+            Some(secret) => Some(secret),
+            None => std::fs::read_to_string(src.root.join(LOCAL_JWT_SECRET_FILE))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        };
+        if let Some(secret) = &jwt_secret {
+            if secret.len() < JWT_SECRET_MIN_LEN {
+                return Err(bad(
+                    "CASEBOOK_JWT_SECRET",
+                    format!("must be at least {JWT_SECRET_MIN_LEN} characters"),
+                ));
+            }
+        }
+        let twilio_api_base = http_url(
+            "TWILIO_API_BASE",
+            &src.var("TWILIO_API_BASE").unwrap_or_else(|| "https://api.twilio.com".into()),
+        )?;
+        let gmail_api_base = http_url(
+            "GMAIL_API_BASE",
+            &src.var("GMAIL_API_BASE").unwrap_or_else(|| "https://gmail.googleapis.com".into()),
+        )?;
+        let twilio_whatsapp_from = src.var("TWILIO_WHATSAPP_FROM");
+        if let Some(from) = &twilio_whatsapp_from {
+            casebook_domain::identity::IdentityKey::whatsapp(from)
+                .map_err(|_| bad("TWILIO_WHATSAPP_FROM", "must be whatsapp:+<E.164 number>"))?;
+        }
+        let gmail_support_address = src.var("GMAIL_SUPPORT_ADDRESS");
+        if let Some(address) = &gmail_support_address {
+            casebook_domain::identity::normalize_email(address)
+                .map_err(|_| bad("GMAIL_SUPPORT_ADDRESS", "must be an email address"))?;
+        }
+        Ok(Self {
+            database_url,
+            db_max_connections,
+            kafka_brokers,
+            topic_prefix,
+            kafka_partitions,
+            http_addr,
+            public_url,
+            jwt_secret,
+            twilio_auth_token: src.var("TWILIO_AUTH_TOKEN"),
+            twilio_account_sid: src.var("TWILIO_ACCOUNT_SID"),
+            twilio_whatsapp_from,
+            twilio_api_base,
+            gmail_push_token: src.var("GMAIL_PUSH_TOKEN"),
+            gmail_api_base,
+            gmail_access_token: src.var("GMAIL_ACCESS_TOKEN"),
+            gmail_support_address,
+        })
+    }
+
+    /// The token signing key; commands that issue or check tokens need it.
+    pub fn jwt_secret(&self) -> Result<&str, ConfigError> {
+        self.jwt_secret.as_deref().ok_or_else(|| {
+            bad(
+                "CASEBOOK_JWT_SECRET",
+                format!("is not set (the local stack keeps one in {LOCAL_JWT_SECRET_FILE}; `make run` creates it)"),
+            )
+        })
+    }
+
+    pub fn with_jwt_secret(mut self, secret: impl Into<String>) -> Self {
+        self.jwt_secret = Some(secret.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let dir = std::env::temp_dir().join(format!("casebook-config-{}", uuid::Uuid::new_v4()));
+        Config::load(&Source::from_fn(move |k| map.get(k).cloned(), &dir))
+    }
+
+    #[test]
+    fn defaults_are_the_local_stack() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.kafka_brokers, DEFAULT_KAFKA_BROKERS);
+        assert_eq!(c.topic_prefix, "fte");
+        assert_eq!(c.http_addr.to_string(), DEFAULT_HTTP_ADDR);
+        assert_eq!(c.gmail_api_base, "https://gmail.googleapis.com");
+        assert_eq!(c.jwt_secret().unwrap_err().name, "CASEBOOK_JWT_SECRET");
+    }
+
+    #[test]
+    fn malformed_settings_are_named() {
+        let cases = [
+            ("DATABASE_URL", "mysql://x"),
+            ("CASEBOOK_HTTP_ADDR", "localhost"),
+            ("CASEBOOK_PUBLIC_URL", "ftp://x"),
+            ("KAFKA_TOPIC_PREFIX", "bad prefix"),
+            ("KAFKA_BROKERS", "nohostport"),
+            ("CASEBOOK_JWT_SECRET", "short"),
+            ("GMAIL_API_BASE", "not a url"),
+            ("TWILIO_WHATSAPP_FROM", "+1555"),
+            ("CASEBOOK_DB_MAX_CONNECTIONS", "0"),
+        ];
+        for (name, value) in cases {
+            assert_eq!(load(&[(name, value)]).unwrap_err().name, name, "{name}={value}");
+        }
+    }
+
+    #[test]
+    fn the_public_url_loses_its_trailing_slash() {
+        let c = load(&[("CASEBOOK_PUBLIC_URL", "https://support.example.com/")]).unwrap();
+        assert_eq!(c.public_url, "https://support.example.com");
+    }
+
+    #[test]
+    fn the_local_secret_file_is_used_when_the_variable_is_unset() {
+        let dir = std::env::temp_dir().join(format!("casebook-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join(".casebook")).unwrap();
+        std::fs::write(dir.join(LOCAL_JWT_SECRET_FILE), "x".repeat(40)).unwrap();
+        let c = Config::load(&Source::from_fn(|_| None, &dir)).unwrap();
+        assert_eq!(c.jwt_secret().unwrap().len(), 40);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

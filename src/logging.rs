@@ -1,0 +1,19 @@
+//! JSON logs on stdout, one object per line, with the fields of the spans
+//! the event happened in (the request's correlation id among them).
+
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::EnvFilter;
+
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_span_events(FmtSpan::NONE)
+        .with_target(true)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .try_init();
+}
