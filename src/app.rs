@@ -91,7 +91,11 @@ async fn ensure_topics_until_done(kafka: &KafkaSettings, shutdown: &Cancellation
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match kafka.ensure_topics().await {
+        let result = tokio::select! {
+            r = kafka.ensure_topics() => r,
+            _ = shutdown.cancelled() => return false,
+        };
+        match result {
             Ok(()) => return true,
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "topics not created yet; retrying");

@@ -7,11 +7,8 @@
 //! a message that was acknowledged is never lost and a redelivered one is
 //! recognised, whatever happened in between.
 
-use std::time::Duration;
-
 use casebook_domain::channel_message::channel_message_key;
 use casebook_domain::identity::IdentityKey;
-use casebook_domain::retry::Backoff;
 use casebook_domain::ticket::DeliveryStatus;
 use casebook_domain::{
     Actor, ActorKind, Category, Channel, ChannelMessage, ChannelMessageCommand, Conversation, ConversationCommand,
@@ -23,9 +20,8 @@ use uuid::Uuid;
 
 use crate::metrics::INTAKE_MESSAGES;
 use crate::retry::sleep_backoff;
-use crate::store::{CommandError, EventStore, StoreError};
+use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 
-const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250), 10);
 
 /// Who wrote: every identity the channel tells us, and a display name.
 #[derive(Debug, Clone, PartialEq)]

@@ -207,6 +207,7 @@ impl Relay {
                         position: last,
                     };
                     self.save_checkpoint(checkpoint, batch.len() as i64).await?;
+                    tracing::debug!(events = batch.len(), position = last, "batch published");
                     RELAY_PUBLISHED.inc_by(batch.len() as u64);
                     failures = 0;
                 }
@@ -214,13 +215,19 @@ impl Relay {
                     failures += 1;
                     RELAY_ERRORS.inc();
                     tracing::warn!(error = %e, failures, events = batch.len(), "publishing failed; the batch will be published again");
-                    if matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) {
+                    if failures >= 2 {
+                        // A broker that came back empty has lost its topics.
                         if let Err(e) = self.kafka.ensure_topics().await {
                             tracing::warn!(error = %e, "could not create missing topics");
                         }
                     }
+                    if failures >= 3 || producer.client().fatal_error().is_some() {
+                        // Start over with a fresh producer (and idempotence
+                        // state): the broker may not know the old one.
+                        return Err(RelayError::Kafka(e));
+                    }
                     tokio::select! {
-                        _ = sleep_backoff(&FAILURE_BACKOFF, failures.min(10)) => {}
+                        _ = sleep_backoff(&FAILURE_BACKOFF, failures) => {}
                         _ = shutdown.cancelled() => break,
                     }
                 }

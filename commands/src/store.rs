@@ -22,7 +22,7 @@ use crate::retry::sleep_backoff;
 
 /// How often a command is retried when another writer got to the stream
 /// first, and how long to wait in between.
-const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200), 8);
+pub(crate) const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250), 25);
 /// Retries for transient database failures (connection loss, pool timeout).
 const TRANSIENT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 

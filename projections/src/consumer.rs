@@ -1,12 +1,17 @@
 //! Runs a projector as a Kafka consumer group member on `<prefix>.events`.
 //!
-//! The consumer runs on its own thread (librdkafka's rebalance callback is
-//! synchronous): on every assignment it reads the offsets the projector
-//! stored in Postgres and starts each partition from there, so Postgres,
-//! not the broker, is the record of what was applied. Offsets are also
-//! committed to Kafka afterwards, as a hint for tooling and as the fallback
-//! start when Postgres cannot be read during a rebalance (the per-stream
-//! sequences then make the replayed events harmless).
+//! A batch's rows, its per-stream sequences and the Kafka offsets it
+//! consumed are committed in one Postgres transaction; the offsets are then
+//! committed to the group as well. A member that starts (or takes over a
+//! partition) resumes from the group's committed offsets, which are never
+//! ahead of what Postgres has applied: at worst one batch comes again and
+//! its events are recognised by their stream sequence and skipped. Because
+//! the start position comes from the broker, a broker that lost its data
+//! (and with it the group's offsets) is read again from its beginning
+//! instead of from positions that no longer mean anything.
+//!
+//! The consumer runs on a thread of its own and drives the async database
+//! work through the runtime handle.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,11 +22,10 @@ use casebook_domain::topics::Topics;
 use casebook_domain::EventEnvelope;
 use rand::Rng;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -47,75 +51,6 @@ impl ConsumerSettings {
             topics,
             batch_max: 500,
             poll_timeout: Duration::from_millis(100),
-        }
-    }
-}
-
-struct DbOffsets {
-    pool: PgPool,
-    projector: &'static str,
-    runtime: Handle,
-}
-
-impl ClientContext for DbOffsets {}
-
-impl DbOffsets {
-    fn stored(&self, topic: &str) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        let query = sqlx::query_as::<_, (i32, i64)>(
-            "SELECT partition, next_offset FROM projector_offsets WHERE projector = $1 AND topic = $2",
-        )
-        .bind(self.projector)
-        .bind(topic);
-        self.runtime.block_on(async {
-            match tokio::time::timeout(Duration::from_secs(5), query.fetch_all(&self.pool)).await {
-                Ok(rows) => rows.map(|r| r.into_iter().collect()),
-                Err(_) => Err(sqlx::Error::PoolTimedOut),
-            }
-        })
-    }
-}
-
-impl ConsumerContext for DbOffsets {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let topics: Vec<String> = {
-                    let mut t: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_string()).collect();
-                    t.dedup();
-                    t
-                };
-                for topic in topics {
-                    let stored = self.stored(&topic);
-                    let partitions: Vec<i32> = tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
-                    for partition in partitions {
-                        let offset = match &stored {
-                            Ok(map) => map.get(&partition).map_or(Offset::Beginning, |o| Offset::Offset(*o)),
-                            Err(e) => {
-                                tracing::warn!(projector = self.projector, error = %e,
-                                    "stored offsets unreadable; starting from Kafka's committed offsets");
-                                Offset::Stored
-                            }
-                        };
-                        if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
-                            tracing::error!(projector = self.projector, error = %e, "could not set start offset");
-                        }
-                    }
-                }
-                tracing::info!(projector = self.projector, partitions = tpl.count(), "partitions assigned");
-                if let Err(e) = consumer.assign(tpl) {
-                    tracing::error!(projector = self.projector, error = %e, "assign failed");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(projector = self.projector, "partitions revoked");
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(projector = self.projector, error = %e, "unassign failed");
-                }
-            }
-            other => {
-                tracing::error!(projector = self.projector, error = ?other, "rebalance error");
-                let _ = consumer.unassign();
-            }
         }
     }
 }
@@ -147,7 +82,7 @@ impl ProjectorRunner {
         })
     }
 
-    fn consumer(&self, runtime: Handle) -> KafkaResult<BaseConsumer<DbOffsets>> {
+    fn consumer(&self) -> KafkaResult<BaseConsumer> {
         ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
             .set("group.id", self.settings.topics.group(self.projector.name()))
@@ -161,20 +96,18 @@ impl ProjectorRunner {
             .set("socket.timeout.ms", "10000")
             .set("reconnect.backoff.max.ms", "2000")
             .set("log_level", "3")
-            .create_with_context(DbOffsets {
-                pool: self.pool.clone(),
-                projector: self.projector.name(),
-                runtime,
-            })
+            .set("topic.metadata.refresh.interval.ms", "10000")
+            .create()
     }
 
     fn run(self, runtime: Handle, shutdown: CancellationToken) -> KafkaResult<()> {
         let name = self.projector.name();
         let topic = self.settings.topics.events();
-        let consumer = self.consumer(runtime.clone())?;
+        let consumer = self.consumer()?;
         consumer.subscribe(&[&topic])?;
         tracing::info!(projector = name, topic = %topic, "projector consuming");
         let mut last_lag = Instant::now() - Duration::from_secs(10);
+        let mut pending_commit = TopicPartitionList::new();
         while !shutdown.is_cancelled() {
             let mut batch: Vec<EventEnvelope> = Vec::new();
             let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
@@ -236,14 +169,18 @@ impl ProjectorRunner {
                 }
             };
             if applied.is_some() {
-                let mut tpl = TopicPartitionList::new();
                 for c in &consumed {
-                    let _ = tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next_offset));
+                    let _ = pending_commit.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next_offset));
                 }
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(projector = name, error = %e, "offset hint not committed to Kafka");
+                match consumer.commit(&pending_commit, CommitMode::Async) {
+                    Ok(()) => pending_commit = TopicPartitionList::new(),
+                    // Kept and sent with the next batch's offsets.
+                    Err(e) => tracing::warn!(projector = name, error = %e, "offsets not committed to Kafka yet"),
                 }
             }
+        }
+        if pending_commit.count() > 0 {
+            let _ = consumer.commit(&pending_commit, CommitMode::Sync);
         }
         consumer.unsubscribe();
         tracing::info!(projector = name, "projector stopped");

@@ -1,0 +1,11 @@
+//! Black-box and end-to-end tests: each test starts the service on a random
+//! port with a fresh database and its own topic prefix.
+
+mod api;
+mod audit;
+mod common;
+mod gmail;
+mod outage;
+mod pipeline;
+mod relay;
+mod whatsapp;
