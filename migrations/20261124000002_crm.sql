@@ -1,7 +1,9 @@
 -- Read models built by the projectors from `fte.events`, and the
 -- bookkeeping that makes each projector apply every event exactly once.
 
--- Kafka offsets, written in the same transaction as the rows they produced.
+-- Kafka offsets, written in the same transaction as the rows they produced:
+-- the record of what each batch consumed. Consumers resume from the group's
+-- offsets committed to Kafka after this transaction (never ahead of it).
 CREATE TABLE projector_offsets
 (
     projector   text        NOT NULL,
@@ -72,6 +74,8 @@ CREATE TABLE crm_tickets
     open_escalations   integer     NOT NULL DEFAULT 0,
     pending_approvals  integer     NOT NULL DEFAULT 0,
     feedback_helpful   boolean,
+    -- When the read model first learned of the ticket (pipeline latency).
+    projected_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
     -- The domain's ticket state, folded by the projector with the same
     -- code the write side uses, so status rules live in one place.
     state              jsonb       NOT NULL

@@ -87,7 +87,11 @@ impl Running {
 /// Creates the deployment's topics, retrying while the broker is away:
 /// intake must not wait for Kafka.
 async fn ensure_topics_until_done(kafka: &KafkaSettings, shutdown: &CancellationToken) -> bool {
-    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), u32::MAX);
+    let backoff = Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        u32::MAX,
+    );
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -109,9 +113,18 @@ async fn ensure_topics_until_done(kafka: &KafkaSettings, shutdown: &Cancellation
 }
 
 /// Starts `roles`. The API listens on `listener` (or the configured address).
-pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener>) -> anyhow::Result<Running> {
+pub async fn start(
+    config: &Config,
+    roles: &[Role],
+    listener: Option<TcpListener>,
+) -> anyhow::Result<Running> {
     let roles = Role::expand(roles);
-    let pool = db::connect(&config.database_url, config.db_max_connections, db::Purpose::Serve).await?;
+    let pool = db::connect(
+        &config.database_url,
+        config.db_max_connections,
+        db::Purpose::Serve,
+    )
+    .await?;
     let kafka = kafka_settings(config);
     let shutdown = CancellationToken::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
@@ -123,7 +136,12 @@ pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener
         let intake = Intake::new(store.clone());
         let gmail = GmailClient::new(&config.gmail_api_base, config.gmail_access_token.clone())
             .context("GMAIL_API_BASE: cannot build the Gmail client")?;
-        let gmail = GmailSync::new(gmail, intake.clone(), pool.clone(), config.gmail_support_address.clone());
+        let gmail = GmailSync::new(
+            gmail,
+            intake.clone(),
+            pool.clone(),
+            config.gmail_support_address.clone(),
+        );
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
             store,
@@ -135,20 +153,25 @@ pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener
                 twilio_auth_token: config.twilio_auth_token.clone(),
                 gmail_push_token: config.gmail_push_token.clone(),
             },
-            readiness: Readiness::new(&config.kafka_brokers, kafka.topics.events(), db::migration_versions()),
+            readiness: Readiness::new(
+                &config.kafka_brokers,
+                kafka.topics.events(),
+                db::migration_versions(),
+            ),
         }));
         let listener = match listener {
             Some(l) => l,
-            None => TcpListener::bind(config.http_addr)
-                .await
-                .with_context(|| format!("CASEBOOK_HTTP_ADDR: cannot listen on {}", config.http_addr))?,
+            None => TcpListener::bind(config.http_addr).await.with_context(|| {
+                format!("CASEBOOK_HTTP_ADDR: cannot listen on {}", config.http_addr)
+            })?,
         };
         addr = Some(listener.local_addr()?);
         let token = shutdown.clone();
         tasks.push((
             "api",
             tokio::spawn(async move {
-                if let Err(e) = casebook_api::serve(listener, state, token.cancelled_owned()).await {
+                if let Err(e) = casebook_api::serve(listener, state, token.cancelled_owned()).await
+                {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             }),
@@ -157,7 +180,12 @@ pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener
     }
 
     if roles.contains(&Role::Relay) {
-        let relay = Relay::new(pool.clone(), config.database_url.clone(), kafka.clone(), RelaySettings::default());
+        let relay = Relay::new(
+            pool.clone(),
+            config.database_url.clone(),
+            kafka.clone(),
+            RelaySettings::default(),
+        );
         let token = shutdown.clone();
         tasks.push(("relay", tokio::spawn(relay.run(token))));
     }
@@ -175,7 +203,9 @@ pub async fn start(config: &Config, roles: &[Role], listener: Option<TcpListener
                 let settings = ConsumerSettings::new(kafka.brokers.clone(), kafka.topics.clone());
                 let runners: Vec<JoinHandle<()>> = casebook_projections::all_projectors()
                     .into_iter()
-                    .map(|p| ProjectorRunner::new(pool.clone(), settings.clone(), p).spawn(token.clone()))
+                    .map(|p| {
+                        ProjectorRunner::new(pool.clone(), settings.clone(), p).spawn(token.clone())
+                    })
                     .collect();
                 for runner in runners {
                     let _ = runner.await;

@@ -1,16 +1,571 @@
-//! `casebook bench …` (filled in below).
-use clap::Args;
+//! `casebook bench intake|pipeline|append [--json]`: measurements on the
+//! machine at hand, each against a scratch database (and topic prefix)
+//! created for the run and dropped after it.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use casebook_commands::EventStore;
+use casebook_domain::{Actor, EventMetadata};
+use chrono::{DateTime, Utc};
+use clap::{Args, ValueEnum};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::app::{self, Role};
 use crate::config::Config;
+use crate::db;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchName {
+    /// Web form submissions per second and latency at N concurrent clients.
+    Intake,
+    /// Submission to row in the tickets read model at a fixed rate.
+    Pipeline,
+    /// Events/s through postgres-es against plain multi-row INSERTs.
+    Append,
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// intake, pipeline or append
-    pub name: String,
+    pub name: BenchName,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How long to drive load (intake: 20, pipeline: 60).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Concurrent clients (intake).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Submissions per second (pipeline).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u64,
+    /// Concurrent writers (append).
+    #[arg(long, default_value_t = 32)]
+    pub writers: usize,
+    /// Events to append in all (append).
+    #[arg(long, default_value_t = 64_000)]
+    pub events: usize,
+    /// Events per commit (append).
+    #[arg(long, default_value_t = 5)]
+    pub per_commit: usize,
+    /// Commits per stream before a writer starts a new one (append); streams
+    /// are loaded before every commit, so this sets how much is read.
+    #[arg(long, default_value_t = 10)]
+    pub commits_per_stream: usize,
 }
 
-pub async fn run(_config: &Config, args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("unknown benchmark {:?}", args.name)
+pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
+    let scratch = Scratch::create(config).await?;
+    let result = match args.name {
+        BenchName::Intake => intake(&scratch, &args).await,
+        BenchName::Pipeline => pipeline(&scratch, &args).await,
+        BenchName::Append => append(&scratch, &args).await,
+    };
+    scratch.drop_all().await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// A database and topic prefix of the run's own.
+struct Scratch {
+    config: Config,
+    admin_url: String,
+    name: String,
+    pool: PgPool,
+}
+
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let mut u = url::Url::parse(url).context("DATABASE_URL is not a URL")?;
+    u.set_path(&format!("/{name}"));
+    Ok(u.to_string())
+}
+
+impl Scratch {
+    async fn create(config: &Config) -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string();
+        let name = format!("casebook_bench_{}", &id[..12]);
+        let admin_url = with_database(&config.database_url, "postgres")?;
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("DATABASE_URL: the bench needs a role that may create databases")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        let mut config = config.clone();
+        config.database_url = with_database(&config.database_url, &name)?;
+        config.topic_prefix = format!("bench{}", &id[..8]);
+        config.http_addr = "127.0.0.1:0".parse()?;
+        if config.jwt_secret().is_err() {
+            config = config.with_jwt_secret(Uuid::new_v4().simple().to_string().repeat(2));
+        }
+        let pool = db::connect(&config.database_url, 40, db::Purpose::Maintenance).await?;
+        db::migrate(&pool).await?;
+        Ok(Self {
+            config,
+            admin_url,
+            name,
+            pool,
+        })
+    }
+
+    async fn drop_all(self) {
+        self.pool.close().await;
+        let kafka = app::kafka_settings(&self.config);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            casebook_commands::kafka::delete_topics(&kafka, &kafka.topics.all()),
+        )
+        .await;
+        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn of(samples: &mut [Duration]) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i].as_secs_f64() * 1000.0
+        };
+        Self {
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Report {
+    Intake {
+        bench: &'static str,
+        clients: usize,
+        seconds: f64,
+        accepted: usize,
+        errors: usize,
+        per_second: f64,
+        latency: Latency,
+    },
+    Pipeline {
+        bench: &'static str,
+        rate: u64,
+        seconds: u64,
+        submitted: usize,
+        projected: usize,
+        errors: usize,
+        latency: Latency,
+        windows: Vec<Window>,
+    },
+    Append {
+        bench: &'static str,
+        writers: usize,
+        events: usize,
+        per_commit: usize,
+        postgres_es_per_second: f64,
+        baseline_per_second: f64,
+        ratio: f64,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct Window {
+    from_second: u64,
+    submissions: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Report {
+    fn text(&self) -> String {
+        match self {
+            Report::Intake {
+                clients,
+                seconds,
+                accepted,
+                errors,
+                per_second,
+                latency,
+                ..
+            } => format!(
+                "intake: {clients} clients for {seconds:.1} s\n  accepted {accepted}, errors {errors}\n  {per_second:.0} submissions/s\n  latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+                latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms
+            ),
+            Report::Pipeline {
+                rate,
+                seconds,
+                submitted,
+                projected,
+                errors,
+                latency,
+                windows,
+                ..
+            } => {
+                let mut out = format!(
+                    "pipeline: {rate}/s for {seconds} s\n  submitted {submitted}, projected {projected}, errors {errors}\n  submission to crm_tickets row: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n  per 10 s window (p50 / p99 ms):\n",
+                    latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms
+                );
+                for w in windows {
+                    out.push_str(&format!(
+                        "    {:>3}-{:<3} s  {:>5} submissions  {:>7.1} / {:>7.1}\n",
+                        w.from_second,
+                        w.from_second + 10,
+                        w.submissions,
+                        w.p50_ms,
+                        w.p99_ms
+                    ));
+                }
+                out
+            }
+            Report::Append {
+                writers,
+                events,
+                per_commit,
+                postgres_es_per_second,
+                baseline_per_second,
+                ratio,
+                ..
+            } => format!(
+                "append: {events} events, {writers} writers, {per_commit} events per commit\n  postgres-es (with hash chain): {postgres_es_per_second:.0} events/s\n  plain multi-row INSERT:        {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
+            ),
+        }
+    }
+}
+
+fn bench_form(i: usize) -> serde_json::Value {
+    // A mix of new and returning customers, as in real traffic.
+    serde_json::json!({
+        "name": format!("Bench Customer {}", i % 5000),
+        "email": format!("bench{}@example.com", i % 5000),
+        "subject": "Export to CSV fails",
+        "message": "Hello, when I export my workspace to CSV the download never finishes. It worked last week. Could you help?",
+        "category": "technical",
+    })
+}
+
+async fn intake(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    let seconds = args.seconds.unwrap_or(20);
+    let running = app::start(&scratch.config, &[Role::All], None).await?;
+    let url = format!(
+        "http://{}/support/tickets",
+        running.addr.expect("api listens")
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Warm up connections and caches.
+    for i in 0..args.clients {
+        let _ = http.post(&url).json(&bench_form(i)).send().await;
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::with_capacity(args.clients);
+    for c in 0..args.clients {
+        let http = http.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            let mut i = c;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match http.post(&url).json(&bench_form(i)).send().await {
+                    Ok(r) if r.status() == 202 => latencies.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+                i += 64;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    running.stop(Duration::from_secs(20)).await;
+    let accepted = latencies.len();
+    Ok(Report::Intake {
+        bench: "intake",
+        clients: args.clients,
+        seconds: elapsed,
+        accepted,
+        errors,
+        per_second: accepted as f64 / elapsed,
+        latency: Latency::of(&mut latencies),
+    })
+}
+
+async fn pipeline(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    let seconds = args.seconds.unwrap_or(60);
+    let running = app::start(&scratch.config, &[Role::All], None).await?;
+    let url = format!(
+        "http://{}/support/tickets",
+        running.addr.expect("api listens")
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Let the projectors join their groups before the clock starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let in_flight = Arc::new(Semaphore::new(512));
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = (args.rate * seconds) as usize;
+    let started = Utc::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        ticker.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let http = http.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let submitted_at = Utc::now();
+            let response = http.post(&url).json(&bench_form(i)).send().await.ok()?;
+            if response.status() != 202 {
+                return None;
+            }
+            let body: serde_json::Value = response.json().await.ok()?;
+            let id: Uuid = body["ticket_id"].as_str()?.parse().ok()?;
+            Some((id, submitted_at))
+        }));
+    }
+    let mut submitted: HashMap<Uuid, DateTime<Utc>> = HashMap::with_capacity(total);
+    let mut errors = 0;
+    for t in tasks {
+        match t.await? {
+            Some((id, at)) => {
+                submitted.insert(id, at);
+            }
+            None => errors += 1,
+        }
+    }
+    // Wait for the read model to catch up (bounded).
+    let ids: Vec<Uuid> = submitted.keys().copied().collect();
+    let wait_until = Instant::now() + Duration::from_secs(60);
+    let mut projected: Vec<(Uuid, DateTime<Utc>)>;
+    loop {
+        projected = sqlx::query_as(
+            "SELECT ticket_id, projected_at FROM crm_tickets WHERE ticket_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&scratch.pool)
+        .await?;
+        if projected.len() >= ids.len() || Instant::now() > wait_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    running.stop(Duration::from_secs(20)).await;
+    let mut all = Vec::with_capacity(projected.len());
+    let mut windows: Vec<Vec<Duration>> = (0..seconds.div_ceil(10)).map(|_| Vec::new()).collect();
+    for (id, at) in &projected {
+        let sent = submitted[id];
+        let latency = (*at - sent).to_std().unwrap_or_default();
+        all.push(latency);
+        let window = ((sent - started).num_seconds().max(0) as u64 / 10) as usize;
+        let last = windows.len() - 1;
+        windows[window.min(last)].push(latency);
+    }
+    let windows = windows
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| {
+            let l = Latency::of(&mut w);
+            Window {
+                from_second: i as u64 * 10,
+                submissions: w.len(),
+                p50_ms: l.p50_ms,
+                p99_ms: l.p99_ms,
+            }
+        })
+        .collect();
+    Ok(Report::Pipeline {
+        bench: "pipeline",
+        rate: args.rate,
+        seconds,
+        submitted: submitted.len(),
+        projected: projected.len(),
+        errors,
+        latency: Latency::of(&mut all),
+        windows,
+    })
+}
+
+/// A minimal aggregate for the append benchmark: each command appends a
+/// given number of events of a realistic size.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct BenchStream {
+    appended: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppendBench {
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum BenchEvent {
+    Appended {
+        n: usize,
+        body: String,
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for BenchEvent {
+    fn event_type(&self) -> String {
+        "Appended".into()
+    }
+
+    fn event_version(&self) -> String {
+        "1".into()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+pub struct Never;
+
+impl BenchStream {
+    fn decide(&self, command: AppendBench) -> Result<Vec<BenchEvent>, Never> {
+        Ok((0..command.count)
+            .map(|i| BenchEvent::Appended {
+                n: self.appended + i,
+                body: "Hello, when I export my workspace to CSV the download never finishes. It worked last week; \
+                       since then every attempt stops at 99%. Could you have a look? Thanks, Ada"
+                    .into(),
+                at: Utc::now(),
+            })
+            .collect())
+    }
+
+    fn apply_event(&mut self, _event: BenchEvent) {
+        self.appended += 1;
+    }
+}
+
+casebook_domain::impl_aggregate!(BenchStream, "bench_stream", AppendBench, BenchEvent, Never);
+
+async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    let commits_per_writer = args.events / args.per_commit / args.writers;
+    let events = commits_per_writer * args.per_commit * args.writers;
+    let meta = EventMetadata::new("bench", Actor::system("bench"));
+
+    let store = EventStore::new(scratch.pool.clone());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.writers {
+        let store = store.clone();
+        let meta = meta.clone();
+        let per_commit = args.per_commit;
+        let per_stream = args.commits_per_stream.max(1);
+        tasks.push(tokio::spawn(async move {
+            for c in 0..commits_per_writer {
+                let id = format!("w{w}-s{}", c / per_stream);
+                store
+                    .execute::<BenchStream>(&id, AppendBench { count: per_commit }, &meta)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("append failed: {e}"))?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let es_secs = started.elapsed().as_secs_f64();
+
+    // The same rows, by plain multi-row INSERT, one statement per commit.
+    sqlx::query(
+        "CREATE TABLE bench_baseline (aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+            sequence bigint NOT NULL, event_type text NOT NULL, event_version text NOT NULL,
+            payload jsonb NOT NULL, metadata jsonb NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, sequence))",
+    )
+    .execute(&scratch.pool)
+    .await?;
+    let rows: Vec<(String, String, i64, String, String, serde_json::Value, serde_json::Value)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
+           FROM events ORDER BY aggregate_id, sequence",
+    )
+    .fetch_all(&scratch.pool)
+    .await?;
+    let commits: Vec<Vec<_>> = rows.chunks(args.per_commit).map(|c| c.to_vec()).collect();
+    let per_writer: Vec<Vec<Vec<_>>> = {
+        let mut split: Vec<Vec<Vec<_>>> = (0..args.writers).map(|_| Vec::new()).collect();
+        for (i, commit) in commits.into_iter().enumerate() {
+            split[i % args.writers].push(commit);
+        }
+        split
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for commits in per_writer {
+        let pool = scratch.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for commit in commits {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO bench_baseline (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ",
+                );
+                q.push_values(commit, |mut b, r| {
+                    b.push_bind(r.0).push_bind(r.1).push_bind(r.2).push_bind(r.3).push_bind(r.4).push_bind(r.5).push_bind(r.6);
+                });
+                q.build().execute(&pool).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let base_secs = started.elapsed().as_secs_f64();
+    let es = events as f64 / es_secs;
+    let base = events as f64 / base_secs;
+    Ok(Report::Append {
+        bench: "append",
+        writers: args.writers,
+        events,
+        per_commit: args.per_commit,
+        postgres_es_per_second: es,
+        baseline_per_second: base,
+        ratio: es / base,
+    })
 }

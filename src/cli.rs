@@ -15,7 +15,11 @@ use crate::config::Config;
 use crate::db;
 
 #[derive(Debug, Parser)]
-#[command(name = "casebook", version, about = "Event-sourced customer support backend")]
+#[command(
+    name = "casebook",
+    version,
+    about = "Event-sourced customer support backend"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,7 +99,10 @@ enum AuditCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::logging::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("casebook: cannot start the runtime: {e}");
@@ -125,7 +132,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(|_| anyhow!("KAFKA_BROKERS: no answer within 30 s while creating topics"))?
                 .context("KAFKA_BROKERS: creating topics")?;
-            println!("migrations applied; topics under prefix {:?} exist", config.topic_prefix);
+            println!(
+                "migrations applied; topics under prefix {:?} exist",
+                config.topic_prefix
+            );
         }
         Command::Token {
             command:
@@ -152,9 +162,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 let names: Vec<&str> = all.iter().map(|p| p.name()).collect();
                 if let Some(unknown) = only.iter().find(|o| !names.contains(&o.as_str())) {
-                    return Err(anyhow!("--only {unknown}: no such projector (known: {})", names.join(", ")));
+                    return Err(anyhow!(
+                        "--only {unknown}: no such projector (known: {})",
+                        names.join(", ")
+                    ));
                 }
-                all.into_iter().filter(|p| only.iter().any(|o| o == p.name())).collect()
+                all.into_iter()
+                    .filter(|p| only.iter().any(|o| o == p.name()))
+                    .collect()
             };
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
             for report in casebook_replay::rebuild(&pool, &chosen).await? {
@@ -165,10 +180,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Replay {
-            command: ReplayCommand::Ticket { ticket_id, as_of, json },
+            command:
+                ReplayCommand::Ticket {
+                    ticket_id,
+                    as_of,
+                    json,
+                },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let history = casebook_replay::ticket_as_of(&pool, &ticket_id.to_string(), as_of).await?;
+            let history =
+                casebook_replay::ticket_as_of(&pool, &ticket_id.to_string(), as_of).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
@@ -181,7 +202,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
             let report = casebook_replay::verify_chains(&pool).await?;
             match report.first_break {
-                None => println!("intact: {} streams, {} events", report.streams, report.events),
+                None => println!(
+                    "intact: {} streams, {} events",
+                    report.streams, report.events
+                ),
                 Some(b) => {
                     eprintln!(
                         "casebook: hash chain broken in stream {}/{} at sequence {} (stored {}, recomputed {}); \
@@ -221,6 +245,8 @@ fn print_history(h: &casebook_replay::TicketHistory) {
         s.channel.map(|c| c.as_str()).unwrap_or("-"),
         s.priority.as_str(),
         s.messages_count,
-        s.first_response_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "none".into())
+        s.first_response_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "none".into())
     );
 }

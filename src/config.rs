@@ -60,9 +60,11 @@ impl std::fmt::Debug for Config {
     }
 }
 
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Reads a variable through `get` (the environment, or a map in tests).
 pub struct Source<'a> {
-    get: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    get: Lookup<'a>,
     root: PathBuf,
 }
 
@@ -82,7 +84,9 @@ impl<'a> Source<'a> {
     }
 
     fn var(&self, name: &str) -> Option<String> {
-        (self.get)(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+        (self.get)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -100,7 +104,9 @@ impl Config {
     }
 
     pub fn load(src: &Source<'_>) -> Result<Self, ConfigError> {
-        let database_url = src.var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let database_url = src
+            .var("DATABASE_URL")
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
         }
@@ -110,17 +116,31 @@ impl Config {
                 .parse::<u32>()
                 .ok()
                 .filter(|n| (2..=1000).contains(n))
-                .ok_or_else(|| bad("CASEBOOK_DB_MAX_CONNECTIONS", "must be a number from 2 to 1000"))?,
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_DB_MAX_CONNECTIONS",
+                        "must be a number from 2 to 1000",
+                    )
+                })?,
         };
-        let kafka_brokers = src.var("KAFKA_BROKERS").unwrap_or_else(|| DEFAULT_KAFKA_BROKERS.into());
+        let kafka_brokers = src
+            .var("KAFKA_BROKERS")
+            .unwrap_or_else(|| DEFAULT_KAFKA_BROKERS.into());
         if kafka_brokers.split(',').any(|b| !b.trim().contains(':')) {
             return Err(bad("KAFKA_BROKERS", "must be host:port[,host:port…]"));
         }
-        let topic_prefix = src.var("KAFKA_TOPIC_PREFIX").unwrap_or_else(|| "fte".into());
+        let topic_prefix = src
+            .var("KAFKA_TOPIC_PREFIX")
+            .unwrap_or_else(|| "fte".into());
         if topic_prefix.len() > 100
-            || !topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            || !topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         {
-            return Err(bad("KAFKA_TOPIC_PREFIX", "must be up to 100 of A-Z a-z 0-9 . _ -"));
+            return Err(bad(
+                "KAFKA_TOPIC_PREFIX",
+                "must be up to 100 of A-Z a-z 0-9 . _ -",
+            ));
         }
         let kafka_partitions = match src.var("CASEBOOK_KAFKA_PARTITIONS") {
             None => 3,
@@ -128,16 +148,27 @@ impl Config {
                 .parse::<i32>()
                 .ok()
                 .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| bad("CASEBOOK_KAFKA_PARTITIONS", "must be a number from 1 to 1000"))?,
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_KAFKA_PARTITIONS",
+                        "must be a number from 1 to 1000",
+                    )
+                })?,
         };
         let http_addr = src
             .var("CASEBOOK_HTTP_ADDR")
             .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into())
             .parse::<SocketAddr>()
-            .map_err(|_| bad("CASEBOOK_HTTP_ADDR", "must be an address like 127.0.0.1:8080"))?;
+            .map_err(|_| {
+                bad(
+                    "CASEBOOK_HTTP_ADDR",
+                    "must be an address like 127.0.0.1:8080",
+                )
+            })?;
         let public_url = http_url(
             "CASEBOOK_PUBLIC_URL",
-            &src.var("CASEBOOK_PUBLIC_URL").unwrap_or_else(|| DEFAULT_PUBLIC_URL.into()),
+            &src.var("CASEBOOK_PUBLIC_URL")
+                .unwrap_or_else(|| DEFAULT_PUBLIC_URL.into()),
         )?;
         let jwt_secret = match src.var("CASEBOOK_JWT_SECRET") {
             Some(secret) => Some(secret),
@@ -156,11 +187,13 @@ impl Config {
         }
         let twilio_api_base = http_url(
             "TWILIO_API_BASE",
-            &src.var("TWILIO_API_BASE").unwrap_or_else(|| "https://api.twilio.com".into()),
+            &src.var("TWILIO_API_BASE")
+                .unwrap_or_else(|| "https://api.twilio.com".into()),
         )?;
         let gmail_api_base = http_url(
             "GMAIL_API_BASE",
-            &src.var("GMAIL_API_BASE").unwrap_or_else(|| "https://gmail.googleapis.com".into()),
+            &src.var("GMAIL_API_BASE")
+                .unwrap_or_else(|| "https://gmail.googleapis.com".into()),
         )?;
         let twilio_whatsapp_from = src.var("TWILIO_WHATSAPP_FROM");
         if let Some(from) = &twilio_whatsapp_from {
@@ -215,7 +248,10 @@ mod tests {
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = std::env::temp_dir().join(format!("casebook-config-{}", uuid::Uuid::new_v4()));
         Config::load(&Source::from_fn(move |k| map.get(k).cloned(), &dir))
     }
@@ -245,7 +281,11 @@ mod tests {
             ("CASEBOOK_DB_MAX_CONNECTIONS", "0"),
         ];
         for (name, value) in cases {
-            assert_eq!(load(&[(name, value)]).unwrap_err().name, name, "{name}={value}");
+            assert_eq!(
+                load(&[(name, value)]).unwrap_err().name,
+                name,
+                "{name}={value}"
+            );
         }
     }
 

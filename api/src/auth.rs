@@ -116,8 +116,12 @@ impl TokenKeys {
             iat: now,
             exp: now + ttl_secs,
         };
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&self.secret))
-            .map_err(|e| TokenError::Signing(e.to_string()))
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.secret),
+        )
+        .map_err(|e| TokenError::Signing(e.to_string()))
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
@@ -131,14 +135,18 @@ impl TokenKeys {
 
     /// The token a web form submitter gets to read their ticket's messages.
     pub fn status_token(&self, ticket_id: Uuid) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(b"ticket-status:");
         mac.update(ticket_id.as_bytes());
         URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..24])
     }
 
     pub fn check_status_token(&self, ticket_id: Uuid, token: &str) -> bool {
-        self.status_token(ticket_id).as_bytes().ct_eq(token.as_bytes()).into()
+        self.status_token(ticket_id)
+            .as_bytes()
+            .ct_eq(token.as_bytes())
+            .into()
     }
 }
 
@@ -154,8 +162,13 @@ mod tests {
         let claims = keys.verify(&token).unwrap();
         assert_eq!(claims.role, Role::Agent);
         assert_eq!(claims.sub, "grace");
-        assert_eq!(TokenKeys::new("other").verify(&token), Err(TokenError::Invalid));
-        let expired = keys.issue(Role::Agent, "grace", None, 10, now - 3600).unwrap();
+        assert_eq!(
+            TokenKeys::new("other").verify(&token),
+            Err(TokenError::Invalid)
+        );
+        let expired = keys
+            .issue(Role::Agent, "grace", None, 10, now - 3600)
+            .unwrap();
         assert_eq!(keys.verify(&expired), Err(TokenError::Invalid));
     }
 

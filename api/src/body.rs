@@ -49,14 +49,18 @@ pub fn format(headers: &HeaderMap) -> Result<Format, ApiError> {
 
 /// Form fields as (name, value) pairs, in order.
 pub fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_bytes(body).map_err(|e| ApiError::BadRequest(format!("body is not a valid form: {e}")))
+    serde_urlencoded::from_bytes(body)
+        .map_err(|e| ApiError::BadRequest(format!("body is not a valid form: {e}")))
 }
 
 /// A JSON object's string fields. Fields of another type are reported in
 /// `errors`; `null` counts as absent.
-pub fn json_strings(body: &[u8], errors: &mut BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+pub fn json_strings(
+    body: &[u8],
+    errors: &mut BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
     let serde_json::Value::Object(map) = value else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
     };

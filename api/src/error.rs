@@ -95,7 +95,11 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) | ApiError::Upstream(detail) => {
                 tracing::warn!(error = %detail, status = status.as_u16(), "request not served")
             }
-            _ => tracing::info!(error = self.code(), status = status.as_u16(), "request refused"),
+            _ => tracing::info!(
+                error = self.code(),
+                status = status.as_u16(),
+                "request refused"
+            ),
         }
         let body = Body {
             error: self.code(),
@@ -118,8 +122,12 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(detail) => ApiError::Unavailable(format!("event store unavailable: {detail}")),
-            StoreError::Conflict => ApiError::Unavailable("too many concurrent changes; try again".into()),
+            StoreError::Unavailable(detail) => {
+                ApiError::Unavailable(format!("event store unavailable: {detail}"))
+            }
+            StoreError::Conflict => {
+                ApiError::Unavailable("too many concurrent changes; try again".into())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

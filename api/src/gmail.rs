@@ -57,7 +57,9 @@ pub async fn push(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Some(expected) = state.settings.gmail_push_token.as_deref() else {
-        return Err(ApiError::Forbidden("Gmail push cannot be checked: GMAIL_PUSH_TOKEN is not set"));
+        return Err(ApiError::Forbidden(
+            "Gmail push cannot be checked: GMAIL_PUSH_TOKEN is not set",
+        ));
     };
     let given = query.token.unwrap_or_default();
     if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
@@ -70,8 +72,9 @@ pub async fn push(
         .decode(push.message.data.trim())
         .or_else(|_| URL_SAFE.decode(push.message.data.trim()))
         .map_err(|_| ApiError::BadRequest("message.data is not base64".into()))?;
-    let notification: Notification = serde_json::from_slice(&data)
-        .map_err(|e| ApiError::BadRequest(format!("message.data is not a Gmail notification: {e}")))?;
+    let notification: Notification = serde_json::from_slice(&data).map_err(|e| {
+        ApiError::BadRequest(format!("message.data is not a Gmail notification: {e}"))
+    })?;
     let history_id = match notification.history_id {
         HistoryId::Number(n) => n,
         HistoryId::Text(t) => t
@@ -79,15 +82,21 @@ pub async fn push(
             .map_err(|_| ApiError::BadRequest("historyId is not a number".into()))?,
     };
     let Some(gmail) = state.gmail.as_ref() else {
-        return Err(ApiError::Unavailable("Gmail API is not configured (GMAIL_API_BASE)".into()));
+        return Err(ApiError::Unavailable(
+            "Gmail API is not configured (GMAIL_API_BASE)".into(),
+        ));
     };
     let report = gmail
         .on_push(&notification.email_address, history_id, &correlation.0)
         .await
         .map_err(|e| match e {
             GmailError::Intake(e) => ApiError::from(e),
-            GmailError::Decode(detail) if detail.contains("emailAddress") => ApiError::BadRequest(detail),
-            GmailError::Unauthorized(status) => ApiError::Upstream(format!("Gmail API refused access ({status})")),
+            GmailError::Decode(detail) if detail.contains("emailAddress") => {
+                ApiError::BadRequest(detail)
+            }
+            GmailError::Unauthorized(status) => {
+                ApiError::Upstream(format!("Gmail API refused access ({status})"))
+            }
             other => ApiError::Unavailable(other.to_string()),
         })?;
     tracing::info!(

@@ -43,7 +43,11 @@ pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, observe::CORRELATION_HEADER.parse().expect("valid")]);
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            observe::CORRELATION_HEADER.parse().expect("valid"),
+        ]);
     let public = Router::new()
         .route("/support/tickets", post(webform::submit))
         .route("/ticket/{id}", get(status::show))
@@ -63,7 +67,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn(observe::http_metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::BODY_LIMIT))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(CatchPanicLayer::new())
         .layer(from_fn(observe::correlation))
         .with_state(state)
@@ -75,5 +82,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

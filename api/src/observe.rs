@@ -28,7 +28,10 @@ static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub struct CorrelationId(pub String);
 
 fn acceptable(id: &str) -> bool {
-    (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
 }
 
 /// Takes the caller's `x-correlation-id` (or makes one), runs the request
@@ -48,7 +51,11 @@ pub async fn correlation(mut req: Request, next: Next) -> Response {
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();
     span.in_scope(|| {
-        tracing::info!(status, latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request served");
+        tracing::info!(
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request served"
+        );
     });
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(CORRELATION_HEADER, value);

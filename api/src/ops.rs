@@ -88,8 +88,10 @@ impl Readiness {
     async fn check_postgres(&self, pool: &PgPool) -> (String, String) {
         let applied = tokio::time::timeout(
             CHECK_TIMEOUT,
-            sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-                .fetch_all(pool),
+            sqlx::query_scalar::<_, i64>(
+                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            )
+            .fetch_all(pool),
         )
         .await;
         match applied {
@@ -117,10 +119,15 @@ impl Readiness {
 
     async fn check_kafka(&self) -> String {
         let Some(client) = self.kafka.as_ref() else {
-            return format!("down: {}", self.kafka_error.as_deref().unwrap_or("no client"));
+            return format!(
+                "down: {}",
+                self.kafka_error.as_deref().unwrap_or("no client")
+            );
         };
         // The metadata call blocks; it is bounded by its own timeout.
-        let metadata = tokio::task::block_in_place(|| client.fetch_metadata(Some(&self.events_topic), CHECK_TIMEOUT));
+        let metadata = tokio::task::block_in_place(|| {
+            client.fetch_metadata(Some(&self.events_topic), CHECK_TIMEOUT)
+        });
         match metadata {
             Err(e) => format!("down: {e}"),
             Ok(m) => match m.topics().iter().find(|t| t.name() == self.events_topic) {
@@ -134,7 +141,11 @@ impl Readiness {
 pub async fn ready(State(state): State<AppState>) -> Response {
     let report = state.readiness.check(&state.pool).await;
     if report.ok() {
-        return (StatusCode::OK, Json(serde_json::json!({"status": "ready", "checks": report}))).into_response();
+        return (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ready", "checks": report})),
+        )
+            .into_response();
     }
     let mut fields = BTreeMap::new();
     for (name, value) in [
@@ -153,7 +164,12 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         "fields": fields,
     });
     tracing::warn!(checks = ?report, "not ready");
-    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(body)).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        Json(body),
+    )
+        .into_response()
 }
 
 pub async fn metrics() -> Response {
@@ -161,7 +177,10 @@ pub async fn metrics() -> Response {
     match encoder.encode_to_string(&prometheus::gather()) {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

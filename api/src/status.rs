@@ -48,18 +48,18 @@ pub async fn show(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let claims = match bearer {
-        Some(token) => Some(
-            state
-                .tokens
-                .verify(token.trim())
-                .map_err(|_| ApiError::Unauthorized("bearer token is invalid or expired".into()))?,
-        ),
-        None => None,
-    };
+    let claims =
+        match bearer {
+            Some(token) => Some(state.tokens.verify(token.trim()).map_err(|_| {
+                ApiError::Unauthorized("bearer token is invalid or expired".into())
+            })?),
+            None => None,
+        };
     if let Some(token) = &query.token {
         if !state.tokens.check_status_token(ticket_id, token) {
-            return Err(ApiError::InvalidToken("status token does not belong to this ticket"));
+            return Err(ApiError::InvalidToken(
+                "status token does not belong to this ticket",
+            ));
         }
     }
 

@@ -83,7 +83,10 @@ pub async fn submit(
         }
     };
     let identity = IdentityKey::email(&form.email).map_err(|_| {
-        ApiError::validation(BTreeMap::from([("email".to_string(), "must be a valid email address".to_string())]))
+        ApiError::validation(BTreeMap::from([(
+            "email".to_string(),
+            "must be a valid email address".to_string(),
+        )]))
     })?;
     let message = InboundMessage {
         channel: Channel::Webform,
@@ -121,6 +124,9 @@ mod tests {
         let a = submission_key("ada@example.com", Some("r-1"));
         assert_eq!(a, submission_key("ada@example.com", Some("r-1")));
         assert_ne!(a, submission_key("bob@example.com", Some("r-1")));
-        assert_ne!(submission_key("ada@example.com", None), submission_key("ada@example.com", None));
+        assert_ne!(
+            submission_key("ada@example.com", None),
+            submission_key("ada@example.com", None)
+        );
     }
 }

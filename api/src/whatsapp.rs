@@ -37,7 +37,8 @@ pub const WHATSAPP_BODY_MAX: usize = 5000;
 pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort();
-    let mut mac = Hmac::<Sha1>::new_from_slice(auth_token.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        Hmac::<Sha1>::new_from_slice(auth_token.as_bytes()).expect("HMAC takes any key length");
     mac.update(url.as_bytes());
     for (name, value) in sorted {
         mac.update(name.as_bytes());
@@ -56,7 +57,9 @@ fn verified_params(
 ) -> Result<Vec<(String, String)>, ApiError> {
     let body = body::bytes(body)?;
     let Some(token) = state.settings.twilio_auth_token.as_deref() else {
-        return Err(ApiError::Forbidden("Twilio signature cannot be checked: TWILIO_AUTH_TOKEN is not set"));
+        return Err(ApiError::Forbidden(
+            "Twilio signature cannot be checked: TWILIO_AUTH_TOKEN is not set",
+        ));
     };
     let given = headers
         .get("x-twilio-signature")
@@ -64,7 +67,11 @@ fn verified_params(
         .ok_or(ApiError::Forbidden("missing X-Twilio-Signature"))?;
     let params = body::form_pairs(&body)?;
     let path_and_query = uri.0.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = format!("{}{}", state.settings.public_url.trim_end_matches('/'), path_and_query);
+    let url = format!(
+        "{}{}",
+        state.settings.public_url.trim_end_matches('/'),
+        path_and_query
+    );
     let expected = twilio_signature(token, &url, &params);
     if !bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
         return Err(ApiError::Forbidden("X-Twilio-Signature does not match"));
@@ -73,11 +80,19 @@ fn verified_params(
 }
 
 fn twiml_ok() -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/xml")], "<Response/>").into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/xml")],
+        "<Response/>",
+    )
+        .into_response()
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 pub async fn inbound(
@@ -89,7 +104,10 @@ pub async fn inbound(
 ) -> Result<Response, ApiError> {
     let params = verified_params(&state, &uri, &headers, body)?;
     let mut errors = BTreeMap::new();
-    let sid = param(&params, "MessageSid").unwrap_or("").trim().to_string();
+    let sid = param(&params, "MessageSid")
+        .unwrap_or("")
+        .trim()
+        .to_string();
     if sid.is_empty() || sid.len() > 64 || !sid.chars().all(|c| c.is_ascii_alphanumeric()) {
         errors.insert("MessageSid".into(), "must be a Twilio message SID".into());
     }
@@ -175,8 +193,13 @@ pub async fn status(
         .record_delivery_status(Channel::Whatsapp, sid, status, error, &correlation.0)
         .await?
     {
-        Some(ticket_id) => tracing::info!(%ticket_id, status = status.as_str(), "delivery status recorded"),
-        None => tracing::warn!(status = status.as_str(), "status callback for a message we did not send; ignored"),
+        Some(ticket_id) => {
+            tracing::info!(%ticket_id, status = status.as_str(), "delivery status recorded")
+        }
+        None => tracing::warn!(
+            status = status.as_str(),
+            "status callback for a message we did not send; ignored"
+        ),
     }
     Ok(twiml_ok())
 }
@@ -196,7 +219,11 @@ mod tests {
             ("To".to_string(), "+18005551212".to_string()),
         ];
         assert_eq!(
-            twilio_signature("12345", "https://mycompany.com/myapp.php?foo=1&bar=2", &params),
+            twilio_signature(
+                "12345",
+                "https://mycompany.com/myapp.php?foo=1&bar=2",
+                &params
+            ),
             "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
         );
     }

@@ -161,38 +161,59 @@ impl GmailClient {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, GmailError> {
-        retry(&GMAIL_BACKOFF, operation, GmailError::is_transient, || async {
-            let started = Instant::now();
-            let mut request = self.http.get(format!("{}{}", self.base, path)).query(query);
-            if let Some(token) = &self.access_token {
-                request = request.bearer_auth(token);
-            }
-            let result = async {
-                let response = request.send().await.map_err(|e| GmailError::Transport(e.to_string()))?;
-                let status = response.status().as_u16();
-                match status {
-                    200..=299 => response.json::<T>().await.map_err(|e| GmailError::Decode(e.to_string())),
-                    404 => Err(GmailError::NotFound),
-                    401 | 403 => Err(GmailError::Unauthorized(status)),
-                    _ => {
-                        let text: String = response.text().await.unwrap_or_default().chars().take(200).collect();
-                        Err(GmailError::Http(status, text))
+        retry(
+            &GMAIL_BACKOFF,
+            operation,
+            GmailError::is_transient,
+            || async {
+                let started = Instant::now();
+                let mut request = self.http.get(format!("{}{}", self.base, path)).query(query);
+                if let Some(token) = &self.access_token {
+                    request = request.bearer_auth(token);
+                }
+                let result = async {
+                    let response = request
+                        .send()
+                        .await
+                        .map_err(|e| GmailError::Transport(e.to_string()))?;
+                    let status = response.status().as_u16();
+                    match status {
+                        200..=299 => response
+                            .json::<T>()
+                            .await
+                            .map_err(|e| GmailError::Decode(e.to_string())),
+                        404 => Err(GmailError::NotFound),
+                        401 | 403 => Err(GmailError::Unauthorized(status)),
+                        _ => {
+                            let text: String = response
+                                .text()
+                                .await
+                                .unwrap_or_default()
+                                .chars()
+                                .take(200)
+                                .collect();
+                            Err(GmailError::Http(status, text))
+                        }
                     }
                 }
-            }
-            .await;
-            let outcome = if result.is_ok() { "ok" } else { "error" };
-            EXTERNAL_CALLS
-                .with_label_values(&["gmail", operation, outcome])
-                .observe(started.elapsed().as_secs_f64());
-            result
-        })
+                .await;
+                let outcome = if result.is_ok() { "ok" } else { "error" };
+                EXTERNAL_CALLS
+                    .with_label_values(&["gmail", operation, outcome])
+                    .observe(started.elapsed().as_secs_f64());
+                result
+            },
+        )
         .await
     }
 
     /// Ids of messages added since `start_history_id`, oldest first, across
     /// every page.
-    async fn messages_since(&self, user: &str, start_history_id: u64) -> Result<(Vec<String>, Option<u64>), GmailError> {
+    async fn messages_since(
+        &self,
+        user: &str,
+        start_history_id: u64,
+    ) -> Result<(Vec<String>, Option<u64>), GmailError> {
         let mut ids = Vec::new();
         let mut page_token: Option<String> = None;
         let mut latest = None;
@@ -205,9 +226,17 @@ impl GmailClient {
                 query.push(("pageToken", token.clone()));
             }
             let page: HistoryList = self
-                .get("history.list", &format!("/gmail/v1/users/{user}/history"), &query)
+                .get(
+                    "history.list",
+                    &format!("/gmail/v1/users/{user}/history"),
+                    &query,
+                )
                 .await?;
-            latest = page.history_id.as_deref().and_then(|h| h.parse().ok()).or(latest);
+            latest = page
+                .history_id
+                .as_deref()
+                .and_then(|h| h.parse().ok())
+                .or(latest);
             for record in page.history {
                 for added in record.messages_added {
                     if !ids.contains(&added.message.id) {
@@ -268,7 +297,11 @@ impl GmailMessage {
         };
         let raw = find_part(payload, "text/plain")
             .and_then(decode_body)
-            .or_else(|| find_part(payload, "text/html").and_then(decode_body).map(|h| html_to_text(&h)))
+            .or_else(|| {
+                find_part(payload, "text/html")
+                    .and_then(decode_body)
+                    .map(|h| html_to_text(&h))
+            })
             .unwrap_or_default();
         let text = multi_line(&strip_quoted_reply(&raw));
         if text.chars().count() > EMAIL_BODY_MAX {
@@ -326,7 +359,12 @@ pub struct GmailSync {
 }
 
 impl GmailSync {
-    pub fn new(client: GmailClient, intake: Intake, pool: PgPool, support_address: Option<String>) -> Self {
+    pub fn new(
+        client: GmailClient,
+        intake: Intake,
+        pool: PgPool,
+        support_address: Option<String>,
+    ) -> Self {
         Self {
             client,
             intake,
@@ -338,8 +376,14 @@ impl GmailSync {
     /// Reads and takes in what arrived in `mailbox` up to `history_id`. On
     /// error nothing is acknowledged and the cursor stays, so Pub/Sub's
     /// redelivery tries again (messages already taken in are recognised).
-    pub async fn on_push(&self, mailbox: &str, history_id: u64, correlation_id: &str) -> Result<SyncReport, GmailError> {
-        let mailbox = normalize_email(mailbox).map_err(|_| GmailError::Decode("emailAddress is not an address".into()))?;
+    pub async fn on_push(
+        &self,
+        mailbox: &str,
+        history_id: u64,
+        correlation_id: &str,
+    ) -> Result<SyncReport, GmailError> {
+        let mailbox = normalize_email(mailbox)
+            .map_err(|_| GmailError::Decode("emailAddress is not an address".into()))?;
         let stored: Option<String> =
             sqlx::query_scalar("SELECT history_id::text FROM gmail_sync WHERE email_address = $1")
                 .bind(&mailbox)
@@ -396,7 +440,10 @@ impl GmailSync {
     /// is not a customer writing in (our own sent mail, drafts, spam, an
     /// unreadable sender).
     pub fn inbound(&self, m: &GmailMessage) -> Option<InboundMessage> {
-        if m.label_ids.iter().any(|l| matches!(l.as_str(), "SENT" | "DRAFT" | "SPAM" | "TRASH")) {
+        if m.label_ids
+            .iter()
+            .any(|l| matches!(l.as_str(), "SENT" | "DRAFT" | "SPAM" | "TRASH"))
+        {
             return None;
         }
         let (name, address) = match m.header("From").map(parse_mailbox) {
@@ -410,8 +457,13 @@ impl GmailSync {
             return None;
         }
         let identity = IdentityKey::email(&address).ok()?;
-        let name = name.map(|n| single_line(&n)).filter(|n| !n.is_empty() && n.chars().count() <= 100);
-        let subject = m.header("Subject").map(single_line).filter(|s| !s.is_empty());
+        let name = name
+            .map(|n| single_line(&n))
+            .filter(|n| !n.is_empty() && n.chars().count() <= 100);
+        let subject = m
+            .header("Subject")
+            .map(single_line)
+            .filter(|s| !s.is_empty());
         Some(InboundMessage {
             channel: Channel::Email,
             channel_message_id: m.id.clone(),

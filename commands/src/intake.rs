@@ -11,17 +11,18 @@ use casebook_domain::channel_message::channel_message_key;
 use casebook_domain::identity::IdentityKey;
 use casebook_domain::ticket::DeliveryStatus;
 use casebook_domain::{
-    Actor, ActorKind, Category, Channel, ChannelMessage, ChannelMessageCommand, Conversation, ConversationCommand,
-    Customer, CustomerCommand, CustomerIdentity, CustomerIdentityCommand, CustomerIdentityError, Direction,
-    EventMetadata, Priority, Ticket, TicketCommand, TicketError, TicketStatus,
+    Actor, ActorKind, Category, Channel, ChannelMessage, ChannelMessageCommand, Conversation,
+    ConversationCommand, Customer, CustomerCommand, CustomerIdentity, CustomerIdentityCommand,
+    CustomerIdentityError, Direction, EventMetadata, Priority, Ticket, TicketCommand, TicketError,
+    TicketStatus,
 };
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use uuid::Uuid;
 
 use crate::metrics::INTAKE_MESSAGES;
 use crate::retry::sleep_backoff;
 use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
-
 
 /// Who wrote: every identity the channel tells us, and a display name.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +90,11 @@ impl Intake {
 
     /// Stores the message (or recognises it as a duplicate). Returns once
     /// the events are committed: the caller may acknowledge then.
-    pub async fn receive(&self, message: &InboundMessage, correlation_id: &str) -> Result<IntakeOutcome, IntakeError> {
+    pub async fn receive(
+        &self,
+        message: &InboundMessage,
+        correlation_id: &str,
+    ) -> Result<IntakeOutcome, IntakeError> {
         if message.sender.identities.is_empty() {
             return Err(IntakeError::Rejected("the sender has no identity".into()));
         }
@@ -97,12 +102,20 @@ impl Intake {
         loop {
             attempt += 1;
             match self.try_receive(message, correlation_id).await {
-                Err(IntakeError::Store(StoreError::Conflict)) if CONFLICT_BACKOFF.should_retry(attempt) => {
+                Err(IntakeError::Store(StoreError::Conflict))
+                    if CONFLICT_BACKOFF.should_retry(attempt) =>
+                {
                     sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
                 Ok(outcome) => {
-                    let result = if outcome.duplicate { "duplicate" } else { "accepted" };
-                    INTAKE_MESSAGES.with_label_values(&[message.channel.as_str(), result]).inc();
+                    let result = if outcome.duplicate {
+                        "duplicate"
+                    } else {
+                        "accepted"
+                    };
+                    INTAKE_MESSAGES
+                        .with_label_values(&[message.channel.as_str(), result])
+                        .inc();
                     tracing::info!(
                         channel = message.channel.as_str(),
                         ticket_id = %outcome.ticket_id,
@@ -117,11 +130,28 @@ impl Intake {
         }
     }
 
-    async fn try_receive(&self, m: &InboundMessage, correlation_id: &str) -> Result<IntakeOutcome, IntakeError> {
+    async fn try_receive(
+        &self,
+        m: &InboundMessage,
+        correlation_id: &str,
+    ) -> Result<IntakeOutcome, IntakeError> {
         let at = m.received_at;
         let key = channel_message_key(m.channel, Direction::Inbound, &m.channel_message_id);
-        let mut meta = EventMetadata::new(correlation_id, Actor::system("intake")).on_channel(m.channel);
+        let mut meta =
+            EventMetadata::new(correlation_id, Actor::system("intake")).on_channel(m.channel);
         let mut uow = self.store.unit_of_work(meta.clone());
+        // Everything this message may touch that already exists, in one read.
+        let mut wanted: Vec<(&str, String)> = vec![(ChannelMessage::TYPE, key.clone())];
+        wanted.extend(
+            m.sender
+                .identities
+                .iter()
+                .map(|i| (CustomerIdentity::TYPE, i.aggregate_id())),
+        );
+        if let Some(conversation_id) = &m.conversation_id {
+            wanted.push((Conversation::TYPE, conversation_id.clone()));
+        }
+        uow.prefetch(&wanted, true).await?;
 
         let seen = uow.load::<ChannelMessage>(&key).await?;
         if let (Some(ticket_id), Some(message_id)) = (seen.ticket_id, seen.message_id) {
@@ -137,7 +167,11 @@ impl Intake {
         // The customer: whoever owns the first identity already claimed.
         let mut owner = None;
         for identity in &m.sender.identities {
-            if let Some(o) = uow.load::<CustomerIdentity>(&identity.aggregate_id()).await?.owner {
+            if let Some(o) = uow
+                .load::<CustomerIdentity>(&identity.aggregate_id())
+                .await?
+                .owner
+            {
                 owner.get_or_insert(o);
             }
         }
@@ -152,19 +186,26 @@ impl Intake {
                 customer_id,
                 at,
             };
-            match uow.execute::<CustomerIdentity>(&identity.aggregate_id(), claim).await {
+            match uow
+                .execute::<CustomerIdentity>(&identity.aggregate_id(), claim)
+                .await
+            {
                 Ok(events) if !events.is_empty() => claimed.push(identity.clone()),
                 Ok(_) => {}
                 // Another customer owns this one (say, a shared phone): leave
                 // it with them rather than merging people automatically.
                 Err(CommandError::Rejected(CustomerIdentityError::ClaimedByAnother { .. })) => {
-                    tracing::info!(kind = identity.kind.as_str(), "identity belongs to another customer; not linked");
+                    tracing::info!(
+                        kind = identity.kind.as_str(),
+                        "identity belongs to another customer; not linked"
+                    );
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         let customer_key = customer_id.to_string();
         if owner.is_none() {
+            uow.create::<Customer>(&customer_key);
             uow.execute::<Customer>(
                 &customer_key,
                 CustomerCommand::Register {
@@ -177,14 +218,20 @@ impl Intake {
             .await?;
         } else {
             for identity in claimed {
-                uow.execute::<Customer>(&customer_key, CustomerCommand::LinkIdentity { identity, at })
-                    .await?;
+                uow.execute::<Customer>(
+                    &customer_key,
+                    CustomerCommand::LinkIdentity { identity, at },
+                )
+                .await?;
             }
             let customer = uow.load::<Customer>(&customer_key).await?;
             if customer.name.is_none() {
                 if let Some(name) = m.sender.name.clone() {
-                    uow.execute::<Customer>(&customer_key, CustomerCommand::UpdateName { name, at })
-                        .await?;
+                    uow.execute::<Customer>(
+                        &customer_key,
+                        CustomerCommand::UpdateName { name, at },
+                    )
+                    .await?;
                 }
             }
         }
@@ -193,7 +240,11 @@ impl Intake {
         // message, else a new one.
         let mut ticket_id = None;
         if let Some(conversation_id) = &m.conversation_id {
-            if let Some(current) = uow.load::<Conversation>(conversation_id).await?.current_ticket {
+            if let Some(current) = uow
+                .load::<Conversation>(conversation_id)
+                .await?
+                .current_ticket
+            {
                 let ticket = uow.load::<Ticket>(&current.to_string()).await?;
                 if continues(ticket.status, m.channel) {
                     ticket_id = Some(current);
@@ -204,6 +255,7 @@ impl Intake {
         let ticket_id = ticket_id.unwrap_or_else(Uuid::now_v7);
         let ticket_key = ticket_id.to_string();
         if new_ticket {
+            uow.create::<Ticket>(&ticket_key);
             uow.execute::<Ticket>(
                 &ticket_key,
                 TicketCommand::Open {
@@ -218,8 +270,11 @@ impl Intake {
             )
             .await?;
             if let Some(conversation_id) = &m.conversation_id {
-                uow.execute::<Conversation>(conversation_id, ConversationCommand::LinkTicket { ticket_id, at })
-                    .await?;
+                uow.execute::<Conversation>(
+                    conversation_id,
+                    ConversationCommand::LinkTicket { ticket_id, at },
+                )
+                .await?;
             }
         }
         let message_id = Uuid::now_v7();
@@ -240,7 +295,9 @@ impl Intake {
         match received {
             Ok(_) => {}
             Err(CommandError::Rejected(TicketError::EmptyMessage)) => {
-                return Err(IntakeError::Rejected("a message needs a body or an attachment".into()))
+                return Err(IntakeError::Rejected(
+                    "a message needs a body or an attachment".into(),
+                ))
             }
             Err(e) => return Err(e.into()),
         }
@@ -333,8 +390,11 @@ impl Intake {
         let (Some(ticket_id), Some(response_id)) = (sent.ticket_id, sent.message_id) else {
             return Ok(None);
         };
-        let meta = EventMetadata::new(correlation_id, Actor::system(&format!("{}-status", channel.as_str())))
-            .on_channel(channel);
+        let meta = EventMetadata::new(
+            correlation_id,
+            Actor::system(&format!("{}-status", channel.as_str())),
+        )
+        .on_channel(channel);
         self.store
             .execute::<Ticket>(
                 &ticket_id.to_string(),

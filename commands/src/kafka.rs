@@ -59,7 +59,13 @@ pub async fn ensure_topics(settings: &KafkaSettings, names: &[String]) -> Result
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|name| NewTopic::new(name, settings.partitions, TopicReplication::Fixed(settings.replication)))
+        .map(|name| {
+            NewTopic::new(
+                name,
+                settings.partitions,
+                TopicReplication::Fixed(settings.replication),
+            )
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new_topics, &options).await?;

@@ -5,8 +5,8 @@ use std::sync::LazyLock;
 
 use cqrs_es::persist::SerializedEvent;
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
 };
 
 pub static EVENTS_APPENDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -28,8 +28,11 @@ pub static INTAKE_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 pub static RELAY_PUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!("casebook_relay_published_total", "Events the relay published to Kafka")
-        .expect("metric registers once")
+    register_int_counter!(
+        "casebook_relay_published_total",
+        "Events the relay published to Kafka"
+    )
+    .expect("metric registers once")
 });
 
 pub static RELAY_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -68,6 +71,8 @@ pub static EXTERNAL_CALLS: LazyLock<HistogramVec> = LazyLock::new(|| {
 
 pub fn record_appended(events: &[SerializedEvent]) {
     for e in events {
-        EVENTS_APPENDED.with_label_values(&[e.aggregate_type.as_str(), e.event_type.as_str()]).inc();
+        EVENTS_APPENDED
+            .with_label_values(&[e.aggregate_type.as_str(), e.event_type.as_str()])
+            .inc();
     }
 }

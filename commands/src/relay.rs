@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use sqlx::postgres::{PgListener, PgRow};
+use sqlx::postgres::PgRow;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,12 +33,15 @@ use crate::metrics::{RELAY_ERRORS, RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, RELAY_PU
 use crate::retry::sleep_backoff;
 use crate::store::StoreError;
 
-const FAILURE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
+const FAILURE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
 
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub batch_size: i64,
-    /// How long to wait for a commit notification before polling anyway.
+    /// How long to wait between polls when nothing is new. (The relay polls
+    /// rather than LISTENs: a transaction that NOTIFYs serialises commits
+    /// cluster-wide, which would cap every writer's throughput.)
     pub idle_poll: Duration,
     /// How soon to look again when committed events are not yet visible
     /// behind an older running transaction.
@@ -49,7 +52,7 @@ impl Default for RelaySettings {
     fn default() -> Self {
         Self {
             batch_size: 1000,
-            idle_poll: Duration::from_millis(500),
+            idle_poll: Duration::from_millis(20),
             pending_poll: Duration::from_millis(3),
         }
     }
@@ -111,7 +114,12 @@ pub fn routes(topics: &Topics, e: &EventEnvelope) -> Vec<(String, String)> {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, database_url: String, kafka: KafkaSettings, settings: RelaySettings) -> Self {
+    pub fn new(
+        pool: PgPool,
+        database_url: String,
+        kafka: KafkaSettings,
+        settings: RelaySettings,
+    ) -> Self {
         Self {
             pool,
             database_url,
@@ -151,10 +159,11 @@ impl Relay {
         let mut lock_conn = PgConnection::connect(&self.database_url).await?;
         let lock_key = format!("casebook:{}", self.name());
         loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&lock_key)
-                .fetch_one(&mut lock_conn)
-                .await?;
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&lock_key)
+                    .fetch_one(&mut lock_conn)
+                    .await?;
             if got {
                 break;
             }
@@ -169,10 +178,12 @@ impl Relay {
         result
     }
 
-    async fn publish_loop(&self, lock_conn: &mut PgConnection, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    async fn publish_loop(
+        &self,
+        lock_conn: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
         let producer = self.kafka.producer()?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("casebook_events").await?;
         let mut checkpoint = self.load_checkpoint().await?;
         let mut failures = 0u32;
         let mut last_health = Instant::now();
@@ -191,9 +202,12 @@ impl Relay {
             }
             if batch.is_empty() {
                 let pending = self.has_pending(checkpoint).await?;
-                let wait = if pending { self.settings.pending_poll } else { self.settings.idle_poll };
+                let wait = if pending {
+                    self.settings.pending_poll
+                } else {
+                    self.settings.idle_poll
+                };
                 tokio::select! {
-                    n = listener.recv() => { n?; }
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -201,7 +215,10 @@ impl Relay {
             }
             match self.publish(&producer, &batch).await {
                 Ok(()) => {
-                    let (tx, last) = batch.last().map(|(tx, e)| (*tx, e.position)).expect("non-empty batch");
+                    let (tx, last) = batch
+                        .last()
+                        .map(|(tx, e)| (*tx, e.position))
+                        .expect("non-empty batch");
                     checkpoint = Checkpoint {
                         transaction_id: tx,
                         position: last,
@@ -319,7 +336,8 @@ impl Relay {
         match result {
             Ok((count, oldest)) => {
                 RELAY_LAG_EVENTS.set(count);
-                let age = oldest.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+                let age =
+                    oldest.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
                 RELAY_LAG_SECONDS.set(age.unwrap_or(0.0));
             }
             Err(e) => tracing::warn!(error = %e, "could not measure relay lag"),
@@ -328,7 +346,11 @@ impl Relay {
 
     /// Publishes every route of every event, in order, and waits until all
     /// of them are acknowledged by the broker.
-    async fn publish(&self, producer: &FutureProducer, batch: &[(u64, EventEnvelope)]) -> Result<(), KafkaError> {
+    async fn publish(
+        &self,
+        producer: &FutureProducer,
+        batch: &[(u64, EventEnvelope)],
+    ) -> Result<(), KafkaError> {
         let mut deliveries = Vec::with_capacity(batch.len() * 2);
         for (_, envelope) in batch {
             let body = serde_json::to_vec(envelope).expect("an envelope serialises");
@@ -342,7 +364,10 @@ impl Relay {
                         key: "event_type",
                         value: Some(envelope.event_type.as_bytes()),
                     });
-                let mut record = FutureRecord::to(&topic).key(key.as_bytes()).payload(&body).headers(headers);
+                let mut record = FutureRecord::to(&topic)
+                    .key(key.as_bytes())
+                    .payload(&body)
+                    .headers(headers);
                 loop {
                     match producer.send_result(record) {
                         Ok(delivery) => {
@@ -396,7 +421,11 @@ mod tests {
     use super::*;
     use casebook_domain::Actor;
 
-    fn envelope(aggregate_type: &str, event_type: &str, payload: serde_json::Value) -> EventEnvelope {
+    fn envelope(
+        aggregate_type: &str,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> EventEnvelope {
         EventEnvelope {
             event_id: Uuid::nil(),
             position: 1,
@@ -424,15 +453,30 @@ mod tests {
             serde_json::json!({"type": "CustomerMessageReceived", "channel": "whatsapp"}),
         );
         let topics_of: Vec<String> = routes(&topics, &e).into_iter().map(|(t, _)| t).collect();
-        assert_eq!(topics_of, vec!["fte.events", "fte.tickets.incoming", "fte.channels.whatsapp.inbound"]);
+        assert_eq!(
+            topics_of,
+            vec![
+                "fte.events",
+                "fte.tickets.incoming",
+                "fte.channels.whatsapp.inbound"
+            ]
+        );
     }
 
     #[test]
     fn replies_and_escalations_have_their_topics() {
         let topics = Topics::new("x");
-        let sent = envelope("ticket", "ResponseSent", serde_json::json!({"channel": "email"}));
+        let sent = envelope(
+            "ticket",
+            "ResponseSent",
+            serde_json::json!({"channel": "email"}),
+        );
         assert_eq!(routes(&topics, &sent)[1].0, "x.channels.email.outbound");
-        let esc = envelope("ticket", "TicketEscalated", serde_json::json!({"reason": "legal"}));
+        let esc = envelope(
+            "ticket",
+            "TicketEscalated",
+            serde_json::json!({"reason": "legal"}),
+        );
         assert_eq!(routes(&topics, &esc)[1].0, "x.escalations");
         let customer = envelope("customer", "CustomerRegistered", serde_json::json!({}));
         assert_eq!(routes(&topics, &customer).len(), 1);

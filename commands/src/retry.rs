@@ -16,7 +16,12 @@ pub async fn sleep_backoff(policy: &Backoff, attempt: u32) {
 
 /// Runs `op` until it succeeds, fails permanently (`is_transient` false) or
 /// runs out of attempts; logs each retry with `what`.
-pub async fn retry<T, E, F, Fut>(policy: &Backoff, what: &str, is_transient: impl Fn(&E) -> bool, mut op: F) -> Result<T, E>
+pub async fn retry<T, E, F, Fut>(
+    policy: &Backoff,
+    what: &str,
+    is_transient: impl Fn(&E) -> bool,
+    mut op: F,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,

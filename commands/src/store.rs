@@ -1,12 +1,19 @@
-//! The event store: postgres-es on the `events` table, plus an atomic commit
-//! across several streams for intake (a message, its dedupe key, its
-//! customer's identities and its ticket are written together or not at all).
+//! The event store: postgres-es's `events` table and repository.
+//!
+//! Aggregates are loaded through postgres-es. Appends use one multi-row
+//! INSERT per commit into the same table, in the same format: postgres-es
+//! 0.5 inserts one statement per event and binds the generic aggregate's
+//! type to every row, so it can neither commit several streams at once
+//! (intake writes a message, its dedupe key, the sender's identities and the
+//! ticket together or not at all) nor append at the rate of plain INSERTs
+//! (see docs/performance.md).
 //!
 //! Commands run against the state loaded from the store; a concurrent writer
 //! that got there first turns into an optimistic-lock conflict, and the
 //! command is retried against the new state.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use casebook_domain::retry::Backoff;
@@ -22,9 +29,11 @@ use crate::retry::sleep_backoff;
 
 /// How often a command is retried when another writer got to the stream
 /// first, and how long to wait in between.
-pub(crate) const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250), 25);
+pub(crate) const CONFLICT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(5), Duration::from_millis(250), 25);
 /// Retries for transient database failures (connection loss, pool timeout).
-const TRANSIENT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
+const TRANSIENT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,17 +70,23 @@ impl From<PersistenceError> for StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         match &err {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => StoreError::Conflict,
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                StoreError::Conflict
+            }
             // serialization_failure, deadlock_detected, too_many_connections,
             // admin shutdown and friends: worth another try.
             sqlx::Error::Database(db)
-                if matches!(db.code().as_deref(), Some("40001" | "40P01" | "53300" | "57P01" | "57P03")) =>
+                if matches!(
+                    db.code().as_deref(),
+                    Some("40001" | "40P01" | "53300" | "57P01" | "57P03")
+                ) =>
             {
                 StoreError::Unavailable(err.to_string())
             }
-            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => {
-                StoreError::Unavailable(err.to_string())
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(err.to_string()),
             _ => StoreError::Other(err.to_string()),
         }
     }
@@ -114,11 +129,20 @@ impl EventStore {
 
     /// The aggregate's events, in order.
     pub async fn events<A: Aggregate>(&self, id: &str) -> Result<Vec<A::Event>, StoreError> {
-        Ok(self.sequenced_events::<A>(id).await?.into_iter().map(|(_, e)| e).collect())
+        Ok(self
+            .sequenced_events::<A>(id)
+            .await?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
     }
 
-    async fn sequenced_events<A: Aggregate>(&self, id: &str) -> Result<Vec<(usize, A::Event)>, StoreError> {
-        let events = with_transient_retry(|| async { Ok(self.repo.get_events::<A>(id).await?) }).await?;
+    async fn sequenced_events<A: Aggregate>(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(usize, A::Event)>, StoreError> {
+        let events =
+            with_transient_retry(|| async { Ok(self.repo.get_events::<A>(id).await?) }).await?;
         events
             .into_iter()
             .map(|event| {
@@ -140,9 +164,9 @@ impl EventStore {
         Ok(Loaded { aggregate, version })
     }
 
-    /// Runs `command` on one aggregate and appends the events it decides on,
-    /// through postgres-es. Conflicts with concurrent writers are retried
-    /// against the fresh state.
+    /// Runs `command` on one aggregate and appends the events it decides
+    /// on. Conflicts with concurrent writers are retried against the fresh
+    /// state.
     pub async fn execute<A>(
         &self,
         id: &str,
@@ -150,24 +174,16 @@ impl EventStore {
         meta: &EventMetadata,
     ) -> Result<Vec<A::Event>, CommandError<A::Error>>
     where
-        A: Aggregate<Services = ()>,
+        A: Aggregate<Services = ()> + 'static,
         A::Command: Clone,
     {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let Loaded { mut aggregate, version } = self.load::<A>(id).await?;
-            let events = decide(&mut aggregate, command.clone()).await.map_err(CommandError::Rejected)?;
-            if events.is_empty() {
-                return Ok(events);
-            }
-            let serialized = serialize::<A>(id, version, &events, meta)?;
-            let result = with_transient_retry(|| async { Ok(self.repo.persist::<A>(&serialized, None).await?) }).await;
-            match result {
-                Ok(()) => {
-                    metrics::record_appended(&serialized);
-                    return Ok(events);
-                }
+            let mut uow = self.unit_of_work(meta.clone());
+            let events = uow.execute::<A>(id, command.clone()).await?;
+            match uow.commit().await {
+                Ok(_) => return Ok(events),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
                     sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
@@ -182,11 +198,30 @@ impl EventStore {
             store: self,
             meta,
             streams: Vec::new(),
+            prefetched: HashMap::new(),
         }
     }
 }
 
-async fn decide<A: Aggregate<Services = ()>>(aggregate: &mut A, command: A::Command) -> Result<Vec<A::Event>, A::Error> {
+fn fold<A: Aggregate>(
+    id: &str,
+    rows: Vec<(i64, serde_json::Value)>,
+) -> Result<Loaded<A>, StoreError> {
+    let mut aggregate = A::default();
+    let mut version = 0;
+    for (sequence, payload) in rows {
+        let event: A::Event = serde_json::from_value(payload)
+            .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))?;
+        aggregate.apply(event);
+        version = sequence as usize;
+    }
+    Ok(Loaded { aggregate, version })
+}
+
+async fn decide<A: Aggregate<Services = ()>>(
+    aggregate: &mut A,
+    command: A::Command,
+) -> Result<Vec<A::Event>, A::Error> {
     let sink = EventSink::<A>::default();
     aggregate.handle(command, &(), &sink).await?;
     Ok(sink.collect().await)
@@ -198,7 +233,8 @@ fn serialize<A: Aggregate>(
     events: &[A::Event],
     meta: &EventMetadata,
 ) -> Result<Vec<SerializedEvent>, StoreError> {
-    let metadata = serde_json::to_value(meta.to_map()).map_err(|e| StoreError::Other(e.to_string()))?;
+    let metadata =
+        serde_json::to_value(meta.to_map()).map_err(|e| StoreError::Other(e.to_string()))?;
     events
         .iter()
         .enumerate()
@@ -252,6 +288,8 @@ pub struct UnitOfWork<'s> {
     store: &'s EventStore,
     meta: EventMetadata,
     streams: Vec<PendingStream>,
+    /// Streams read ahead in one query: (type, id) → (sequence, payload).
+    prefetched: HashMap<(String, String), Vec<(i64, serde_json::Value)>>,
 }
 
 impl UnitOfWork<'_> {
@@ -266,7 +304,13 @@ impl UnitOfWork<'_> {
         {
             return Ok(i);
         }
-        let Loaded { aggregate, version } = self.store.load::<A>(id).await?;
+        let Loaded { aggregate, version } = match self
+            .prefetched
+            .remove(&(A::TYPE.to_string(), id.to_string()))
+        {
+            Some(rows) => fold::<A>(id, rows)?,
+            None => self.store.load::<A>(id).await?,
+        };
         self.streams.push(PendingStream {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
@@ -275,6 +319,77 @@ impl UnitOfWork<'_> {
             events: Vec::new(),
         });
         Ok(self.streams.len() - 1)
+    }
+
+    /// Reads several streams in one query, so that the loads and commands
+    /// that follow need no round trip of their own. With `with_identity_owners`,
+    /// the customers owning any of the listed `customer_identity` streams
+    /// are read in the same query.
+    pub async fn prefetch(
+        &mut self,
+        streams: &[(&str, String)],
+        with_identity_owners: bool,
+    ) -> Result<(), StoreError> {
+        let (types, ids): (Vec<String>, Vec<String>) = streams
+            .iter()
+            .map(|(t, id)| (t.to_string(), id.clone()))
+            .unzip();
+        let pool = self.store.pool.clone();
+        let rows: Vec<(String, String, i64, serde_json::Value)> = with_transient_retry(|| async {
+            Ok(sqlx::query_as(
+                "WITH wanted AS (
+                     SELECT * FROM unnest($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id)
+                 ), owners AS (
+                     SELECT 'customer'::text AS aggregate_type, e.payload->>'customer_id' AS aggregate_id
+                       FROM wanted w JOIN events e USING (aggregate_type, aggregate_id)
+                      WHERE $3 AND e.aggregate_type = 'customer_identity'
+                 ), streams AS (
+                     SELECT * FROM wanted UNION SELECT * FROM owners
+                 )
+                 SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.payload
+                   FROM streams s JOIN events e USING (aggregate_type, aggregate_id)
+                  ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
+            )
+            .bind(&types)
+            .bind(&ids)
+            .bind(with_identity_owners)
+            .fetch_all(&pool)
+            .await?)
+        })
+        .await?;
+        for key in types.into_iter().zip(ids) {
+            self.prefetched.entry(key).or_default();
+        }
+        for (t, id, sequence, payload) in rows {
+            self.prefetched
+                .entry((t, id))
+                .or_default()
+                .push((sequence, payload));
+        }
+        Ok(())
+    }
+
+    /// Starts a stream the caller has just made up an id for (a fresh
+    /// UUID): nothing to load. Should it exist after all, the commit fails
+    /// with a conflict.
+    pub fn create<A>(&mut self, id: &str)
+    where
+        A: Aggregate + 'static,
+    {
+        if self
+            .streams
+            .iter()
+            .any(|s| s.aggregate_type == A::TYPE && s.aggregate_id == id)
+        {
+            return;
+        }
+        self.streams.push(PendingStream {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_string(),
+            version: 0,
+            state: Box::new(A::default()),
+            events: Vec::new(),
+        });
     }
 
     /// The aggregate as this unit of work sees it (stored state plus the
@@ -291,7 +406,11 @@ impl UnitOfWork<'_> {
     }
 
     /// Runs a command and records its events for the commit.
-    pub async fn execute<A>(&mut self, id: &str, command: A::Command) -> Result<Vec<A::Event>, CommandError<A::Error>>
+    pub async fn execute<A>(
+        &mut self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Vec<A::Event>, CommandError<A::Error>>
     where
         A: Aggregate<Services = ()> + 'static,
     {
@@ -301,9 +420,13 @@ impl UnitOfWork<'_> {
             .state
             .downcast_mut::<A>()
             .expect("stream state has the aggregate's type");
-        let events = decide(aggregate, command).await.map_err(CommandError::Rejected)?;
+        let events = decide(aggregate, command)
+            .await
+            .map_err(CommandError::Rejected)?;
         let version = stream.version + stream.events.len();
-        stream.events.extend(serialize::<A>(id, version, &events, &self.meta)?);
+        stream
+            .events
+            .extend(serialize::<A>(id, version, &events, &self.meta)?);
         Ok(events)
     }
 
@@ -320,7 +443,8 @@ impl UnitOfWork<'_> {
     /// Appends every recorded event in one transaction and one statement,
     /// in the order the commands ran. Returns how many were written.
     pub async fn commit(self) -> Result<usize, StoreError> {
-        let events: Vec<SerializedEvent> = self.streams.into_iter().flat_map(|s| s.events).collect();
+        let events: Vec<SerializedEvent> =
+            self.streams.into_iter().flat_map(|s| s.events).collect();
         if events.is_empty() {
             return Ok(0);
         }

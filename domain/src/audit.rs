@@ -5,7 +5,7 @@
 //! (empty for the first). Fields are length-prefixed (`<bytes>:<value>;`) so
 //! that no two different events encode to the same bytes. The database
 //! computes the hash on insert (`migrations/`, function
-//! `casebook_event_hash`); `casebook audit verify` recomputes it here, so the
+//! `casebook_events_chain`); `casebook audit verify` recomputes it here, so the
 //! two implementations check each other.
 
 use sha2::{Digest, Sha256};
@@ -59,27 +59,50 @@ pub struct ChainBreak {
     pub stored: String,
 }
 
-/// Walks one stream in sequence order (events as `(input, stored hash)`) and
-/// returns the first event whose stored hash is not the recomputed one, or
-/// whose sequence does not follow its predecessor's.
-pub fn verify_stream<'a, I>(events: I) -> Result<usize, ChainBreak>
-where
-    I: IntoIterator<Item = (ChainInput<'a>, &'a str)>,
-{
-    let mut prev = String::new();
-    let mut count = 0;
-    let mut expected_sequence = 1;
-    for (input, stored) in events {
-        let expected = chain_hash(&prev, &input);
-        if input.sequence != expected_sequence || expected != stored {
+/// Checks one stream's events in sequence order: each stored hash must be
+/// the one recomputed from the event and its predecessor's hash, and the
+/// sequences must run 1, 2, 3… without gaps.
+#[derive(Debug, Clone)]
+pub struct StreamVerifier {
+    prev: String,
+    next_sequence: i64,
+}
+
+impl Default for StreamVerifier {
+    fn default() -> Self {
+        Self {
+            prev: String::new(),
+            next_sequence: 1,
+        }
+    }
+}
+
+impl StreamVerifier {
+    pub fn check(&mut self, input: &ChainInput<'_>, stored: &str) -> Result<(), ChainBreak> {
+        let expected = chain_hash(&self.prev, input);
+        if input.sequence != self.next_sequence || expected != stored {
             return Err(ChainBreak {
                 sequence: input.sequence,
                 expected,
                 stored: stored.to_string(),
             });
         }
-        prev = expected;
-        expected_sequence += 1;
+        self.prev = expected;
+        self.next_sequence += 1;
+        Ok(())
+    }
+}
+
+/// Verifies a whole stream; returns how many events it holds, or where its
+/// chain first breaks.
+pub fn verify_stream<'a, I>(events: I) -> Result<usize, ChainBreak>
+where
+    I: IntoIterator<Item = (ChainInput<'a>, &'a str)>,
+{
+    let mut verifier = StreamVerifier::default();
+    let mut count = 0;
+    for (input, stored) in events {
+        verifier.check(&input, stored)?;
         count += 1;
     }
     Ok(count)
@@ -137,7 +160,11 @@ mod tests {
         let h1 = chain_hash("", &input(1, "{}"));
         let h2 = chain_hash(&h1, &input(2, "{}"));
         let h3 = chain_hash(&h2, &input(3, "{}"));
-        let good = vec![(input(1, "{}"), h1.as_str()), (input(2, "{}"), h2.as_str()), (input(3, "{}"), h3.as_str())];
+        let good = vec![
+            (input(1, "{}"), h1.as_str()),
+            (input(2, "{}"), h2.as_str()),
+            (input(3, "{}"), h3.as_str()),
+        ];
         assert_eq!(verify_stream(good), Ok(3));
         let tampered = vec![
             (input(1, "{}"), h1.as_str()),

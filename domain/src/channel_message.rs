@@ -12,7 +12,11 @@ use uuid::Uuid;
 use crate::{Channel, Direction};
 
 /// The aggregate id of a channel message.
-pub fn channel_message_key(channel: Channel, direction: Direction, channel_message_id: &str) -> String {
+pub fn channel_message_key(
+    channel: Channel,
+    direction: Direction,
+    channel_message_id: &str,
+) -> String {
     match direction {
         Direction::Inbound => format!("{}:{}", channel.as_str(), channel_message_id),
         Direction::Outbound => format!("{}-out:{}", channel.as_str(), channel_message_id),
@@ -69,7 +73,10 @@ pub struct ChannelMessage {
 }
 
 impl ChannelMessage {
-    pub fn decide(&self, command: ChannelMessageCommand) -> Result<Vec<ChannelMessageEvent>, ChannelMessageError> {
+    pub fn decide(
+        &self,
+        command: ChannelMessageCommand,
+    ) -> Result<Vec<ChannelMessageEvent>, ChannelMessageError> {
         match command {
             ChannelMessageCommand::Accept {
                 ticket_id,
@@ -80,7 +87,10 @@ impl ChannelMessage {
                 at,
             } => {
                 if let (Some(ticket_id), Some(message_id)) = (self.ticket_id, self.message_id) {
-                    return Err(ChannelMessageError::Duplicate { ticket_id, message_id });
+                    return Err(ChannelMessageError::Duplicate {
+                        ticket_id,
+                        message_id,
+                    });
                 }
                 if channel_message_id.trim().is_empty() {
                     return Err(ChannelMessageError::EmptyId);
@@ -100,7 +110,9 @@ impl ChannelMessage {
     pub fn apply_event(&mut self, event: ChannelMessageEvent) {
         match event {
             ChannelMessageEvent::ChannelMessageAccepted {
-                ticket_id, message_id, ..
+                ticket_id,
+                message_id,
+                ..
             } => {
                 self.ticket_id = Some(ticket_id);
                 self.message_id = Some(message_id);
@@ -165,7 +177,13 @@ mod tests {
 
     #[test]
     fn keys_name_channel_and_direction() {
-        assert_eq!(channel_message_key(Channel::Whatsapp, Direction::Inbound, "SM1"), "whatsapp:SM1");
-        assert_eq!(channel_message_key(Channel::Whatsapp, Direction::Outbound, "SM1"), "whatsapp-out:SM1");
+        assert_eq!(
+            channel_message_key(Channel::Whatsapp, Direction::Inbound, "SM1"),
+            "whatsapp:SM1"
+        );
+        assert_eq!(
+            channel_message_key(Channel::Whatsapp, Direction::Outbound, "SM1"),
+            "whatsapp-out:SM1"
+        );
     }
 }

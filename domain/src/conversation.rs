@@ -25,7 +25,10 @@ pub enum ConversationCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ConversationEvent {
-    ConversationTicketLinked { ticket_id: Uuid, linked_at: DateTime<Utc> },
+    ConversationTicketLinked {
+        ticket_id: Uuid,
+        linked_at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ConversationEvent {
@@ -47,7 +50,10 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    pub fn decide(&self, command: ConversationCommand) -> Result<Vec<ConversationEvent>, ConversationError> {
+    pub fn decide(
+        &self,
+        command: ConversationCommand,
+    ) -> Result<Vec<ConversationEvent>, ConversationError> {
         match command {
             ConversationCommand::LinkTicket { ticket_id, at } => {
                 if self.current_ticket == Some(ticket_id) {
@@ -63,7 +69,9 @@ impl Conversation {
 
     pub fn apply_event(&mut self, event: ConversationEvent) {
         match event {
-            ConversationEvent::ConversationTicketLinked { ticket_id, .. } => self.current_ticket = Some(ticket_id),
+            ConversationEvent::ConversationTicketLinked { ticket_id, .. } => {
+                self.current_ticket = Some(ticket_id)
+            }
         }
     }
 }

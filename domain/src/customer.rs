@@ -27,10 +27,7 @@ pub enum CustomerCommand {
     },
     /// Records a name the customer gave (web form, email display name,
     /// WhatsApp profile name) when it differs from the one on file.
-    UpdateName {
-        name: String,
-        at: DateTime<Utc>,
-    },
+    UpdateName { name: String, at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +163,13 @@ impl Customer {
     }
 }
 
-crate::impl_aggregate!(Customer, "customer", CustomerCommand, CustomerEvent, CustomerError);
+crate::impl_aggregate!(
+    Customer,
+    "customer",
+    CustomerCommand,
+    CustomerEvent,
+    CustomerError
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CustomerIdentityCommand {
@@ -210,7 +213,10 @@ pub struct CustomerIdentity {
 }
 
 impl CustomerIdentity {
-    pub fn decide(&self, command: CustomerIdentityCommand) -> Result<Vec<CustomerIdentityEvent>, CustomerIdentityError> {
+    pub fn decide(
+        &self,
+        command: CustomerIdentityCommand,
+    ) -> Result<Vec<CustomerIdentityEvent>, CustomerIdentityError> {
         match command {
             CustomerIdentityCommand::Claim {
                 identity,
@@ -230,7 +236,9 @@ impl CustomerIdentity {
 
     pub fn apply_event(&mut self, event: CustomerIdentityEvent) {
         match event {
-            CustomerIdentityEvent::IdentityClaimed { customer_id, .. } => self.owner = Some(customer_id),
+            CustomerIdentityEvent::IdentityClaimed { customer_id, .. } => {
+                self.owner = Some(customer_id)
+            }
         }
     }
 }
@@ -249,7 +257,9 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     fn at() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn ada() -> Uuid {
@@ -312,7 +322,10 @@ mod tests {
     fn linking_a_known_identity_changes_nothing() {
         TestFramework::<Customer>::with(())
             .given(vec![registered()])
-            .when(CustomerCommand::LinkIdentity { identity: email(), at: at() })
+            .when(CustomerCommand::LinkIdentity {
+                identity: email(),
+                at: at(),
+            })
             .then_expect_events(vec![]);
     }
 
@@ -336,7 +349,10 @@ mod tests {
     fn linking_to_an_unknown_customer_is_refused() {
         TestFramework::<Customer>::with(())
             .given_no_previous_events()
-            .when(CustomerCommand::LinkIdentity { identity: email(), at: at() })
+            .when(CustomerCommand::LinkIdentity {
+                identity: email(),
+                at: at(),
+            })
             .then_expect_error(CustomerError::NotFound);
     }
 

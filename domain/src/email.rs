@@ -13,7 +13,10 @@ pub fn strip_quoted_reply(text: &str) -> String {
         let t = line.trim();
         let attribution = t.starts_with("On ") && t.ends_with("wrote:");
         let outlook = t.starts_with("-----Original Message-----")
-            || (t.starts_with("From: ") && lines.get(i + 1).is_some_and(|n| n.trim().starts_with("Sent: ")));
+            || (t.starts_with("From: ")
+                && lines
+                    .get(i + 1)
+                    .is_some_and(|n| n.trim().starts_with("Sent: ")));
         if attribution || outlook {
             cut = i;
             break;
@@ -69,7 +72,10 @@ pub fn html_to_text(html: &str) -> String {
             }
             continue;
         }
-        if matches!(name.as_str(), "br" | "p" | "div" | "li" | "tr" | "h1" | "h2" | "h3" | "h4" | "blockquote") {
+        if matches!(
+            name.as_str(),
+            "br" | "p" | "div" | "li" | "tr" | "h1" | "h2" | "h3" | "h4" | "blockquote"
+        ) {
             out.push('\n');
         }
     }

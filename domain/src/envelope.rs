@@ -37,7 +37,10 @@ pub struct Actor {
 
 impl Actor {
     pub fn new(kind: ActorKind, id: impl Into<String>) -> Self {
-        Self { kind, id: id.into() }
+        Self {
+            kind,
+            id: id.into(),
+        }
     }
 
     pub fn system(component: &str) -> Self {

@@ -113,7 +113,9 @@ pub fn normalize_email(raw: &str) -> Result<String, IdentityError> {
                 && !l.ends_with('-')
                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
-        && labels.last().is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
     if local_ok && domain_ok {
         Ok(email)
     } else {
@@ -129,7 +131,9 @@ pub fn normalize_phone(raw: &str) -> Result<String, IdentityError> {
         .chars()
         .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
         .collect();
-    let digits = compact.strip_prefix('+').ok_or(IdentityError::InvalidPhone)?;
+    let digits = compact
+        .strip_prefix('+')
+        .ok_or(IdentityError::InvalidPhone)?;
     let ok = (8..=15).contains(&digits.len())
         && digits.chars().all(|c| c.is_ascii_digit())
         && !digits.starts_with('0');
@@ -183,7 +187,11 @@ mod tests {
             "a b@example.com",
             "a@exa_mple.com",
         ] {
-            assert_eq!(normalize_email(bad), Err(IdentityError::InvalidEmail), "{bad}");
+            assert_eq!(
+                normalize_email(bad),
+                Err(IdentityError::InvalidEmail),
+                "{bad}"
+            );
         }
         let long_local = format!("{}@example.com", "a".repeat(65));
         assert!(normalize_email(&long_local).is_err());
@@ -191,8 +199,17 @@ mod tests {
 
     #[test]
     fn phones_are_e164() {
-        assert_eq!(normalize_phone("+1 (555) 123-4567").unwrap(), "+15551234567");
-        for bad in ["15551234567", "+0123456789", "+123", "+1234567890123456", "+1555abc4567"] {
+        assert_eq!(
+            normalize_phone("+1 (555) 123-4567").unwrap(),
+            "+15551234567"
+        );
+        for bad in [
+            "15551234567",
+            "+0123456789",
+            "+123",
+            "+1234567890123456",
+            "+1555abc4567",
+        ] {
             assert!(normalize_phone(bad).is_err(), "{bad}");
         }
     }
@@ -201,17 +218,29 @@ mod tests {
     fn whatsapp_ids_come_from_twilio_addresses() {
         let key = IdentityKey::whatsapp("whatsapp:+14155238886").unwrap();
         assert_eq!(key.aggregate_id(), "whatsapp:+14155238886");
-        assert_eq!(IdentityKey::whatsapp("+14155238886"), Err(IdentityError::InvalidWhatsapp));
-        assert_eq!(IdentityKey::whatsapp("whatsapp:12"), Err(IdentityError::InvalidWhatsapp));
+        assert_eq!(
+            IdentityKey::whatsapp("+14155238886"),
+            Err(IdentityError::InvalidWhatsapp)
+        );
+        assert_eq!(
+            IdentityKey::whatsapp("whatsapp:12"),
+            Err(IdentityError::InvalidWhatsapp)
+        );
     }
 
     #[test]
     fn mailboxes_split_into_name_and_address() {
         assert_eq!(
             parse_mailbox("\"Ada Lovelace\" <Ada@Example.com>").unwrap(),
-            (Some("Ada Lovelace".to_string()), "ada@example.com".to_string())
+            (
+                Some("Ada Lovelace".to_string()),
+                "ada@example.com".to_string()
+            )
         );
-        assert_eq!(parse_mailbox("bob@example.org").unwrap(), (None, "bob@example.org".to_string()));
+        assert_eq!(
+            parse_mailbox("bob@example.org").unwrap(),
+            (None, "bob@example.org".to_string())
+        );
         assert!(parse_mailbox("Bob <not-an-address>").is_err());
     }
 }

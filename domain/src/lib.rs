@@ -21,11 +21,13 @@ pub mod topics;
 pub mod values;
 pub mod webform;
 
-pub use channel_message::{ChannelMessage, ChannelMessageCommand, ChannelMessageError, ChannelMessageEvent};
+pub use channel_message::{
+    ChannelMessage, ChannelMessageCommand, ChannelMessageError, ChannelMessageEvent,
+};
 pub use conversation::{Conversation, ConversationCommand, ConversationError, ConversationEvent};
 pub use customer::{
-    Customer, CustomerCommand, CustomerError, CustomerEvent, CustomerIdentity, CustomerIdentityCommand,
-    CustomerIdentityError, CustomerIdentityEvent,
+    Customer, CustomerCommand, CustomerError, CustomerEvent, CustomerIdentity,
+    CustomerIdentityCommand, CustomerIdentityError, CustomerIdentityEvent,
 };
 pub use envelope::{Actor, ActorKind, EventEnvelope, StoredEvent};
 pub use identity::{IdentityError, IdentityKey, IdentityKind};

@@ -67,7 +67,9 @@ fn mask_digit_runs(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
-        if chars[i].is_ascii_digit() || (chars[i] == '+' && chars.get(i + 1).is_some_and(|c| c.is_ascii_digit())) {
+        if chars[i].is_ascii_digit()
+            || (chars[i] == '+' && chars.get(i + 1).is_some_and(|c| c.is_ascii_digit()))
+        {
             let start = i;
             let mut end = i;
             let mut digits = 0;
@@ -115,7 +117,8 @@ mod tests {
 
     #[test]
     fn free_text_loses_addresses_and_numbers() {
-        let masked = mask_pii_in_text("Reach me at ada@example.com or +1 555 123 4567, order 1234.");
+        let masked =
+            mask_pii_in_text("Reach me at ada@example.com or +1 555 123 4567, order 1234.");
         assert!(!masked.contains("ada@"), "{masked}");
         assert!(!masked.contains("123 4567"), "{masked}");
         assert!(masked.contains("a***@example.com"), "{masked}");

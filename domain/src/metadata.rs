@@ -64,7 +64,9 @@ impl EventMetadata {
         let get = |k: &str| map.get(k).cloned().unwrap_or_default();
         let kind = map
             .get(ACTOR_KIND)
-            .and_then(|k| serde_json::from_value::<ActorKind>(serde_json::Value::String(k.clone())).ok())
+            .and_then(|k| {
+                serde_json::from_value::<ActorKind>(serde_json::Value::String(k.clone())).ok()
+            })
             .unwrap_or_default();
         Self {
             correlation_id: get(CORRELATION_ID),
@@ -76,7 +78,8 @@ impl EventMetadata {
 
     /// Same as [`from_map`](Self::from_map) for metadata read as JSON.
     pub fn from_json(value: &serde_json::Value) -> Self {
-        let map: HashMap<String, String> = serde_json::from_value(value.clone()).unwrap_or_default();
+        let map: HashMap<String, String> =
+            serde_json::from_value(value.clone()).unwrap_or_default();
         Self::from_map(&map)
     }
 }

@@ -26,9 +26,10 @@ impl Backoff {
     /// The delay after failed attempt number `attempt` (1-based), given a
     /// uniform random `unit` in `[0, 1)`.
     pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX));
+        let exp = self.base.saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1).min(31))
+                .unwrap_or(u32::MAX),
+        );
         let ceiling = exp.min(self.cap);
         let half = ceiling / 2;
         half + half.mul_f64(unit.clamp(0.0, 1.0))

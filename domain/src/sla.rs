@@ -67,11 +67,16 @@ mod tests {
 
     #[test]
     fn windows_follow_the_channel() {
-        let t = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().with_timezone(&Utc);
+        let t = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let d = SlaDeadlines::for_ticket(Channel::Whatsapp, t);
         assert_eq!(d.first_response_due, t + TimeDelta::minutes(2));
         assert_eq!(d.resolution_due, t + TimeDelta::hours(24));
-        assert_eq!(SlaDeadlines::for_ticket(Channel::Email, t).first_response_due, t + TimeDelta::minutes(5));
+        assert_eq!(
+            SlaDeadlines::for_ticket(Channel::Email, t).first_response_due,
+            t + TimeDelta::minutes(5)
+        );
         assert_eq!(d.next_due(None), d.first_response_due);
         assert_eq!(d.next_due(Some(t)), d.resolution_due);
     }

@@ -10,7 +10,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -81,7 +83,10 @@ mod tests {
     fn names_follow_the_contract() {
         let t = Topics::new("fte");
         assert_eq!(t.tickets_incoming(), "fte.tickets.incoming");
-        assert_eq!(t.inbound(Channel::Whatsapp), "fte.channels.whatsapp.inbound");
+        assert_eq!(
+            t.inbound(Channel::Whatsapp),
+            "fte.channels.whatsapp.inbound"
+        );
         assert_eq!(t.outbound(Channel::Email), "fte.channels.email.outbound");
         assert_eq!(t.all().len(), 11);
     }

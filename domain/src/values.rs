@@ -75,7 +75,9 @@ impl Category {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     Low,
@@ -86,7 +88,12 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub const ALL: [Priority; 4] = [Priority::Low, Priority::Medium, Priority::High, Priority::Urgent];
+    pub const ALL: [Priority; 4] = [
+        Priority::Low,
+        Priority::Medium,
+        Priority::High,
+        Priority::Urgent,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -148,9 +155,11 @@ macro_rules! impl_text {
             type Err = UnknownValue;
 
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| UnknownValue {
-                    what: $what,
-                    value: s.chars().take(40).collect(),
+                serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+                    UnknownValue {
+                        what: $what,
+                        value: s.chars().take(40).collect(),
+                    }
                 })
             }
         }
@@ -186,7 +195,10 @@ mod tests {
         for p in Priority::ALL {
             assert_eq!(p.as_str().parse::<Priority>().unwrap(), p);
         }
-        assert_eq!("in_progress".parse::<TicketStatus>().unwrap(), TicketStatus::InProgress);
+        assert_eq!(
+            "in_progress".parse::<TicketStatus>().unwrap(),
+            TicketStatus::InProgress
+        );
     }
 
     #[test]

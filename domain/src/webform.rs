@@ -60,18 +60,29 @@ fn text_field(
             if len == 0 {
                 errors.insert(field.into(), "must not be empty".into());
             } else if len > max {
-                errors.insert(field.into(), format!("must be at most {max} characters (got {len})"));
+                errors.insert(
+                    field.into(),
+                    format!("must be at most {max} characters (got {len})"),
+                );
             }
             value
         }
     }
 }
 
-fn one_of<T: std::str::FromStr>(errors: &mut FieldErrors, field: &str, raw: &str, allowed: &[&str]) -> Option<T> {
+fn one_of<T: std::str::FromStr>(
+    errors: &mut FieldErrors,
+    field: &str,
+    raw: &str,
+    allowed: &[&str],
+) -> Option<T> {
     match raw.trim().parse::<T>() {
         Ok(value) => Some(value),
         Err(_) => {
-            errors.insert(field.into(), format!("must be one of: {}", allowed.join(", ")));
+            errors.insert(
+                field.into(),
+                format!("must be one of: {}", allowed.join(", ")),
+            );
             None
         }
     }
@@ -80,9 +91,27 @@ fn one_of<T: std::str::FromStr>(errors: &mut FieldErrors, field: &str, raw: &str
 impl RawWebForm {
     pub fn validate(&self) -> Result<WebFormSubmission, FieldErrors> {
         let mut errors = FieldErrors::new();
-        let name = text_field(&mut errors, "name", self.name.as_deref(), NAME_MAX, single_line);
-        let subject = text_field(&mut errors, "subject", self.subject.as_deref(), SUBJECT_MAX, single_line);
-        let message = text_field(&mut errors, "message", self.message.as_deref(), MESSAGE_MAX, multi_line);
+        let name = text_field(
+            &mut errors,
+            "name",
+            self.name.as_deref(),
+            NAME_MAX,
+            single_line,
+        );
+        let subject = text_field(
+            &mut errors,
+            "subject",
+            self.subject.as_deref(),
+            SUBJECT_MAX,
+            single_line,
+        );
+        let message = text_field(
+            &mut errors,
+            "message",
+            self.message.as_deref(),
+            MESSAGE_MAX,
+            multi_line,
+        );
         let email = match self.email.as_deref() {
             None => {
                 errors.insert("email".into(), "is required".into());
@@ -96,7 +125,10 @@ impl RawWebForm {
         let categories: Vec<&str> = Category::ALL.iter().map(|c| c.as_str()).collect();
         let category = match self.category.as_deref() {
             None => {
-                errors.insert("category".into(), format!("is required, one of: {}", categories.join(", ")));
+                errors.insert(
+                    "category".into(),
+                    format!("is required, one of: {}", categories.join(", ")),
+                );
                 None
             }
             Some(raw) => one_of::<Category>(&mut errors, "category", raw, &categories),
@@ -110,7 +142,9 @@ impl RawWebForm {
             None | Some("") => None,
             Some(raw) => {
                 let ok = raw.len() <= CLIENT_REQUEST_ID_MAX
-                    && raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+                    && raw
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
                 if !ok {
                     errors.insert(
                         "client_request_id".into(),
@@ -178,7 +212,15 @@ mod tests {
         let fields: Vec<&str> = errors.keys().map(String::as_str).collect();
         assert_eq!(
             fields,
-            vec!["category", "client_request_id", "email", "message", "name", "priority", "subject"]
+            vec![
+                "category",
+                "client_request_id",
+                "email",
+                "message",
+                "name",
+                "priority",
+                "subject"
+            ]
         );
         assert!(errors["subject"].contains("200"));
     }

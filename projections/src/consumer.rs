@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{BATCH_SECONDS, LAG_EVENTS, SKIPPED};
 use crate::projector::{apply_batch, ConsumedOffset, Projector};
 
-const APPLY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
+const APPLY_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -85,7 +86,10 @@ impl ProjectorRunner {
     fn consumer(&self) -> KafkaResult<BaseConsumer> {
         ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
-            .set("group.id", self.settings.topics.group(self.projector.name()))
+            .set(
+                "group.id",
+                self.settings.topics.group(self.projector.name()),
+            )
             .set("client.id", format!("casebook-{}", self.projector.name()))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -120,8 +124,14 @@ impl ProjectorRunner {
                         break;
                     }
                     Some(Ok(message)) => {
-                        offsets.insert((message.topic().to_string(), message.partition()), message.offset() + 1);
-                        match message.payload().map(serde_json::from_slice::<EventEnvelope>) {
+                        offsets.insert(
+                            (message.topic().to_string(), message.partition()),
+                            message.offset() + 1,
+                        );
+                        match message
+                            .payload()
+                            .map(serde_json::from_slice::<EventEnvelope>)
+                        {
                             Some(Ok(envelope)) => batch.push(envelope),
                             other => {
                                 SKIPPED.with_label_values(&[name, "unreadable"]).inc();
@@ -153,14 +163,23 @@ impl ProjectorRunner {
             let applied = loop {
                 attempt += 1;
                 let started = Instant::now();
-                match runtime.block_on(apply_batch(&self.pool, self.projector.as_ref(), &batch, &consumed)) {
+                match runtime.block_on(apply_batch(
+                    &self.pool,
+                    self.projector.as_ref(),
+                    &batch,
+                    &consumed,
+                )) {
                     Ok(n) => {
-                        BATCH_SECONDS.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+                        BATCH_SECONDS
+                            .with_label_values(&[name])
+                            .observe(started.elapsed().as_secs_f64());
                         break Some(n);
                     }
                     Err(e) => {
                         tracing::warn!(projector = name, attempt, error = %e, "batch failed; retrying");
-                        std::thread::sleep(APPLY_BACKOFF.delay(attempt.min(10), rand::rng().random::<f64>()));
+                        std::thread::sleep(
+                            APPLY_BACKOFF.delay(attempt.min(10), rand::rng().random::<f64>()),
+                        );
                         if shutdown.is_cancelled() {
                             // Not committed: the batch is consumed again next time.
                             break None;
@@ -170,12 +189,18 @@ impl ProjectorRunner {
             };
             if applied.is_some() {
                 for c in &consumed {
-                    let _ = pending_commit.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.next_offset));
+                    let _ = pending_commit.add_partition_offset(
+                        &c.topic,
+                        c.partition,
+                        Offset::Offset(c.next_offset),
+                    );
                 }
                 match consumer.commit(&pending_commit, CommitMode::Async) {
                     Ok(()) => pending_commit = TopicPartitionList::new(),
                     // Kept and sent with the next batch's offsets.
-                    Err(e) => tracing::warn!(projector = name, error = %e, "offsets not committed to Kafka yet"),
+                    Err(e) => {
+                        tracing::warn!(projector = name, error = %e, "offsets not committed to Kafka yet")
+                    }
                 }
             }
         }

@@ -16,7 +16,7 @@ pub mod queries;
 pub mod store;
 
 pub use consumer::{ConsumerSettings, ProjectorRunner};
-pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, Projector, ProjectionError};
+pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, ProjectionError, Projector};
 
 /// Every projector this crate provides, by name.
 pub fn all_projectors() -> Vec<std::sync::Arc<dyn Projector>> {

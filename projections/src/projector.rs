@@ -13,7 +13,10 @@ pub enum ProjectionError {
     #[error("read model database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("event {event_id} could not be read: {reason}")]
-    Unreadable { event_id: uuid::Uuid, reason: String },
+    Unreadable {
+        event_id: uuid::Uuid,
+        reason: String,
+    },
 }
 
 /// A read model built from events.
@@ -26,7 +29,11 @@ pub trait Projector: Send + Sync + 'static {
     /// Tables this projector owns (emptied before a rebuild).
     fn tables(&self) -> &'static [&'static str];
     /// Applies events (new ones only, each stream in order) inside `tx`.
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError>;
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError>;
     /// Called after the batch's transaction committed.
     fn after_commit(&self, _applied: &[EventEnvelope]) {}
 }
@@ -52,7 +59,9 @@ pub async fn apply_batch(
     let mut tx = pool.begin().await?;
     let applied = apply_batch_in(&mut tx, projector, events, offsets).await?;
     tx.commit().await?;
-    APPLIED.with_label_values(&[projector.name()]).inc_by(applied.len() as u64);
+    APPLIED
+        .with_label_values(&[projector.name()])
+        .inc_by(applied.len() as u64);
     projector.after_commit(&applied);
     Ok(applied.len())
 }
@@ -73,18 +82,25 @@ pub async fn apply_batch_in(
         .filter(|e| types.contains(&e.aggregate_type.as_str()))
         .collect();
 
-    let mut ids: Vec<String> = relevant.iter().map(|e| e.aggregate_id.clone()).collect();
-    ids.sort();
-    ids.dedup();
+    let mut keys: Vec<(String, String)> = relevant
+        .iter()
+        .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone()))
+        .collect();
+    keys.sort();
+    keys.dedup();
     let mut last: HashMap<(String, String), i64> = HashMap::new();
-    if !ids.is_empty() {
+    if !keys.is_empty() {
+        let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT aggregate_type, aggregate_id, last_sequence FROM projector_streams
-              WHERE projector = $1 AND aggregate_id = ANY($2)
-              ORDER BY aggregate_type, aggregate_id
-              FOR UPDATE",
+            "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+               FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
+               JOIN projector_streams p ON p.projector = $1
+                AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
+              ORDER BY p.aggregate_type, p.aggregate_id
+                FOR UPDATE OF p",
         )
         .bind(name)
+        .bind(&types)
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
@@ -121,8 +137,10 @@ pub async fn apply_batch_in(
 
     if !fresh.is_empty() {
         projector.apply(&mut *tx, &fresh).await?;
-        let (types, rest): (Vec<String>, Vec<(String, i64)>) =
-            touched.into_iter().map(|((t, id), seq)| (t, (id, seq))).unzip();
+        let (types, rest): (Vec<String>, Vec<(String, i64)>) = touched
+            .into_iter()
+            .map(|((t, id), seq)| (t, (id, seq)))
+            .unzip();
         let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
         sqlx::query(
             "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
@@ -176,7 +194,10 @@ pub async fn apply_batch_in(
 /// Decodes an envelope's payload as an aggregate's event type. An event this
 /// build cannot read (written by a newer version, say) is logged, counted
 /// and skipped rather than stalling the projector.
-pub fn decode_or_skip<E: serde::de::DeserializeOwned>(projector: &str, e: &EventEnvelope) -> Option<E> {
+pub fn decode_or_skip<E: serde::de::DeserializeOwned>(
+    projector: &str,
+    e: &EventEnvelope,
+) -> Option<E> {
     match e.decode() {
         Ok(event) => Some(event),
         Err(err) => {

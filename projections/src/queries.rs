@@ -55,7 +55,10 @@ pub struct MessageView {
     pub at: DateTime<Utc>,
 }
 
-pub async fn ticket_summary(pool: &PgPool, ticket_id: Uuid) -> Result<Option<TicketSummary>, sqlx::Error> {
+pub async fn ticket_summary(
+    pool: &PgPool,
+    ticket_id: Uuid,
+) -> Result<Option<TicketSummary>, sqlx::Error> {
     sqlx::query_as(
         "SELECT ticket_id, customer_id, status, channel, priority, created_at, updated_at, first_response_at,
                 sla_due_at, messages_count
@@ -66,7 +69,10 @@ pub async fn ticket_summary(pool: &PgPool, ticket_id: Uuid) -> Result<Option<Tic
     .await
 }
 
-pub async fn ticket_messages(pool: &PgPool, ticket_id: Uuid) -> Result<Vec<MessageView>, sqlx::Error> {
+pub async fn ticket_messages(
+    pool: &PgPool,
+    ticket_id: Uuid,
+) -> Result<Vec<MessageView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT direction, channel, body, at FROM crm_messages WHERE ticket_id = $1 ORDER BY at, position",
     )

@@ -6,7 +6,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 /// The columns [`stored_event`] reads, for `SELECT {EVENT_COLUMNS} FROM events`.
-pub const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, sequence, event_type, \
+pub const EVENT_COLUMNS: &str =
+    "position, event_id, aggregate_type, aggregate_id, sequence, event_type, \
      event_version, occurred_at, payload, metadata, hash";
 
 pub fn stored_event(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {

@@ -1,6 +1,6 @@
 //! `casebook audit verify`: recomputes every stream's hash chain.
 
-use casebook_domain::audit::{chain_hash, ChainBreak, ChainInput};
+use casebook_domain::audit::{ChainBreak, ChainInput, StreamVerifier};
 use futures::TryStreamExt;
 use sqlx::{PgPool, Row};
 
@@ -34,8 +34,7 @@ pub async fn verify_chains(pool: &PgPool) -> Result<VerifyReport, sqlx::Error> {
     .fetch(pool);
     let mut report = VerifyReport::default();
     let mut current: Option<(String, String)> = None;
-    let mut prev = String::new();
-    let mut expected_sequence = 1i64;
+    let mut verifier = StreamVerifier::default();
     while let Some(row) = rows.try_next().await? {
         let aggregate_type: String = row.try_get("aggregate_type")?;
         let aggregate_id: String = row.try_get("aggregate_id")?;
@@ -43,8 +42,7 @@ pub async fn verify_chains(pool: &PgPool) -> Result<VerifyReport, sqlx::Error> {
         if current.as_ref() != Some(&key) {
             report.streams += 1;
             current = Some(key.clone());
-            prev.clear();
-            expected_sequence = 1;
+            verifier = StreamVerifier::default();
         }
         let event_id: String = row.try_get("event_id")?;
         let event_type: String = row.try_get("event_type")?;
@@ -64,22 +62,15 @@ pub async fn verify_chains(pool: &PgPool) -> Result<VerifyReport, sqlx::Error> {
             payload: &payload,
             metadata: &metadata,
         };
-        let expected = chain_hash(&prev, &input);
-        if sequence != expected_sequence || expected != stored {
+        if let Err(at) = verifier.check(&input, &stored) {
             report.first_break = Some(BrokenStream {
                 aggregate_type: key.0,
                 aggregate_id: key.1,
-                at: ChainBreak {
-                    sequence,
-                    expected,
-                    stored,
-                },
+                at,
             });
             return Ok(report);
         }
         report.events += 1;
-        prev = stored;
-        expected_sequence += 1;
     }
     Ok(report)
 }

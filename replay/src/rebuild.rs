@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use casebook_domain::EventEnvelope;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
-use casebook_projections::{apply_batch_in, Projector, ProjectionError};
+use casebook_projections::{apply_batch_in, ProjectionError, Projector};
 use futures::TryStreamExt;
 use sqlx::{PgPool, Row};
 
@@ -27,7 +27,10 @@ pub struct RebuildReport {
     pub millis: u128,
 }
 
-pub async fn rebuild(pool: &PgPool, projectors: &[Arc<dyn Projector>]) -> Result<Vec<RebuildReport>, ProjectionError> {
+pub async fn rebuild(
+    pool: &PgPool,
+    projectors: &[Arc<dyn Projector>],
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let mut reports = Vec::with_capacity(projectors.len());
     for projector in projectors {
         reports.push(rebuild_one(pool, projector.as_ref()).await?);
@@ -35,17 +38,26 @@ pub async fn rebuild(pool: &PgPool, projectors: &[Arc<dyn Projector>]) -> Result
     Ok(reports)
 }
 
-async fn rebuild_one(pool: &PgPool, projector: &dyn Projector) -> Result<RebuildReport, ProjectionError> {
+async fn rebuild_one(
+    pool: &PgPool,
+    projector: &dyn Projector,
+) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let name = projector.name();
     let mut tx = pool.begin().await?;
     let tables = projector.tables().join(", ");
-    sqlx::query(&format!("TRUNCATE {tables}")).execute(&mut *tx).await?;
+    sqlx::query(&format!("TRUNCATE {tables}"))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM projector_streams WHERE projector = $1")
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    let types: Vec<String> = projector.aggregate_types().iter().map(|t| t.to_string()).collect();
+    let types: Vec<String> = projector
+        .aggregate_types()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
     let mut read = 0u64;
     let mut applied_total = 0u64;
     let mut last_position = 0i64;
@@ -75,7 +87,11 @@ async fn rebuild_one(pool: &PgPool, projector: &dyn Projector) -> Result<Rebuild
         applied_total += applied.len() as u64;
     }
     tx.commit().await?;
-    tracing::info!(projector = name, events = applied_total, "read model rebuilt");
+    tracing::info!(
+        projector = name,
+        events = applied_total,
+        "read model rebuilt"
+    );
     Ok(RebuildReport {
         projector: name,
         events_read: read,

@@ -20,7 +20,10 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
         .http
         .post(app.url("/support/tickets"))
         .header("x-correlation-id", "corr-webform-1")
-        .json(&form("ada@example.com", "My CSV export fails with error 42."))
+        .json(&form(
+            "ada@example.com",
+            "My CSV export fails with error 42.",
+        ))
         .send()
         .await
         .unwrap();
@@ -31,7 +34,15 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
     assert_eq!(body["status_url"], format!("/ticket/{ticket_id}"));
     let token = body["status_token"].as_str().unwrap();
 
-    let status: Value = app.http.get(app.url(&format!("/ticket/{ticket_id}"))).send().await.unwrap().json().await.unwrap();
+    let status: Value = app
+        .http
+        .get(app.url(&format!("/ticket/{ticket_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(status["ticket_id"], ticket_id);
     assert_eq!(status["status"], "received");
     assert_eq!(status["channel"], "webform");
@@ -41,7 +52,10 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
     for key in ["created_at", "updated_at", "sla_due_at"] {
         assert!(status[key].is_string(), "{key} in {status}");
     }
-    assert!(status.get("messages").is_none(), "no messages without a token: {status}");
+    assert!(
+        status.get("messages").is_none(),
+        "no messages without a token: {status}"
+    );
 
     let with_token: Value = app
         .http
@@ -60,7 +74,10 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
 
     // The request's correlation id travels with every event it caused.
     let correlations: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT metadata->>'correlation_id' FROM events").fetch_all(app.pool()).await.unwrap();
+        sqlx::query_scalar("SELECT DISTINCT metadata->>'correlation_id' FROM events")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
     assert_eq!(correlations, vec!["corr-webform-1".to_string()]);
     app.stop().await;
 }
@@ -83,8 +100,19 @@ async fn a_url_encoded_form_is_accepted_too() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["ticket_id"].as_str().unwrap().to_string();
-    let status: Value = app.http.get(app.url(&format!("/ticket/{id}"))).send().await.unwrap().json().await.unwrap();
+    let id = response.json::<Value>().await.unwrap()["ticket_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status: Value = app
+        .http
+        .get(app.url(&format!("/ticket/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(status["priority"], "high");
     app.stop().await;
 }
@@ -104,9 +132,17 @@ async fn a_bad_form_is_refused_naming_every_bad_field_and_stores_nothing() {
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "validation_failed");
-    let mut fields: Vec<&str> = body["fields"].as_object().unwrap().keys().map(String::as_str).collect();
+    let mut fields: Vec<&str> = body["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     fields.sort();
-    assert_eq!(fields, vec!["category", "email", "message", "name", "priority", "subject"]);
+    assert_eq!(
+        fields,
+        vec!["category", "email", "message", "name", "priority", "subject"]
+    );
     assert_eq!(body["fields"]["priority"], "must be a string");
     assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
     app.stop().await;
@@ -118,7 +154,10 @@ async fn oversized_and_unreadable_bodies_get_clear_errors() {
     let big = form("ada@example.com", &"x".repeat(70 * 1024));
     let response = app.submit_form(big).await;
     assert_eq!(response.status(), 413);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "payload_too_large");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "payload_too_large"
+    );
 
     let response = app
         .http
@@ -129,7 +168,10 @@ async fn oversized_and_unreadable_bodies_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(response.status(), 415);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "unsupported_media_type");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "unsupported_media_type"
+    );
 
     let response = app
         .http
@@ -140,7 +182,10 @@ async fn oversized_and_unreadable_bodies_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "bad_request");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "bad_request"
+    );
     assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
     app.stop().await;
 }
@@ -150,7 +195,12 @@ async fn the_same_client_request_id_gives_the_same_ticket() {
     let app = api_only().await;
     let mut submission = form("ada@example.com", "Please help");
     submission["client_request_id"] = json!("retry-7");
-    let first: Value = app.submit_form(submission.clone()).await.json().await.unwrap();
+    let first: Value = app
+        .submit_form(submission.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
     let events = app.count("SELECT count(*) FROM events").await;
     let second = app.submit_form(submission).await;
     assert_eq!(second.status(), 202);
@@ -163,12 +213,23 @@ async fn the_same_client_request_id_gives_the_same_ticket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_malformed_tickets_are_not_found() {
     let app = api_only().await;
-    for path in [format!("/ticket/{}", Uuid::new_v4()), "/ticket/not-a-uuid".to_string()] {
+    for path in [
+        format!("/ticket/{}", Uuid::new_v4()),
+        "/ticket/not-a-uuid".to_string(),
+    ] {
         let response = app.http.get(app.url(&path)).send().await.unwrap();
         assert_eq!(response.status(), 404, "{path}");
-        assert_eq!(response.json::<Value>().await.unwrap()["error"], "not_found");
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["error"],
+            "not_found"
+        );
     }
-    let response = app.http.get(app.url("/no/such/route")).send().await.unwrap();
+    let response = app
+        .http
+        .get(app.url("/no/such/route"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
     assert!(response.headers().contains_key("x-correlation-id"));
     app.stop().await;
@@ -177,9 +238,19 @@ async fn unknown_or_malformed_tickets_are_not_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_shown_only_to_their_customer() {
     let app = api_only().await;
-    let body: Value = app.submit_form(form("ada@example.com", "Private detail")).await.json().await.unwrap();
+    let body: Value = app
+        .submit_form(form("ada@example.com", "Private detail"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let ticket_id = body["ticket_id"].as_str().unwrap();
-    let other: Value = app.submit_form(form("bob@example.com", "Other")).await.json().await.unwrap();
+    let other: Value = app
+        .submit_form(form("bob@example.com", "Other"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let other_token = other["status_token"].as_str().unwrap();
 
     // Another ticket's status token does not open this one.
@@ -190,7 +261,10 @@ async fn messages_are_shown_only_to_their_customer() {
         .await
         .unwrap();
     assert_eq!(response.status(), 403);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "invalid_token");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "invalid_token"
+    );
 
     let customer_id: Uuid =
         sqlx::query_scalar("SELECT (payload->>'customer_id')::uuid FROM events WHERE aggregate_id = $1 AND sequence = 1")
@@ -200,7 +274,9 @@ async fn messages_are_shown_only_to_their_customer() {
             .unwrap();
     let keys = TokenKeys::new(JWT_SECRET);
     let now = chrono::Utc::now().timestamp();
-    let own = keys.issue(TokenRole::Customer, "ada", Some(customer_id), 600, now).unwrap();
+    let own = keys
+        .issue(TokenRole::Customer, "ada", Some(customer_id), 600, now)
+        .unwrap();
     let status: Value = app
         .http
         .get(app.url(&format!("/ticket/{ticket_id}")))
@@ -213,14 +289,28 @@ async fn messages_are_shown_only_to_their_customer() {
         .unwrap();
     assert_eq!(status["messages"][0]["body"], "Private detail");
 
-    let stranger = keys.issue(TokenRole::Customer, "eve", Some(Uuid::new_v4()), 600, now).unwrap();
-    let response = app.http.get(app.url(&format!("/ticket/{ticket_id}"))).bearer_auth(&stranger).send().await.unwrap();
+    let stranger = keys
+        .issue(TokenRole::Customer, "eve", Some(Uuid::new_v4()), 600, now)
+        .unwrap();
+    let response = app
+        .http
+        .get(app.url(&format!("/ticket/{ticket_id}")))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
 
     let forged = TokenKeys::new("another-secret-another-secret-0000")
         .issue(TokenRole::Customer, "ada", Some(customer_id), 600, now)
         .unwrap();
-    let response = app.http.get(app.url(&format!("/ticket/{ticket_id}"))).bearer_auth(&forged).send().await.unwrap();
+    let response = app
+        .http
+        .get(app.url(&format!("/ticket/{ticket_id}")))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
     app.stop().await;
 }
@@ -228,13 +318,24 @@ async fn messages_are_shown_only_to_their_customer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_and_metrics_answer() {
     let app = api_only().await;
-    assert_eq!(app.http.get(app.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        app.http
+            .get(app.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let ready = app.http.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
     app.submit_form(form("ada@example.com", "hello")).await;
     let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200);
-    assert!(metrics.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(metrics.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = metrics.text().await.unwrap();
     for name in [
         "casebook_http_request_duration_seconds_bucket",
@@ -243,22 +344,42 @@ async fn probes_and_metrics_answer() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
-    assert!(text.contains("route=\"/support/tickets\""), "latency is labelled by route");
+    assert!(
+        text.contains("route=\"/support/tickets\""),
+        "latency is labelled by route"
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_names_what_is_down() {
-    let app = TestApp::spawn_with(&[Role::Api], &[("KAFKA_BROKERS", "127.0.0.1:9".to_string())]).await;
+    let app = TestApp::spawn_with(
+        &[Role::Api],
+        &[("KAFKA_BROKERS", "127.0.0.1:9".to_string())],
+    )
+    .await;
     let response = app.http.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "not_ready");
-    assert!(body["fields"]["kafka"].as_str().unwrap().starts_with("down"), "{body}");
+    assert!(
+        body["fields"]["kafka"]
+            .as_str()
+            .unwrap()
+            .starts_with("down"),
+        "{body}"
+    );
     assert!(body["fields"].get("postgres").is_none(), "{body}");
     // Intake does not depend on the broker.
-    assert_eq!(app.submit_form(form("ada@example.com", "still taken")).await.status(), 202);
-    tokio::time::timeout(Duration::from_secs(30), app.stop()).await.unwrap();
+    assert_eq!(
+        app.submit_form(form("ada@example.com", "still taken"))
+            .await
+            .status(),
+        202
+    );
+    tokio::time::timeout(Duration::from_secs(30), app.stop())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +388,13 @@ async fn a_generated_correlation_id_is_returned() {
     let response = app.http.get(app.url("/health")).send().await.unwrap();
     let id = response.headers()["x-correlation-id"].to_str().unwrap();
     assert!(Uuid::parse_str(id).is_ok(), "{id}");
-    let response = app.http.get(app.url("/health")).header("x-correlation-id", "bad id with spaces").send().await.unwrap();
+    let response = app
+        .http
+        .get(app.url("/health"))
+        .header("x-correlation-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
     assert_ne!(response.headers()["x-correlation-id"], "bad id with spaces");
     app.stop().await;
 }

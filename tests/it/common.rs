@@ -26,11 +26,13 @@ pub const GMAIL_PUSH_TOKEN: &str = "gmail-push-test-token";
 pub const PUBLIC_URL: &str = "https://casebook.test";
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| casebook::config::DEFAULT_DATABASE_URL.to_string())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| casebook::config::DEFAULT_DATABASE_URL.to_string())
 }
 
 pub fn kafka_brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| casebook::config::DEFAULT_KAFKA_BROKERS.to_string())
+    std::env::var("KAFKA_BROKERS")
+        .unwrap_or_else(|_| casebook::config::DEFAULT_KAFKA_BROKERS.to_string())
 }
 
 fn with_database(url: &str, name: &str) -> String {
@@ -59,7 +61,9 @@ impl TestDb {
             .expect("create test database");
         admin.close().await.ok();
         let url = with_database(&database_url(), &name);
-        let pool = db::connect(&url, 5, db::Purpose::Maintenance).await.expect("connect test database");
+        let pool = db::connect(&url, 5, db::Purpose::Maintenance)
+            .await
+            .expect("connect test database");
         db::migrate(&pool).await.expect("migrate test database");
         Self { name, url, pool }
     }
@@ -72,7 +76,10 @@ impl Drop for TestDb {
         let admin_url = with_database(&database_url(), "postgres");
         // Drop runs outside any runtime guarantee: use a thread of our own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 pool.close().await;
                 if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
@@ -108,13 +115,19 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
         ("CASEBOOK_DB_MAX_CONNECTIONS".to_string(), "10".to_string()),
         ("TWILIO_AUTH_TOKEN".to_string(), TWILIO_TOKEN.to_string()),
         ("GMAIL_PUSH_TOKEN".to_string(), GMAIL_PUSH_TOKEN.to_string()),
-        ("GMAIL_SUPPORT_ADDRESS".to_string(), "support@acme.test".to_string()),
+        (
+            "GMAIL_SUPPORT_ADDRESS".to_string(),
+            "support@acme.test".to_string(),
+        ),
     ]);
     for (k, v) in overrides {
         vars.insert(k.to_string(), v.clone());
     }
-    Config::load(&Source::from_fn(move |k| vars.get(k).cloned(), std::path::Path::new("/nonexistent")))
-        .expect("test configuration is valid")
+    Config::load(&Source::from_fn(
+        move |k| vars.get(k).cloned(),
+        std::path::Path::new("/nonexistent"),
+    ))
+    .expect("test configuration is valid")
 }
 
 /// Logs of the service under test, shown for failing tests (RUST_LOG,
@@ -122,7 +135,10 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn unique_prefix() -> String {
@@ -143,8 +159,12 @@ impl TestApp {
 
     pub async fn start(db: TestDb, config: Config, roles: &[Role]) -> Self {
         init_logs();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let running = app::start(&config, roles, Some(listener)).await.expect("service starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let running = app::start(&config, roles, Some(listener))
+            .await
+            .expect("service starts");
         let addr = running.addr.expect("api role listens");
         Self {
             addr,
@@ -168,8 +188,12 @@ impl TestApp {
 
     /// Starts `roles` again on the same database and topics.
     pub async fn resume(&mut self, roles: &[Role]) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let running = app::start(&self.config, roles, Some(listener)).await.expect("service restarts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let running = app::start(&self.config, roles, Some(listener))
+            .await
+            .expect("service restarts");
         self.addr = running.addr.expect("api role listens");
         self.base = format!("http://{}", self.addr);
         self.running = Some(running);
@@ -194,7 +218,11 @@ impl TestApp {
             running.stop(Duration::from_secs(20)).await;
         }
         let kafka = self.kafka();
-        let _ = tokio::time::timeout(Duration::from_secs(10), delete_topics(&kafka, &kafka.topics.all())).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            delete_topics(&kafka, &kafka.topics.all()),
+        )
+        .await;
     }
 
     pub async fn submit_form(&self, form: serde_json::Value) -> reqwest::Response {
@@ -207,9 +235,19 @@ impl TestApp {
     }
 
     /// Posts a form to a Twilio webhook path, signed as Twilio signs it.
-    pub async fn post_twilio(&self, path: &str, params: &[(&str, &str)], signature: Option<String>) -> reqwest::Response {
-        let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let signature = signature.unwrap_or_else(|| twilio_signature(TWILIO_TOKEN, &format!("{PUBLIC_URL}{path}"), &owned));
+    pub async fn post_twilio(
+        &self,
+        path: &str,
+        params: &[(&str, &str)],
+        signature: Option<String>,
+    ) -> reqwest::Response {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let signature = signature.unwrap_or_else(|| {
+            twilio_signature(TWILIO_TOKEN, &format!("{PUBLIC_URL}{path}"), &owned)
+        });
         self.http
             .post(self.url(path))
             .header("x-twilio-signature", signature)
@@ -220,7 +258,10 @@ impl TestApp {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(self.pool()).await.expect("count query")
+        sqlx::query_scalar(sql)
+            .fetch_one(self.pool())
+            .await
+            .expect("count query")
     }
 }
 
@@ -288,7 +329,12 @@ pub struct Received {
 /// Reads `topic` from the beginning of every partition (no consumer group)
 /// until `expected` distinct events arrived or `timeout` passed; returns
 /// every message in arrival order per partition, copies included.
-pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Received> {
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Received> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -315,21 +361,28 @@ pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Du
         };
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).expect("assign");
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         while seen.len() < expected && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                let envelope: EventEnvelope =
-                    serde_json::from_slice(m.payload().expect("payload")).expect("an event envelope");
+                let envelope: EventEnvelope = serde_json::from_slice(m.payload().expect("payload"))
+                    .expect("an event envelope");
                 seen.insert(envelope.event_id);
                 let headers = m
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -355,9 +408,13 @@ pub struct Broker {
 
 fn tansu_binary() -> std::path::PathBuf {
     let candidates = [
-        std::env::var("CASEBOOK_TANSU_BIN").ok().map(std::path::PathBuf::from),
+        std::env::var("CASEBOOK_TANSU_BIN")
+            .ok()
+            .map(std::path::PathBuf::from),
         Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".casebook/bin/tansu")),
-        std::env::var("HOME").ok().map(|h| std::path::Path::new(&h).join(".cargo/bin/tansu")),
+        std::env::var("HOME")
+            .ok()
+            .map(|h| std::path::Path::new(&h).join(".cargo/bin/tansu")),
     ];
     candidates
         .into_iter()
@@ -368,7 +425,11 @@ fn tansu_binary() -> std::path::PathBuf {
 
 impl Broker {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut broker = Self { port, child: None };
         broker.restart().await;
         broker
@@ -382,7 +443,13 @@ impl Broker {
     pub async fn restart(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = std::process::Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/", "--silent"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -390,8 +457,15 @@ impl Broker {
             .expect("tansu starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.port);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -407,8 +481,16 @@ impl Broker {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("broker running").id().to_string();
-        let status = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        let pid = self
+            .child
+            .as_ref()
+            .expect("broker running")
+            .id()
+            .to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
         assert!(status.success());
     }
 

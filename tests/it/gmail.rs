@@ -16,7 +16,14 @@ use crate::common::{eventually, form, TestApp, GMAIL_PUSH_TOKEN};
 const MAILBOX: &str = "support@acme.test";
 const ACCESS_TOKEN: &str = "gmail-access-token";
 
-fn gmail_message(id: &str, thread: &str, from: &str, subject: &str, body: &str, labels: &[&str]) -> Value {
+fn gmail_message(
+    id: &str,
+    thread: &str,
+    from: &str,
+    subject: &str,
+    body: &str,
+    labels: &[&str],
+) -> Value {
     json!({
         "id": id,
         "threadId": thread,
@@ -59,7 +66,10 @@ async fn mount_message(server: &MockServer, message: Value) {
     Mock::given(method("GET"))
         .and(path(format!("/gmail/v1/users/{MAILBOX}/messages/{id}")))
         .and(query_param("format", "full"))
-        .and(header("authorization", format!("Bearer {ACCESS_TOKEN}").as_str()))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_TOKEN}").as_str(),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(message))
         .mount(server)
         .await;
@@ -72,7 +82,10 @@ async fn app_with_gmail(server: &MockServer) -> TestApp {
 async fn app_with_gmail_roles(server: &MockServer, roles: &[Role]) -> TestApp {
     TestApp::spawn_with(
         roles,
-        &[("GMAIL_API_BASE", server.uri()), ("GMAIL_ACCESS_TOKEN", ACCESS_TOKEN.to_string())],
+        &[
+            ("GMAIL_API_BASE", server.uri()),
+            ("GMAIL_ACCESS_TOKEN", ACCESS_TOKEN.to_string()),
+        ],
     )
     .await
 }
@@ -115,7 +128,14 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
         .await;
     mount_message(
         &gmail,
-        gmail_message("m1", "t1", "Ada Lovelace <Ada@Example.com>", "Invoices", "Where can I download my invoices?", &["INBOX", "UNREAD"]),
+        gmail_message(
+            "m1",
+            "t1",
+            "Ada Lovelace <Ada@Example.com>",
+            "Invoices",
+            "Where can I download my invoices?",
+            &["INBOX", "UNREAD"],
+        ),
     )
     .await;
     assert_eq!(send_push(&app, 1000, GMAIL_PUSH_TOKEN).await.status(), 204);
@@ -144,8 +164,30 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
             "Found them, thanks!\n\nOn Tue, Support <support@acme.test> wrote:\n> Billing > Invoices", &["INBOX"]),
     )
     .await;
-    mount_message(&gmail, gmail_message("m3", "t2", "Ada <ada@example.com>", "API limits", "What are the API rate limits?", &["INBOX"])).await;
-    mount_message(&gmail, gmail_message("m4", "t1", "Support <support@acme.test>", "Re: Invoices", "Billing > Invoices", &["SENT"])).await;
+    mount_message(
+        &gmail,
+        gmail_message(
+            "m3",
+            "t2",
+            "Ada <ada@example.com>",
+            "API limits",
+            "What are the API rate limits?",
+            &["INBOX"],
+        ),
+    )
+    .await;
+    mount_message(
+        &gmail,
+        gmail_message(
+            "m4",
+            "t1",
+            "Support <support@acme.test>",
+            "Re: Invoices",
+            "Billing > Invoices",
+            &["SENT"],
+        ),
+    )
+    .await;
     assert_eq!(send_push(&app, 1010, GMAIL_PUSH_TOKEN).await.status(), 204);
 
     let (t1_again, ada_again) = ticket_of(&app, "m2").await;
@@ -154,7 +196,11 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
     let (t2, ada_third) = ticket_of(&app, "m3").await;
     assert_ne!(t2, t1, "a new thread is a new ticket");
     assert_eq!(ada_third, ada);
-    assert_eq!(app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'").await, 3);
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'")
+            .await,
+        3
+    );
     let body: String = sqlx::query_scalar(
         "SELECT payload->>'body' FROM events WHERE payload->>'channel_message_id' = 'm2' AND event_type = 'CustomerMessageReceived'",
     )
@@ -164,7 +210,12 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
     assert_eq!(body, "Found them, thanks!", "quoted history is dropped");
 
     // The same person by web form is the same customer.
-    let submitted: Value = app.submit_form(form("ada@example.com", "And one more thing")).await.json().await.unwrap();
+    let submitted: Value = app
+        .submit_form(form("ada@example.com", "And one more thing"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let webform_customer: Uuid = sqlx::query_scalar(
         "SELECT (payload->>'customer_id')::uuid FROM events WHERE aggregate_id = $1 AND event_type = 'TicketOpened'",
     )
@@ -173,11 +224,19 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
     .await
     .unwrap();
     assert_eq!(webform_customer, ada);
-    assert_eq!(app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerRegistered'").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerRegistered'")
+            .await,
+        1
+    );
 
     // A redelivered push changes nothing.
     assert_eq!(send_push(&app, 1010, GMAIL_PUSH_TOKEN).await.status(), 204);
-    assert_eq!(app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'").await, 4);
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'")
+            .await,
+        4
+    );
 
     // The read models follow: the thread is one conversation of two messages.
     let pool = app.pool().clone();
@@ -202,7 +261,10 @@ async fn a_push_with_a_wrong_token_is_refused() {
     let app = app_with_gmail(&gmail).await;
     let response = send_push(&app, 1000, "wrong").await;
     assert_eq!(response.status(), 403);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "forbidden");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "forbidden"
+    );
     assert!(gmail.received_requests().await.unwrap().is_empty());
     app.stop().await;
 }
@@ -219,17 +281,38 @@ async fn when_gmail_fails_the_push_is_not_acknowledged_and_nothing_is_lost() {
     let response = send_push(&app, 2000, GMAIL_PUSH_TOKEN).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
-    assert!(gmail.received_requests().await.unwrap().len() > 1, "transient failures are retried");
-    assert_eq!(app.count("SELECT count(*) FROM gmail_sync").await, 0, "the cursor did not move");
+    assert!(
+        gmail.received_requests().await.unwrap().len() > 1,
+        "transient failures are retried"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM gmail_sync").await,
+        0,
+        "the cursor did not move"
+    );
     drop(failing);
 
     // Pub/Sub redelivers; now Gmail answers.
     Mock::given(method("GET"))
         .and(path(format!("/gmail/v1/users/{MAILBOX}/messages")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"messages": [{"id": "m9", "threadId": "t9"}]})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"messages": [{"id": "m9", "threadId": "t9"}]})),
+        )
         .mount(&gmail)
         .await;
-    mount_message(&gmail, gmail_message("m9", "t9", "bob@example.org", "Hello", "Is there a mobile app?", &["INBOX"])).await;
+    mount_message(
+        &gmail,
+        gmail_message(
+            "m9",
+            "t9",
+            "bob@example.org",
+            "Hello",
+            "Is there a mobile app?",
+            &["INBOX"],
+        ),
+    )
+    .await;
     assert_eq!(send_push(&app, 2000, GMAIL_PUSH_TOKEN).await.status(), 204);
     ticket_of(&app, "m9").await;
     app.stop().await;

@@ -27,7 +27,12 @@ async fn count_reaches(app: &TestApp, sql: &'static str, n: i64) {
 async fn submit_during(app: &TestApp, n: usize, tag: &str) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        let response = app.submit_form(form(&format!("{tag}{i}@example.com"), "while the broker is down")).await;
+        let response = app
+            .submit_form(form(
+                &format!("{tag}{i}@example.com"),
+                "while the broker is down",
+            ))
+            .await;
         assert_eq!(response.status(), 202, "intake never depends on the broker");
         let body: Value = response.json().await.unwrap();
         ids.push(body["ticket_id"].as_str().unwrap().parse().unwrap());
@@ -58,8 +63,16 @@ async fn forms_arriving_while_the_broker_is_unresponsive_reach_the_read_models_o
     assert_eq!(app.count("SELECT count(*) FROM crm_tickets").await, 105);
     assert_eq!(app.count("SELECT count(*) FROM crm_messages").await, 105);
     assert_eq!(app.count("SELECT count(*) FROM crm_customers").await, 105);
-    assert_eq!(app.count("SELECT count(*) FROM crm_tickets WHERE messages_count <> 1").await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM crm_conversations WHERE inbound_count <> 1").await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM crm_tickets WHERE messages_count <> 1")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM crm_conversations WHERE inbound_count <> 1")
+            .await,
+        0
+    );
     app.stop().await;
 }
 
@@ -71,7 +84,11 @@ async fn forms_arriving_while_the_broker_is_dead_are_all_published_after_it_rest
     // No consumers in this process: librdkafka's fetcher cannot cope with a
     // broker that forgot its topics (it crashes on tansu's answer), which a
     // real Kafka restart never does.
-    let app = TestApp::spawn_with(&[Role::Api, Role::Relay], &[("KAFKA_BROKERS", broker.address())]).await;
+    let app = TestApp::spawn_with(
+        &[Role::Api, Role::Relay],
+        &[("KAFKA_BROKERS", broker.address())],
+    )
+    .await;
     let kafka = app.kafka();
     let before = submit_during(&app, 5, "before").await;
     let published = read_topic(&broker.address(), &kafka.topics.events(), 25, WAIT).await;
@@ -90,7 +107,10 @@ async fn forms_arriving_while_the_broker_is_dead_are_all_published_after_it_rest
         .map(|m| m.key.clone())
         .collect();
     for id in &during {
-        assert!(opened.contains(&id.to_string()), "ticket {id} missing from the events topic");
+        assert!(
+            opened.contains(&id.to_string()),
+            "ticket {id} missing from the events topic"
+        );
     }
     let ids: HashSet<Uuid> = received.iter().map(|m| m.envelope.event_id).collect();
     assert_eq!(ids.len(), 500);

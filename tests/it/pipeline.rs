@@ -22,26 +22,34 @@ async fn a_web_form_reaches_kafka_and_every_crm_view() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let ticket_id: Uuid = response.json::<Value>().await.unwrap()["ticket_id"].as_str().unwrap().parse().unwrap();
+    let ticket_id: Uuid = response.json::<Value>().await.unwrap()["ticket_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
 
     let pool = app.pool().clone();
-    let (status, messages_count): (String, i32) = eventually("the ticket in crm_tickets", WAIT, || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_as("SELECT status, messages_count FROM crm_tickets WHERE ticket_id = $1")
+    let (status, messages_count): (String, i32) =
+        eventually("the ticket in crm_tickets", WAIT, || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_as(
+                    "SELECT status, messages_count FROM crm_tickets WHERE ticket_id = $1",
+                )
                 .bind(ticket_id)
                 .fetch_optional(&pool)
                 .await
                 .unwrap()
-        }
-    })
-    .await;
+            }
+        })
+        .await;
     assert_eq!((status.as_str(), messages_count), ("received", 1));
-    let customer_id: Uuid = sqlx::query_scalar("SELECT customer_id FROM crm_tickets WHERE ticket_id = $1")
-        .bind(ticket_id)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let customer_id: Uuid =
+        sqlx::query_scalar("SELECT customer_id FROM crm_tickets WHERE ticket_id = $1")
+            .bind(ticket_id)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
     eventually("the customer views", WAIT, || {
         let pool = pool.clone();
         async move {
@@ -62,11 +70,13 @@ async fn a_web_form_reaches_kafka_and_every_crm_view() {
     let (channels, inbound): (Vec<String>, i32) = eventually("the conversation", WAIT, || {
         let pool = pool.clone();
         async move {
-            sqlx::query_as("SELECT channels, inbound_count FROM crm_conversations WHERE ticket_id = $1")
-                .bind(ticket_id)
-                .fetch_optional(&pool)
-                .await
-                .unwrap()
+            sqlx::query_as(
+                "SELECT channels, inbound_count FROM crm_conversations WHERE ticket_id = $1",
+            )
+            .bind(ticket_id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
         }
     })
     .await;
@@ -74,11 +84,13 @@ async fn a_web_form_reaches_kafka_and_every_crm_view() {
     let body: String = eventually("the message", WAIT, || {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar("SELECT body FROM crm_messages WHERE ticket_id = $1 AND direction = 'inbound'")
-                .bind(ticket_id)
-                .fetch_optional(&pool)
-                .await
-                .unwrap()
+            sqlx::query_scalar(
+                "SELECT body FROM crm_messages WHERE ticket_id = $1 AND direction = 'inbound'",
+            )
+            .bind(ticket_id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
         }
     })
     .await;
@@ -96,8 +108,14 @@ async fn a_web_form_reaches_kafka_and_every_crm_view() {
     assert_eq!(opened.envelope.correlation_id, "corr-e2e-1");
     assert_eq!(opened.envelope.actor.kind.as_str(), "customer");
     assert_eq!(opened.envelope.channel.map(|c| c.as_str()), Some("webform"));
-    assert_eq!(opened.headers.get("event_type").map(String::as_str), Some("TicketOpened"));
-    assert_eq!(opened.headers.get("correlation_id").map(String::as_str), Some("corr-e2e-1"));
+    assert_eq!(
+        opened.headers.get("event_type").map(String::as_str),
+        Some("TicketOpened")
+    );
+    assert_eq!(
+        opened.headers.get("correlation_id").map(String::as_str),
+        Some("corr-e2e-1")
+    );
     let (hash, position): (String, i64) =
         sqlx::query_as("SELECT hash, position FROM events WHERE event_id = $1")
             .bind(opened.envelope.event_id)
@@ -111,7 +129,13 @@ async fn a_web_form_reaches_kafka_and_every_crm_view() {
     assert_eq!(incoming.len(), 1);
     assert_eq!(incoming[0].envelope.event_type, "CustomerMessageReceived");
     assert_eq!(incoming[0].key, ticket_id.to_string());
-    let inbound = read_topic(&kafka.brokers, &kafka.topics.inbound(casebook_domain::Channel::Webform), 1, WAIT).await;
+    let inbound = read_topic(
+        &kafka.brokers,
+        &kafka.topics.inbound(casebook_domain::Channel::Webform),
+        1,
+        WAIT,
+    )
+    .await;
     assert_eq!(inbound[0].envelope.event_id, incoming[0].envelope.event_id);
     app.stop().await;
 }
@@ -128,10 +152,24 @@ async fn whatsapp_messages_reach_the_crm_views_once() {
         ("NumMedia", "0"),
     ];
     for _ in 0..2 {
-        assert_eq!(app.post_twilio("/webhooks/whatsapp", &params, None).await.status(), 200);
+        assert_eq!(
+            app.post_twilio("/webhooks/whatsapp", &params, None)
+                .await
+                .status(),
+            200
+        );
     }
-    let follow_up = [("MessageSid", "SMe2e2"), ("From", "whatsapp:+447700900123"), ("Body", "Android, please.")];
-    assert_eq!(app.post_twilio("/webhooks/whatsapp", &follow_up, None).await.status(), 200);
+    let follow_up = [
+        ("MessageSid", "SMe2e2"),
+        ("From", "whatsapp:+447700900123"),
+        ("Body", "Android, please."),
+    ];
+    assert_eq!(
+        app.post_twilio("/webhooks/whatsapp", &follow_up, None)
+            .await
+            .status(),
+        200
+    );
 
     let pool = app.pool().clone();
     let kinds: Vec<String> = eventually("both identifiers", WAIT, || {
@@ -162,10 +200,11 @@ async fn whatsapp_messages_reach_the_crm_views_once() {
     })
     .await;
     assert_eq!((tickets, messages), (1, 2));
-    let sids: Vec<String> = sqlx::query_scalar("SELECT channel_message_id FROM crm_messages ORDER BY at")
-        .fetch_all(app.pool())
-        .await
-        .unwrap();
+    let sids: Vec<String> =
+        sqlx::query_scalar("SELECT channel_message_id FROM crm_messages ORDER BY at")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
     assert_eq!(sids, vec!["SMe2e1", "SMe2e2"]);
     app.stop().await;
 }

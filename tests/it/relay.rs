@@ -93,7 +93,10 @@ async fn a_thousand_events_from_32_writers_are_all_published_in_per_key_order() 
         let partition = *partition_of.entry(m.key.clone()).or_insert(m.partition);
         assert_eq!(partition, m.partition, "a key stays on one partition");
         if ids.insert(m.envelope.event_id) {
-            first_seen.entry(m.key.clone()).or_default().push(m.envelope.sequence);
+            first_seen
+                .entry(m.key.clone())
+                .or_default()
+                .push(m.envelope.sequence);
         }
     }
     assert_eq!(ids.len(), stored, "every stored event was published");
@@ -124,11 +127,16 @@ async fn an_event_whose_transaction_commits_late_is_not_skipped() {
     }
     // While the slow transaction is open, the later events wait behind it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let published: i64 = sqlx::query_scalar("SELECT coalesce(sum(published_total), 0)::bigint FROM relay_checkpoints")
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
-    assert_eq!(published, 0, "nothing passes a transaction still in progress");
+    let published: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(published_total), 0)::bigint FROM relay_checkpoints",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        published, 0,
+        "nothing passes a transaction still in progress"
+    );
     slow.commit().await.unwrap();
 
     let kafka = app.kafka();
@@ -150,7 +158,12 @@ async fn a_restarted_relay_resumes_from_its_checkpoint() {
         open_ticket(&store, Uuid::new_v4()).await;
     }
     let kafka = app.kafka();
-    assert_eq!(read_topic(&kafka.brokers, &kafka.topics.events(), 10, WAIT).await.len(), 10);
+    assert_eq!(
+        read_topic(&kafka.brokers, &kafka.topics.events(), 10, WAIT)
+            .await
+            .len(),
+        10
+    );
 
     app.halt().await;
     // Written while no relay runs.
@@ -161,8 +174,18 @@ async fn a_restarted_relay_resumes_from_its_checkpoint() {
     let received = read_topic(&kafka.brokers, &kafka.topics.events(), 17, WAIT).await;
     // Give a repeat the chance to show up before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let received_again = read_topic(&kafka.brokers, &kafka.topics.events(), 18, Duration::from_secs(3)).await;
+    let received_again = read_topic(
+        &kafka.brokers,
+        &kafka.topics.events(),
+        18,
+        Duration::from_secs(3),
+    )
+    .await;
     assert_eq!(received.len(), 17);
-    assert_eq!(received_again.len(), 17, "every event once: nothing skipped, nothing repeated");
+    assert_eq!(
+        received_again.len(),
+        17,
+        "every event once: nothing skipped, nothing repeated"
+    );
     app.stop().await;
 }

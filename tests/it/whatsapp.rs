@@ -37,7 +37,13 @@ async fn ticket_of(app: &TestApp, sid: &str) -> Uuid {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_message_creates_customer_and_ticket() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
-    let response = app.post_twilio("/webhooks/whatsapp", &message("SM0001", "How do I reset my password?"), None).await;
+    let response = app
+        .post_twilio(
+            "/webhooks/whatsapp",
+            &message("SM0001", "How do I reset my password?"),
+            None,
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/xml");
     assert_eq!(response.text().await.unwrap(), "<Response/>");
@@ -50,7 +56,15 @@ async fn a_signed_message_creates_customer_and_ticket() {
     .unwrap();
     assert_eq!(identities, vec!["whatsapp", "phone"]);
     let ticket = ticket_of(&app, "SM0001").await;
-    let status: Value = app.http.get(app.url(&format!("/ticket/{ticket}"))).send().await.unwrap().json().await.unwrap();
+    let status: Value = app
+        .http
+        .get(app.url(&format!("/ticket/{ticket}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(status["channel"], "whatsapp");
     assert_eq!(status["status"], "received");
     app.stop().await;
@@ -60,12 +74,30 @@ async fn a_signed_message_creates_customer_and_ticket() {
 async fn a_wrong_or_missing_signature_is_refused_and_nothing_is_stored() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
     let params = message("SM0002", "hello");
-    let response = app.post_twilio("/webhooks/whatsapp", &params, Some("AAAAAAAAAAAAAAAAAAAAAAAAAAA=".into())).await;
+    let response = app
+        .post_twilio(
+            "/webhooks/whatsapp",
+            &params,
+            Some("AAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+        )
+        .await;
     assert_eq!(response.status(), 403);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "forbidden");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "forbidden"
+    );
 
-    let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let response = app.http.post(app.url("/webhooks/whatsapp")).form(&owned).send().await.unwrap();
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let response = app
+        .http
+        .post(app.url("/webhooks/whatsapp"))
+        .form(&owned)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 403);
 
     // Signed for another URL (the signature covers the URL Twilio called).
@@ -74,7 +106,9 @@ async fn a_wrong_or_missing_signature_is_refused_and_nothing_is_stored() {
         "https://evil.test/webhooks/whatsapp",
         &owned,
     );
-    let response = app.post_twilio("/webhooks/whatsapp", &params, Some(elsewhere)).await;
+    let response = app
+        .post_twilio("/webhooks/whatsapp", &params, Some(elsewhere))
+        .await;
     assert_eq!(response.status(), 403);
     assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
     app.stop().await;
@@ -84,22 +118,31 @@ async fn a_wrong_or_missing_signature_is_refused_and_nothing_is_stored() {
 async fn the_same_message_sid_twice_is_one_message() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
     for _ in 0..2 {
-        let response = app.post_twilio("/webhooks/whatsapp", &message("SM0003", "hello"), None).await;
+        let response = app
+            .post_twilio("/webhooks/whatsapp", &message("SM0003", "hello"), None)
+            .await;
         assert_eq!(response.status(), 200);
     }
     assert_eq!(
-        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'").await,
+        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerMessageReceived'")
+            .await,
         1
     );
-    assert_eq!(app.count("SELECT count(*) FROM events WHERE event_type = 'TicketOpened'").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'TicketOpened'")
+            .await,
+        1
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_from_a_number_continue_its_open_ticket() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
-    app.post_twilio("/webhooks/whatsapp", &message("SM0010", "first"), None).await;
-    app.post_twilio("/webhooks/whatsapp", &message("SM0011", "second"), None).await;
+    app.post_twilio("/webhooks/whatsapp", &message("SM0010", "first"), None)
+        .await;
+    app.post_twilio("/webhooks/whatsapp", &message("SM0011", "second"), None)
+        .await;
     let first = ticket_of(&app, "SM0010").await;
     assert_eq!(first, ticket_of(&app, "SM0011").await);
 
@@ -117,17 +160,26 @@ async fn messages_from_a_number_continue_its_open_ticket() {
         )
         .await
         .unwrap();
-    app.post_twilio("/webhooks/whatsapp", &message("SM0012", "third"), None).await;
+    app.post_twilio("/webhooks/whatsapp", &message("SM0012", "third"), None)
+        .await;
     let third = ticket_of(&app, "SM0012").await;
     assert_ne!(first, third);
-    assert_eq!(app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerRegistered'").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerRegistered'")
+            .await,
+        1
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_refused_by_field() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
-    let params = vec![("MessageSid", "SM0020"), ("From", "+14155550123"), ("Body", "")];
+    let params = vec![
+        ("MessageSid", "SM0020"),
+        ("From", "+14155550123"),
+        ("Body", ""),
+    ];
     let response = app.post_twilio("/webhooks/whatsapp", &params, None).await;
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
@@ -140,7 +192,8 @@ async fn malformed_messages_are_refused_by_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_callbacks_become_delivery_events() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
-    app.post_twilio("/webhooks/whatsapp", &message("SM0030", "hi"), None).await;
+    app.post_twilio("/webhooks/whatsapp", &message("SM0030", "hi"), None)
+        .await;
     let ticket = ticket_of(&app, "SM0030").await;
 
     // A reply the delivery worker handed to Twilio as SMout30.
@@ -163,13 +216,25 @@ async fn status_callbacks_become_delivery_events() {
         .await
         .unwrap();
     Intake::new(store)
-        .record_outbound(ticket, response_id, Channel::Whatsapp, "SMout30", DeliveryStatus::Queued, meta)
+        .record_outbound(
+            ticket,
+            response_id,
+            Channel::Whatsapp,
+            "SMout30",
+            DeliveryStatus::Queued,
+            meta,
+        )
         .await
         .unwrap();
 
     for status in ["sent", "delivered", "sent"] {
         let params = vec![("MessageSid", "SMout30"), ("MessageStatus", status)];
-        assert_eq!(app.post_twilio("/webhooks/whatsapp/status", &params, None).await.status(), 200);
+        assert_eq!(
+            app.post_twilio("/webhooks/whatsapp/status", &params, None)
+                .await
+                .status(),
+            200
+        );
     }
     let statuses: Vec<String> = sqlx::query_scalar(
         "SELECT payload->>'status' FROM events WHERE event_type = 'DeliveryStatusChanged' ORDER BY sequence",
@@ -181,9 +246,18 @@ async fn status_callbacks_become_delivery_events() {
     assert_eq!(statuses, vec!["queued", "sent", "delivered"]);
 
     let unknown = vec![("MessageSid", "SMnever"), ("MessageStatus", "delivered")];
-    assert_eq!(app.post_twilio("/webhooks/whatsapp/status", &unknown, None).await.status(), 200);
+    assert_eq!(
+        app.post_twilio("/webhooks/whatsapp/status", &unknown, None)
+            .await
+            .status(),
+        200
+    );
     let unsigned = app
-        .post_twilio("/webhooks/whatsapp/status", &unknown, Some("bm9wZQ==".into()))
+        .post_twilio(
+            "/webhooks/whatsapp/status",
+            &unknown,
+            Some("bm9wZQ==".into()),
+        )
         .await;
     assert_eq!(unsigned.status(), 403);
     app.stop().await;

@@ -211,7 +211,10 @@ impl Ticket {
                 reasons,
                 at,
             } => {
-                let draft = self.drafts.get(&draft_id).ok_or(TicketError::UnknownDraft(draft_id))?;
+                let draft = self
+                    .drafts
+                    .get(&draft_id)
+                    .ok_or(TicketError::UnknownDraft(draft_id))?;
                 if draft.approval.is_some() {
                     return Err(TicketError::ApprovalAlreadyRequested(draft_id));
                 }
@@ -273,11 +276,16 @@ impl Ticket {
                     return Err(TicketError::EmptyResponse);
                 }
                 if let Some(draft_id) = draft_id {
-                    let draft = self.drafts.get(&draft_id).ok_or(TicketError::UnknownDraft(draft_id))?;
+                    let draft = self
+                        .drafts
+                        .get(&draft_id)
+                        .ok_or(TicketError::UnknownDraft(draft_id))?;
                     if let Some(approval_id) = draft.approval {
                         match self.approvals.get(&approval_id).map(|a| a.state) {
                             Some(ApprovalState::Approved) => {}
-                            Some(ApprovalState::Rejected) => return Err(TicketError::DraftRejected(draft_id)),
+                            Some(ApprovalState::Rejected) => {
+                                return Err(TicketError::DraftRejected(draft_id))
+                            }
                             _ => return Err(TicketError::ApprovalRequired(draft_id)),
                         }
                     }
@@ -423,7 +431,11 @@ impl Ticket {
                     closed_at: at,
                 }])
             }
-            C::RecordFeedback { helpful, comment, at } => {
+            C::RecordFeedback {
+                helpful,
+                comment,
+                at,
+            } => {
                 if self.responses.is_empty() {
                     return Err(TicketError::NoResponseYet);
                 }
@@ -480,7 +492,10 @@ impl Ticket {
 
     /// Moves to `status` unless a human already holds the ticket.
     fn progress(&mut self, status: TicketStatus) {
-        if !matches!(self.status, TicketStatus::Escalated | TicketStatus::AwaitingApproval) {
+        if !matches!(
+            self.status,
+            TicketStatus::Escalated | TicketStatus::AwaitingApproval
+        ) {
             self.status = status;
         }
     }
@@ -522,7 +537,10 @@ impl Ticket {
                 self.messages_count += 1;
                 self.last_message_id = Some(message_id);
                 self.searches_for_last_message = 0;
-                if matches!(self.status, TicketStatus::Responded | TicketStatus::InProgress) {
+                if matches!(
+                    self.status,
+                    TicketStatus::Responded | TicketStatus::InProgress
+                ) {
                     self.status = TicketStatus::Received;
                 }
             }
@@ -547,7 +565,9 @@ impl Ticket {
                 self.progress(TicketStatus::InProgress);
             }
             E::ApprovalRequested {
-                approval_id, draft_id, ..
+                approval_id,
+                draft_id,
+                ..
             } => {
                 let body = match self.drafts.get_mut(&draft_id) {
                     Some(draft) => {
@@ -602,28 +622,38 @@ impl Ticket {
                 );
                 self.messages_count += 1;
                 self.first_response_at.get_or_insert(sent_at);
-                if !matches!(self.status, TicketStatus::Escalated | TicketStatus::AwaitingApproval) {
+                if !matches!(
+                    self.status,
+                    TicketStatus::Escalated | TicketStatus::AwaitingApproval
+                ) {
                     self.status = TicketStatus::Responded;
                 }
             }
             E::DeliveryStatusChanged {
-                response_id, status, ..
+                response_id,
+                status,
+                ..
             } => {
                 if let Some(response) = self.responses.get_mut(&response_id) {
                     response.delivery = Some(status);
                 }
             }
             E::TicketEscalated {
-                escalation_id, reason, ..
+                escalation_id,
+                reason,
+                ..
             } => {
-                self.escalations.insert(escalation_id, Escalation { reason, open: true });
+                self.escalations
+                    .insert(escalation_id, Escalation { reason, open: true });
                 self.status = TicketStatus::Escalated;
             }
             E::EscalationResolved { escalation_id, .. } => {
                 if let Some(escalation) = self.escalations.get_mut(&escalation_id) {
                     escalation.open = false;
                 }
-                if self.status == TicketStatus::Escalated && self.open_escalations().next().is_none() {
+                if self.status == TicketStatus::Escalated
+                    && self.open_escalations().next().is_none()
+                {
                     self.status = TicketStatus::InProgress;
                 }
             }
@@ -644,7 +674,10 @@ impl Ticket {
     }
 
     fn leave_approval(&mut self) {
-        let pending = self.approvals.values().any(|a| a.state == ApprovalState::Pending);
+        let pending = self
+            .approvals
+            .values()
+            .any(|a| a.state == ApprovalState::Pending);
         if self.status == TicketStatus::AwaitingApproval && !pending {
             self.status = TicketStatus::InProgress;
         }

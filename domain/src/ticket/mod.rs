@@ -360,22 +360,46 @@ impl TicketEvent {
     pub fn at(&self) -> DateTime<Utc> {
         match self {
             TicketEvent::TicketOpened { opened_at: at, .. }
-            | TicketEvent::CustomerMessageReceived { received_at: at, .. }
-            | TicketEvent::KnowledgeSearched { searched_at: at, .. }
+            | TicketEvent::CustomerMessageReceived {
+                received_at: at, ..
+            }
+            | TicketEvent::KnowledgeSearched {
+                searched_at: at, ..
+            }
             | TicketEvent::ResponseDrafted { drafted_at: at, .. }
-            | TicketEvent::ApprovalRequested { requested_at: at, .. }
-            | TicketEvent::ResponseApproved { approved_at: at, .. }
-            | TicketEvent::ResponseRejected { rejected_at: at, .. }
+            | TicketEvent::ApprovalRequested {
+                requested_at: at, ..
+            }
+            | TicketEvent::ResponseApproved {
+                approved_at: at, ..
+            }
+            | TicketEvent::ResponseRejected {
+                rejected_at: at, ..
+            }
             | TicketEvent::ResponseSent { sent_at: at, .. }
             | TicketEvent::DeliveryStatusChanged { changed_at: at, .. }
-            | TicketEvent::TicketEscalated { escalated_at: at, .. }
-            | TicketEvent::EscalationResolved { resolved_at: at, .. }
-            | TicketEvent::TicketAssigned { assigned_at: at, .. }
-            | TicketEvent::TicketResolved { resolved_at: at, .. }
-            | TicketEvent::TicketReopened { reopened_at: at, .. }
+            | TicketEvent::TicketEscalated {
+                escalated_at: at, ..
+            }
+            | TicketEvent::EscalationResolved {
+                resolved_at: at, ..
+            }
+            | TicketEvent::TicketAssigned {
+                assigned_at: at, ..
+            }
+            | TicketEvent::TicketResolved {
+                resolved_at: at, ..
+            }
+            | TicketEvent::TicketReopened {
+                reopened_at: at, ..
+            }
             | TicketEvent::TicketClosed { closed_at: at, .. }
-            | TicketEvent::FeedbackRecorded { recorded_at: at, .. }
-            | TicketEvent::SlaBreached { breached_at: at, .. } => *at,
+            | TicketEvent::FeedbackRecorded {
+                recorded_at: at, ..
+            }
+            | TicketEvent::SlaBreached {
+                breached_at: at, ..
+            } => *at,
         }
     }
 
@@ -439,7 +463,10 @@ pub fn transcript(events: &[TicketEvent]) -> Vec<TranscriptEntry> {
                 at: *received_at,
             }),
             TicketEvent::ResponseSent {
-                channel, body, sent_at, ..
+                channel,
+                body,
+                sent_at,
+                ..
             } => Some(TranscriptEntry {
                 direction: crate::Direction::Outbound,
                 channel: *channel,

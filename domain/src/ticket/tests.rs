@@ -12,7 +12,9 @@ use crate::TicketStatus;
 type Given = TestFramework<Ticket>;
 
 fn t0() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().with_timezone(&Utc)
+    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
 }
 
 fn id(n: u128) -> Uuid {
@@ -160,8 +162,18 @@ fn a_ticket_opens_once() {
 
 #[test]
 fn nothing_happens_to_a_ticket_that_does_not_exist() {
-    for command in [receive(1, "SM1"), send(5, None), TicketCommand::Close { closed_by: "x".into(), at: t0() }] {
-        Given::with(()).given_no_previous_events().when(command).then_expect_error(TicketError::NotFound);
+    for command in [
+        receive(1, "SM1"),
+        send(5, None),
+        TicketCommand::Close {
+            closed_by: "x".into(),
+            at: t0(),
+        },
+    ] {
+        Given::with(())
+            .given_no_previous_events()
+            .when(command)
+            .then_expect_error(TicketError::NotFound);
     }
 }
 
@@ -246,7 +258,13 @@ fn the_knowledge_base_is_searched_at_most_twice_per_message() {
         .then_expect_error(TicketError::TooManySearches { attempts: 2 });
     // A new customer message starts a fresh budget.
     Given::with(())
-        .given(vec![opened(), received(1, "SM1"), searched(1), searched(2), received(2, "SM2")])
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            searched(1),
+            searched(2),
+            received(2, "SM2"),
+        ])
         .when(search())
         .then_expect_events(vec![searched(1)]);
 }
@@ -279,7 +297,10 @@ fn a_response_is_sent_and_marks_the_first_response() {
     all.push(sent(20, Some(10)));
     let ticket = state(all);
     assert_eq!(ticket.status, TicketStatus::Responded);
-    assert_eq!(ticket.first_response_at, Some(t0() + TimeDelta::seconds(30)));
+    assert_eq!(
+        ticket.first_response_at,
+        Some(t0() + TimeDelta::seconds(30))
+    );
     assert_eq!(ticket.messages_count, 2);
     assert_eq!(ticket.sla_due_at(), Some(t0() + TimeDelta::hours(24)));
 }
@@ -287,7 +308,12 @@ fn a_response_is_sent_and_marks_the_first_response() {
 #[test]
 fn a_draft_awaiting_approval_is_not_sent() {
     Given::with(())
-        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)])
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            drafted(10, 0.55),
+            approval_requested(30, 10),
+        ])
         .when(send(20, Some(10)))
         .then_expect_error(TicketError::ApprovalRequired(id(10)));
 }
@@ -308,7 +334,12 @@ fn an_approved_draft_is_sent_and_a_rejected_one_never() {
         reason: "wrong article".into(),
         rejected_at: t0(),
     };
-    let base = vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)];
+    let base = vec![
+        opened(),
+        received(1, "SM1"),
+        drafted(10, 0.55),
+        approval_requested(30, 10),
+    ];
     Given::with(())
         .given(base.clone())
         .and(vec![approved])
@@ -331,7 +362,13 @@ fn an_approval_is_decided_once() {
         approved_at: t0(),
     };
     Given::with(())
-        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10), approved])
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            drafted(10, 0.55),
+            approval_requested(30, 10),
+            approved,
+        ])
         .when(TicketCommand::RejectResponse {
             approval_id: id(30),
             rejected_by: "agent:alan".into(),
@@ -353,7 +390,12 @@ fn an_approval_is_decided_once() {
 #[test]
 fn a_rejection_needs_a_reason() {
     Given::with(())
-        .given(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)])
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            drafted(10, 0.55),
+            approval_requested(30, 10),
+        ])
         .when(TicketCommand::RejectResponse {
             approval_id: id(30),
             rejected_by: "agent:grace".into(),
@@ -365,7 +407,12 @@ fn a_rejection_needs_a_reason() {
 
 #[test]
 fn approval_status_follows_the_decision() {
-    let mut ticket = state(vec![opened(), received(1, "SM1"), drafted(10, 0.55), approval_requested(30, 10)]);
+    let mut ticket = state(vec![
+        opened(),
+        received(1, "SM1"),
+        drafted(10, 0.55),
+        approval_requested(30, 10),
+    ]);
     assert_eq!(ticket.status, TicketStatus::AwaitingApproval);
     ticket.apply(TicketEvent::ResponseApproved {
         approval_id: id(30),
@@ -622,14 +669,25 @@ fn events_serialise_with_their_type_name() {
 
 #[test]
 fn twilio_statuses_fold_into_delivery_states() {
-    assert_eq!("undelivered".parse::<DeliveryStatus>().unwrap(), DeliveryStatus::Failed);
-    assert_eq!("sending".parse::<DeliveryStatus>().unwrap(), DeliveryStatus::Sent);
+    assert_eq!(
+        "undelivered".parse::<DeliveryStatus>().unwrap(),
+        DeliveryStatus::Failed
+    );
+    assert_eq!(
+        "sending".parse::<DeliveryStatus>().unwrap(),
+        DeliveryStatus::Sent
+    );
     assert!("exploded".parse::<DeliveryStatus>().is_err());
 }
 
 #[test]
 fn the_transcript_lists_messages_both_ways() {
-    let entries = super::transcript(&[opened(), received(1, "SM1"), drafted(10, 0.9), sent(20, Some(10))]);
+    let entries = super::transcript(&[
+        opened(),
+        received(1, "SM1"),
+        drafted(10, 0.9),
+        sent(20, Some(10)),
+    ]);
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].direction, crate::Direction::Inbound);
     assert_eq!(entries[1].direction, crate::Direction::Outbound);

@@ -50,7 +50,11 @@ impl Projector for ConversationsProjector {
         &["crm_conversations"]
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
         for e in events {
             let Ok(ticket_id) = e.aggregate_id.parse::<Uuid>() else {
                 continue;
@@ -74,11 +78,13 @@ impl Projector for ConversationsProjector {
                     .await?;
                 }
                 Some(TicketEvent::CustomerMessageReceived {
-                    channel, received_at, ..
+                    channel,
+                    received_at,
+                    ..
                 }) => touch(tx, ticket_id, channel, received_at, 1, 0).await?,
-                Some(TicketEvent::ResponseSent { channel, sent_at, .. }) => {
-                    touch(tx, ticket_id, channel, sent_at, 0, 1).await?
-                }
+                Some(TicketEvent::ResponseSent {
+                    channel, sent_at, ..
+                }) => touch(tx, ticket_id, channel, sent_at, 0, 1).await?,
                 _ => {}
             }
         }

@@ -21,7 +21,11 @@ impl Projector for CustomersProjector {
         &["crm_customers"]
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
         for e in events {
             let Some(event) = decode_or_skip::<CustomerEvent>(self.name(), e) else {
                 continue;
@@ -56,7 +60,9 @@ impl Projector for CustomersProjector {
                         .await?;
                 }
                 CustomerEvent::IdentityLinked {
-                    customer_id, linked_at, ..
+                    customer_id,
+                    linked_at,
+                    ..
                 } => {
                     sqlx::query("UPDATE crm_customers SET updated_at = $2 WHERE customer_id = $1")
                         .bind(customer_id)

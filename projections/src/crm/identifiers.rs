@@ -44,7 +44,11 @@ impl Projector for IdentifiersProjector {
         &["crm_customer_identifiers"]
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
         for e in events {
             match decode_or_skip::<CustomerEvent>(self.name(), e) {
                 Some(CustomerEvent::CustomerRegistered {

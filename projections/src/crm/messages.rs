@@ -23,7 +23,11 @@ impl Projector for MessagesProjector {
         &["crm_messages"]
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
         for e in events {
             let Ok(ticket_id) = e.aggregate_id.parse::<Uuid>() else {
                 continue;

@@ -28,22 +28,32 @@ impl Projector for TicketsProjector {
         &["crm_tickets"]
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
-        let mut ids: Vec<Uuid> = events.iter().filter_map(|e| e.aggregate_id.parse().ok()).collect();
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
+        let mut ids: Vec<Uuid> = events
+            .iter()
+            .filter_map(|e| e.aggregate_id.parse().ok())
+            .collect();
         ids.sort();
         ids.dedup();
-        let rows: Vec<(Uuid, serde_json::Value)> =
-            sqlx::query_as("SELECT ticket_id, state FROM crm_tickets WHERE ticket_id = ANY($1) FOR UPDATE")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
+        let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+            "SELECT ticket_id, state FROM crm_tickets WHERE ticket_id = ANY($1) FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut states: HashMap<Uuid, Ticket> = HashMap::with_capacity(ids.len());
         for (id, state) in rows {
             match serde_json::from_value(state) {
                 Ok(ticket) => {
                     states.insert(id, ticket);
                 }
-                Err(e) => tracing::error!(ticket_id = %id, error = %e, "stored ticket state unreadable; refolding from this batch"),
+                Err(e) => {
+                    tracing::error!(ticket_id = %id, error = %e, "stored ticket state unreadable; refolding from this batch")
+                }
             }
         }
         let mut changed: Vec<Uuid> = Vec::new();
@@ -67,7 +77,11 @@ impl Projector for TicketsProjector {
                 // Events of a ticket whose opening this projector never saw.
                 continue;
             };
-            let pending_approvals = t.approvals.values().filter(|a| a.state == ApprovalState::Pending).count() as i32;
+            let pending_approvals = t
+                .approvals
+                .values()
+                .filter(|a| a.state == ApprovalState::Pending)
+                .count() as i32;
             let state = serde_json::to_value(t).expect("ticket state serialises");
             sqlx::query(
                 "INSERT INTO crm_tickets (ticket_id, customer_id, channel, subject, category, priority, status, assigned_to,
@@ -111,7 +125,11 @@ impl Projector for TicketsProjector {
 
     fn after_commit(&self, applied: &[EventEnvelope]) {
         for e in applied.iter().filter(|e| e.event_type == "TicketEscalated") {
-            let reason = e.payload.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
+            let reason = e
+                .payload
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .unwrap_or("unknown");
             ESCALATIONS.with_label_values(&[reason]).inc();
         }
     }

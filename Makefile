@@ -1,0 +1,34 @@
+# Casebook: the two commands that do everything on a fresh machine.
+#   make run   local stack up, migrations, demo data, server in the foreground
+#   make test  set-up, then every test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+ENV := eval "$$(deploy/local/env.sh)"
+CARGO ?= cargo
+TEST_THREADS ?= 8
+
+.PHONY: run test stack-up stack-down build lint bench
+
+stack-up:
+	@deploy/local/stack-up.sh
+
+stack-down:
+	@deploy/local/stack-down.sh
+
+build: stack-up
+	@$(CARGO) build --release --quiet --bin casebook
+
+run: build
+	@$(ENV); ./target/release/casebook migrate
+	@$(ENV); exec ./target/release/casebook serve
+
+test: stack-up
+	@$(ENV); $(CARGO) build --workspace --all-targets --quiet
+	@$(ENV); $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)
+
+lint:
+	@$(CARGO) fmt --all -- --check
+	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
+
+bench: build
+	@$(ENV); for b in append intake pipeline; do ./target/release/casebook bench $$b; done
