@@ -1,0 +1,283 @@
+//! Channel formatting of replies: an email with greeting, signature and
+//! ticket reference (at most 500 words); WhatsApp messages under 300
+//! characters each, split at sentence boundaries, in WhatsApp's markup; a
+//! semi-formal web form reply (at most 300 words), which is also sent by
+//! email.
+
+use crate::guardrails::sentences;
+use crate::ticket::EscalationReason;
+use crate::Channel;
+
+pub const EMAIL_MAX_WORDS: usize = 500;
+pub const WEBFORM_MAX_WORDS: usize = 300;
+/// Every WhatsApp message stays under this many characters.
+pub const WHATSAPP_MAX_CHARS: usize = 300;
+
+/// Who the reply is for and how it is signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyContext {
+    pub customer_name: Option<String>,
+    /// Shown to the customer: the first 8 characters of the ticket id.
+    pub ticket_reference: String,
+    pub signature: String,
+}
+
+impl ReplyContext {
+    pub fn new(customer_name: Option<String>, ticket_id: uuid::Uuid, signature: &str) -> Self {
+        Self {
+            customer_name,
+            ticket_reference: ticket_id.simple().to_string()[..8].to_uppercase(),
+            signature: signature.to_string(),
+        }
+    }
+
+    fn first_name(&self) -> Option<&str> {
+        self.customer_name
+            .as_deref()
+            .and_then(|n| n.split_whitespace().next())
+            .filter(|n| n.chars().count() <= 40)
+    }
+}
+
+/// A reply ready for its channel: one part, or several WhatsApp messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormattedReply {
+    pub body: String,
+    pub parts: Vec<String>,
+}
+
+pub fn format_reply(channel: Channel, text: &str, ctx: &ReplyContext) -> FormattedReply {
+    match channel {
+        Channel::Email => {
+            let greeting = match ctx.first_name() {
+                Some(name) => format!("Hi {name},"),
+                None => "Hello,".to_string(),
+            };
+            letter(&greeting, text, &format!("Best regards,\n{}", ctx.signature), ctx, EMAIL_MAX_WORDS)
+        }
+        Channel::Webform => {
+            let greeting = match ctx.first_name() {
+                Some(name) => format!("Hello {name},"),
+                None => "Hello,".to_string(),
+            };
+            let closing = format!("Kind regards,\n{}", ctx.signature);
+            letter(&greeting, &plain(text), &closing, ctx, WEBFORM_MAX_WORDS)
+        }
+        Channel::Whatsapp => {
+            let parts = split_for_whatsapp(&whatsapp_markup(text));
+            FormattedReply {
+                body: parts.join("\n"),
+                parts,
+            }
+        }
+    }
+}
+
+fn word_count(text: &str) -> usize {
+    text.split_whitespace().count()
+}
+
+fn letter(greeting: &str, text: &str, closing: &str, ctx: &ReplyContext, max_words: usize) -> FormattedReply {
+    let reference = format!("Ticket reference: {}", ctx.ticket_reference);
+    let frame = word_count(greeting) + word_count(closing) + word_count(&reference);
+    let body = fit_words(text.trim(), max_words.saturating_sub(frame));
+    let full = format!("{greeting}\n\n{body}\n\n{closing}\n\n{reference}");
+    FormattedReply {
+        parts: vec![full.clone()],
+        body: full,
+    }
+}
+
+/// The longest run of whole sentences within `budget` words; a first
+/// sentence that alone is too long is cut at a word, with an ellipsis.
+fn fit_words(text: &str, budget: usize) -> String {
+    if word_count(text) <= budget {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for sentence in sentences(text) {
+        let n = word_count(&sentence);
+        if used + n > budget {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&sentence);
+        used += n;
+    }
+    if out.is_empty() && budget > 0 {
+        let words: Vec<&str> = text.split_whitespace().take(budget).collect();
+        out = format!("{}…", words.join(" "));
+    }
+    out
+}
+
+/// Markdown to plain text for the web form reply.
+fn plain(text: &str) -> String {
+    text.replace("**", "").replace("__", "")
+}
+
+/// Markdown-ish text to WhatsApp markup: `**bold**` → `*bold*`,
+/// `__italic__` → `_italic_`, headings lose their `#`, bullets become `•`.
+pub fn whatsapp_markup(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            let line = trimmed.trim_start_matches('#').trim_start();
+            let line = match line.strip_prefix("- ").or_else(|| line.strip_prefix("* ")) {
+                Some(rest) => format!("• {rest}"),
+                None => line.to_string(),
+            };
+            line.replace("**", "*").replace("__", "_")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Packs sentences into messages under the limit; a sentence too long for
+/// one message is split between words, a word too long between characters.
+pub fn split_for_whatsapp(text: &str) -> Vec<String> {
+    let limit = WHATSAPP_MAX_CHARS - 1;
+    let mut pieces: Vec<String> = Vec::new();
+    for sentence in sentences(text) {
+        if sentence.chars().count() <= limit {
+            pieces.push(sentence);
+            continue;
+        }
+        let mut current = String::new();
+        for word in sentence.split_whitespace() {
+            let mut word = word.to_string();
+            while word.chars().count() > limit {
+                if !current.is_empty() {
+                    pieces.push(std::mem::take(&mut current));
+                }
+                let head: String = word.chars().take(limit).collect();
+                word = word.chars().skip(limit).collect();
+                pieces.push(head);
+            }
+            let needed = current.chars().count() + usize::from(!current.is_empty()) + word.chars().count();
+            if needed > limit {
+                pieces.push(std::mem::take(&mut current));
+            }
+            if !current.is_empty() {
+                current.push(' ');
+            }
+            current.push_str(&word);
+        }
+        if !current.is_empty() {
+            pieces.push(current);
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for piece in pieces {
+        match parts.last_mut() {
+            Some(last) if last.chars().count() + 1 + piece.chars().count() <= limit => {
+                last.push(' ');
+                last.push_str(&piece);
+            }
+            _ => parts.push(piece),
+        }
+    }
+    parts
+}
+
+/// The short reply a customer gets when a human takes over.
+pub fn holding_reply(reason: EscalationReason) -> &'static str {
+    match reason {
+        EscalationReason::PricingInquiry => {
+            "Thanks for asking about pricing. A member of our team will get back to you with the details shortly."
+        }
+        EscalationReason::RefundRequest => {
+            "Thanks for your message. A member of our billing team will review your request and get back to you shortly."
+        }
+        EscalationReason::Legal => "Thanks for your message. We have passed it to the right team, who will contact you shortly.",
+        EscalationReason::NegativeSentiment => {
+            "We are sorry for the trouble. A member of our team is looking into this personally and will reply shortly."
+        }
+        EscalationReason::HumanRequested => "Of course. A member of our team will take over this conversation shortly.",
+        EscalationReason::KnowledgeGap
+        | EscalationReason::DeliveryFailed
+        | EscalationReason::ModelUnavailable
+        | EscalationReason::Manual => {
+            "Thanks for your message. A member of our team will look into it and get back to you shortly."
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ctx() -> ReplyContext {
+        ReplyContext::new(Some("Ada Lovelace".into()), uuid::Uuid::from_u128(0xabcdef12_0000), "The Acme Support Team")
+    }
+
+    #[test]
+    fn an_email_has_greeting_signature_and_reference() {
+        let r = format_reply(Channel::Email, "Open Settings, then Export.", &ctx());
+        assert!(r.body.starts_with("Hi Ada,\n\nOpen Settings, then Export."));
+        assert!(r.body.contains("Best regards,\nThe Acme Support Team"));
+        assert!(r.body.ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
+        assert_eq!(r.parts.len(), 1);
+    }
+
+    #[test]
+    fn a_long_whatsapp_reply_is_split_at_sentences() {
+        let text = "First, open the app and sign in with your work account. ".repeat(8);
+        let r = format_reply(Channel::Whatsapp, &text, &ctx());
+        assert!(r.parts.len() > 1);
+        for p in &r.parts {
+            assert!(p.chars().count() < WHATSAPP_MAX_CHARS);
+            assert!(p.ends_with('.'), "{p:?} ends mid-sentence");
+        }
+    }
+
+    #[test]
+    fn whatsapp_gets_whatsapp_markup() {
+        assert_eq!(whatsapp_markup("## Steps\n- **Open** Settings"), "Steps\n• *Open* Settings");
+    }
+
+    #[test]
+    fn the_web_form_reply_is_semi_formal_and_plain() {
+        let r = format_reply(Channel::Webform, "**Open** Settings.", &ctx());
+        assert!(r.body.starts_with("Hello Ada,\n\nOpen Settings."));
+        assert!(r.body.contains("Kind regards,"));
+    }
+
+    #[test]
+    fn every_reason_has_a_holding_reply_without_promises() {
+        for reason in EscalationReason::ALL {
+            let text = holding_reply(reason).to_lowercase();
+            assert!(!text.contains("refund") && !text.contains('$'), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn no_email_exceeds_500_words(text in "([a-zA-Z]{1,12}[ .!?\n]{1,2}){0,900}") {
+            let r = format_reply(Channel::Email, &text, &ctx());
+            prop_assert!(word_count(&r.body) <= EMAIL_MAX_WORDS);
+        }
+
+        #[test]
+        fn no_web_form_reply_exceeds_300_words(text in "([a-zA-Z]{1,12}[ .!?\n]{1,2}){0,600}") {
+            let r = format_reply(Channel::Webform, &text, &ctx());
+            prop_assert!(word_count(&r.body) <= WEBFORM_MAX_WORDS);
+        }
+
+        #[test]
+        fn no_whatsapp_message_reaches_300_characters_and_nothing_is_lost(text in "\\PC{0,2000}") {
+            let r = format_reply(Channel::Whatsapp, &text, &ctx());
+            for part in &r.parts {
+                prop_assert!(part.chars().count() < WHATSAPP_MAX_CHARS);
+                prop_assert!(!part.is_empty());
+            }
+            let squeeze = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+            prop_assert_eq!(squeeze(&r.parts.concat()), squeeze(&whatsapp_markup(&text)));
+        }
+    }
+}
