@@ -96,6 +96,7 @@ pub async fn submit(
             name: Some(form.name),
         },
         conversation_id: None,
+        thread: None,
         subject: Some(form.subject),
         body: form.message,
         attachments: 0,

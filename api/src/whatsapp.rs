@@ -142,6 +142,7 @@ pub async fn inbound(
         channel: Channel::Whatsapp,
         channel_message_id: sid,
         conversation_id: Some(whatsapp_conversation_id(&from.value)),
+        thread: None,
         sender: Sender {
             identities: vec![from.clone(), phone],
             name,

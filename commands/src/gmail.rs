@@ -14,6 +14,7 @@ use casebook_domain::email::{html_to_text, strip_quoted_reply};
 use casebook_domain::identity::{normalize_email, parse_mailbox, IdentityKey};
 use casebook_domain::retry::Backoff;
 use casebook_domain::sanitize::{multi_line, single_line};
+use casebook_domain::ticket::EmailThread;
 use casebook_domain::{Category, Channel, Priority};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -472,7 +473,12 @@ impl GmailSync {
                 name,
             },
             conversation_id: Some(gmail_thread_conversation_id(&m.thread_id)),
-            subject: subject.map(|s| s.chars().take(200).collect()),
+            thread: Some(EmailThread {
+                thread_id: m.thread_id.clone(),
+                message_id_header: m.header("Message-ID").map(str::to_string),
+                subject: subject.clone(),
+            }),
+            subject,
             body: m.text(),
             attachments: m.attachments(),
             category: Category::General,

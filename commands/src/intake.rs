@@ -9,7 +9,7 @@
 
 use casebook_domain::channel_message::channel_message_key;
 use casebook_domain::identity::IdentityKey;
-use casebook_domain::ticket::DeliveryStatus;
+use casebook_domain::ticket::{DeliveryStatus, EmailThread};
 use casebook_domain::{
     Actor, ActorKind, Category, Channel, ChannelMessage, ChannelMessageCommand, Conversation,
     ConversationCommand, Customer, CustomerCommand, CustomerIdentity, CustomerIdentityCommand,
@@ -43,6 +43,8 @@ pub struct InboundMessage {
     /// The conversation the message continues (a WhatsApp number, a Gmail
     /// thread), if the channel has one.
     pub conversation_id: Option<String>,
+    /// For email: the thread replies must join.
+    pub thread: Option<EmailThread>,
     pub subject: Option<String>,
     pub body: String,
     pub attachments: u32,
@@ -288,6 +290,7 @@ impl Intake {
                     channel_message_id: m.channel_message_id.clone(),
                     body: m.body.clone(),
                     attachments: m.attachments,
+                    thread: m.thread.clone(),
                     at,
                 },
             )

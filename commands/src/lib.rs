@@ -2,9 +2,11 @@
 //! customer messages, the outbox relay to Kafka, and the channel API clients.
 //! Only this crate appends events.
 
+pub mod embeddings;
 pub mod gmail;
 pub mod intake;
 pub mod kafka;
+pub mod knowledge;
 pub mod metrics;
 pub mod relay;
 pub mod retry;

@@ -76,3 +76,23 @@ pub fn record_appended(events: &[SerializedEvent]) {
             .inc();
     }
 }
+
+pub static KB_SEARCH: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "casebook_kb_search_seconds",
+        "Knowledge base search latency (embedding the query included), by outcome",
+        &["outcome"],
+        vec![0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
+pub static LLM_CALLS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "casebook_llm_request_seconds",
+        "Language model request latency by provider and outcome (ok, error, circuit_open)",
+        &["provider", "outcome"],
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    )
+    .expect("metric registers once")
+});

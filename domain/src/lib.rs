@@ -14,6 +14,7 @@ pub mod guardrails;
 pub mod confidence;
 pub mod envelope;
 pub mod identity;
+pub mod knowledge;
 pub mod masking;
 pub mod metadata;
 pub mod retry;

@@ -49,6 +49,7 @@ async fn message(store: &EventStore, ticket: Uuid, n: usize) {
                 channel_message_id: format!("msg-{ticket}-{n}-{}", Uuid::new_v4()),
                 body: format!("message {n}"),
                 attachments: 0,
+                thread: None,
                 at: chrono::Utc::now(),
             },
             &meta(),

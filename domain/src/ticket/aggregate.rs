@@ -71,6 +71,10 @@ pub struct Ticket {
     pub escalations: BTreeMap<Uuid, Escalation>,
     pub sla_breaches: BTreeSet<String>,
     pub feedback: Option<bool>,
+    /// Customer messages the agent has drafted an answer to or escalated.
+    pub handled_messages: BTreeSet<Uuid>,
+    /// The email conversation replies join (Gmail thread), if any.
+    pub email_thread: Option<super::EmailThread>,
 }
 
 impl Ticket {
@@ -81,6 +85,10 @@ impl Ticket {
     /// The deadline that matters next (first response, then resolution).
     pub fn sla_due_at(&self) -> Option<DateTime<Utc>> {
         self.deadlines.map(|d| d.next_due(self.first_response_at))
+    }
+
+    pub fn is_handled(&self, message_id: Uuid) -> bool {
+        self.handled_messages.contains(&message_id)
     }
 
     pub fn open_escalations(&self) -> impl Iterator<Item = (&Uuid, &Escalation)> {
@@ -139,6 +147,7 @@ impl Ticket {
                 channel_message_id,
                 body,
                 attachments,
+                thread,
                 at,
             } => {
                 if self.channel_message_ids.contains(&channel_message_id) {
@@ -162,6 +171,7 @@ impl Ticket {
                     channel_message_id,
                     body,
                     attachments,
+                    thread,
                     received_at: at,
                 });
                 Ok(events)
@@ -181,12 +191,16 @@ impl Ticket {
             }
             C::DraftResponse {
                 draft_id,
+                in_reply_to,
                 body,
                 confidence,
                 sources,
                 generated_by,
                 at,
             } => {
+                if let Some(m) = in_reply_to.filter(|m| self.handled_messages.contains(m)) {
+                    return Err(TicketError::AlreadyHandled(m));
+                }
                 if self.drafts.contains_key(&draft_id) {
                     return Err(TicketError::DuplicateDraft(draft_id));
                 }
@@ -198,6 +212,7 @@ impl Ticket {
                 }
                 Ok(vec![E::ResponseDrafted {
                     draft_id,
+                    in_reply_to,
                     body,
                     confidence,
                     sources,
@@ -328,10 +343,14 @@ impl Ticket {
             }
             C::Escalate {
                 escalation_id,
+                in_reply_to,
                 reason,
                 note,
                 at,
             } => {
+                if let Some(m) = in_reply_to.filter(|m| self.handled_messages.contains(m)) {
+                    return Err(TicketError::AlreadyHandled(m));
+                }
                 if self.escalations.contains_key(&escalation_id) {
                     return Err(TicketError::DuplicateEscalation(escalation_id));
                 }
@@ -341,6 +360,7 @@ impl Ticket {
                 }
                 Ok(vec![E::TicketEscalated {
                     escalation_id,
+                    in_reply_to,
                     reason,
                     note,
                     escalated_at: at,
@@ -531,8 +551,12 @@ impl Ticket {
             E::CustomerMessageReceived {
                 message_id,
                 channel_message_id,
+                thread,
                 ..
             } => {
+                if thread.is_some() {
+                    self.email_thread = thread;
+                }
                 self.channel_message_ids.insert(channel_message_id);
                 self.messages_count += 1;
                 self.last_message_id = Some(message_id);
@@ -550,10 +574,12 @@ impl Ticket {
             }
             E::ResponseDrafted {
                 draft_id,
+                in_reply_to,
                 body,
                 confidence,
                 ..
             } => {
+                self.handled_messages.extend(in_reply_to);
                 self.drafts.insert(
                     draft_id,
                     Draft {

@@ -121,6 +121,16 @@ impl std::str::FromStr for DeliveryStatus {
     }
 }
 
+/// Where an email conversation lives, so replies join it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailThread {
+    /// Gmail's `threadId`.
+    pub thread_id: String,
+    /// The customer message's `Message-ID` header, for `In-Reply-To`.
+    pub message_id_header: Option<String>,
+    pub subject: Option<String>,
+}
+
 /// One passage the knowledge base returned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KnowledgeHit {
@@ -149,6 +159,7 @@ pub enum TicketCommand {
         channel_message_id: String,
         body: String,
         attachments: u32,
+        thread: Option<EmailThread>,
         at: DateTime<Utc>,
     },
     RecordKnowledgeSearch {
@@ -158,6 +169,8 @@ pub enum TicketCommand {
     },
     DraftResponse {
         draft_id: Uuid,
+        /// The customer message the draft answers.
+        in_reply_to: Option<Uuid>,
         body: String,
         confidence: f64,
         sources: Vec<String>,
@@ -199,6 +212,8 @@ pub enum TicketCommand {
     },
     Escalate {
         escalation_id: Uuid,
+        /// The customer message that led to it, if one did.
+        in_reply_to: Option<Uuid>,
         reason: EscalationReason,
         note: Option<String>,
         at: DateTime<Utc>,
@@ -260,6 +275,8 @@ pub enum TicketEvent {
         channel_message_id: String,
         body: String,
         attachments: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thread: Option<EmailThread>,
         received_at: DateTime<Utc>,
     },
     KnowledgeSearched {
@@ -270,6 +287,8 @@ pub enum TicketEvent {
     },
     ResponseDrafted {
         draft_id: Uuid,
+        #[serde(default)]
+        in_reply_to: Option<Uuid>,
         body: String,
         confidence: f64,
         sources: Vec<String>,
@@ -314,6 +333,8 @@ pub enum TicketEvent {
     },
     TicketEscalated {
         escalation_id: Uuid,
+        #[serde(default)]
+        in_reply_to: Option<Uuid>,
         reason: EscalationReason,
         note: Option<String>,
         escalated_at: DateTime<Utc>,
@@ -496,6 +517,8 @@ pub enum TicketError {
     InvalidConfidence,
     #[error("a response needs a body")]
     EmptyResponse,
+    #[error("customer message {0} was already handled")]
+    AlreadyHandled(Uuid),
     #[error("draft {0} already exists")]
     DuplicateDraft(Uuid),
     #[error("draft {0} does not exist")]

@@ -46,6 +46,7 @@ fn received(n: u128, sid: &str) -> TicketEvent {
         channel_message_id: sid.into(),
         body: "How do I export my data?".into(),
         attachments: 0,
+        thread: None,
         received_at: t0(),
     }
 }
@@ -58,6 +59,7 @@ fn receive(n: u128, sid: &str) -> TicketCommand {
         channel_message_id: sid.into(),
         body: "How do I export my data?".into(),
         attachments: 0,
+        thread: None,
         at: t0(),
     }
 }
@@ -65,6 +67,7 @@ fn receive(n: u128, sid: &str) -> TicketCommand {
 fn drafted(draft: u128, confidence: f64) -> TicketEvent {
     TicketEvent::ResponseDrafted {
         draft_id: id(draft),
+        in_reply_to: None,
         body: "Go to Settings > Export.".into(),
         confidence,
         sources: vec!["kb:export".into()],
@@ -206,6 +209,7 @@ fn an_empty_message_is_refused() {
             channel_message_id: "SM1".into(),
             body: "   ".into(),
             attachments: 0,
+            thread: None,
             at: t0(),
         })
         .then_expect_error(TicketError::EmptyMessage);
@@ -276,6 +280,7 @@ fn a_draft_needs_a_confidence_between_zero_and_one() {
             .given(vec![opened(), received(1, "SM1")])
             .when(TicketCommand::DraftResponse {
                 draft_id: id(10),
+                in_reply_to: None,
                 body: "Hi".into(),
                 confidence,
                 sources: vec![],
@@ -492,6 +497,7 @@ fn delivery_callbacks_still_count_after_closing() {
 fn an_escalation_for_an_open_reason_is_not_repeated() {
     let escalated = TicketEvent::TicketEscalated {
         escalation_id: id(40),
+        in_reply_to: None,
         reason: EscalationReason::RefundRequest,
         note: None,
         escalated_at: t0(),
@@ -500,6 +506,7 @@ fn an_escalation_for_an_open_reason_is_not_repeated() {
         .given(vec![opened(), received(1, "SM1")])
         .when(TicketCommand::Escalate {
             escalation_id: id(40),
+            in_reply_to: None,
             reason: EscalationReason::RefundRequest,
             note: None,
             at: t0(),
@@ -509,6 +516,7 @@ fn an_escalation_for_an_open_reason_is_not_repeated() {
         .given(vec![opened(), received(1, "SM1"), escalated])
         .when(TicketCommand::Escalate {
             escalation_id: id(41),
+            in_reply_to: None,
             reason: EscalationReason::RefundRequest,
             note: None,
             at: t0(),
@@ -520,6 +528,7 @@ fn an_escalation_for_an_open_reason_is_not_repeated() {
 fn resolving_settles_open_escalations_and_reopen_needs_resolved() {
     let escalated = TicketEvent::TicketEscalated {
         escalation_id: id(40),
+        in_reply_to: None,
         reason: EscalationReason::Legal,
         note: None,
         escalated_at: t0(),
@@ -637,6 +646,7 @@ fn status_follows_the_lifecycle() {
     assert_eq!(ticket.status, TicketStatus::Received);
     ticket.apply(TicketEvent::TicketEscalated {
         escalation_id: id(40),
+        in_reply_to: None,
         reason: EscalationReason::HumanRequested,
         note: None,
         escalated_at: t0(),
@@ -692,4 +702,63 @@ fn the_transcript_lists_messages_both_ways() {
     assert_eq!(entries[0].direction, crate::Direction::Inbound);
     assert_eq!(entries[1].direction, crate::Direction::Outbound);
     assert_eq!(entries[1].body, "Go to Settings > Export.");
+}
+
+#[test]
+fn a_customer_message_is_answered_or_escalated_once() {
+    let drafted_for = |m: u128| TicketEvent::ResponseDrafted {
+        draft_id: id(10),
+        in_reply_to: Some(id(m)),
+        body: "Go to Settings > Export.".into(),
+        confidence: 0.9,
+        sources: vec![],
+        generated_by: "local".into(),
+        drafted_at: t0(),
+    };
+    let given = vec![opened(), received(1, "SM1"), drafted_for(1)];
+    assert!(state(given.clone()).is_handled(id(1)));
+    Given::with(())
+        .given(given.clone())
+        .when(TicketCommand::DraftResponse {
+            draft_id: id(11),
+            in_reply_to: Some(id(1)),
+            body: "again".into(),
+            confidence: 0.9,
+            sources: vec![],
+            generated_by: "local".into(),
+            at: t0(),
+        })
+        .then_expect_error(TicketError::AlreadyHandled(id(1)));
+    Given::with(())
+        .given(given)
+        .when(TicketCommand::Escalate {
+            escalation_id: id(40),
+            in_reply_to: Some(id(1)),
+            reason: EscalationReason::KnowledgeGap,
+            note: None,
+            at: t0(),
+        })
+        .then_expect_error(TicketError::AlreadyHandled(id(1)));
+}
+
+#[test]
+fn the_email_thread_is_remembered_for_replies() {
+    let ticket = state(vec![
+        opened(),
+        TicketEvent::CustomerMessageReceived {
+            message_id: id(1),
+            customer_id: id(CUSTOMER),
+            channel: Channel::Email,
+            channel_message_id: "m1".into(),
+            body: "hi".into(),
+            attachments: 0,
+            thread: Some(EmailThread {
+                thread_id: "t1".into(),
+                message_id_header: Some("<m1@example.com>".into()),
+                subject: Some("Invoices".into()),
+            }),
+            received_at: t0(),
+        },
+    ]);
+    assert_eq!(ticket.email_thread.unwrap().thread_id, "t1");
 }
