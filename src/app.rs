@@ -6,7 +6,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use casebook_api::{ApiSettings, AppState, Inner, Readiness, TokenKeys};
+use casebook_commands::agent::{Agent, AgentHandler};
+use casebook_commands::delivery::{Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings};
+use casebook_commands::embeddings::{EmbeddingSource, Embedder};
 use casebook_commands::gmail::{GmailClient, GmailSync};
+use casebook_commands::knowledge::KnowledgeBase;
+use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
+use casebook_commands::sla;
+use casebook_commands::worker::{self, WorkerSettings};
+use casebook_domain::Channel;
 use casebook_commands::kafka::KafkaSettings;
 use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::{EventStore, Intake};
@@ -18,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, EmbeddingsConfig};
 use crate::db;
 
 /// What `casebook serve --role` runs.
@@ -32,12 +40,16 @@ pub enum Role {
     Relay,
     /// Builds the read models.
     Projector,
+    /// Answers customers (and watches SLAs).
+    Agent,
+    /// Sends replies through Gmail and Twilio.
+    Delivery,
 }
 
 impl Role {
     fn expand(roles: &[Role]) -> Vec<Role> {
         if roles.is_empty() || roles.contains(&Role::All) {
-            return vec![Role::Api, Role::Relay, Role::Projector];
+            return vec![Role::Api, Role::Relay, Role::Projector, Role::Agent, Role::Delivery];
         }
         let mut out = roles.to_vec();
         out.dedup();
@@ -52,6 +64,74 @@ pub fn kafka_settings(config: &Config) -> KafkaSettings {
         partitions: config.kafka_partitions,
         replication: 1,
     }
+}
+
+pub fn embedder(config: &Config) -> anyhow::Result<Embedder> {
+    let source = match &config.embeddings {
+        EmbeddingsConfig::Local(dir) => EmbeddingSource::Local(dir.clone()),
+        EmbeddingsConfig::OpenAi { model } => {
+            let llm = config.llm.as_ref().context("CASEBOOK_EMBEDDINGS=openai needs LLM_BASE_URL")?;
+            EmbeddingSource::OpenAi {
+                base_url: llm.base_url.clone(),
+                api_key: llm.api_key.clone(),
+                model: model.clone(),
+            }
+        }
+    };
+    Embedder::new(&source).context("CASEBOOK_EMBEDDINGS: the embedding model could not be loaded")
+}
+
+/// The remote models, in the order they are tried.
+pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
+    let mut providers = Vec::new();
+    for (kind, llm, name) in [
+        (ProviderKind::OpenAi, &config.llm, "LLM_BASE_URL"),
+        (ProviderKind::Anthropic, &config.llm_fallback, "LLM_FALLBACK_BASE_URL"),
+    ] {
+        if let Some(llm) = llm {
+            let settings = ProviderSettings {
+                base_url: llm.base_url.clone(),
+                api_key: llm.api_key.clone(),
+                model: llm.model.clone(),
+            };
+            providers.push(Provider::new(kind, settings).with_context(|| format!("{name}: client"))?);
+        }
+    }
+    Ok(providers)
+}
+
+fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Delivery> {
+    let twilio = match (&config.twilio_account_sid, &config.twilio_auth_token, &config.twilio_whatsapp_from) {
+        (Some(sid), Some(token), Some(from)) => Some(TwilioSettings {
+            api_base: config.twilio_api_base.clone(),
+            account_sid: sid.clone(),
+            auth_token: token.clone(),
+            from: from.clone(),
+            status_callback: Some(format!("{}/webhooks/whatsapp/status", config.public_url)),
+        }),
+        _ => {
+            tracing::warn!("TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN or TWILIO_WHATSAPP_FROM unset: WhatsApp replies cannot be delivered");
+            None
+        }
+    };
+    let gmail = match &config.gmail_support_address {
+        Some(from) => Some(GmailSendSettings {
+            api_base: config.gmail_api_base.clone(),
+            access_token: config.gmail_access_token.clone(),
+            from: from.clone(),
+        }),
+        None => {
+            tracing::warn!("GMAIL_SUPPORT_ADDRESS unset: email and web form replies cannot be delivered");
+            None
+        }
+    };
+    Ok(Delivery::new(
+        EventStore::new(pool.clone()),
+        twilio,
+        gmail,
+        kafka.producer().context("KAFKA_BROKERS: producer")?,
+        kafka.topics.dlq(),
+    ))
 }
 
 /// A started service: its tasks and, with the API role, its address.
@@ -188,6 +268,43 @@ pub async fn start(
         );
         let token = shutdown.clone();
         tasks.push(("relay", tokio::spawn(relay.run(token))));
+    }
+
+    if roles.contains(&Role::Agent) {
+        let kb = KnowledgeBase::new(pool.clone(), embedder(config)?);
+        let store = EventStore::new(pool.clone());
+        let agent = Arc::new(Agent::new(store.clone(), kb, providers(config)?, config.support_signature.clone()));
+        let worker = worker::spawn(
+            &kafka,
+            WorkerSettings {
+                group: kafka.topics.group("agent"),
+                topics: vec![kafka.topics.tickets_incoming()],
+                lanes: 8,
+            },
+            Arc::new(AgentHandler(agent)),
+            shutdown.clone(),
+        )
+        .context("KAFKA_BROKERS: agent consumer")?;
+        tasks.push(("agent", worker));
+        let every = Duration::from_secs(config.sla_check_every_secs);
+        tasks.push(("sla", tokio::spawn(sla::run(store, pool.clone(), every, shutdown.clone()))));
+    }
+
+    if roles.contains(&Role::Delivery) {
+        let delivery = Arc::new(delivery(config, &pool, &kafka)?);
+        let topics = Channel::ALL.iter().map(|c| kafka.topics.outbound(*c)).collect();
+        let worker = worker::spawn(
+            &kafka,
+            WorkerSettings {
+                group: kafka.topics.group("delivery"),
+                topics,
+                lanes: 8,
+            },
+            Arc::new(DeliveryHandler(delivery)),
+            shutdown.clone(),
+        )
+        .context("KAFKA_BROKERS: delivery consumer")?;
+        tasks.push(("delivery", worker));
     }
 
     if roles.contains(&Role::Projector) {

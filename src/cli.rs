@@ -29,12 +29,17 @@ pub struct Cli {
 enum Command {
     /// Runs the service (every role by default) until SIGINT/SIGTERM.
     Serve {
-        /// all, api, relay or projector; repeat for several.
+        /// all, api, relay, projector, agent or delivery; repeat for several.
         #[arg(long = "role", value_enum, default_value = "all")]
         roles: Vec<Role>,
     },
     /// Applies the database migrations and creates missing Kafka topics.
     Migrate,
+    /// The knowledge base.
+    Kb {
+        #[command(subcommand)]
+        command: KbCommand,
+    },
     /// Bearer tokens.
     Token {
         #[command(subcommand)]
@@ -52,6 +57,16 @@ enum Command {
     },
     /// Benchmarks: intake, pipeline, append.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KbCommand {
+    /// Chunks and embeds Markdown/text files (or every one in a directory);
+    /// unchanged documents are left as they are.
+    Ingest {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +151,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "migrations applied; topics under prefix {:?} exist",
                 config.topic_prefix
             );
+        }
+        Command::Kb {
+            command: KbCommand::Ingest { paths },
+        } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(&config)?);
+            let (mut stored, mut unchanged) = (0, 0);
+            for path in paths {
+                for (file, outcome) in kb.ingest_path(&path).await? {
+                    match outcome {
+                        casebook_commands::knowledge::IngestOutcome::Unchanged => unchanged += 1,
+                        casebook_commands::knowledge::IngestOutcome::Stored { chunks } => {
+                            stored += 1;
+                            println!("{}: {chunks} chunks", file.display());
+                        }
+                    }
+                }
+            }
+            println!("{stored} documents stored, {unchanged} unchanged");
         }
         Command::Token {
             command:

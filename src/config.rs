@@ -46,7 +46,29 @@ pub struct Config {
     pub gmail_api_base: String,
     pub gmail_access_token: Option<String>,
     pub gmail_support_address: Option<String>,
+    pub llm: Option<LlmConfig>,
+    pub llm_fallback: Option<LlmConfig>,
+    pub embeddings: EmbeddingsConfig,
+    pub support_signature: String,
+    pub sla_check_every_secs: u64,
 }
+
+/// A language model endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmConfig {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub model: String,
+}
+
+/// `CASEBOOK_EMBEDDINGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbeddingsConfig {
+    Local(std::path::PathBuf),
+    OpenAi { model: String },
+}
+
+pub const DEFAULT_EMBEDDINGS: &str = "local:.casebook/models/all-MiniLM-L6-v2";
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -205,7 +227,59 @@ impl Config {
             casebook_domain::identity::normalize_email(address)
                 .map_err(|_| bad("GMAIL_SUPPORT_ADDRESS", "must be an email address"))?;
         }
+        let llm = match src.var("LLM_BASE_URL") {
+            None => None,
+            Some(base) => Some(LlmConfig {
+                base_url: http_url("LLM_BASE_URL", &base)?,
+                api_key: src.var("LLM_API_KEY"),
+                model: src.var("LLM_MODEL").ok_or_else(|| bad("LLM_MODEL", "is required with LLM_BASE_URL"))?,
+            }),
+        };
+        let llm_fallback = match (src.var("LLM_FALLBACK_BASE_URL"), src.var("LLM_FALLBACK_API_KEY")) {
+            (None, None) => None,
+            (base, api_key) => Some(LlmConfig {
+                base_url: http_url(
+                    "LLM_FALLBACK_BASE_URL",
+                    &base.unwrap_or_else(|| "https://api.anthropic.com".into()),
+                )?,
+                api_key,
+                model: src
+                    .var("LLM_FALLBACK_MODEL")
+                    .unwrap_or_else(|| "claude-3-5-haiku-latest".into()),
+            }),
+        };
+        let embeddings = match src.var("CASEBOOK_EMBEDDINGS").unwrap_or_else(|| DEFAULT_EMBEDDINGS.into()) {
+            v if v == "openai" => {
+                if llm.is_none() {
+                    return Err(bad("CASEBOOK_EMBEDDINGS", "openai needs LLM_BASE_URL (and usually LLM_API_KEY)"));
+                }
+                EmbeddingsConfig::OpenAi {
+                    model: src
+                        .var("CASEBOOK_EMBEDDINGS_MODEL")
+                        .unwrap_or_else(|| "text-embedding-3-small".into()),
+                }
+            }
+            v => match v.strip_prefix("local:") {
+                Some(dir) if !dir.is_empty() => EmbeddingsConfig::Local(src.root.join(dir)),
+                _ => return Err(bad("CASEBOOK_EMBEDDINGS", "must be local:<model dir> or openai")),
+            },
+        };
+        let sla_check_every_secs = match src.var("CASEBOOK_SLA_CHECK_SECS") {
+            None => 15,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=3600).contains(n))
+                .ok_or_else(|| bad("CASEBOOK_SLA_CHECK_SECS", "must be a number of seconds from 1 to 3600"))?,
+        };
         Ok(Self {
+            llm,
+            llm_fallback,
+            embeddings,
+            support_signature: src
+                .var("CASEBOOK_SUPPORT_SIGNATURE")
+                .unwrap_or_else(|| "The Support Team".into()),
+            sla_check_every_secs,
             database_url,
             db_max_connections,
             kafka_brokers,
@@ -279,6 +353,9 @@ mod tests {
             ("GMAIL_API_BASE", "not a url"),
             ("TWILIO_WHATSAPP_FROM", "+1555"),
             ("CASEBOOK_DB_MAX_CONNECTIONS", "0"),
+            ("CASEBOOK_EMBEDDINGS", "remote"),
+            ("LLM_BASE_URL", "not a url"),
+            ("CASEBOOK_SLA_CHECK_SECS", "0"),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -287,6 +364,15 @@ mod tests {
                 "{name}={value}"
             );
         }
+    }
+
+    #[test]
+    fn a_model_needs_its_name_and_embeddings_default_to_the_local_model() {
+        assert_eq!(load(&[("LLM_BASE_URL", "http://llm.test/v1")]).unwrap_err().name, "LLM_MODEL");
+        let c = load(&[("LLM_BASE_URL", "http://llm.test/v1"), ("LLM_MODEL", "m"), ("LLM_FALLBACK_API_KEY", "k")]).unwrap();
+        assert_eq!(c.llm.unwrap().model, "m");
+        assert_eq!(c.llm_fallback.unwrap().base_url, "https://api.anthropic.com");
+        assert!(matches!(c.embeddings, EmbeddingsConfig::Local(ref p) if p.ends_with(".casebook/models/all-MiniLM-L6-v2")));
     }
 
     #[test]

@@ -2,15 +2,21 @@
 //! customer messages, the outbox relay to Kafka, and the channel API clients.
 //! Only this crate appends events.
 
+pub mod agent;
+pub mod approvals;
+pub mod delivery;
 pub mod embeddings;
 pub mod gmail;
 pub mod intake;
 pub mod kafka;
+pub mod llm;
 pub mod knowledge;
 pub mod metrics;
 pub mod relay;
 pub mod retry;
+pub mod sla;
 pub mod store;
+pub mod worker;
 
 pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, Sender};
 pub use store::{CommandError, EventStore, StoreError};

@@ -13,11 +13,17 @@ pub const WEBFORM_MAX_WORDS: usize = 300;
 /// Every WhatsApp message stays under this many characters.
 pub const WHATSAPP_MAX_CHARS: usize = 300;
 
+/// The short reference customers see: the last 8 hex digits of the ticket
+/// id (the random part; the first digits of a v7 id are its timestamp).
+pub fn ticket_reference(ticket_id: uuid::Uuid) -> String {
+    ticket_id.simple().to_string()[24..].to_uppercase()
+}
+
 /// Who the reply is for and how it is signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyContext {
     pub customer_name: Option<String>,
-    /// Shown to the customer: the first 8 characters of the ticket id.
+    /// Shown to the customer: see [`ticket_reference`].
     pub ticket_reference: String,
     pub signature: String,
 }
@@ -26,7 +32,7 @@ impl ReplyContext {
     pub fn new(customer_name: Option<String>, ticket_id: uuid::Uuid, signature: &str) -> Self {
         Self {
             customer_name,
-            ticket_reference: ticket_id.simple().to_string()[..8].to_uppercase(),
+            ticket_reference: ticket_reference(ticket_id),
             signature: signature.to_string(),
         }
     }

@@ -128,7 +128,8 @@ fn stem(word: &str) -> String {
     w.to_string()
 }
 
-fn content_words(text: &str) -> Vec<String> {
+/// The words of a text that carry meaning (no stop words), lightly stemmed.
+pub fn content_words(text: &str) -> Vec<String> {
     text.to_lowercase()
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| w.len() > 1 && !STOPWORDS.contains(w))

@@ -176,6 +176,17 @@ impl Ticket {
                 });
                 Ok(events)
             }
+            C::RecordHistoryReview {
+                previous_tickets,
+                previous_messages,
+                channels,
+                at,
+            } => Ok(vec![E::CustomerHistoryReviewed {
+                previous_tickets,
+                previous_messages,
+                channels,
+                reviewed_at: at,
+            }]),
             C::RecordKnowledgeSearch { query, hits, at } => {
                 if self.searches_for_last_message >= MAX_SEARCHES_PER_MESSAGE {
                     return Err(TicketError::TooManySearches {
@@ -568,6 +579,7 @@ impl Ticket {
                     self.status = TicketStatus::Received;
                 }
             }
+            E::CustomerHistoryReviewed { .. } => self.progress(TicketStatus::InProgress),
             E::KnowledgeSearched { attempt, .. } => {
                 self.searches_for_last_message = attempt;
                 self.progress(TicketStatus::InProgress);

@@ -162,6 +162,13 @@ pub enum TicketCommand {
         thread: Option<EmailThread>,
         at: DateTime<Utc>,
     },
+    /// The agent read the customer's earlier conversations.
+    RecordHistoryReview {
+        previous_tickets: u32,
+        previous_messages: u32,
+        channels: Vec<Channel>,
+        at: DateTime<Utc>,
+    },
     RecordKnowledgeSearch {
         query: String,
         hits: Vec<KnowledgeHit>,
@@ -279,6 +286,12 @@ pub enum TicketEvent {
         thread: Option<EmailThread>,
         received_at: DateTime<Utc>,
     },
+    CustomerHistoryReviewed {
+        previous_tickets: u32,
+        previous_messages: u32,
+        channels: Vec<Channel>,
+        reviewed_at: DateTime<Utc>,
+    },
     KnowledgeSearched {
         query: String,
         attempt: u32,
@@ -384,6 +397,9 @@ impl TicketEvent {
             | TicketEvent::CustomerMessageReceived {
                 received_at: at, ..
             }
+            | TicketEvent::CustomerHistoryReviewed {
+                reviewed_at: at, ..
+            }
             | TicketEvent::KnowledgeSearched {
                 searched_at: at, ..
             }
@@ -428,6 +444,7 @@ impl TicketEvent {
         match self {
             TicketEvent::TicketOpened { .. } => "TicketOpened",
             TicketEvent::CustomerMessageReceived { .. } => "CustomerMessageReceived",
+            TicketEvent::CustomerHistoryReviewed { .. } => "CustomerHistoryReviewed",
             TicketEvent::KnowledgeSearched { .. } => "KnowledgeSearched",
             TicketEvent::ResponseDrafted { .. } => "ResponseDrafted",
             TicketEvent::ApprovalRequested { .. } => "ApprovalRequested",

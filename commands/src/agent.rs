@@ -1,0 +1,700 @@
+//! The AI agent: answers a customer message within the guardrails, or hands
+//! it to a human.
+//!
+//! For each `CustomerMessageReceived` it (1) makes sure the ticket exists,
+//! (2) reads the customer's history across channels, (3) checks the input
+//! guardrails, (4) lets the model search the knowledge base (at most twice)
+//! and draft a reply through tool calls, then (5) checks the draft against
+//! the output guardrails and its confidence, and sends it, asks for approval
+//! or escalates. Every step is a command on the ticket; the decisions are
+//! made first and their events committed together, so a message delivered
+//! again after a crash is handled once (the ticket knows which messages it
+//! answered).
+//!
+//! Models are tried in order: the OpenAI-compatible primary, the Anthropic
+//! fallback, then the built-in local responder, which answers extractively
+//! from the best passages. If even that fails, the customer gets a holding
+//! reply and the ticket is escalated with the error.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use casebook_domain::confidence::{draft_confidence, ConfidenceInputs, APPROVAL_THRESHOLD};
+use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
+use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
+use casebook_domain::ticket::{EscalationReason, KnowledgeHit};
+use casebook_domain::{
+    Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand, TicketError, TicketEvent,
+};
+use chrono::Utc;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::knowledge::{KnowledgeBase, KnowledgeError, Passage, RELEVANCE_THRESHOLD};
+use crate::llm::{ChatMessage, ChatReply, Provider, ToolCall, ToolSpec};
+use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
+
+/// Most knowledge base searches per customer message.
+pub const MAX_SEARCHES: usize = 2;
+/// Most model turns per customer message before the local responder takes over.
+const MAX_TURNS: usize = 6;
+const PASSAGES_PER_SEARCH: usize = 5;
+
+const SYSTEM_PROMPT: &str = "You are the support agent of the product described by the knowledge base. \
+Answer only from passages returned by search_knowledge_base; search before answering, at most twice. \
+Never quote prices, never promise or process refunds, never name internal systems. \
+If the customer asks about pricing or refunds, threatens legal action, is angry, or asks for a human, call escalate. \
+If the knowledge base has nothing relevant, call escalate with reason knowledge_gap. \
+When you can answer, call send_response with a concise, friendly answer and your confidence between 0 and 1.";
+
+fn tools() -> Vec<ToolSpec> {
+    vec![
+        ToolSpec {
+            name: "create_ticket",
+            description: "Make sure the conversation has a ticket; returns its id and status.",
+            parameters: json!({"type": "object", "properties": {}}),
+        },
+        ToolSpec {
+            name: "get_customer_history",
+            description: "The customer's earlier messages and replies, on every channel.",
+            parameters: json!({"type": "object", "properties": {}}),
+        },
+        ToolSpec {
+            name: "search_knowledge_base",
+            description: "Search the product knowledge base; returns the most relevant passages.",
+            parameters: json!({"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
+        },
+        ToolSpec {
+            name: "send_response",
+            description: "Answer the customer. Plain text; it is formatted for the channel.",
+            parameters: json!({"type": "object", "properties": {
+                "body": {"type": "string"},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1}
+            }, "required": ["body"]}),
+        },
+        ToolSpec {
+            name: "escalate",
+            description: "Hand the conversation to a human.",
+            parameters: json!({"type": "object", "properties": {
+                "reason": {"type": "string", "enum": ["pricing_inquiry", "refund_request", "legal", "negative_sentiment",
+                                                      "human_requested", "knowledge_gap"]},
+                "note": {"type": "string"}
+            }, "required": ["reason"]}),
+        },
+    ]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Knowledge(#[from] KnowledgeError),
+    #[error("ticket refused the agent's step: {0}")]
+    Rejected(#[from] TicketError),
+    #[error("event {0} is not a readable customer message")]
+    NotAMessage(Uuid),
+}
+
+impl From<CommandError<TicketError>> for AgentError {
+    fn from(e: CommandError<TicketError>) -> Self {
+        match e {
+            CommandError::Rejected(e) => AgentError::Rejected(e),
+            CommandError::Store(e) => AgentError::Store(e),
+        }
+    }
+}
+
+/// What the agent did with a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Sent { confidence: f64 },
+    AwaitingApproval { confidence: f64, reasons: Vec<String> },
+    Escalated(EscalationReason),
+    /// Handled before (a redelivery), or no longer the agent's to handle.
+    Skipped,
+}
+
+#[derive(Debug, Clone)]
+enum Decision {
+    Draft {
+        body: String,
+        model_confidence: Option<f64>,
+        generated_by: String,
+    },
+    Escalate {
+        reason: EscalationReason,
+        note: Option<String>,
+    },
+}
+
+struct Search {
+    query: String,
+    passages: Vec<Passage>,
+}
+
+/// One message being handled.
+struct Run {
+    ticket_id: Uuid,
+    message_id: Uuid,
+    text: String,
+    searches: Vec<Search>,
+    history: History,
+}
+
+impl Run {
+    fn relevant(&self) -> Vec<&Passage> {
+        let mut seen = BTreeSet::new();
+        self.searches
+            .iter()
+            .flat_map(|s| s.passages.iter())
+            .filter(|p| seen.insert(p.chunk_id.clone()))
+            .collect()
+    }
+
+    fn top_score(&self) -> Option<f64> {
+        self.relevant().iter().map(|p| p.score).reduce(f64::max)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct History {
+    previous_tickets: u32,
+    messages: Vec<(String, String, String)>,
+    channels: Vec<Channel>,
+}
+
+pub struct Agent {
+    store: EventStore,
+    pool: PgPool,
+    kb: KnowledgeBase,
+    providers: Vec<Provider>,
+    signature: String,
+}
+
+impl Agent {
+    /// `providers` in the order they are tried (primary, fallback); the
+    /// local responder always comes last.
+    pub fn new(store: EventStore, kb: KnowledgeBase, providers: Vec<Provider>, signature: impl Into<String>) -> Self {
+        Self {
+            pool: store.pool().clone(),
+            store,
+            kb,
+            providers,
+            signature: signature.into(),
+        }
+    }
+
+    /// Handles one `CustomerMessageReceived` event.
+    pub async fn handle(&self, envelope: &EventEnvelope) -> Result<Outcome, AgentError> {
+        let Ok(TicketEvent::CustomerMessageReceived {
+            message_id,
+            channel,
+            body,
+            ..
+        }) = envelope.decode::<TicketEvent>()
+        else {
+            return Err(AgentError::NotAMessage(envelope.event_id));
+        };
+        let ticket_id: Uuid = envelope
+            .aggregate_id
+            .parse()
+            .map_err(|_| AgentError::NotAMessage(envelope.event_id))?;
+        // 1. The ticket exists (intake opened it with the message).
+        let ticket = self.store.load::<Ticket>(&ticket_id.to_string()).await?.aggregate;
+        let Some(customer_id) = ticket.customer_id else {
+            return Err(AgentError::Rejected(TicketError::NotFound));
+        };
+        if ticket.is_handled(message_id) || !ticket.status.is_open() {
+            return Ok(Outcome::Skipped);
+        }
+        let started = Instant::now();
+        let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::new(ActorKind::Ai, "agent"))
+            .caused_by(envelope.event_id.to_string())
+            .on_channel(channel);
+        // 2. What the customer wrote before, on every channel.
+        let history = self.history(customer_id, ticket_id).await?;
+        let mut run = Run {
+            ticket_id,
+            message_id,
+            text: body.clone(),
+            searches: Vec::new(),
+            history,
+        };
+        // 3. Input guardrails: some messages are never the AI's to answer.
+        let assessment = assess_input(&body, channel);
+        let decision = match assessment.escalate {
+            Some(reason) => Decision::Escalate {
+                reason,
+                note: Some(format!("input guardrail (sentiment {:.2})", assessment.sentiment.score)),
+            },
+            // 4. The model, with the knowledge base.
+            None => self.converse(&mut run, channel).await,
+        };
+        let outcome = self.commit(&run, channel, customer_id, decision, &meta).await?;
+        tracing::info!(
+            ticket_id = %ticket_id,
+            outcome = ?outcome,
+            searches = run.searches.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "customer message handled"
+        );
+        Ok(outcome)
+    }
+
+    async fn history(&self, customer_id: Uuid, ticket_id: Uuid) -> Result<History, AgentError> {
+        // The CRM read models: eventually consistent, which is all context
+        // needs.
+        let tickets: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT ticket_id, channel FROM crm_tickets WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 50")
+                .bind(customer_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::from)?;
+        let ids: Vec<Uuid> = tickets.iter().map(|t| t.0).collect();
+        let messages: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT direction, channel, body FROM crm_messages WHERE ticket_id = ANY($1) ORDER BY at DESC LIMIT 10",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        let mut channels: Vec<Channel> = tickets.iter().filter_map(|t| t.1.parse().ok()).collect();
+        channels.extend(messages.iter().filter_map(|m| m.1.parse::<Channel>().ok()));
+        channels.sort();
+        channels.dedup();
+        Ok(History {
+            previous_tickets: tickets.iter().filter(|t| t.0 != ticket_id).count() as u32,
+            messages,
+            channels,
+        })
+    }
+
+    async fn converse(&self, run: &mut Run, channel: Channel) -> Decision {
+        let mut messages = vec![ChatMessage::User(format!(
+            "Channel: {}. Customer message:\n{}",
+            channel.as_str(),
+            run.text
+        ))];
+        let tools = tools();
+        for provider in &self.providers {
+            let mut turns = 0;
+            while turns < MAX_TURNS {
+                turns += 1;
+                let reply = match provider.chat(SYSTEM_PROMPT, &messages, &tools).await {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::warn!(provider = provider.name(), error = %e, "model unavailable; falling back");
+                        break;
+                    }
+                };
+                match self.follow(run, reply, provider.model(), &mut messages).await {
+                    Ok(Some(decision)) => return self.grounded(run, decision).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a tool failed; falling back");
+                        break;
+                    }
+                }
+            }
+        }
+        match self.local(run).await {
+            Ok(decision) => decision,
+            Err(e) => Decision::Escalate {
+                reason: EscalationReason::ModelUnavailable,
+                note: Some(format!("every model failed; last error: {e}")),
+            },
+        }
+    }
+
+    /// Executes the model's tool calls; returns the decision once it made one.
+    async fn follow(
+        &self,
+        run: &mut Run,
+        reply: ChatReply,
+        model: &str,
+        messages: &mut Vec<ChatMessage>,
+    ) -> Result<Option<Decision>, AgentError> {
+        messages.push(ChatMessage::Assistant {
+            text: reply.text.clone(),
+            tool_calls: reply.tool_calls.clone(),
+        });
+        if reply.tool_calls.is_empty() {
+            // A plain answer counts as send_response.
+            return Ok(reply.text.map(|body| Decision::Draft {
+                body,
+                model_confidence: None,
+                generated_by: model.to_string(),
+            }));
+        }
+        let mut decision = None;
+        for call in &reply.tool_calls {
+            let (result, decided) = self.tool(run, call, model).await?;
+            messages.push(ChatMessage::ToolResult {
+                call_id: call.id.clone(),
+                name: call.name.clone(),
+                content: result.to_string(),
+            });
+            decision = decision.or(decided);
+        }
+        Ok(decision)
+    }
+
+    async fn search<'r>(&self, run: &'r mut Run, query: &str) -> Result<&'r Search, AgentError> {
+        let passages = self.kb.search(query, PASSAGES_PER_SEARCH, RELEVANCE_THRESHOLD).await?;
+        run.searches.push(Search {
+            query: query.to_string(),
+            passages,
+        });
+        Ok(run.searches.last().expect("just pushed"))
+    }
+
+    async fn tool(&self, run: &mut Run, call: &ToolCall, model: &str) -> Result<(Value, Option<Decision>), AgentError> {
+        let args = &call.arguments;
+        Ok(match call.name.as_str() {
+            "create_ticket" => (json!({"ticket_id": run.ticket_id, "created": false}), None),
+            "get_customer_history" => (
+                json!({
+                    "previous_tickets": run.history.previous_tickets,
+                    "channels": run.history.channels,
+                    "recent_messages": run.history.messages.iter()
+                        .map(|(d, c, b)| json!({"direction": d, "channel": c, "body": b})).collect::<Vec<_>>(),
+                }),
+                None,
+            ),
+            "search_knowledge_base" => {
+                if run.searches.len() >= MAX_SEARCHES {
+                    (json!({"error": "no searches left for this message; escalate with reason knowledge_gap"}), None)
+                } else {
+                    let query = args["query"].as_str().filter(|q| !q.trim().is_empty()).unwrap_or(&run.text).to_string();
+                    let search = self.search(run, &query).await?;
+                    let passages: Vec<Value> = search
+                        .passages
+                        .iter()
+                        .map(|p| json!({"title": p.title, "text": p.body, "score": (p.score * 1000.0).round() / 1000.0}))
+                        .collect();
+                    (json!({"passages": passages}), None)
+                }
+            }
+            "send_response" => {
+                if run.searches.is_empty() {
+                    (json!({"error": "search the knowledge base first"}), None)
+                } else {
+                    match args["body"].as_str().filter(|b| !b.trim().is_empty()) {
+                        Some(body) => (
+                            json!({"status": "accepted"}),
+                            Some(Decision::Draft {
+                                body: body.to_string(),
+                                model_confidence: args["confidence"].as_f64(),
+                                generated_by: model.to_string(),
+                            }),
+                        ),
+                        None => (json!({"error": "body is required"}), None),
+                    }
+                }
+            }
+            "escalate" => {
+                let reason = args["reason"]
+                    .as_str()
+                    .and_then(|r| serde_json::from_value::<EscalationReason>(json!(r)).ok())
+                    .unwrap_or(EscalationReason::Manual);
+                (
+                    json!({"status": "escalated"}),
+                    Some(Decision::Escalate {
+                        reason,
+                        note: args["note"].as_str().map(str::to_string),
+                    }),
+                )
+            }
+            other => (json!({"error": format!("unknown tool {other}")}), None),
+        })
+    }
+
+    /// A draft needs passages behind it: make sure the knowledge base was
+    /// searched, and escalate when it has nothing relevant.
+    async fn grounded(&self, run: &mut Run, decision: Decision) -> Decision {
+        if let Decision::Draft { .. } = decision {
+            if run.searches.is_empty() {
+                let text = run.text.clone();
+                if let Err(e) = self.search(run, &text).await {
+                    return Decision::Escalate {
+                        reason: EscalationReason::ModelUnavailable,
+                        note: Some(format!("knowledge base unavailable: {e}")),
+                    };
+                }
+            }
+            if run.relevant().is_empty() {
+                return Decision::Escalate {
+                    reason: EscalationReason::KnowledgeGap,
+                    note: Some("no relevant passage in the knowledge base".into()),
+                };
+            }
+        }
+        decision
+    }
+
+    /// The built-in responder: search (the message, then its key words),
+    /// and answer with the passages' sentences that best match the question.
+    async fn local(&self, run: &mut Run) -> Result<Decision, AgentError> {
+        while run.relevant().is_empty() && run.searches.len() < MAX_SEARCHES {
+            let query = if run.searches.is_empty() {
+                run.text.clone()
+            } else {
+                content_words(&run.text).join(" ")
+            };
+            self.search(run, &query).await?;
+        }
+        if run.relevant().is_empty() {
+            return Ok(Decision::Escalate {
+                reason: EscalationReason::KnowledgeGap,
+                note: Some(format!("{} searches found nothing relevant", run.searches.len())),
+            });
+        }
+        Ok(Decision::Draft {
+            body: extractive_answer(&run.text, &run.relevant()),
+            model_confidence: None,
+            generated_by: "local".into(),
+        })
+    }
+
+    async fn commit(
+        &self,
+        run: &Run,
+        channel: Channel,
+        customer_id: Uuid,
+        decision: Decision,
+        meta: &EventMetadata,
+    ) -> Result<Outcome, AgentError> {
+        let customer = self.store.load::<Customer>(&customer_id.to_string()).await?.aggregate;
+        let ctx = ReplyContext::new(customer.name.clone(), run.ticket_id, &self.signature);
+        let relevant = run.relevant();
+        let passages: Vec<&str> = relevant.iter().map(|p| p.body.as_str()).collect();
+        // 5. Judge the draft.
+        let verdict = match &decision {
+            Decision::Draft {
+                body, model_confidence, ..
+            } => {
+                let (supported, _) = support(body, &passages);
+                let judged = sentences(body)
+                    .iter()
+                    .filter(|s| content_words(s).len() >= 4)
+                    .count();
+                let confidence = draft_confidence(&ConfidenceInputs {
+                    top_similarity: run.top_score(),
+                    supported_sentences: supported,
+                    judged_sentences: judged,
+                    model_confidence: *model_confidence,
+                });
+                let mut reasons: Vec<String> = review_draft(body, &passages).iter().map(|i| i.describe()).collect();
+                if confidence < APPROVAL_THRESHOLD {
+                    reasons.insert(0, format!("confidence {confidence:.2} is below {APPROVAL_THRESHOLD}"));
+                }
+                Some((confidence, reasons))
+            }
+            Decision::Escalate { .. } => None,
+        };
+        let at = Utc::now();
+        let ticket_key = run.ticket_id.to_string();
+        let draft_id = Uuid::now_v7();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut uow = self.store.unit_of_work(meta.clone());
+            let ticket = uow.load::<Ticket>(&ticket_key).await?;
+            if ticket.is_handled(run.message_id) {
+                return Ok(Outcome::Skipped);
+            }
+            uow.execute::<Ticket>(
+                &ticket_key,
+                TicketCommand::RecordHistoryReview {
+                    previous_tickets: run.history.previous_tickets,
+                    previous_messages: run.history.messages.len() as u32,
+                    channels: run.history.channels.clone(),
+                    at,
+                },
+            )
+            .await?;
+            for search in &run.searches {
+                uow.execute::<Ticket>(
+                    &ticket_key,
+                    TicketCommand::RecordKnowledgeSearch {
+                        query: search.query.clone(),
+                        hits: search
+                            .passages
+                            .iter()
+                            .map(|p| KnowledgeHit {
+                                document_id: p.document_id.clone(),
+                                chunk_id: p.chunk_id.clone(),
+                                title: p.title.clone(),
+                                score: p.score,
+                            })
+                            .collect(),
+                        at,
+                    },
+                )
+                .await?;
+            }
+            let outcome = match (&decision, &verdict) {
+                (
+                    Decision::Draft {
+                        body, generated_by, ..
+                    },
+                    Some((confidence, reasons)),
+                ) => {
+                    uow.execute::<Ticket>(
+                        &ticket_key,
+                        TicketCommand::DraftResponse {
+                            draft_id,
+                            in_reply_to: Some(run.message_id),
+                            body: body.clone(),
+                            confidence: *confidence,
+                            sources: relevant.iter().map(|p| p.chunk_id.clone()).collect(),
+                            generated_by: generated_by.clone(),
+                            at,
+                        },
+                    )
+                    .await?;
+                    if reasons.is_empty() {
+                        let reply = format_reply(channel, body, &ctx);
+                        uow.execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::SendResponse {
+                                response_id: Uuid::now_v7(),
+                                draft_id: Some(draft_id),
+                                channel,
+                                body: reply.body,
+                                parts: reply.parts,
+                                at,
+                            },
+                        )
+                        .await?;
+                        Outcome::Sent {
+                            confidence: *confidence,
+                        }
+                    } else {
+                        uow.execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::RequestApproval {
+                                approval_id: Uuid::now_v7(),
+                                draft_id,
+                                reasons: reasons.clone(),
+                                at,
+                            },
+                        )
+                        .await?;
+                        Outcome::AwaitingApproval {
+                            confidence: *confidence,
+                            reasons: reasons.clone(),
+                        }
+                    }
+                }
+                (Decision::Escalate { reason, note }, _) => {
+                    uow.execute::<Ticket>(
+                        &ticket_key,
+                        TicketCommand::Escalate {
+                            escalation_id: Uuid::now_v7(),
+                            in_reply_to: Some(run.message_id),
+                            reason: *reason,
+                            note: note.clone(),
+                            at,
+                        },
+                    )
+                    .await?;
+                    let reply = format_reply(channel, holding_reply(*reason), &ctx);
+                    uow.execute::<Ticket>(
+                        &ticket_key,
+                        TicketCommand::SendResponse {
+                            response_id: Uuid::now_v7(),
+                            draft_id: None,
+                            channel,
+                            body: reply.body,
+                            parts: reply.parts,
+                            at,
+                        },
+                    )
+                    .await?;
+                    Outcome::Escalated(*reason)
+                }
+                (Decision::Draft { .. }, None) => unreachable!("every draft has a verdict"),
+            };
+            match uow.commit().await {
+                Ok(_) => return Ok(outcome),
+                Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
+                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Up to three sentences of the best passages, those sharing most words
+/// with the question, in the order the passage has them.
+pub fn extractive_answer(question: &str, passages: &[&Passage]) -> String {
+    let wanted: BTreeSet<String> = content_words(question).into_iter().collect();
+    let best = passages.iter().map(|p| p.score).fold(f64::MIN, f64::max);
+    let mut candidates: Vec<(usize, usize, String)> = Vec::new();
+    for (pi, passage) in passages.iter().filter(|p| p.score >= best - 0.1).take(2).enumerate() {
+        // The chunk's first line is the document title.
+        let text = passage.body.split_once('\n').map(|(_, rest)| rest).unwrap_or(&passage.body);
+        for (si, sentence) in sentences(text).into_iter().enumerate() {
+            let overlap = content_words(&sentence).iter().filter(|w| wanted.contains(*w)).count();
+            candidates.push((overlap, pi * 1000 + si, sentence));
+        }
+    }
+    candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut chosen: Vec<(usize, String)> = candidates.into_iter().take(3).map(|(_, order, s)| (order, s)).collect();
+    chosen.sort_by_key(|c| c.0);
+    chosen.into_iter().map(|c| c.1).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passage(body: &str, score: f64) -> Passage {
+        Passage {
+            chunk_id: "c".into(),
+            document_id: "d".into(),
+            title: "t".into(),
+            body: body.into(),
+            score,
+        }
+    }
+
+    #[test]
+    fn the_local_answer_takes_the_sentences_that_match_the_question() {
+        let p = passage(
+            "How do I export?\nExports run in the background. To export a project, open Settings > Workspace > Export. \
+             Choose CSV or JSON and press Export. Our offices are in Lisbon.",
+            0.8,
+        );
+        let answer = extractive_answer("How do I export a project as CSV?", &[&p]);
+        assert!(answer.contains("open Settings > Workspace > Export"), "{answer}");
+        assert!(answer.contains("Choose CSV"), "{answer}");
+        assert!(!answer.contains("Lisbon"), "{answer}");
+    }
+}
+
+/// The agent worker's handler for `<prefix>.tickets.incoming`.
+pub struct AgentHandler(pub std::sync::Arc<Agent>);
+
+#[async_trait::async_trait]
+impl crate::worker::Handler for AgentHandler {
+    async fn handle(&self, message: &crate::worker::Incoming) -> Result<(), crate::worker::HandlerError> {
+        use crate::worker::HandlerError;
+        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
+            .map_err(|e| HandlerError::Poison(format!("not an event envelope: {e}")))?;
+        if envelope.event_type != "CustomerMessageReceived" {
+            return Ok(());
+        }
+        match self.0.handle(&envelope).await {
+            Ok(_) => Ok(()),
+            Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!("event {id} is not a customer message"))),
+            Err(AgentError::Rejected(TicketError::AlreadyHandled(_))) => Ok(()),
+            Err(AgentError::Rejected(e)) => Err(HandlerError::Poison(e.to_string())),
+            Err(e) => Err(HandlerError::Retry(e.to_string())),
+        }
+    }
+}

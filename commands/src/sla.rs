@@ -1,0 +1,73 @@
+//! The SLA monitor: tickets past their first-response or resolution
+//! deadline get an `SlaBreached` event, exactly once per kind (the ticket
+//! refuses a second).
+
+use std::time::Duration;
+
+use casebook_domain::sla::SlaKind;
+use casebook_domain::{Actor, EventMetadata, Ticket, TicketCommand, TicketError};
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::store::{CommandError, EventStore};
+
+/// Looks for breaches once; returns how many it recorded.
+pub async fn check_once(store: &EventStore, pool: &PgPool) -> Result<usize, sqlx::Error> {
+    // Candidates from the read model; the ticket itself decides.
+    let due: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT ticket_id, 'first_response' FROM crm_tickets
+          WHERE first_response_at IS NULL AND first_response_due < now()
+            AND status NOT IN ('resolved', 'closed')
+            AND NOT (state->'sla_breaches' ? 'first_response')
+         UNION ALL
+         SELECT ticket_id, 'resolution' FROM crm_tickets
+          WHERE resolution_due < now() AND status NOT IN ('resolved', 'closed')
+            AND NOT (state->'sla_breaches' ? 'resolution')
+         LIMIT 500",
+    )
+    .fetch_all(pool)
+    .await?;
+    let meta = EventMetadata::new(Uuid::now_v7().to_string(), Actor::system("sla-monitor"));
+    let mut recorded = 0;
+    for (ticket_id, kind) in due {
+        let kind = if kind == "first_response" {
+            SlaKind::FirstResponse
+        } else {
+            SlaKind::Resolution
+        };
+        match store
+            .execute::<Ticket>(
+                &ticket_id.to_string(),
+                TicketCommand::RecordSlaBreach { kind, at: Utc::now() },
+                &meta,
+            )
+            .await
+        {
+            Ok(events) if !events.is_empty() => {
+                recorded += 1;
+                tracing::warn!(%ticket_id, kind = kind.as_str(), "SLA breached");
+            }
+            Ok(_)
+            | Err(CommandError::Rejected(
+                TicketError::SlaAlreadyBreached(_) | TicketError::SlaNotBreached(_) | TicketError::Closed,
+            )) => {}
+            Err(e) => tracing::warn!(%ticket_id, error = %e, "could not record an SLA breach"),
+        }
+    }
+    Ok(recorded)
+}
+
+/// Checks every `every` until `shutdown`.
+pub async fn run(store: EventStore, pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = check_once(&store, &pool).await {
+            tracing::warn!(error = %e, "SLA check failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
