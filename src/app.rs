@@ -8,18 +8,18 @@ use anyhow::Context;
 use casebook_api::{ApiSettings, AppState, Inner, Readiness, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::delivery::{Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings};
-use casebook_commands::embeddings::{EmbeddingSource, Embedder};
+use casebook_commands::embeddings::{Embedder, EmbeddingSource};
 use casebook_commands::gmail::{GmailClient, GmailSync};
+use casebook_commands::kafka::KafkaSettings;
 use casebook_commands::knowledge::KnowledgeBase;
 use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
+use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::sla;
 use casebook_commands::worker::{self, WorkerSettings};
-use casebook_domain::Channel;
-use casebook_commands::kafka::KafkaSettings;
-use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::{EventStore, Intake};
 use casebook_domain::retry::Backoff;
 use casebook_domain::topics::Topics;
+use casebook_domain::Channel;
 use casebook_projections::{ConsumerSettings, ProjectorRunner};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -49,7 +49,13 @@ pub enum Role {
 impl Role {
     fn expand(roles: &[Role]) -> Vec<Role> {
         if roles.is_empty() || roles.contains(&Role::All) {
-            return vec![Role::Api, Role::Relay, Role::Projector, Role::Agent, Role::Delivery];
+            return vec![
+                Role::Api,
+                Role::Relay,
+                Role::Projector,
+                Role::Agent,
+                Role::Delivery,
+            ];
         }
         let mut out = roles.to_vec();
         out.dedup();
@@ -70,7 +76,10 @@ pub fn embedder(config: &Config) -> anyhow::Result<Embedder> {
     let source = match &config.embeddings {
         EmbeddingsConfig::Local(dir) => EmbeddingSource::Local(dir.clone()),
         EmbeddingsConfig::OpenAi { model } => {
-            let llm = config.llm.as_ref().context("CASEBOOK_EMBEDDINGS=openai needs LLM_BASE_URL")?;
+            let llm = config
+                .llm
+                .as_ref()
+                .context("CASEBOOK_EMBEDDINGS=openai needs LLM_BASE_URL")?;
             EmbeddingSource::OpenAi {
                 base_url: llm.base_url.clone(),
                 api_key: llm.api_key.clone(),
@@ -86,7 +95,11 @@ pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
     let mut providers = Vec::new();
     for (kind, llm, name) in [
         (ProviderKind::OpenAi, &config.llm, "LLM_BASE_URL"),
-        (ProviderKind::Anthropic, &config.llm_fallback, "LLM_FALLBACK_BASE_URL"),
+        (
+            ProviderKind::Anthropic,
+            &config.llm_fallback,
+            "LLM_FALLBACK_BASE_URL",
+        ),
     ] {
         if let Some(llm) = llm {
             let settings = ProviderSettings {
@@ -94,14 +107,19 @@ pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
                 api_key: llm.api_key.clone(),
                 model: llm.model.clone(),
             };
-            providers.push(Provider::new(kind, settings).with_context(|| format!("{name}: client"))?);
+            providers
+                .push(Provider::new(kind, settings).with_context(|| format!("{name}: client"))?);
         }
     }
     Ok(providers)
 }
 
 fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Delivery> {
-    let twilio = match (&config.twilio_account_sid, &config.twilio_auth_token, &config.twilio_whatsapp_from) {
+    let twilio = match (
+        &config.twilio_account_sid,
+        &config.twilio_auth_token,
+        &config.twilio_whatsapp_from,
+    ) {
         (Some(sid), Some(token), Some(from)) => Some(TwilioSettings {
             api_base: config.twilio_api_base.clone(),
             account_sid: sid.clone(),
@@ -121,7 +139,9 @@ fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Re
             from: from.clone(),
         }),
         None => {
-            tracing::warn!("GMAIL_SUPPORT_ADDRESS unset: email and web form replies cannot be delivered");
+            tracing::warn!(
+                "GMAIL_SUPPORT_ADDRESS unset: email and web form replies cannot be delivered"
+            );
             None
         }
     };
@@ -273,7 +293,12 @@ pub async fn start(
     if roles.contains(&Role::Agent) {
         let kb = KnowledgeBase::new(pool.clone(), embedder(config)?);
         let store = EventStore::new(pool.clone());
-        let agent = Arc::new(Agent::new(store.clone(), kb, providers(config)?, config.support_signature.clone()));
+        let agent = Arc::new(Agent::new(
+            store.clone(),
+            kb,
+            providers(config)?,
+            config.support_signature.clone(),
+        ));
         let worker = worker::spawn(
             &kafka,
             WorkerSettings {
@@ -287,12 +312,18 @@ pub async fn start(
         .context("KAFKA_BROKERS: agent consumer")?;
         tasks.push(("agent", worker));
         let every = Duration::from_secs(config.sla_check_every_secs);
-        tasks.push(("sla", tokio::spawn(sla::run(store, pool.clone(), every, shutdown.clone()))));
+        tasks.push((
+            "sla",
+            tokio::spawn(sla::run(store, pool.clone(), every, shutdown.clone())),
+        ));
     }
 
     if roles.contains(&Role::Delivery) {
         let delivery = Arc::new(delivery(config, &pool, &kafka)?);
-        let topics = Channel::ALL.iter().map(|c| kafka.topics.outbound(*c)).collect();
+        let topics = Channel::ALL
+            .iter()
+            .map(|c| kafka.topics.outbound(*c))
+            .collect();
         let worker = worker::spawn(
             &kafka,
             WorkerSettings {

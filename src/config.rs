@@ -232,10 +232,15 @@ impl Config {
             Some(base) => Some(LlmConfig {
                 base_url: http_url("LLM_BASE_URL", &base)?,
                 api_key: src.var("LLM_API_KEY"),
-                model: src.var("LLM_MODEL").ok_or_else(|| bad("LLM_MODEL", "is required with LLM_BASE_URL"))?,
+                model: src
+                    .var("LLM_MODEL")
+                    .ok_or_else(|| bad("LLM_MODEL", "is required with LLM_BASE_URL"))?,
             }),
         };
-        let llm_fallback = match (src.var("LLM_FALLBACK_BASE_URL"), src.var("LLM_FALLBACK_API_KEY")) {
+        let llm_fallback = match (
+            src.var("LLM_FALLBACK_BASE_URL"),
+            src.var("LLM_FALLBACK_API_KEY"),
+        ) {
             (None, None) => None,
             (base, api_key) => Some(LlmConfig {
                 base_url: http_url(
@@ -248,10 +253,16 @@ impl Config {
                     .unwrap_or_else(|| "claude-3-5-haiku-latest".into()),
             }),
         };
-        let embeddings = match src.var("CASEBOOK_EMBEDDINGS").unwrap_or_else(|| DEFAULT_EMBEDDINGS.into()) {
+        let embeddings = match src
+            .var("CASEBOOK_EMBEDDINGS")
+            .unwrap_or_else(|| DEFAULT_EMBEDDINGS.into())
+        {
             v if v == "openai" => {
                 if llm.is_none() {
-                    return Err(bad("CASEBOOK_EMBEDDINGS", "openai needs LLM_BASE_URL (and usually LLM_API_KEY)"));
+                    return Err(bad(
+                        "CASEBOOK_EMBEDDINGS",
+                        "openai needs LLM_BASE_URL (and usually LLM_API_KEY)",
+                    ));
                 }
                 EmbeddingsConfig::OpenAi {
                     model: src
@@ -261,7 +272,12 @@ impl Config {
             }
             v => match v.strip_prefix("local:") {
                 Some(dir) if !dir.is_empty() => EmbeddingsConfig::Local(src.root.join(dir)),
-                _ => return Err(bad("CASEBOOK_EMBEDDINGS", "must be local:<model dir> or openai")),
+                _ => {
+                    return Err(bad(
+                        "CASEBOOK_EMBEDDINGS",
+                        "must be local:<model dir> or openai",
+                    ))
+                }
             },
         };
         let sla_check_every_secs = match src.var("CASEBOOK_SLA_CHECK_SECS") {
@@ -270,7 +286,12 @@ impl Config {
                 .parse::<u64>()
                 .ok()
                 .filter(|n| (1..=3600).contains(n))
-                .ok_or_else(|| bad("CASEBOOK_SLA_CHECK_SECS", "must be a number of seconds from 1 to 3600"))?,
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_SLA_CHECK_SECS",
+                        "must be a number of seconds from 1 to 3600",
+                    )
+                })?,
         };
         Ok(Self {
             llm,
@@ -368,11 +389,26 @@ mod tests {
 
     #[test]
     fn a_model_needs_its_name_and_embeddings_default_to_the_local_model() {
-        assert_eq!(load(&[("LLM_BASE_URL", "http://llm.test/v1")]).unwrap_err().name, "LLM_MODEL");
-        let c = load(&[("LLM_BASE_URL", "http://llm.test/v1"), ("LLM_MODEL", "m"), ("LLM_FALLBACK_API_KEY", "k")]).unwrap();
+        assert_eq!(
+            load(&[("LLM_BASE_URL", "http://llm.test/v1")])
+                .unwrap_err()
+                .name,
+            "LLM_MODEL"
+        );
+        let c = load(&[
+            ("LLM_BASE_URL", "http://llm.test/v1"),
+            ("LLM_MODEL", "m"),
+            ("LLM_FALLBACK_API_KEY", "k"),
+        ])
+        .unwrap();
         assert_eq!(c.llm.unwrap().model, "m");
-        assert_eq!(c.llm_fallback.unwrap().base_url, "https://api.anthropic.com");
-        assert!(matches!(c.embeddings, EmbeddingsConfig::Local(ref p) if p.ends_with(".casebook/models/all-MiniLM-L6-v2")));
+        assert_eq!(
+            c.llm_fallback.unwrap().base_url,
+            "https://api.anthropic.com"
+        );
+        assert!(
+            matches!(c.embeddings, EmbeddingsConfig::Local(ref p) if p.ends_with(".casebook/models/all-MiniLM-L6-v2"))
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
 use casebook_domain::ticket::{EscalationReason, KnowledgeHit};
 use casebook_domain::{
-    Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand, TicketError, TicketEvent,
+    Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,
+    TicketError, TicketEvent,
 };
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -109,8 +110,13 @@ impl From<CommandError<TicketError>> for AgentError {
 /// What the agent did with a message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Sent { confidence: f64 },
-    AwaitingApproval { confidence: f64, reasons: Vec<String> },
+    Sent {
+        confidence: f64,
+    },
+    AwaitingApproval {
+        confidence: f64,
+        reasons: Vec<String>,
+    },
     Escalated(EscalationReason),
     /// Handled before (a redelivery), or no longer the agent's to handle.
     Skipped,
@@ -176,7 +182,12 @@ pub struct Agent {
 impl Agent {
     /// `providers` in the order they are tried (primary, fallback); the
     /// local responder always comes last.
-    pub fn new(store: EventStore, kb: KnowledgeBase, providers: Vec<Provider>, signature: impl Into<String>) -> Self {
+    pub fn new(
+        store: EventStore,
+        kb: KnowledgeBase,
+        providers: Vec<Provider>,
+        signature: impl Into<String>,
+    ) -> Self {
         Self {
             pool: store.pool().clone(),
             store,
@@ -202,7 +213,11 @@ impl Agent {
             .parse()
             .map_err(|_| AgentError::NotAMessage(envelope.event_id))?;
         // 1. The ticket exists (intake opened it with the message).
-        let ticket = self.store.load::<Ticket>(&ticket_id.to_string()).await?.aggregate;
+        let ticket = self
+            .store
+            .load::<Ticket>(&ticket_id.to_string())
+            .await?
+            .aggregate;
         let Some(customer_id) = ticket.customer_id else {
             return Err(AgentError::Rejected(TicketError::NotFound));
         };
@@ -210,9 +225,12 @@ impl Agent {
             return Ok(Outcome::Skipped);
         }
         let started = Instant::now();
-        let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::new(ActorKind::Ai, "agent"))
-            .caused_by(envelope.event_id.to_string())
-            .on_channel(channel);
+        let meta = EventMetadata::new(
+            envelope.correlation_id.clone(),
+            Actor::new(ActorKind::Ai, "agent"),
+        )
+        .caused_by(envelope.event_id.to_string())
+        .on_channel(channel);
         // 2. What the customer wrote before, on every channel.
         let history = self.history(customer_id, ticket_id).await?;
         let mut run = Run {
@@ -227,12 +245,17 @@ impl Agent {
         let decision = match assessment.escalate {
             Some(reason) => Decision::Escalate {
                 reason,
-                note: Some(format!("input guardrail (sentiment {:.2})", assessment.sentiment.score)),
+                note: Some(format!(
+                    "input guardrail (sentiment {:.2})",
+                    assessment.sentiment.score
+                )),
             },
             // 4. The model, with the knowledge base.
             None => self.converse(&mut run, channel).await,
         };
-        let outcome = self.commit(&run, channel, customer_id, decision, &meta).await?;
+        let outcome = self
+            .commit(&run, channel, customer_id, decision, &meta)
+            .await?;
         tracing::info!(
             ticket_id = %ticket_id,
             outcome = ?outcome,
@@ -289,7 +312,10 @@ impl Agent {
                         break;
                     }
                 };
-                match self.follow(run, reply, provider.model(), &mut messages).await {
+                match self
+                    .follow(run, reply, provider.model(), &mut messages)
+                    .await
+                {
                     Ok(Some(decision)) => return self.grounded(run, decision).await,
                     Ok(None) => {}
                     Err(e) => {
@@ -342,7 +368,10 @@ impl Agent {
     }
 
     async fn search<'r>(&self, run: &'r mut Run, query: &str) -> Result<&'r Search, AgentError> {
-        let passages = self.kb.search(query, PASSAGES_PER_SEARCH, RELEVANCE_THRESHOLD).await?;
+        let passages = self
+            .kb
+            .search(query, PASSAGES_PER_SEARCH, RELEVANCE_THRESHOLD)
+            .await?;
         run.searches.push(Search {
             query: query.to_string(),
             passages,
@@ -350,7 +379,12 @@ impl Agent {
         Ok(run.searches.last().expect("just pushed"))
     }
 
-    async fn tool(&self, run: &mut Run, call: &ToolCall, model: &str) -> Result<(Value, Option<Decision>), AgentError> {
+    async fn tool(
+        &self,
+        run: &mut Run,
+        call: &ToolCall,
+        model: &str,
+    ) -> Result<(Value, Option<Decision>), AgentError> {
         let args = &call.arguments;
         Ok(match call.name.as_str() {
             "create_ticket" => (json!({"ticket_id": run.ticket_id, "created": false}), None),
@@ -365,9 +399,16 @@ impl Agent {
             ),
             "search_knowledge_base" => {
                 if run.searches.len() >= MAX_SEARCHES {
-                    (json!({"error": "no searches left for this message; escalate with reason knowledge_gap"}), None)
+                    (
+                        json!({"error": "no searches left for this message; escalate with reason knowledge_gap"}),
+                        None,
+                    )
                 } else {
-                    let query = args["query"].as_str().filter(|q| !q.trim().is_empty()).unwrap_or(&run.text).to_string();
+                    let query = args["query"]
+                        .as_str()
+                        .filter(|q| !q.trim().is_empty())
+                        .unwrap_or(&run.text)
+                        .to_string();
                     let search = self.search(run, &query).await?;
                     let passages: Vec<Value> = search
                         .passages
@@ -448,7 +489,10 @@ impl Agent {
         if run.relevant().is_empty() {
             return Ok(Decision::Escalate {
                 reason: EscalationReason::KnowledgeGap,
-                note: Some(format!("{} searches found nothing relevant", run.searches.len())),
+                note: Some(format!(
+                    "{} searches found nothing relevant",
+                    run.searches.len()
+                )),
             });
         }
         Ok(Decision::Draft {
@@ -466,14 +510,20 @@ impl Agent {
         decision: Decision,
         meta: &EventMetadata,
     ) -> Result<Outcome, AgentError> {
-        let customer = self.store.load::<Customer>(&customer_id.to_string()).await?.aggregate;
+        let customer = self
+            .store
+            .load::<Customer>(&customer_id.to_string())
+            .await?
+            .aggregate;
         let ctx = ReplyContext::new(customer.name.clone(), run.ticket_id, &self.signature);
         let relevant = run.relevant();
         let passages: Vec<&str> = relevant.iter().map(|p| p.body.as_str()).collect();
         // 5. Judge the draft.
         let verdict = match &decision {
             Decision::Draft {
-                body, model_confidence, ..
+                body,
+                model_confidence,
+                ..
             } => {
                 let (supported, _) = support(body, &passages);
                 let judged = sentences(body)
@@ -486,9 +536,15 @@ impl Agent {
                     judged_sentences: judged,
                     model_confidence: *model_confidence,
                 });
-                let mut reasons: Vec<String> = review_draft(body, &passages).iter().map(|i| i.describe()).collect();
+                let mut reasons: Vec<String> = review_draft(body, &passages)
+                    .iter()
+                    .map(|i| i.describe())
+                    .collect();
                 if confidence < APPROVAL_THRESHOLD {
-                    reasons.insert(0, format!("confidence {confidence:.2} is below {APPROVAL_THRESHOLD}"));
+                    reasons.insert(
+                        0,
+                        format!("confidence {confidence:.2} is below {APPROVAL_THRESHOLD}"),
+                    );
                 }
                 Some((confidence, reasons))
             }
@@ -635,18 +691,65 @@ pub fn extractive_answer(question: &str, passages: &[&Passage]) -> String {
     let wanted: BTreeSet<String> = content_words(question).into_iter().collect();
     let best = passages.iter().map(|p| p.score).fold(f64::MIN, f64::max);
     let mut candidates: Vec<(usize, usize, String)> = Vec::new();
-    for (pi, passage) in passages.iter().filter(|p| p.score >= best - 0.1).take(2).enumerate() {
+    for (pi, passage) in passages
+        .iter()
+        .filter(|p| p.score >= best - 0.1)
+        .take(2)
+        .enumerate()
+    {
         // The chunk's first line is the document title.
-        let text = passage.body.split_once('\n').map(|(_, rest)| rest).unwrap_or(&passage.body);
+        let text = passage
+            .body
+            .split_once('\n')
+            .map(|(_, rest)| rest)
+            .unwrap_or(&passage.body);
         for (si, sentence) in sentences(text).into_iter().enumerate() {
-            let overlap = content_words(&sentence).iter().filter(|w| wanted.contains(*w)).count();
+            let overlap = content_words(&sentence)
+                .iter()
+                .filter(|w| wanted.contains(*w))
+                .count();
             candidates.push((overlap, pi * 1000 + si, sentence));
         }
     }
     candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut chosen: Vec<(usize, String)> = candidates.into_iter().take(3).map(|(_, order, s)| (order, s)).collect();
+    let mut chosen: Vec<(usize, String)> = candidates
+        .into_iter()
+        .take(3)
+        .map(|(_, order, s)| (order, s))
+        .collect();
     chosen.sort_by_key(|c| c.0);
-    chosen.into_iter().map(|c| c.1).collect::<Vec<_>>().join(" ")
+    chosen
+        .into_iter()
+        .map(|c| c.1)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The agent worker's handler for `<prefix>.tickets.incoming`.
+pub struct AgentHandler(pub std::sync::Arc<Agent>);
+
+#[async_trait::async_trait]
+impl crate::worker::Handler for AgentHandler {
+    async fn handle(
+        &self,
+        message: &crate::worker::Incoming,
+    ) -> Result<(), crate::worker::HandlerError> {
+        use crate::worker::HandlerError;
+        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
+            .map_err(|e| HandlerError::Poison(format!("not an event envelope: {e}")))?;
+        if envelope.event_type != "CustomerMessageReceived" {
+            return Ok(());
+        }
+        match self.0.handle(&envelope).await {
+            Ok(_) => Ok(()),
+            Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!(
+                "event {id} is not a customer message"
+            ))),
+            Err(AgentError::Rejected(TicketError::AlreadyHandled(_))) => Ok(()),
+            Err(AgentError::Rejected(e)) => Err(HandlerError::Poison(e.to_string())),
+            Err(e) => Err(HandlerError::Retry(e.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -671,30 +774,11 @@ mod tests {
             0.8,
         );
         let answer = extractive_answer("How do I export a project as CSV?", &[&p]);
-        assert!(answer.contains("open Settings > Workspace > Export"), "{answer}");
+        assert!(
+            answer.contains("open Settings > Workspace > Export"),
+            "{answer}"
+        );
         assert!(answer.contains("Choose CSV"), "{answer}");
         assert!(!answer.contains("Lisbon"), "{answer}");
-    }
-}
-
-/// The agent worker's handler for `<prefix>.tickets.incoming`.
-pub struct AgentHandler(pub std::sync::Arc<Agent>);
-
-#[async_trait::async_trait]
-impl crate::worker::Handler for AgentHandler {
-    async fn handle(&self, message: &crate::worker::Incoming) -> Result<(), crate::worker::HandlerError> {
-        use crate::worker::HandlerError;
-        let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
-            .map_err(|e| HandlerError::Poison(format!("not an event envelope: {e}")))?;
-        if envelope.event_type != "CustomerMessageReceived" {
-            return Ok(());
-        }
-        match self.0.handle(&envelope).await {
-            Ok(_) => Ok(()),
-            Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!("event {id} is not a customer message"))),
-            Err(AgentError::Rejected(TicketError::AlreadyHandled(_))) => Ok(()),
-            Err(AgentError::Rejected(e)) => Err(HandlerError::Poison(e.to_string())),
-            Err(e) => Err(HandlerError::Retry(e.to_string())),
-        }
     }
 }

@@ -2,7 +2,9 @@
 //! (optionally edited), which sends the reply, or reject, which never does.
 
 use casebook_domain::formatting::{format_reply, ReplyContext};
-use casebook_domain::{Actor, ActorKind, Customer, EventMetadata, Ticket, TicketCommand, TicketError};
+use casebook_domain::{
+    Actor, ActorKind, Customer, EventMetadata, Ticket, TicketCommand, TicketError,
+};
 use chrono::Utc;
 use uuid::Uuid;
 
@@ -42,12 +44,19 @@ impl Approvals {
             let (Some(channel), Some(customer_id)) = (ticket.channel, ticket.customer_id) else {
                 return Err(CommandError::Rejected(TicketError::NotFound));
             };
-            let approval = ticket
-                .approvals
-                .get(&approval_id)
-                .cloned()
-                .ok_or(CommandError::Rejected(TicketError::UnknownApproval(approval_id)))?;
-            let customer = self.store.load::<Customer>(&customer_id.to_string()).await?.aggregate;
+            let approval =
+                ticket
+                    .approvals
+                    .get(&approval_id)
+                    .cloned()
+                    .ok_or(CommandError::Rejected(TicketError::UnknownApproval(
+                        approval_id,
+                    )))?;
+            let customer = self
+                .store
+                .load::<Customer>(&customer_id.to_string())
+                .await?
+                .aggregate;
             let at = Utc::now();
             uow.execute::<Ticket>(
                 &key,
@@ -60,7 +69,11 @@ impl Approvals {
             )
             .await?;
             let text = edited_body.clone().unwrap_or(approval.body);
-            let reply = format_reply(channel, &text, &ReplyContext::new(customer.name, ticket_id, &self.signature));
+            let reply = format_reply(
+                channel,
+                &text,
+                &ReplyContext::new(customer.name, ticket_id, &self.signature),
+            );
             let response_id = Uuid::now_v7();
             uow.execute::<Ticket>(
                 &key,

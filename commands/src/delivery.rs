@@ -17,7 +17,8 @@ use casebook_domain::retry::Backoff;
 use casebook_domain::sanitize::single_line;
 use casebook_domain::ticket::{DeliveryStatus, EmailThread};
 use casebook_domain::{
-    Actor, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand, TicketError, TicketEvent,
+    Actor, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand, TicketError,
+    TicketEvent,
 };
 use chrono::Utc;
 use rdkafka::producer::FutureProducer;
@@ -31,7 +32,8 @@ use crate::store::{CommandError, EventStore};
 use crate::worker::{dead_letter, Handler, HandlerError, Incoming};
 
 /// Attempts per message part before the reply counts as undeliverable.
-pub const DELIVERY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 5);
+pub const DELIVERY_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -77,7 +79,10 @@ struct GmailSent {
 }
 
 fn classify(status: reqwest::StatusCode, body: String) -> SendError {
-    let detail = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
+    let detail = format!(
+        "HTTP {status}: {}",
+        body.chars().take(200).collect::<String>()
+    );
     if status.as_u16() == 429 || status.is_server_error() {
         SendError::Transient(detail)
     } else {
@@ -104,7 +109,13 @@ fn encode_header(value: &str) -> String {
 
 /// An RFC 2822 message: plain text, UTF-8, joined to the customer's thread
 /// when there is one.
-pub fn rfc2822(from: &str, to: &str, subject: &str, in_reply_to: Option<&str>, body: &str) -> String {
+pub fn rfc2822(
+    from: &str,
+    to: &str,
+    subject: &str,
+    in_reply_to: Option<&str>,
+    body: &str,
+) -> String {
     let mut m = String::new();
     m.push_str(&format!("From: {}\r\n", single_line(from)));
     m.push_str(&format!("To: {}\r\n", single_line(to)));
@@ -151,69 +162,103 @@ impl Delivery {
         }
     }
 
-    async fn twilio_send(&self, t: &TwilioSettings, to: &str, body: &str) -> Result<String, SendError> {
-        retry(&DELIVERY_BACKOFF, "twilio send", SendError::is_transient, || async {
-            let started = Instant::now();
-            let mut form = vec![("To", to.to_string()), ("From", t.from.clone()), ("Body", body.to_string())];
-            if let Some(cb) = &t.status_callback {
-                form.push(("StatusCallback", cb.clone()));
-            }
-            let result = async {
-                let response = self
-                    .http
-                    .post(format!("{}/2010-04-01/Accounts/{}/Messages.json", t.api_base, t.account_sid))
-                    .basic_auth(&t.account_sid, Some(&t.auth_token))
-                    .form(&form)
-                    .send()
-                    .await
-                    .map_err(|e| SendError::Transient(e.to_string()))?;
-                let status = response.status();
-                if !status.is_success() {
-                    return Err(classify(status, response.text().await.unwrap_or_default()));
+    async fn twilio_send(
+        &self,
+        t: &TwilioSettings,
+        to: &str,
+        body: &str,
+    ) -> Result<String, SendError> {
+        retry(
+            &DELIVERY_BACKOFF,
+            "twilio send",
+            SendError::is_transient,
+            || async {
+                let started = Instant::now();
+                let mut form = vec![
+                    ("To", to.to_string()),
+                    ("From", t.from.clone()),
+                    ("Body", body.to_string()),
+                ];
+                if let Some(cb) = &t.status_callback {
+                    form.push(("StatusCallback", cb.clone()));
                 }
-                response
-                    .json::<TwilioMessage>()
-                    .await
-                    .map(|m| m.sid)
-                    .map_err(|e| SendError::Permanent(format!("unreadable Twilio response: {e}")))
-            }
-            .await;
-            observe("twilio", started, &result);
-            result
-        })
+                let result = async {
+                    let response = self
+                        .http
+                        .post(format!(
+                            "{}/2010-04-01/Accounts/{}/Messages.json",
+                            t.api_base, t.account_sid
+                        ))
+                        .basic_auth(&t.account_sid, Some(&t.auth_token))
+                        .form(&form)
+                        .send()
+                        .await
+                        .map_err(|e| SendError::Transient(e.to_string()))?;
+                    let status = response.status();
+                    if !status.is_success() {
+                        return Err(classify(status, response.text().await.unwrap_or_default()));
+                    }
+                    response
+                        .json::<TwilioMessage>()
+                        .await
+                        .map(|m| m.sid)
+                        .map_err(|e| {
+                            SendError::Permanent(format!("unreadable Twilio response: {e}"))
+                        })
+                }
+                .await;
+                observe("twilio", started, &result);
+                result
+            },
+        )
         .await
     }
 
-    async fn gmail_send(&self, g: &GmailSendSettings, raw: &str, thread_id: Option<&str>) -> Result<String, SendError> {
-        retry(&DELIVERY_BACKOFF, "gmail send", SendError::is_transient, || async {
-            let started = Instant::now();
-            let mut body = serde_json::json!({"raw": URL_SAFE_NO_PAD.encode(raw.as_bytes())});
-            if let Some(thread) = thread_id {
-                body["threadId"] = serde_json::Value::String(thread.to_string());
-            }
-            let result = async {
-                let mut request = self
-                    .http
-                    .post(format!("{}/gmail/v1/users/me/messages/send", g.api_base))
-                    .json(&body);
-                if let Some(token) = &g.access_token {
-                    request = request.bearer_auth(token);
+    async fn gmail_send(
+        &self,
+        g: &GmailSendSettings,
+        raw: &str,
+        thread_id: Option<&str>,
+    ) -> Result<String, SendError> {
+        retry(
+            &DELIVERY_BACKOFF,
+            "gmail send",
+            SendError::is_transient,
+            || async {
+                let started = Instant::now();
+                let mut body = serde_json::json!({"raw": URL_SAFE_NO_PAD.encode(raw.as_bytes())});
+                if let Some(thread) = thread_id {
+                    body["threadId"] = serde_json::Value::String(thread.to_string());
                 }
-                let response = request.send().await.map_err(|e| SendError::Transient(e.to_string()))?;
-                let status = response.status();
-                if !status.is_success() {
-                    return Err(classify(status, response.text().await.unwrap_or_default()));
+                let result = async {
+                    let mut request = self
+                        .http
+                        .post(format!("{}/gmail/v1/users/me/messages/send", g.api_base))
+                        .json(&body);
+                    if let Some(token) = &g.access_token {
+                        request = request.bearer_auth(token);
+                    }
+                    let response = request
+                        .send()
+                        .await
+                        .map_err(|e| SendError::Transient(e.to_string()))?;
+                    let status = response.status();
+                    if !status.is_success() {
+                        return Err(classify(status, response.text().await.unwrap_or_default()));
+                    }
+                    response
+                        .json::<GmailSent>()
+                        .await
+                        .map(|m| m.id)
+                        .map_err(|e| {
+                            SendError::Permanent(format!("unreadable Gmail response: {e}"))
+                        })
                 }
-                response
-                    .json::<GmailSent>()
-                    .await
-                    .map(|m| m.id)
-                    .map_err(|e| SendError::Permanent(format!("unreadable Gmail response: {e}")))
-            }
-            .await;
-            observe("gmail", started, &result);
-            result
-        })
+                .await;
+                observe("gmail", started, &result);
+                result
+            },
+        )
         .await
     }
 
@@ -226,43 +271,71 @@ impl Delivery {
         body: &str,
         parts: &[String],
     ) -> Result<Vec<String>, SendError> {
-        let identity = |kind: IdentityKind| customer.identities.iter().find(|i| i.kind == kind).map(|i| i.value.clone());
+        let identity = |kind: IdentityKind| {
+            customer
+                .identities
+                .iter()
+                .find(|i| i.kind == kind)
+                .map(|i| i.value.clone())
+        };
         match channel {
             Channel::Whatsapp => {
-                let t = self
-                    .twilio
-                    .as_ref()
-                    .ok_or_else(|| SendError::Permanent("Twilio is not configured (TWILIO_ACCOUNT_SID…)".into()))?;
+                let t = self.twilio.as_ref().ok_or_else(|| {
+                    SendError::Permanent("Twilio is not configured (TWILIO_ACCOUNT_SID…)".into())
+                })?;
                 let number = identity(IdentityKind::Whatsapp)
                     .or_else(|| identity(IdentityKind::Phone))
-                    .ok_or_else(|| SendError::Permanent("the customer has no WhatsApp number".into()))?;
+                    .ok_or_else(|| {
+                        SendError::Permanent("the customer has no WhatsApp number".into())
+                    })?;
                 let mut ids = Vec::with_capacity(parts.len());
                 for part in parts {
-                    ids.push(self.twilio_send(t, &format!("whatsapp:{number}"), part).await?);
+                    ids.push(
+                        self.twilio_send(t, &format!("whatsapp:{number}"), part)
+                            .await?,
+                    );
                 }
                 Ok(ids)
             }
             Channel::Email | Channel::Webform => {
-                let g = self
-                    .gmail
-                    .as_ref()
-                    .ok_or_else(|| SendError::Permanent("Gmail sending is not configured (GMAIL_SUPPORT_ADDRESS)".into()))?;
-                let to = identity(IdentityKind::Email)
-                    .ok_or_else(|| SendError::Permanent("the customer has no email address".into()))?;
+                let g = self.gmail.as_ref().ok_or_else(|| {
+                    SendError::Permanent(
+                        "Gmail sending is not configured (GMAIL_SUPPORT_ADDRESS)".into(),
+                    )
+                })?;
+                let to = identity(IdentityKind::Email).ok_or_else(|| {
+                    SendError::Permanent("the customer has no email address".into())
+                })?;
                 let thread: Option<&EmailThread> = ticket.email_thread.as_ref();
                 let reference = ticket.id.map(ticket_reference).unwrap_or_default();
-                let subject = match thread.and_then(|t| t.subject.clone()).or_else(|| ticket.subject.clone()) {
+                let subject = match thread
+                    .and_then(|t| t.subject.clone())
+                    .or_else(|| ticket.subject.clone())
+                {
                     Some(s) if s.to_lowercase().starts_with("re:") => s,
                     Some(s) => format!("Re: {s}"),
                     None => format!("Your support request {reference}"),
                 };
-                let raw = rfc2822(&g.from, &to, &subject, thread.and_then(|t| t.message_id_header.as_deref()), body);
-                Ok(vec![self.gmail_send(g, &raw, thread.map(|t| t.thread_id.as_str())).await?])
+                let raw = rfc2822(
+                    &g.from,
+                    &to,
+                    &subject,
+                    thread.and_then(|t| t.message_id_header.as_deref()),
+                    body,
+                );
+                Ok(vec![
+                    self.gmail_send(g, &raw, thread.map(|t| t.thread_id.as_str()))
+                        .await?,
+                ])
             }
         }
     }
 
-    async fn deliver(&self, message: &Incoming, envelope: &EventEnvelope) -> Result<(), HandlerError> {
+    async fn deliver(
+        &self,
+        message: &Incoming,
+        envelope: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
         let Ok(TicketEvent::ResponseSent {
             response_id,
             channel,
@@ -271,14 +344,28 @@ impl Delivery {
             ..
         }) = envelope.decode::<TicketEvent>()
         else {
-            return Err(HandlerError::Poison(format!("{} is not a reply", envelope.event_type)));
+            return Err(HandlerError::Poison(format!(
+                "{} is not a reply",
+                envelope.event_type
+            )));
         };
         let retryable = |e: crate::store::StoreError| HandlerError::Retry(e.to_string());
-        let ticket = self.store.load::<Ticket>(&envelope.aggregate_id).await.map_err(retryable)?.aggregate;
+        let ticket = self
+            .store
+            .load::<Ticket>(&envelope.aggregate_id)
+            .await
+            .map_err(retryable)?
+            .aggregate;
         let Some(ticket_id) = ticket.id else {
-            return Err(HandlerError::Poison("reply to a ticket that does not exist".into()));
+            return Err(HandlerError::Poison(
+                "reply to a ticket that does not exist".into(),
+            ));
         };
-        if ticket.responses.get(&response_id).is_some_and(|r| r.delivery.is_some()) {
+        if ticket
+            .responses
+            .get(&response_id)
+            .is_some_and(|r| r.delivery.is_some())
+        {
             // Delivered (or given up on) before: a redelivered message.
             return Ok(());
         }
@@ -289,7 +376,11 @@ impl Delivery {
             .await
             .map_err(retryable)?
             .aggregate;
-        let parts = if parts.is_empty() { vec![body.clone()] } else { parts };
+        let parts = if parts.is_empty() {
+            vec![body.clone()]
+        } else {
+            parts
+        };
         let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::system("delivery"))
             .caused_by(envelope.event_id.to_string())
             .on_channel(channel);
@@ -301,7 +392,14 @@ impl Delivery {
                 };
                 for id in ids {
                     self.intake
-                        .record_outbound(ticket_id, response_id, provider_channel(channel), &id, status, meta.clone())
+                        .record_outbound(
+                            ticket_id,
+                            response_id,
+                            provider_channel(channel),
+                            &id,
+                            status,
+                            meta.clone(),
+                        )
                         .await
                         .map_err(|e| HandlerError::Retry(e.to_string()))?;
                 }
@@ -309,7 +407,8 @@ impl Delivery {
                 Ok(())
             }
             Err(e) => {
-                self.give_up(message, ticket_id, response_id, &e.to_string(), &meta).await?;
+                self.give_up(message, ticket_id, response_id, &e.to_string(), &meta)
+                    .await?;
                 Ok(())
             }
         }
@@ -339,14 +438,18 @@ impl Delivery {
                 escalation_id: Uuid::now_v7(),
                 in_reply_to: None,
                 reason: casebook_domain::ticket::EscalationReason::DeliveryFailed,
-                note: Some(format!("reply {response_id} could not be delivered: {error}")),
+                note: Some(format!(
+                    "reply {response_id} could not be delivered: {error}"
+                )),
                 at,
             },
         ];
         for command in commands {
             match self.store.execute::<Ticket>(&key, command, meta).await {
                 Ok(_) | Err(CommandError::Rejected(TicketError::Closed)) => {}
-                Err(CommandError::Rejected(e)) => tracing::warn!(error = %e, "could not record the failed delivery"),
+                Err(CommandError::Rejected(e)) => {
+                    tracing::warn!(error = %e, "could not record the failed delivery")
+                }
                 Err(CommandError::Store(e)) => return Err(HandlerError::Retry(e.to_string())),
             }
         }

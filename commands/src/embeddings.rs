@@ -67,11 +67,12 @@ impl LocalModel {
             }
         };
         let config: BertConfig = serde_json::from_str(
-            &std::fs::read_to_string(read("config.json")?).map_err(|e| EmbedError::Model(e.to_string()))?,
+            &std::fs::read_to_string(read("config.json")?)
+                .map_err(|e| EmbedError::Model(e.to_string()))?,
         )
         .map_err(|e| EmbedError::Model(format!("config.json: {e}")))?;
-        let mut tokenizer =
-            Tokenizer::from_file(read("tokenizer.json")?).map_err(|e| EmbedError::Model(format!("tokenizer.json: {e}")))?;
+        let mut tokenizer = Tokenizer::from_file(read("tokenizer.json")?)
+            .map_err(|e| EmbedError::Model(format!("tokenizer.json: {e}")))?;
         tokenizer.with_padding(Some(PaddingParams::default()));
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -82,8 +83,10 @@ impl LocalModel {
         let device = Device::Cpu;
         // SAFETY: the weights file is memory-mapped read-only and not
         // modified while the process runs.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[read("model.safetensors")?], DType::F32, &device) }
-            .map_err(|e| EmbedError::Model(format!("model.safetensors: {e}")))?;
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[read("model.safetensors")?], DType::F32, &device)
+        }
+        .map_err(|e| EmbedError::Model(format!("model.safetensors: {e}")))?;
         let model = BertModel::load(vb, &config).map_err(|e| EmbedError::Model(e.to_string()))?;
         Ok(Self {
             model,
@@ -112,12 +115,29 @@ impl LocalModel {
         let ids = Tensor::stack(&ids, 0).map_err(compute)?;
         let mask = Tensor::stack(&masks, 0).map_err(compute)?;
         let token_types = ids.zeros_like().map_err(compute)?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask)).map_err(compute)?;
-        let mask = mask.to_dtype(DType::F32).map_err(compute)?.unsqueeze(2).map_err(compute)?;
-        let summed = hidden.broadcast_mul(&mask).map_err(compute)?.sum(1).map_err(compute)?;
+        let hidden = self
+            .model
+            .forward(&ids, &token_types, Some(&mask))
+            .map_err(compute)?;
+        let mask = mask
+            .to_dtype(DType::F32)
+            .map_err(compute)?
+            .unsqueeze(2)
+            .map_err(compute)?;
+        let summed = hidden
+            .broadcast_mul(&mask)
+            .map_err(compute)?
+            .sum(1)
+            .map_err(compute)?;
         let counts = mask.sum(1).map_err(compute)?;
         let mean = summed.broadcast_div(&counts).map_err(compute)?;
-        let norm = mean.sqr().map_err(compute)?.sum_keepdim(1).map_err(compute)?.sqrt().map_err(compute)?;
+        let norm = mean
+            .sqr()
+            .map_err(compute)?
+            .sum_keepdim(1)
+            .map_err(compute)?
+            .sqrt()
+            .map_err(compute)?;
         let unit = mean.broadcast_div(&norm).map_err(compute)?;
         unit.to_vec2::<f32>().map_err(compute)
     }
@@ -180,7 +200,9 @@ impl Embedder {
         Ok(Self {
             backend: Arc::new(backend),
             name,
-            cache: Arc::new(Mutex::new(Lru::new(NonZeroUsize::new(2048).expect("non-zero")))),
+            cache: Arc::new(Mutex::new(Lru::new(
+                NonZeroUsize::new(2048).expect("non-zero"),
+            ))),
         })
     }
 
@@ -208,28 +230,46 @@ impl Embedder {
                 api_key,
                 model,
             } => {
-                retry(&API_BACKOFF, "embeddings request", |e: &EmbedError| matches!(e, EmbedError::Transient(_)), || async {
-                    let mut request = http.post(format!("{base_url}/embeddings")).json(&serde_json::json!({
-                        "model": model, "input": texts, "dimensions": DIMENSIONS,
-                    }));
-                    if let Some(key) = api_key {
-                        request = request.bearer_auth(key);
-                    }
-                    let response = request.send().await.map_err(|e| EmbedError::Transient(e.to_string()))?;
-                    let status = response.status();
-                    if status.as_u16() == 429 || status.is_server_error() {
-                        return Err(EmbedError::Transient(format!("HTTP {status}")));
-                    }
-                    if !status.is_success() {
-                        return Err(EmbedError::Api(format!("HTTP {status}")));
-                    }
-                    let mut body: ApiResponse = response.json().await.map_err(|e| EmbedError::Api(e.to_string()))?;
-                    body.data.sort_by_key(|d| d.index);
-                    if body.data.len() != texts.len() || body.data.iter().any(|d| d.embedding.len() != DIMENSIONS) {
-                        return Err(EmbedError::Api(format!("expected {} embeddings of {DIMENSIONS} dimensions", texts.len())));
-                    }
-                    Ok(body.data.into_iter().map(|d| d.embedding).collect())
-                })
+                retry(
+                    &API_BACKOFF,
+                    "embeddings request",
+                    |e: &EmbedError| matches!(e, EmbedError::Transient(_)),
+                    || async {
+                        let mut request =
+                            http.post(format!("{base_url}/embeddings"))
+                                .json(&serde_json::json!({
+                                    "model": model, "input": texts, "dimensions": DIMENSIONS,
+                                }));
+                        if let Some(key) = api_key {
+                            request = request.bearer_auth(key);
+                        }
+                        let response = request
+                            .send()
+                            .await
+                            .map_err(|e| EmbedError::Transient(e.to_string()))?;
+                        let status = response.status();
+                        if status.as_u16() == 429 || status.is_server_error() {
+                            return Err(EmbedError::Transient(format!("HTTP {status}")));
+                        }
+                        if !status.is_success() {
+                            return Err(EmbedError::Api(format!("HTTP {status}")));
+                        }
+                        let mut body: ApiResponse = response
+                            .json()
+                            .await
+                            .map_err(|e| EmbedError::Api(e.to_string()))?;
+                        body.data.sort_by_key(|d| d.index);
+                        if body.data.len() != texts.len()
+                            || body.data.iter().any(|d| d.embedding.len() != DIMENSIONS)
+                        {
+                            return Err(EmbedError::Api(format!(
+                                "expected {} embeddings of {DIMENSIONS} dimensions",
+                                texts.len()
+                            )));
+                        }
+                        Ok(body.data.into_iter().map(|d| d.embedding).collect())
+                    },
+                )
                 .await
             }
         };
@@ -250,7 +290,10 @@ impl Embedder {
             .await?
             .pop()
             .ok_or_else(|| EmbedError::Compute("no embedding returned".into()))?;
-        self.cache.lock().expect("not poisoned").put(text.to_string(), vector.clone());
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .put(text.to_string(), vector.clone());
         Ok(vector)
     }
 }
@@ -283,7 +326,12 @@ impl Lru {
     fn put(&mut self, key: String, value: Vec<f32>) {
         self.clock += 1;
         if self.entries.len() >= self.capacity.get() && !self.entries.contains_key(&key) {
-            if let Some(oldest) = self.entries.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| k.clone())
+            {
                 self.entries.remove(&oldest);
             }
         }
@@ -300,7 +348,8 @@ mod tests {
     }
 
     fn model_dir() -> Option<PathBuf> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.casebook/models/all-MiniLM-L6-v2");
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.casebook/models/all-MiniLM-L6-v2");
         dir.join("model.safetensors").is_file().then_some(dir)
     }
 
@@ -322,9 +371,16 @@ mod tests {
         let norm: f32 = cosine(&v[0], &v[0]);
         assert!((norm - 1.0).abs() < 1e-4);
         assert!(cosine(&v[0], &v[1]) > 0.5, "match {}", cosine(&v[0], &v[1]));
-        assert!(cosine(&v[0], &v[2]) < 0.2, "unrelated {}", cosine(&v[0], &v[2]));
+        assert!(
+            cosine(&v[0], &v[2]) < 0.2,
+            "unrelated {}",
+            cosine(&v[0], &v[2])
+        );
         // The cached query embedding equals the computed one.
-        let q = embedder.embed_query("How do I export my project to CSV?").await.unwrap();
+        let q = embedder
+            .embed_query("How do I export my project to CSV?")
+            .await
+            .unwrap();
         assert!((cosine(&q, &v[0]) - 1.0).abs() < 1e-4);
     }
 

@@ -62,7 +62,10 @@ pub fn slug(text: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+    s.split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 impl KnowledgeBase {
@@ -77,17 +80,26 @@ impl KnowledgeBase {
     /// Stores a document and its embedded chunks, replacing an older
     /// version; an unchanged document (same title, body and model) is left
     /// as it is.
-    pub async fn ingest(&self, document_id: &str, title: &str, body: &str, source: &str) -> Result<IngestOutcome, KnowledgeError> {
+    pub async fn ingest(
+        &self,
+        document_id: &str,
+        title: &str,
+        body: &str,
+        source: &str,
+    ) -> Result<IngestOutcome, KnowledgeError> {
         let title = title.trim();
         let body = body.trim();
         if title.is_empty() || body.is_empty() {
             return Err(KnowledgeError::Empty);
         }
-        let hash = hex::encode(Sha256::digest(format!("{}\u{0}{title}\u{0}{body}", self.embedder.model_name()).as_bytes()));
-        let stored: Option<String> = sqlx::query_scalar("SELECT content_hash FROM kb_documents WHERE document_id = $1")
-            .bind(document_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let hash = hex::encode(Sha256::digest(
+            format!("{}\u{0}{title}\u{0}{body}", self.embedder.model_name()).as_bytes(),
+        ));
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT content_hash FROM kb_documents WHERE document_id = $1")
+                .bind(document_id)
+                .fetch_optional(&self.pool)
+                .await?;
         if stored.as_deref() == Some(hash.as_str()) {
             return Ok(IngestOutcome::Unchanged);
         }
@@ -129,12 +141,17 @@ impl KnowledgeBase {
             .await?;
         }
         tx.commit().await?;
-        Ok(IngestOutcome::Stored { chunks: chunks.len() })
+        Ok(IngestOutcome::Stored {
+            chunks: chunks.len(),
+        })
     }
 
     /// Ingests Markdown and text files (a directory: every `.md` and `.txt`
     /// in it, sorted). The document id is the file name without extension.
-    pub async fn ingest_path(&self, path: &Path) -> Result<Vec<(PathBuf, IngestOutcome)>, KnowledgeError> {
+    pub async fn ingest_path(
+        &self,
+        path: &Path,
+    ) -> Result<Vec<(PathBuf, IngestOutcome)>, KnowledgeError> {
         let file_error = |reason: String| KnowledgeError::File {
             path: path.display().to_string(),
             reason,
@@ -143,7 +160,12 @@ impl KnowledgeBase {
         if path.is_dir() {
             for entry in std::fs::read_dir(path).map_err(|e| file_error(e.to_string()))? {
                 let p = entry.map_err(|e| file_error(e.to_string()))?.path();
-                if p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("md" | "txt" | "markdown")) {
+                if p.is_file()
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("md" | "txt" | "markdown")
+                    )
+                {
                     files.push(p);
                 }
             }
@@ -159,14 +181,23 @@ impl KnowledgeBase {
                 path: file.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("document");
+            let stem = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("document");
             let title = title_of(&text).unwrap_or_else(|| stem.replace(['-', '_'], " "));
             let body = match text.trim_start().strip_prefix('#') {
                 // The heading is the title; the chunks carry it already.
-                Some(_) => text.trim_start().split_once('\n').map(|(_, rest)| rest).unwrap_or(""),
+                Some(_) => text
+                    .trim_start()
+                    .split_once('\n')
+                    .map(|(_, rest)| rest)
+                    .unwrap_or(""),
                 None => &text,
             };
-            let outcome = self.ingest(&slug(stem), &title, body, &file.display().to_string()).await?;
+            let outcome = self
+                .ingest(&slug(stem), &title, body, &file.display().to_string())
+                .await?;
             outcomes.push((file, outcome));
         }
         Ok(outcomes)
@@ -174,7 +205,12 @@ impl KnowledgeBase {
 
     /// The passages most similar to `query`, best first, at least
     /// `min_score` similar.
-    pub async fn search(&self, query: &str, limit: usize, min_score: f64) -> Result<Vec<Passage>, KnowledgeError> {
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+        min_score: f64,
+    ) -> Result<Vec<Passage>, KnowledgeError> {
         let started = Instant::now();
         let result = async {
             let vector = self.embedder.embed_query(query).await?;
@@ -182,12 +218,19 @@ impl KnowledgeBase {
         }
         .await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        KB_SEARCH.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
+        KB_SEARCH
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
     /// Approximate nearest neighbours of an embedding (HNSW).
-    pub async fn search_vector(&self, vector: &[f32], limit: usize, min_score: f64) -> Result<Vec<Passage>, KnowledgeError> {
+    pub async fn search_vector(
+        &self,
+        vector: &[f32],
+        limit: usize,
+        min_score: f64,
+    ) -> Result<Vec<Passage>, KnowledgeError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!("SET LOCAL hnsw.ef_search = {EF_SEARCH}"))
             .execute(&mut *tx)

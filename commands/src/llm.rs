@@ -23,9 +23,15 @@ const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {
     #[error("{provider}: {detail}")]
-    Transient { provider: &'static str, detail: String },
+    Transient {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("{provider}: {detail}")]
-    Permanent { provider: &'static str, detail: String },
+    Permanent {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("{0}: circuit open after repeated failures")]
     CircuitOpen(&'static str),
 }
@@ -47,8 +53,15 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChatMessage {
     User(String),
-    Assistant { text: Option<String>, tool_calls: Vec<ToolCall> },
-    ToolResult { call_id: String, name: String, content: String },
+    Assistant {
+        text: Option<String>,
+        tool_calls: Vec<ToolCall>,
+    },
+    ToolResult {
+        call_id: String,
+        name: String,
+        content: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -136,7 +149,8 @@ impl Provider {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
         } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_THRESHOLD {
-            *self.open_until.lock().expect("not poisoned") = Some(Instant::now() + BREAKER_COOL_DOWN);
+            *self.open_until.lock().expect("not poisoned") =
+                Some(Instant::now() + BREAKER_COOL_DOWN);
             self.failures.store(0, Ordering::Relaxed);
             tracing::warn!(provider = self.name(), "circuit opened");
         }
@@ -144,18 +158,30 @@ impl Provider {
 
     /// One chat turn: retried on transient failures; counted against the
     /// breaker once, whatever the retries.
-    pub async fn chat(&self, system: &str, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<ChatReply, LlmError> {
+    pub async fn chat(
+        &self,
+        system: &str,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<ChatReply, LlmError> {
         if self.circuit_open() {
-            LLM_CALLS.with_label_values(&[self.name(), "circuit_open"]).observe(0.0);
+            LLM_CALLS
+                .with_label_values(&[self.name(), "circuit_open"])
+                .observe(0.0);
             return Err(LlmError::CircuitOpen(self.name()));
         }
         let started = Instant::now();
-        let result = retry(&LLM_BACKOFF, self.name(), LlmError::is_transient, || async {
-            match self.kind {
-                ProviderKind::OpenAi => self.openai(system, messages, tools).await,
-                ProviderKind::Anthropic => self.anthropic(system, messages, tools).await,
-            }
-        })
+        let result = retry(
+            &LLM_BACKOFF,
+            self.name(),
+            LlmError::is_transient,
+            || async {
+                match self.kind {
+                    ProviderKind::OpenAi => self.openai(system, messages, tools).await,
+                    ProviderKind::Anthropic => self.anthropic(system, messages, tools).await,
+                }
+            },
+        )
         .await;
         self.record(result.is_ok());
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -165,7 +191,12 @@ impl Provider {
         result
     }
 
-    async fn post(&self, url: String, headers: &[(&str, String)], body: Value) -> Result<Value, LlmError> {
+    async fn post(
+        &self,
+        url: String,
+        headers: &[(&str, String)],
+        body: Value,
+    ) -> Result<Value, LlmError> {
         let provider = self.name();
         let mut request = self.http.post(url).json(&body);
         for (k, v) in headers {
@@ -173,7 +204,11 @@ impl Provider {
         }
         let response = request.send().await.map_err(|e| LlmError::Transient {
             provider,
-            detail: if e.is_timeout() { "timed out".into() } else { e.to_string() },
+            detail: if e.is_timeout() {
+                "timed out".into()
+            } else {
+                e.to_string()
+            },
         })?;
         let status = response.status();
         let text = response.text().await.map_err(|e| LlmError::Transient {
@@ -199,7 +234,12 @@ impl Provider {
         })
     }
 
-    async fn openai(&self, system: &str, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<ChatReply, LlmError> {
+    async fn openai(
+        &self,
+        system: &str,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<ChatReply, LlmError> {
         let mut wire = vec![json!({"role": "system", "content": system})];
         for m in messages {
             wire.push(match m {
@@ -209,13 +249,17 @@ impl Provider {
                     if !tool_calls.is_empty() {
                         msg["tool_calls"] = tool_calls
                             .iter()
-                            .map(|c| json!({"id": c.id, "type": "function",
-                                "function": {"name": c.name, "arguments": c.arguments.to_string()}}))
+                            .map(|c| {
+                                json!({"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                            })
                             .collect();
                     }
                     msg
                 }
-                ChatMessage::ToolResult { call_id, content, .. } => {
+                ChatMessage::ToolResult {
+                    call_id, content, ..
+                } => {
                     json!({"role": "tool", "tool_call_id": call_id, "content": content})
                 }
             });
@@ -230,7 +274,11 @@ impl Provider {
             headers.push(("authorization", format!("Bearer {key}")));
         }
         let response = self
-            .post(format!("{}/chat/completions", self.settings.base_url), &headers, body)
+            .post(
+                format!("{}/chat/completions", self.settings.base_url),
+                &headers,
+                body,
+            )
             .await?;
         let message = &response["choices"][0]["message"];
         if message.is_null() {
@@ -256,16 +304,26 @@ impl Provider {
             })
             .unwrap_or_default();
         Ok(ChatReply {
-            text: message["content"].as_str().map(str::to_string).filter(|t| !t.trim().is_empty()),
+            text: message["content"]
+                .as_str()
+                .map(str::to_string)
+                .filter(|t| !t.trim().is_empty()),
             tool_calls,
         })
     }
 
-    async fn anthropic(&self, system: &str, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<ChatReply, LlmError> {
+    async fn anthropic(
+        &self,
+        system: &str,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<ChatReply, LlmError> {
         let mut wire: Vec<Value> = Vec::new();
         for m in messages {
             match m {
-                ChatMessage::User(text) => wire.push(json!({"role": "user", "content": [{"type": "text", "text": text}]})),
+                ChatMessage::User(text) => {
+                    wire.push(json!({"role": "user", "content": [{"type": "text", "text": text}]}))
+                }
                 ChatMessage::Assistant { text, tool_calls } => {
                     let mut blocks = Vec::new();
                     if let Some(text) = text {
@@ -276,12 +334,21 @@ impl Provider {
                     }
                     wire.push(json!({"role": "assistant", "content": blocks}));
                 }
-                ChatMessage::ToolResult { call_id, content, .. } => {
-                    let block = json!({"type": "tool_result", "tool_use_id": call_id, "content": content});
+                ChatMessage::ToolResult {
+                    call_id, content, ..
+                } => {
+                    let block =
+                        json!({"type": "tool_result", "tool_use_id": call_id, "content": content});
                     // Consecutive tool results share one user turn.
                     match wire.last_mut() {
-                        Some(last) if last["role"] == "user" && last["content"][0]["type"] == "tool_result" => {
-                            last["content"].as_array_mut().expect("content is an array").push(block)
+                        Some(last)
+                            if last["role"] == "user"
+                                && last["content"][0]["type"] == "tool_result" =>
+                        {
+                            last["content"]
+                                .as_array_mut()
+                                .expect("content is an array")
+                                .push(block)
                         }
                         _ => wire.push(json!({"role": "user", "content": [block]})),
                     }
@@ -298,7 +365,11 @@ impl Provider {
             headers.push(("x-api-key", key.clone()));
         }
         let response = self
-            .post(format!("{}/v1/messages", self.settings.base_url), &headers, body)
+            .post(
+                format!("{}/v1/messages", self.settings.base_url),
+                &headers,
+                body,
+            )
             .await?;
         let Some(blocks) = response["content"].as_array() else {
             return Err(LlmError::Permanent {
@@ -362,7 +433,10 @@ mod tests {
             },
         )
         .unwrap();
-        let reply = p.chat("sys", &[ChatMessage::User("hi".into())], &tools()).await.unwrap();
+        let reply = p
+            .chat("sys", &[ChatMessage::User("hi".into())], &tools())
+            .await
+            .unwrap();
         assert_eq!(reply.tool_calls[0].name, "search_knowledge_base");
         assert_eq!(reply.tool_calls[0].arguments["query"], "export csv");
     }
@@ -390,7 +464,10 @@ mod tests {
             },
         )
         .unwrap();
-        let reply = p.chat("sys", &[ChatMessage::User("hi".into())], &tools()).await.unwrap();
+        let reply = p
+            .chat("sys", &[ChatMessage::User("hi".into())], &tools())
+            .await
+            .unwrap();
         assert_eq!(reply.text.as_deref(), Some("Searching."));
         assert_eq!(reply.tool_calls[0].arguments["query"], "sso");
     }
@@ -412,11 +489,21 @@ mod tests {
         )
         .unwrap();
         for _ in 0..BREAKER_THRESHOLD {
-            assert!(matches!(p.chat("s", &[], &tools()).await, Err(LlmError::Transient { .. })));
+            assert!(matches!(
+                p.chat("s", &[], &tools()).await,
+                Err(LlmError::Transient { .. })
+            ));
         }
         let calls = server.received_requests().await.unwrap().len();
         assert_eq!(calls as u32, BREAKER_THRESHOLD * LLM_BACKOFF.max_attempts);
-        assert!(matches!(p.chat("s", &[], &tools()).await, Err(LlmError::CircuitOpen(_))));
-        assert_eq!(server.received_requests().await.unwrap().len(), calls, "no call while open");
+        assert!(matches!(
+            p.chat("s", &[], &tools()).await,
+            Err(LlmError::CircuitOpen(_))
+        ));
+        assert_eq!(
+            server.received_requests().await.unwrap().len(),
+            calls,
+            "no call while open"
+        );
     }
 }

@@ -40,7 +40,10 @@ pub async fn check_once(store: &EventStore, pool: &PgPool) -> Result<usize, sqlx
         match store
             .execute::<Ticket>(
                 &ticket_id.to_string(),
-                TicketCommand::RecordSlaBreach { kind, at: Utc::now() },
+                TicketCommand::RecordSlaBreach {
+                    kind,
+                    at: Utc::now(),
+                },
                 &meta,
             )
             .await
@@ -51,7 +54,9 @@ pub async fn check_once(store: &EventStore, pool: &PgPool) -> Result<usize, sqlx
             }
             Ok(_)
             | Err(CommandError::Rejected(
-                TicketError::SlaAlreadyBreached(_) | TicketError::SlaNotBreached(_) | TicketError::Closed,
+                TicketError::SlaAlreadyBreached(_)
+                | TicketError::SlaNotBreached(_)
+                | TicketError::Closed,
             )) => {}
             Err(e) => tracing::warn!(%ticket_id, error = %e, "could not record an SLA breach"),
         }

@@ -21,7 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::KafkaSettings;
 use crate::retry::sleep_backoff;
 
-const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), u32::MAX);
+const RETRY_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(200),
+    Duration::from_secs(10),
+    u32::MAX,
+);
 
 /// One consumed message.
 #[derive(Debug, Clone)]
@@ -146,10 +150,11 @@ pub fn spawn<H: Handler>(
             lane_tasks.push(tokio::spawn(async move {
                 while let Some(message) = rx.recv().await {
                     process(handler.as_ref(), &message, &producer, &dlq, &stop).await;
-                    tracker
-                        .lock()
-                        .expect("not poisoned")
-                        .finish(&message.topic, message.partition, message.offset);
+                    tracker.lock().expect("not poisoned").finish(
+                        &message.topic,
+                        message.partition,
+                        message.offset,
+                    );
                 }
             }));
         }
@@ -270,7 +275,9 @@ pub async fn dead_letter(producer: &FutureProducer, dlq: &str, message: &Incomin
         .payload(&message.payload)
         .headers(headers);
     match producer.send(record, Duration::from_secs(10)).await {
-        Ok(_) => tracing::error!(topic = %message.topic, offset = message.offset, error = %reason, "message sent to the dead-letter topic"),
+        Ok(_) => {
+            tracing::error!(topic = %message.topic, offset = message.offset, error = %reason, "message sent to the dead-letter topic")
+        }
         Err((e, _)) => tracing::error!(topic = %message.topic, offset = message.offset, error = %e,
             "message could not be dead-lettered; it is logged here and skipped"),
     }

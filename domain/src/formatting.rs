@@ -59,7 +59,13 @@ pub fn format_reply(channel: Channel, text: &str, ctx: &ReplyContext) -> Formatt
                 Some(name) => format!("Hi {name},"),
                 None => "Hello,".to_string(),
             };
-            letter(&greeting, text, &format!("Best regards,\n{}", ctx.signature), ctx, EMAIL_MAX_WORDS)
+            letter(
+                &greeting,
+                text,
+                &format!("Best regards,\n{}", ctx.signature),
+                ctx,
+                EMAIL_MAX_WORDS,
+            )
         }
         Channel::Webform => {
             let greeting = match ctx.first_name() {
@@ -83,7 +89,13 @@ fn word_count(text: &str) -> usize {
     text.split_whitespace().count()
 }
 
-fn letter(greeting: &str, text: &str, closing: &str, ctx: &ReplyContext, max_words: usize) -> FormattedReply {
+fn letter(
+    greeting: &str,
+    text: &str,
+    closing: &str,
+    ctx: &ReplyContext,
+    max_words: usize,
+) -> FormattedReply {
     let reference = format!("Ticket reference: {}", ctx.ticket_reference);
     let frame = word_count(greeting) + word_count(closing) + word_count(&reference);
     let body = fit_words(text.trim(), max_words.saturating_sub(frame));
@@ -163,7 +175,8 @@ pub fn split_for_whatsapp(text: &str) -> Vec<String> {
                 word = word.chars().skip(limit).collect();
                 pieces.push(head);
             }
-            let needed = current.chars().count() + usize::from(!current.is_empty()) + word.chars().count();
+            let needed =
+                current.chars().count() + usize::from(!current.is_empty()) + word.chars().count();
             if needed > limit {
                 pieces.push(std::mem::take(&mut current));
             }
@@ -219,7 +232,11 @@ mod tests {
     use super::*;
 
     fn ctx() -> ReplyContext {
-        ReplyContext::new(Some("Ada Lovelace".into()), uuid::Uuid::from_u128(0xabcdef12_0000), "The Acme Support Team")
+        ReplyContext::new(
+            Some("Ada Lovelace".into()),
+            uuid::Uuid::from_u128(0xabcd_ef12_0000),
+            "The Acme Support Team",
+        )
     }
 
     #[test]
@@ -227,7 +244,9 @@ mod tests {
         let r = format_reply(Channel::Email, "Open Settings, then Export.", &ctx());
         assert!(r.body.starts_with("Hi Ada,\n\nOpen Settings, then Export."));
         assert!(r.body.contains("Best regards,\nThe Acme Support Team"));
-        assert!(r.body.ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
+        assert!(r
+            .body
+            .ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
         assert_eq!(r.parts.len(), 1);
     }
 
@@ -244,7 +263,10 @@ mod tests {
 
     #[test]
     fn whatsapp_gets_whatsapp_markup() {
-        assert_eq!(whatsapp_markup("## Steps\n- **Open** Settings"), "Steps\n• *Open* Settings");
+        assert_eq!(
+            whatsapp_markup("## Steps\n- **Open** Settings"),
+            "Steps\n• *Open* Settings"
+        );
     }
 
     #[test]

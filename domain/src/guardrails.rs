@@ -16,9 +16,18 @@ fn normalise(text: &str) -> String {
     let lowered: String = text
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '$' || c == '€' || c == '£' { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '$' || c == '€' || c == '£' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
-    format!(" {} ", lowered.split_whitespace().collect::<Vec<_>>().join(" "))
+    format!(
+        " {} ",
+        lowered.split_whitespace().collect::<Vec<_>>().join(" ")
+    )
 }
 
 /// Whether `phrase` occurs in `normalised` as whole words.
@@ -31,22 +40,67 @@ fn has_any(normalised: &str, phrases: &[&str]) -> bool {
 }
 
 const LEGAL: &[&str] = &[
-    "lawyer", "lawyers", "legal", "sue", "suing", "sued", "attorney", "attorneys", "lawsuit", "court",
-    "legal action", "solicitor",
+    "lawyer",
+    "lawyers",
+    "legal",
+    "sue",
+    "suing",
+    "sued",
+    "attorney",
+    "attorneys",
+    "lawsuit",
+    "court",
+    "legal action",
+    "solicitor",
 ];
 const REFUND: &[&str] = &[
-    "refund", "refunds", "refunded", "money back", "reimburse", "reimbursement", "chargeback", "charge back",
-    "repay", "compensation",
+    "refund",
+    "refunds",
+    "refunded",
+    "money back",
+    "reimburse",
+    "reimbursement",
+    "chargeback",
+    "charge back",
+    "repay",
+    "compensation",
 ];
 const PRICING: &[&str] = &[
-    "price", "prices", "pricing", "cost", "costs", "how much", "quote", "discount", "discounts", "cheaper",
-    "per seat", "per user", "fee", "fees", "rate card", "tariff",
+    "price",
+    "prices",
+    "pricing",
+    "cost",
+    "costs",
+    "how much",
+    "quote",
+    "discount",
+    "discounts",
+    "cheaper",
+    "per seat",
+    "per user",
+    "fee",
+    "fees",
+    "rate card",
+    "tariff",
 ];
 const HUMAN: &[&str] = &[
-    "talk to a person", "speak to a person", "talk to a human", "speak to a human", "human agent",
-    "real person", "real human", "talk to someone", "speak to someone", "live agent", "talk to an agent",
-    "speak to an agent", "speak with a person", "speak with someone", "customer service representative",
-    "talk to a representative", "speak to a representative",
+    "talk to a person",
+    "speak to a person",
+    "talk to a human",
+    "speak to a human",
+    "human agent",
+    "real person",
+    "real human",
+    "talk to someone",
+    "speak to someone",
+    "live agent",
+    "talk to an agent",
+    "speak to an agent",
+    "speak with a person",
+    "speak with someone",
+    "customer service representative",
+    "talk to a representative",
+    "speak to a representative",
 ];
 /// On WhatsApp, a message that is only one of these words asks for a human.
 const HUMAN_BARE: &[&str] = &["human", "agent", "representative", "person", "operator"];
@@ -78,7 +132,10 @@ pub fn assess_input(text: &str, channel: Channel) -> InputAssessment {
     } else {
         None
     };
-    InputAssessment { escalate, sentiment }
+    InputAssessment {
+        escalate,
+        sentiment,
+    }
 }
 
 /// Why a draft may not go out without a human.
@@ -103,17 +160,33 @@ impl DraftIssue {
 
 /// Names of systems customers must not hear about.
 pub const INTERNAL_SYSTEMS: &[&str] = &[
-    "jira", "salesforce", "zendesk", "kibana", "grafana", "datadog", "pagerduty", "admin panel", "back office",
-    "backoffice", "internal tool", "internal wiki", "staging", "postgres", "kafka", "casebook",
+    "jira",
+    "salesforce",
+    "zendesk",
+    "kibana",
+    "grafana",
+    "datadog",
+    "pagerduty",
+    "admin panel",
+    "back office",
+    "backoffice",
+    "internal tool",
+    "internal wiki",
+    "staging",
+    "postgres",
+    "kafka",
+    "casebook",
 ];
 
 const STOPWORDS: &[&str] = &[
-    "the", "a", "an", "and", "or", "but", "to", "of", "in", "on", "at", "for", "with", "by", "from", "is", "are",
-    "was", "were", "be", "been", "it", "its", "this", "that", "these", "those", "you", "your", "we", "our", "i",
-    "my", "me", "us", "can", "will", "would", "could", "should", "do", "does", "did", "have", "has", "had", "if",
-    "then", "so", "as", "not", "no", "yes", "there", "here", "what", "which", "who", "how", "when", "where", "also",
-    "just", "any", "all", "some", "into", "out", "up", "about", "than", "more", "most", "please", "thanks",
-    "thank", "hi", "hello", "dear", "regards", "best", "let", "know", "need", "help", "happy", "glad", "once",
+    "the", "a", "an", "and", "or", "but", "to", "of", "in", "on", "at", "for", "with", "by",
+    "from", "is", "are", "was", "were", "be", "been", "it", "its", "this", "that", "these",
+    "those", "you", "your", "we", "our", "i", "my", "me", "us", "can", "will", "would", "could",
+    "should", "do", "does", "did", "have", "has", "had", "if", "then", "so", "as", "not", "no",
+    "yes", "there", "here", "what", "which", "who", "how", "when", "where", "also", "just", "any",
+    "all", "some", "into", "out", "up", "about", "than", "more", "most", "please", "thanks",
+    "thank", "hi", "hello", "dear", "regards", "best", "let", "know", "need", "help", "happy",
+    "glad", "once",
 ];
 
 fn stem(word: &str) -> String {
@@ -144,7 +217,8 @@ pub fn sentences(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     for (i, c) in chars.iter().enumerate() {
         current.push(*c);
-        let end = matches!(c, '.' | '!' | '?' | '\n') && chars.get(i + 1).is_none_or(|n| n.is_whitespace());
+        let end = matches!(c, '.' | '!' | '?' | '\n')
+            && chars.get(i + 1).is_none_or(|n| n.is_whitespace());
         if end {
             let s = current.trim().to_string();
             if !s.is_empty() {
@@ -187,12 +261,28 @@ pub fn support(draft: &str, passages: &[&str]) -> (usize, Vec<String>) {
 }
 
 fn mentions_price(n: &str) -> bool {
-    let has_currency_amount = n
-        .split_whitespace()
-        .any(|w| (w.starts_with(['$', '€', '£']) || w.ends_with(['$', '€', '£'])) && w.chars().any(|c| c.is_ascii_digit()));
+    let has_currency_amount = n.split_whitespace().any(|w| {
+        (w.starts_with(['$', '€', '£']) || w.ends_with(['$', '€', '£']))
+            && w.chars().any(|c| c.is_ascii_digit())
+    });
     has_currency_amount
-        || has_any(n, &["usd", "eur", "gbp", "dollars", "euros", "pounds", "per month", "per year", "a month", "a year"])
-            && n.split_whitespace().any(|w| w.chars().all(|c| c.is_ascii_digit()))
+        || has_any(
+            n,
+            &[
+                "usd",
+                "eur",
+                "gbp",
+                "dollars",
+                "euros",
+                "pounds",
+                "per month",
+                "per year",
+                "a month",
+                "a year",
+            ],
+        ) && n
+            .split_whitespace()
+            .any(|w| w.chars().all(|c| c.is_ascii_digit()))
         || has_any(n, &["price", "prices", "pricing", "costs"])
 }
 
@@ -242,15 +332,30 @@ mod tests {
     #[test]
     fn each_input_rule_has_its_reason() {
         let cases = [
-            ("How much does the Pro plan cost?", EscalationReason::PricingInquiry),
-            ("Can I get a discount for 50 seats?", EscalationReason::PricingInquiry),
-            ("I want a refund for last month.", EscalationReason::RefundRequest),
+            (
+                "How much does the Pro plan cost?",
+                EscalationReason::PricingInquiry,
+            ),
+            (
+                "Can I get a discount for 50 seats?",
+                EscalationReason::PricingInquiry,
+            ),
+            (
+                "I want a refund for last month.",
+                EscalationReason::RefundRequest,
+            ),
             ("Give me my money back", EscalationReason::RefundRequest),
             ("My lawyer will hear about this.", EscalationReason::Legal),
             ("We will sue you.", EscalationReason::Legal),
-            ("I need to talk to a person please", EscalationReason::HumanRequested),
+            (
+                "I need to talk to a person please",
+                EscalationReason::HumanRequested,
+            ),
             ("Can I get a human agent?", EscalationReason::HumanRequested),
-            ("This is the worst, useless support ever!!", EscalationReason::NegativeSentiment),
+            (
+                "This is the worst, useless support ever!!",
+                EscalationReason::NegativeSentiment,
+            ),
         ];
         for (text, expected) in cases {
             assert_eq!(reason(text, Channel::Webform), Some(expected), "{text}");
@@ -271,20 +376,34 @@ mod tests {
 
     #[test]
     fn a_bare_human_on_whatsapp_asks_for_a_human() {
-        assert_eq!(reason("human", Channel::Whatsapp), Some(EscalationReason::HumanRequested));
-        assert_eq!(reason(" Agent! ", Channel::Whatsapp), Some(EscalationReason::HumanRequested));
-        assert_eq!(reason("representative", Channel::Whatsapp), Some(EscalationReason::HumanRequested));
+        assert_eq!(
+            reason("human", Channel::Whatsapp),
+            Some(EscalationReason::HumanRequested)
+        );
+        assert_eq!(
+            reason(" Agent! ", Channel::Whatsapp),
+            Some(EscalationReason::HumanRequested)
+        );
+        assert_eq!(
+            reason("representative", Channel::Whatsapp),
+            Some(EscalationReason::HumanRequested)
+        );
         // By email a bare word is not enough, and words inside others never count.
         assert_eq!(reason("human", Channel::Email), None);
-        assert_eq!(reason("Is the legacy exporter still supported?", Channel::Email), None);
+        assert_eq!(
+            reason("Is the legacy exporter still supported?", Channel::Email),
+            None
+        );
         assert_eq!(reason("The agenda view is empty", Channel::Whatsapp), None);
     }
 
     #[test]
     fn drafts_with_prices_refunds_or_internal_names_are_held() {
         let passages = ["Open Settings, then Billing, to see your plan."];
-        assert!(review_draft("The Pro plan is $49 per month.", &passages).contains(&DraftIssue::MentionsPrice));
-        assert!(review_draft("We will refund you today.", &passages).contains(&DraftIssue::PromisesRefund));
+        assert!(review_draft("The Pro plan is $49 per month.", &passages)
+            .contains(&DraftIssue::MentionsPrice));
+        assert!(review_draft("We will refund you today.", &passages)
+            .contains(&DraftIssue::PromisesRefund));
         assert!(review_draft("I checked Jira for you.", &passages)
             .contains(&DraftIssue::NamesInternalSystem("jira".into())));
     }
@@ -296,9 +415,13 @@ mod tests {
         ];
         let grounded = "Hi Ada! To export your data, open Settings and choose Export. Pick CSV and press Download. Hope this helps!";
         assert_eq!(review_draft(grounded, &passages), vec![]);
-        let invented = "Exports are instantly synchronised to Google Drive every night automatically.";
+        let invented =
+            "Exports are instantly synchronised to Google Drive every night automatically.";
         let issues = review_draft(invented, &passages);
-        assert!(matches!(issues.as_slice(), [DraftIssue::Unsupported(_)]), "{issues:?}");
+        assert!(
+            matches!(issues.as_slice(), [DraftIssue::Unsupported(_)]),
+            "{issues:?}"
+        );
     }
 
     #[test]

@@ -71,7 +71,12 @@ mod tests {
 
     #[test]
     fn a_short_document_is_one_chunk_with_its_title() {
-        let chunks = chunk("Export", "# Export\n\nOpen Settings.\n\nPress Export.", 50, 10);
+        let chunks = chunk(
+            "Export",
+            "# Export\n\nOpen Settings.\n\nPress Export.",
+            50,
+            10,
+        );
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].text, "Export\nOpen Settings. Press Export.");
     }
@@ -92,7 +97,10 @@ mod tests {
 
     #[test]
     fn titles_come_from_the_first_heading() {
-        assert_eq!(title_of("\n# How do I export?\n\nText").as_deref(), Some("How do I export?"));
+        assert_eq!(
+            title_of("\n# How do I export?\n\nText").as_deref(),
+            Some("How do I export?")
+        );
         assert_eq!(title_of("   \n"), None);
     }
 }

@@ -6,13 +6,13 @@
 
 pub mod audit;
 pub mod channel_message;
+pub mod confidence;
 pub mod conversation;
 pub mod customer;
 pub mod email;
+pub mod envelope;
 pub mod formatting;
 pub mod guardrails;
-pub mod confidence;
-pub mod envelope;
 pub mod identity;
 pub mod knowledge;
 pub mod masking;

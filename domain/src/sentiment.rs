@@ -21,29 +21,92 @@ pub const NEGATIVE_THRESHOLD: f64 = 0.3;
 
 const LEXICON: &[(&str, f64)] = &[
     // negative
-    ("worst", -4.0), ("hate", -4.0), ("scam", -4.0), ("pathetic", -4.0), ("disgusting", -4.0),
-    ("furious", -4.0), ("outrageous", -3.0), ("horrible", -3.0), ("terrible", -3.0), ("awful", -3.0),
-    ("useless", -3.0), ("ridiculous", -3.0), ("unacceptable", -3.0), ("incompetent", -3.0),
-    ("angry", -3.0), ("livid", -4.0), ("rubbish", -3.0), ("garbage", -3.0), ("joke", -2.0),
-    ("disappointed", -2.0), ("disappointing", -2.0), ("frustrated", -2.0), ("frustrating", -2.0),
-    ("annoyed", -2.0), ("annoying", -2.0), ("upset", -2.0), ("unhappy", -2.0), ("fed", -1.0),
-    ("bad", -2.0), ("poor", -2.0), ("broken", -2.0), ("sucks", -3.0), ("lousy", -3.0),
-    ("waste", -2.0), ("wasted", -2.0), ("slow", -1.0), ("fail", -1.0), ("fails", -1.0),
-    ("failed", -1.0), ("failing", -1.0), ("wrong", -1.0), ("confusing", -1.0), ("worse", -3.0),
-    ("never", -1.0), ("ignored", -2.0), ("ignoring", -2.0), ("unusable", -3.0), ("lost", -1.0),
-    ("cancel", -1.0), ("complaint", -2.0), ("stupid", -3.0), ("idiots", -4.0), ("idiot", -4.0),
+    ("worst", -4.0),
+    ("hate", -4.0),
+    ("scam", -4.0),
+    ("pathetic", -4.0),
+    ("disgusting", -4.0),
+    ("furious", -4.0),
+    ("outrageous", -3.0),
+    ("horrible", -3.0),
+    ("terrible", -3.0),
+    ("awful", -3.0),
+    ("useless", -3.0),
+    ("ridiculous", -3.0),
+    ("unacceptable", -3.0),
+    ("incompetent", -3.0),
+    ("angry", -3.0),
+    ("livid", -4.0),
+    ("rubbish", -3.0),
+    ("garbage", -3.0),
+    ("joke", -2.0),
+    ("disappointed", -2.0),
+    ("disappointing", -2.0),
+    ("frustrated", -2.0),
+    ("frustrating", -2.0),
+    ("annoyed", -2.0),
+    ("annoying", -2.0),
+    ("upset", -2.0),
+    ("unhappy", -2.0),
+    ("fed", -1.0),
+    ("bad", -2.0),
+    ("poor", -2.0),
+    ("broken", -2.0),
+    ("sucks", -3.0),
+    ("lousy", -3.0),
+    ("waste", -2.0),
+    ("wasted", -2.0),
+    ("slow", -1.0),
+    ("fail", -1.0),
+    ("fails", -1.0),
+    ("failed", -1.0),
+    ("failing", -1.0),
+    ("wrong", -1.0),
+    ("confusing", -1.0),
+    ("worse", -3.0),
+    ("never", -1.0),
+    ("ignored", -2.0),
+    ("ignoring", -2.0),
+    ("unusable", -3.0),
+    ("lost", -1.0),
+    ("cancel", -1.0),
+    ("complaint", -2.0),
+    ("stupid", -3.0),
+    ("idiots", -4.0),
+    ("idiot", -4.0),
     // positive
-    ("thanks", 2.0), ("thank", 2.0), ("great", 3.0), ("love", 3.0), ("awesome", 3.0),
-    ("excellent", 3.0), ("amazing", 3.0), ("perfect", 3.0), ("helpful", 2.0), ("good", 2.0),
-    ("nice", 2.0), ("happy", 2.0), ("glad", 2.0), ("appreciate", 2.0), ("appreciated", 2.0),
-    ("works", 1.0), ("worked", 1.0), ("fixed", 2.0), ("solved", 2.0), ("pleased", 2.0),
-    ("fantastic", 3.0), ("wonderful", 3.0), ("easy", 1.0), ("fast", 1.0), ("kind", 2.0),
+    ("thanks", 2.0),
+    ("thank", 2.0),
+    ("great", 3.0),
+    ("love", 3.0),
+    ("awesome", 3.0),
+    ("excellent", 3.0),
+    ("amazing", 3.0),
+    ("perfect", 3.0),
+    ("helpful", 2.0),
+    ("good", 2.0),
+    ("nice", 2.0),
+    ("happy", 2.0),
+    ("glad", 2.0),
+    ("appreciate", 2.0),
+    ("appreciated", 2.0),
+    ("works", 1.0),
+    ("worked", 1.0),
+    ("fixed", 2.0),
+    ("solved", 2.0),
+    ("pleased", 2.0),
+    ("fantastic", 3.0),
+    ("wonderful", 3.0),
+    ("easy", 1.0),
+    ("fast", 1.0),
+    ("kind", 2.0),
 ];
 
 /// Words that make a message profane regardless of the rest.
 const PROFANITY: &[&str] = &[
     "fuck", "fucking", "fucked", "fucker", "shit", "shitty", "bullshit", "crap", "crappy", "damn",
-    "damned", "bastard", "bastards", "asshole", "assholes", "bitch", "wtf", "piss", "pissed", "dick",
+    "damned", "bastard", "bastards", "asshole", "assholes", "bitch", "wtf", "piss", "pissed",
+    "dick",
 ];
 
 const NEGATORS: &[&str] = &[
@@ -51,7 +114,17 @@ const NEGATORS: &[&str] = &[
     "wont", "wouldnt", "shouldnt", "hardly", "nothing", "without",
 ];
 
-const AMPLIFIERS: &[&str] = &["very", "really", "extremely", "so", "totally", "absolutely", "completely", "utterly", "super"];
+const AMPLIFIERS: &[&str] = &[
+    "very",
+    "really",
+    "extremely",
+    "so",
+    "totally",
+    "absolutely",
+    "completely",
+    "utterly",
+    "super",
+];
 const DAMPENERS: &[&str] = &["slightly", "somewhat", "little", "bit", "kinda", "fairly"];
 
 /// The result of scoring a text.
@@ -72,7 +145,9 @@ fn words(text: &str) -> Vec<(String, bool)> {
     text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
         .filter(|w| !w.is_empty())
         .map(|w| {
-            let shouted = w.chars().count() >= 3 && w.chars().all(|c| !c.is_lowercase()) && w.chars().any(|c| c.is_uppercase());
+            let shouted = w.chars().count() >= 3
+                && w.chars().all(|c| !c.is_lowercase())
+                && w.chars().any(|c| c.is_uppercase());
             (w.to_lowercase().replace('\'', ""), shouted)
         })
         .collect()
@@ -105,7 +180,9 @@ pub fn score(text: &str) -> Sentiment {
                 v *= 0.5;
             }
         }
-        let negated = tokens[i.saturating_sub(3)..i].iter().any(|(w, _)| NEGATORS.contains(&w.as_str()));
+        let negated = tokens[i.saturating_sub(3)..i]
+            .iter()
+            .any(|(w, _)| NEGATORS.contains(&w.as_str()));
         if negated {
             v *= -0.5;
         }
@@ -137,7 +214,10 @@ mod tests {
         ("This is not bad at all, thank you.", false),
         ("The app is not working after the update.", false),
         ("This is the worst service I have ever used.", true),
-        ("Your product is useless and your support is terrible!!", true),
+        (
+            "Your product is useless and your support is terrible!!",
+            true,
+        ),
         ("I am absolutely furious, nobody answers.", true),
         ("What the fuck is going on with my account", true),
         ("THIS IS UNACCEPTABLE. I want answers now!!", true),

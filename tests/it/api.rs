@@ -327,8 +327,15 @@ async fn probes_and_metrics_answer() {
             .status(),
         200
     );
-    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    // Ready once the topics exist (created in the background at start).
+    let http = app.http.clone();
+    let url = app.url("/ready");
+    crate::common::eventually("ready", Duration::from_secs(30), || {
+        let http = http.clone();
+        let url = url.clone();
+        async move { (http.get(&url).send().await.unwrap().status() == 200).then_some(()) }
+    })
+    .await;
     app.submit_form(form("ada@example.com", "hello")).await;
     let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200);

@@ -20,6 +20,7 @@ use sha1::Sha1;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+pub const BACKBONE: &[Role] = &[Role::Api, Role::Relay, Role::Projector];
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 pub const TWILIO_TOKEN: &str = "twilio-test-auth-token";
 pub const GMAIL_PUSH_TOKEN: &str = "gmail-push-test-token";
@@ -119,6 +120,10 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
             "GMAIL_SUPPORT_ADDRESS".to_string(),
             "support@acme.test".to_string(),
         ),
+        (
+            "CASEBOOK_EMBEDDINGS".to_string(),
+            format!("local:{}/.casebook/models/all-MiniLM-L6-v2", env!("CARGO_MANIFEST_DIR")),
+        ),
     ]);
     for (k, v) in overrides {
         vars.insert(k.to_string(), v.clone());
@@ -146,9 +151,11 @@ pub fn unique_prefix() -> String {
 }
 
 impl TestApp {
-    /// Every role, against the shared local broker.
+    /// The event backbone (API, relay, projectors) against the shared local
+    /// broker: no agent answers and no delivery, so the read models hold
+    /// exactly what intake stored.
     pub async fn spawn() -> Self {
-        Self::spawn_with(&[Role::All], &[]).await
+        Self::spawn_with(BACKBONE, &[]).await
     }
 
     pub async fn spawn_with(roles: &[Role], overrides: &[(&str, String)]) -> Self {

@@ -113,8 +113,8 @@ async fn ticket_of(app: &TestApp, gmail_id: &str) -> (Uuid, Uuid) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_read_through_the_gmail_api_and_threaded() {
     let gmail = MockServer::start().await;
-    // Every role: the threading is checked in the read models too.
-    let app = app_with_gmail_roles(&gmail, &[Role::All]).await;
+    // The backbone: the threading is checked in the read models too.
+    let app = app_with_gmail_roles(&gmail, crate::common::BACKBONE).await;
 
     // First push: no cursor yet, so the inbox's recent messages are listed.
     Mock::given(method("GET"))

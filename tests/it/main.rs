@@ -1,6 +1,7 @@
 //! Black-box and end-to-end tests: each test starts the service on a random
 //! port with a fresh database and its own topic prefix.
 
+mod agent;
 mod api;
 mod audit;
 mod common;

@@ -195,7 +195,7 @@ async fn whatsapp_messages_reach_the_crm_views_once() {
             .fetch_one(&pool)
             .await
             .unwrap();
-            (counts.1 >= 2).then_some(counts)
+            (counts.0 >= 1 && counts.1 >= 2).then_some(counts)
         }
     })
     .await;
