@@ -20,6 +20,7 @@ build: stack-up
 
 run: build
 	@$(ENV); ./target/release/casebook migrate
+	@$(ENV); ./target/release/casebook kb ingest kb/demo
 	@$(ENV); exec ./target/release/casebook serve
 
 test: stack-up
@@ -31,4 +32,4 @@ lint:
 	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
 
 bench: build
-	@$(ENV); for b in append intake pipeline; do ./target/release/casebook bench $$b; done
+	@$(ENV); for b in append intake pipeline agent kb; do ./target/release/casebook bench $$b; done

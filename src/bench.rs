@@ -29,6 +29,10 @@ pub enum BenchName {
     Pipeline,
     /// Events/s through postgres-es against plain multi-row INSERTs.
     Append,
+    /// The agent's own processing time per message (no model latency).
+    Agent,
+    /// Knowledge base search latency and recall@10 on a generated corpus.
+    Kb,
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +59,15 @@ pub struct BenchArgs {
     /// Events per commit (append).
     #[arg(long, default_value_t = 5)]
     pub per_commit: usize,
+    /// Messages to handle (agent) or queries to run (kb).
+    #[arg(long, default_value_t = 300)]
+    pub messages: usize,
+    /// HNSW candidates per search (kb).
+    #[arg(long, default_value_t = casebook_commands::knowledge::EF_SEARCH)]
+    pub ef_search: u32,
+    /// Chunks in the generated corpus (kb).
+    #[arg(long, default_value_t = 100_000)]
+    pub chunks: usize,
     /// Commits per stream before a writer starts a new one (append); streams
     /// are loaded before every commit, so this sets how much is read.
     #[arg(long, default_value_t = 10)]
@@ -67,6 +80,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Intake => intake(&scratch, &args).await,
         BenchName::Pipeline => pipeline(&scratch, &args).await,
         BenchName::Append => append(&scratch, &args).await,
+        BenchName::Agent => agent(&scratch, &args).await,
+        BenchName::Kb => kb(&scratch, &args).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -189,6 +204,28 @@ enum Report {
         latency: Latency,
         windows: Vec<Window>,
     },
+    Agent {
+        bench: &'static str,
+        messages: usize,
+        answered: usize,
+        awaiting_approval: usize,
+        escalated: usize,
+        processing: Latency,
+        knowledge_search: Latency,
+    },
+    Kb {
+        bench: &'static str,
+        chunks: usize,
+        queries: usize,
+        ef_search: u32,
+        search: Latency,
+        exact_search: Latency,
+        recall_at_10: f64,
+        recall_at_10_topical: f64,
+        recall_at_10_between_topics: f64,
+        query_embedding: Latency,
+        index_build_seconds: f64,
+    },
     Append {
         bench: &'static str,
         writers: usize,
@@ -249,6 +286,34 @@ impl Report {
                 }
                 out
             }
+            Report::Agent {
+                messages,
+                answered,
+                awaiting_approval,
+                escalated,
+                processing,
+                knowledge_search,
+                ..
+            } => format!(
+                "agent: {messages} messages (local responder, no model latency)\n  answered {answered}, awaiting approval {awaiting_approval}, escalated {escalated}\n  processing per message: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms\n  of which knowledge base search: p50 {:.1} ms, p95 {:.1} ms\n",
+                processing.p50_ms, processing.p95_ms, processing.p99_ms, knowledge_search.p50_ms, knowledge_search.p95_ms
+            ),
+            Report::Kb {
+                chunks,
+                queries,
+                ef_search,
+                search,
+                exact_search,
+                recall_at_10,
+                recall_at_10_topical,
+                recall_at_10_between_topics,
+                query_embedding,
+                index_build_seconds,
+                ..
+            } => format!(
+                "kb: {chunks} chunks (384 dimensions), {queries} queries, HNSW m=16 ef_construction=64 ef_search={ef_search}\n  index built in {index_build_seconds:.1} s\n  search: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms\n  recall@10 against exact search: {recall_at_10:.3} (queries near a topic {recall_at_10_topical:.3}, between topics {recall_at_10_between_topics:.3})\n  exact search: p50 {:.1} ms\n  embedding a query (all-MiniLM-L6-v2, in-process): p50 {:.1} ms, p95 {:.1} ms\n",
+                search.p50_ms, search.p95_ms, search.p99_ms, exact_search.p50_ms, query_embedding.p50_ms, query_embedding.p95_ms
+            ),
             Report::Append {
                 writers,
                 events,
@@ -567,5 +632,216 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         postgres_es_per_second: es,
         baseline_per_second: base,
         ratio: es / base,
+    })
+}
+
+const QUESTIONS: &[&str] = &[
+    "How do I export my project data to CSV?",
+    "I forgot my password, how can I reset it?",
+    "How do I set up two-factor authentication?",
+    "Can I use Tasklane offline on my phone?",
+    "How do I invite my team and what roles are there?",
+    "How do recurring tasks work?",
+    "What is the API rate limit for personal access tokens?",
+    "How do I connect Slack to my workspace?",
+    "Where can I download my invoices?",
+    "How long are deleted projects kept in the trash?",
+    "How do I import tasks from a CSV file?",
+    "Can I sync my tasks with Google Calendar?",
+    "How do I mute notifications for a project?",
+    "What is the maximum size of a file attachment?",
+    "How do I set up single sign-on with SAML?",
+    "Which browsers are supported?",
+    "How do I create an automation rule?",
+    "I need to talk to a human about my account",
+    "Do you have keyboard shortcuts?",
+    "What does error 42 export timed out mean?",
+];
+
+async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    use casebook_commands::agent::{Agent, Outcome};
+    use casebook_commands::knowledge::KnowledgeBase;
+    use casebook_commands::{InboundMessage, Intake, Sender};
+    use casebook_domain::identity::IdentityKey;
+    use casebook_domain::{Category, Channel, Priority};
+
+    let kb = KnowledgeBase::new(scratch.pool.clone(), app::embedder(&scratch.config)?);
+    let demo = std::path::Path::new("kb/demo");
+    anyhow::ensure!(demo.is_dir(), "run from the repository root: kb/demo is the corpus");
+    kb.ingest_path(demo).await?;
+    let store = EventStore::new(scratch.pool.clone());
+    let intake = Intake::new(store.clone());
+    // No remote model: what is measured is the agent's own work.
+    let agent = Agent::new(store, kb.clone(), Vec::new(), "The Support Team");
+    let (mut answered, mut approval, mut escalated) = (0, 0, 0);
+    let mut processing = Vec::with_capacity(args.messages);
+    let mut searching = Vec::new();
+    for i in 0..args.messages {
+        // Each text is new, so no query embedding comes from the cache.
+        let text = format!("{} (ref {i})", QUESTIONS[i % QUESTIONS.len()]);
+        let message = InboundMessage {
+            channel: Channel::Whatsapp,
+            channel_message_id: format!("SMbench{i}"),
+            sender: Sender {
+                identities: vec![IdentityKey::whatsapp(&format!("whatsapp:+4477009{:05}", i % 500))?],
+                name: Some("Bench".into()),
+            },
+            conversation_id: None,
+            thread: None,
+            subject: None,
+            body: text.clone(),
+            attachments: 0,
+            category: Category::General,
+            priority: Priority::Medium,
+            received_at: Utc::now(),
+        };
+        let outcome = intake.receive(&message, "bench").await?;
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM events WHERE aggregate_id = $1 AND event_type = 'CustomerMessageReceived'",
+            casebook_projections::store::EVENT_COLUMNS
+        ))
+        .bind(outcome.ticket_id.to_string())
+        .fetch_one(&scratch.pool)
+        .await?;
+        let envelope: casebook_domain::EventEnvelope = casebook_projections::store::stored_event(&row)?.into();
+        let started = Instant::now();
+        let result = agent.handle(&envelope).await?;
+        processing.push(started.elapsed());
+        match result {
+            Outcome::Sent { .. } => answered += 1,
+            Outcome::AwaitingApproval { .. } => approval += 1,
+            Outcome::Escalated(_) => escalated += 1,
+            Outcome::Skipped => {}
+        }
+        let started = Instant::now();
+        kb.search(&format!("{text} again"), 5, casebook_commands::knowledge::RELEVANCE_THRESHOLD).await?;
+        searching.push(started.elapsed());
+    }
+    Ok(Report::Agent {
+        bench: "agent",
+        messages: args.messages,
+        answered,
+        awaiting_approval: approval,
+        escalated,
+        processing: Latency::of(&mut processing),
+        knowledge_search: Latency::of(&mut searching),
+    })
+}
+
+/// A corpus shaped like real embeddings: chunks cluster around topics.
+fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let unit = |v: Vec<f32>| {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
+    };
+    let mut gaussian = move |rng: &mut rand::rngs::StdRng| -> f32 {
+        // Box-Muller.
+        let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    };
+    let dims = casebook_commands::embeddings::DIMENSIONS;
+    let centroids: Vec<Vec<f32>> = (0..topics)
+        .map(|_| unit((0..dims).map(|_| gaussian(&mut rng)).collect()))
+        .collect();
+    let near = |c: &Vec<f32>, spread: f32, rng: &mut rand::rngs::StdRng, g: &mut dyn FnMut(&mut rand::rngs::StdRng) -> f32| {
+        unit(c.iter().map(|x| x + spread * g(rng) / (dims as f32).sqrt()).collect())
+    };
+    let chunks = (0..n)
+        .map(|i| near(&centroids[i % topics], 0.8, &mut rng, &mut gaussian))
+        .collect();
+    // Half the queries near a topic, half anywhere on the sphere (between
+    // topics, the hard case for a graph index).
+    let queries = (0..1000)
+        .map(|i| {
+            if i % 2 == 0 {
+                near(&centroids[(i * 7919) % topics], 0.8, &mut rng, &mut gaussian)
+            } else {
+                unit((0..dims).map(|_| gaussian(&mut rng)).collect())
+            }
+        })
+        .collect();
+    (chunks, queries)
+}
+
+async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    use casebook_commands::knowledge::KnowledgeBase;
+    use pgvector::Vector;
+
+    let (chunks, queries) = clustered_vectors(args.chunks, args.chunks / 100 + 1, 42);
+    let pool = &scratch.pool;
+    sqlx::query("DROP INDEX kb_chunks_embedding_idx").execute(pool).await?;
+    sqlx::query(
+        "INSERT INTO kb_documents (document_id, title, source, content_hash, body, model)
+         VALUES ('bench', 'Generated corpus', 'bench', '-', '-', 'generated')",
+    )
+    .execute(pool)
+    .await?;
+    for (b, batch) in chunks.chunks(500).enumerate() {
+        let mut q = sqlx::QueryBuilder::new("INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, body, embedding) ");
+        q.push_values(batch.iter().enumerate(), |mut row, (i, v)| {
+            let n = b * 500 + i;
+            row.push_bind(format!("bench#{n}"))
+                .push_bind("bench")
+                .push_bind(n as i32)
+                .push_bind("Generated")
+                .push_bind(format!("chunk {n}"))
+                .push_bind(Vector::from(v.clone()));
+        });
+        q.build().execute(pool).await?;
+    }
+    let started = Instant::now();
+    sqlx::query(
+        "CREATE INDEX kb_chunks_embedding_idx ON kb_chunks USING hnsw (embedding vector_cosine_ops)
+         WITH (m = 16, ef_construction = 64)",
+    )
+    .execute(pool)
+    .await?;
+    let index_build_seconds = started.elapsed().as_secs_f64();
+    sqlx::query("ANALYZE kb_chunks").execute(pool).await?;
+
+    let kb = KnowledgeBase::new(pool.clone(), app::embedder(&scratch.config)?).with_ef_search(args.ef_search);
+    let n = args.messages.min(queries.len());
+    let mut latencies = Vec::with_capacity(n);
+    let mut exact_latencies = Vec::with_capacity(n);
+    let mut recall = [0.0f64; 2];
+    for (qi, q) in queries.iter().take(n).enumerate() {
+        let started = Instant::now();
+        let found = kb.search_vector(q, 10, -1.0).await?;
+        latencies.push(started.elapsed());
+        let started = Instant::now();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
+        let exact: Vec<(String,)> =
+            sqlx::query_as("SELECT chunk_id FROM kb_chunks ORDER BY embedding <=> $1 LIMIT 10")
+                .bind(Vector::from(q.clone()))
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        exact_latencies.push(started.elapsed());
+        let truth: std::collections::HashSet<String> = exact.into_iter().map(|r| r.0).collect();
+        let hits = found.iter().filter(|p| truth.contains(&p.chunk_id)).count();
+        recall[qi % 2] += hits as f64 / truth.len().max(1) as f64;
+    }
+    let mut embedding = Vec::new();
+    for i in 0..100 {
+        let text = format!("{} {i}", QUESTIONS[i % QUESTIONS.len()]);
+        let started = Instant::now();
+        kb.embedder().embed_query(&text).await?;
+        embedding.push(started.elapsed());
+    }
+    Ok(Report::Kb {
+        bench: "kb",
+        chunks: chunks.len(),
+        queries: n,
+        ef_search: args.ef_search,
+        search: Latency::of(&mut latencies),
+        exact_search: Latency::of(&mut exact_latencies),
+        recall_at_10: (recall[0] + recall[1]) / n as f64,
+        recall_at_10_topical: recall[0] / n.div_ceil(2) as f64,
+        recall_at_10_between_topics: recall[1] / (n / 2).max(1) as f64,
+        query_embedding: Latency::of(&mut embedding),
+        index_build_seconds,
     })
 }

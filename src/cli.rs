@@ -113,7 +113,7 @@ enum AuditCommand {
 /// 1 failure explained on stderr, 2 bad usage).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init();
+    crate::logging::init(matches!(cli.command, Command::Serve { .. }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

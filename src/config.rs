@@ -51,6 +51,8 @@ pub struct Config {
     pub embeddings: EmbeddingsConfig,
     pub support_signature: String,
     pub sla_check_every_secs: u64,
+    /// `CASEBOOK_KB_EF_SEARCH`: HNSW candidates per knowledge base search.
+    pub kb_ef_search: u32,
 }
 
 /// A language model endpoint.
@@ -293,7 +295,16 @@ impl Config {
                     )
                 })?,
         };
+        let kb_ef_search = match src.var("CASEBOOK_KB_EF_SEARCH") {
+            None => casebook_commands::knowledge::EF_SEARCH,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (10..=1000).contains(n))
+                .ok_or_else(|| bad("CASEBOOK_KB_EF_SEARCH", "must be a number from 10 to 1000"))?,
+        };
         Ok(Self {
+            kb_ef_search,
             llm,
             llm_fallback,
             embeddings,
