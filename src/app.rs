@@ -291,7 +291,8 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Agent) {
-        let kb = KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);
+        let kb =
+            KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);
         let store = EventStore::new(pool.clone());
         let agent = Arc::new(Agent::new(
             store.clone(),

@@ -671,7 +671,10 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
 
     let kb = KnowledgeBase::new(scratch.pool.clone(), app::embedder(&scratch.config)?);
     let demo = std::path::Path::new("kb/demo");
-    anyhow::ensure!(demo.is_dir(), "run from the repository root: kb/demo is the corpus");
+    anyhow::ensure!(
+        demo.is_dir(),
+        "run from the repository root: kb/demo is the corpus"
+    );
     kb.ingest_path(demo).await?;
     let store = EventStore::new(scratch.pool.clone());
     let intake = Intake::new(store.clone());
@@ -687,7 +690,10 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
             channel: Channel::Whatsapp,
             channel_message_id: format!("SMbench{i}"),
             sender: Sender {
-                identities: vec![IdentityKey::whatsapp(&format!("whatsapp:+4477009{:05}", i % 500))?],
+                identities: vec![IdentityKey::whatsapp(&format!(
+                    "whatsapp:+4477009{:05}",
+                    i % 500
+                ))?],
                 name: Some("Bench".into()),
             },
             conversation_id: None,
@@ -707,7 +713,8 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         .bind(outcome.ticket_id.to_string())
         .fetch_one(&scratch.pool)
         .await?;
-        let envelope: casebook_domain::EventEnvelope = casebook_projections::store::stored_event(&row)?.into();
+        let envelope: casebook_domain::EventEnvelope =
+            casebook_projections::store::stored_event(&row)?.into();
         let started = Instant::now();
         let result = agent.handle(&envelope).await?;
         processing.push(started.elapsed());
@@ -718,7 +725,12 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
             Outcome::Skipped => {}
         }
         let started = Instant::now();
-        kb.search(&format!("{text} again"), 5, casebook_commands::knowledge::RELEVANCE_THRESHOLD).await?;
+        kb.search(
+            &format!("{text} again"),
+            5,
+            casebook_commands::knowledge::RELEVANCE_THRESHOLD,
+        )
+        .await?;
         searching.push(started.elapsed());
     }
     Ok(Report::Agent {
@@ -749,8 +761,15 @@ fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<
     let centroids: Vec<Vec<f32>> = (0..topics)
         .map(|_| unit((0..dims).map(|_| gaussian(&mut rng)).collect()))
         .collect();
-    let near = |c: &Vec<f32>, spread: f32, rng: &mut rand::rngs::StdRng, g: &mut dyn FnMut(&mut rand::rngs::StdRng) -> f32| {
-        unit(c.iter().map(|x| x + spread * g(rng) / (dims as f32).sqrt()).collect())
+    let near = |c: &Vec<f32>,
+                spread: f32,
+                rng: &mut rand::rngs::StdRng,
+                g: &mut dyn FnMut(&mut rand::rngs::StdRng) -> f32| {
+        unit(
+            c.iter()
+                .map(|x| x + spread * g(rng) / (dims as f32).sqrt())
+                .collect(),
+        )
     };
     let chunks = (0..n)
         .map(|i| near(&centroids[i % topics], 0.8, &mut rng, &mut gaussian))
@@ -760,7 +779,12 @@ fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<
     let queries = (0..1000)
         .map(|i| {
             if i % 2 == 0 {
-                near(&centroids[(i * 7919) % topics], 0.8, &mut rng, &mut gaussian)
+                near(
+                    &centroids[(i * 7919) % topics],
+                    0.8,
+                    &mut rng,
+                    &mut gaussian,
+                )
             } else {
                 unit((0..dims).map(|_| gaussian(&mut rng)).collect())
             }
@@ -775,7 +799,9 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
 
     let (chunks, queries) = clustered_vectors(args.chunks, args.chunks / 100 + 1, 42);
     let pool = &scratch.pool;
-    sqlx::query("DROP INDEX kb_chunks_embedding_idx").execute(pool).await?;
+    sqlx::query("DROP INDEX kb_chunks_embedding_idx")
+        .execute(pool)
+        .await?;
     sqlx::query(
         "INSERT INTO kb_documents (document_id, title, source, content_hash, body, model)
          VALUES ('bench', 'Generated corpus', 'bench', '-', '-', 'generated')",
@@ -783,7 +809,9 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     .execute(pool)
     .await?;
     for (b, batch) in chunks.chunks(500).enumerate() {
-        let mut q = sqlx::QueryBuilder::new("INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, body, embedding) ");
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, body, embedding) ",
+        );
         q.push_values(batch.iter().enumerate(), |mut row, (i, v)| {
             let n = b * 500 + i;
             row.push_bind(format!("bench#{n}"))
@@ -805,7 +833,8 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     let index_build_seconds = started.elapsed().as_secs_f64();
     sqlx::query("ANALYZE kb_chunks").execute(pool).await?;
 
-    let kb = KnowledgeBase::new(pool.clone(), app::embedder(&scratch.config)?).with_ef_search(args.ef_search);
+    let kb = KnowledgeBase::new(pool.clone(), app::embedder(&scratch.config)?)
+        .with_ef_search(args.ef_search);
     let n = args.messages.min(queries.len());
     let mut latencies = Vec::with_capacity(n);
     let mut exact_latencies = Vec::with_capacity(n);
@@ -816,7 +845,9 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         latencies.push(started.elapsed());
         let started = Instant::now();
         let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL enable_indexscan = off")
+            .execute(&mut *tx)
+            .await?;
         let exact: Vec<(String,)> =
             sqlx::query_as("SELECT chunk_id FROM kb_chunks ORDER BY embedding <=> $1 LIMIT 10")
                 .bind(Vector::from(q.clone()))

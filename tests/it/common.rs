@@ -122,7 +122,10 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
         ),
         (
             "CASEBOOK_EMBEDDINGS".to_string(),
-            format!("local:{}/.casebook/models/all-MiniLM-L6-v2", env!("CARGO_MANIFEST_DIR")),
+            format!(
+                "local:{}/.casebook/models/all-MiniLM-L6-v2",
+                env!("CARGO_MANIFEST_DIR")
+            ),
         ),
     ]);
     for (k, v) in overrides {

@@ -46,7 +46,11 @@ async fn submit_during(app: &TestApp, n: usize, tag: &str) -> Vec<Uuid> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forms_arriving_while_the_broker_is_unresponsive_reach_the_read_models_once() {
     let broker = Broker::start().await;
-    let app = TestApp::spawn_with(crate::common::BACKBONE, &[("KAFKA_BROKERS", broker.address())]).await;
+    let app = TestApp::spawn_with(
+        crate::common::BACKBONE,
+        &[("KAFKA_BROKERS", broker.address())],
+    )
+    .await;
     submit_during(&app, 5, "before").await;
     count_reaches(&app, "SELECT count(*) FROM crm_messages", 5).await;
 
