@@ -162,35 +162,21 @@ impl Delivery {
         }
     }
 
-    async fn twilio_send(
+    /// One provider call, retried with backoff on transient failures and
+    /// timed per attempt; `build` makes the request afresh for each attempt.
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        t: &TwilioSettings,
-        to: &str,
-        body: &str,
-    ) -> Result<String, SendError> {
+        service: &'static str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, SendError> {
         retry(
             &DELIVERY_BACKOFF,
-            "twilio send",
+            service,
             SendError::is_transient,
             || async {
                 let started = Instant::now();
-                let mut form = vec![
-                    ("To", to.to_string()),
-                    ("From", t.from.clone()),
-                    ("Body", body.to_string()),
-                ];
-                if let Some(cb) = &t.status_callback {
-                    form.push(("StatusCallback", cb.clone()));
-                }
                 let result = async {
-                    let response = self
-                        .http
-                        .post(format!(
-                            "{}/2010-04-01/Accounts/{}/Messages.json",
-                            t.api_base, t.account_sid
-                        ))
-                        .basic_auth(&t.account_sid, Some(&t.auth_token))
-                        .form(&form)
+                    let response = build()
                         .send()
                         .await
                         .map_err(|e| SendError::Transient(e.to_string()))?;
@@ -198,20 +184,45 @@ impl Delivery {
                     if !status.is_success() {
                         return Err(classify(status, response.text().await.unwrap_or_default()));
                     }
-                    response
-                        .json::<TwilioMessage>()
-                        .await
-                        .map(|m| m.sid)
-                        .map_err(|e| {
-                            SendError::Permanent(format!("unreadable Twilio response: {e}"))
-                        })
+                    response.json::<T>().await.map_err(|e| {
+                        SendError::Permanent(format!("unreadable {service} response: {e}"))
+                    })
                 }
                 .await;
-                observe("twilio", started, &result);
+                observe(service, started, &result);
                 result
             },
         )
         .await
+    }
+
+    async fn twilio_send(
+        &self,
+        t: &TwilioSettings,
+        to: &str,
+        body: &str,
+    ) -> Result<String, SendError> {
+        let mut form = vec![
+            ("To", to.to_string()),
+            ("From", t.from.clone()),
+            ("Body", body.to_string()),
+        ];
+        if let Some(cb) = &t.status_callback {
+            form.push(("StatusCallback", cb.clone()));
+        }
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            t.api_base, t.account_sid
+        );
+        let sent: TwilioMessage = self
+            .call("twilio", || {
+                self.http
+                    .post(&url)
+                    .basic_auth(&t.account_sid, Some(&t.auth_token))
+                    .form(&form)
+            })
+            .await?;
+        Ok(sent.sid)
     }
 
     async fn gmail_send(
@@ -220,46 +231,21 @@ impl Delivery {
         raw: &str,
         thread_id: Option<&str>,
     ) -> Result<String, SendError> {
-        retry(
-            &DELIVERY_BACKOFF,
-            "gmail send",
-            SendError::is_transient,
-            || async {
-                let started = Instant::now();
-                let mut body = serde_json::json!({"raw": URL_SAFE_NO_PAD.encode(raw.as_bytes())});
-                if let Some(thread) = thread_id {
-                    body["threadId"] = serde_json::Value::String(thread.to_string());
+        let mut body = serde_json::json!({"raw": URL_SAFE_NO_PAD.encode(raw.as_bytes())});
+        if let Some(thread) = thread_id {
+            body["threadId"] = serde_json::Value::String(thread.to_string());
+        }
+        let url = format!("{}/gmail/v1/users/me/messages/send", g.api_base);
+        let sent: GmailSent = self
+            .call("gmail", || {
+                let request = self.http.post(&url).json(&body);
+                match &g.access_token {
+                    Some(token) => request.bearer_auth(token),
+                    None => request,
                 }
-                let result = async {
-                    let mut request = self
-                        .http
-                        .post(format!("{}/gmail/v1/users/me/messages/send", g.api_base))
-                        .json(&body);
-                    if let Some(token) = &g.access_token {
-                        request = request.bearer_auth(token);
-                    }
-                    let response = request
-                        .send()
-                        .await
-                        .map_err(|e| SendError::Transient(e.to_string()))?;
-                    let status = response.status();
-                    if !status.is_success() {
-                        return Err(classify(status, response.text().await.unwrap_or_default()));
-                    }
-                    response
-                        .json::<GmailSent>()
-                        .await
-                        .map(|m| m.id)
-                        .map_err(|e| {
-                            SendError::Permanent(format!("unreadable Gmail response: {e}"))
-                        })
-                }
-                .await;
-                observe("gmail", started, &result);
-                result
-            },
-        )
-        .await
+            })
+            .await?;
+        Ok(sent.id)
     }
 
     /// Sends one reply; returns the provider ids of what went out.
