@@ -745,7 +745,10 @@ impl crate::worker::Handler for AgentHandler {
             Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!(
                 "event {id} is not a customer message"
             ))),
-            Err(AgentError::Rejected(TicketError::AlreadyHandled(_))) => Ok(()),
+            // Handled already, or closed while the agent worked: nothing to do.
+            Err(AgentError::Rejected(TicketError::AlreadyHandled(_) | TicketError::Closed)) => {
+                Ok(())
+            }
             Err(AgentError::Rejected(e)) => Err(HandlerError::Poison(e.to_string())),
             Err(e) => Err(HandlerError::Retry(e.to_string())),
         }
