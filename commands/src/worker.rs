@@ -149,12 +149,15 @@ pub fn spawn<H: Handler>(
             let stop = lane_shutdown.clone();
             lane_tasks.push(tokio::spawn(async move {
                 while let Some(message) = rx.recv().await {
-                    process(handler.as_ref(), &message, &producer, &dlq, &stop).await;
-                    tracker.lock().expect("not poisoned").finish(
-                        &message.topic,
-                        message.partition,
-                        message.offset,
-                    );
+                    // A message left unsettled at shutdown keeps its offset
+                    // pending, so nothing at or past it is committed.
+                    if process(handler.as_ref(), &message, &producer, &dlq, &stop).await {
+                        tracker.lock().expect("not poisoned").finish(
+                            &message.topic,
+                            message.partition,
+                            message.offset,
+                        );
+                    }
                 }
             }));
         }
@@ -214,27 +217,30 @@ fn commit(consumer: &StreamConsumer, tracker: &Mutex<Tracker>) {
     }
 }
 
+/// Handles one message until it succeeds or is dead-lettered (settled:
+/// `true`), or, once `stop` is cancelled, gives up after a failed attempt
+/// (`false`: handled again after a restart).
 async fn process<H: Handler + ?Sized>(
     handler: &H,
     message: &Incoming,
     producer: &FutureProducer,
     dlq: &str,
     stop: &CancellationToken,
-) {
+) -> bool {
     let mut attempt = 0;
     loop {
         attempt += 1;
         match handler.handle(message).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(HandlerError::Poison(reason)) => {
                 dead_letter(producer, dlq, message, &reason).await;
-                return;
+                return true;
             }
             Err(HandlerError::Retry(reason)) => {
                 tracing::warn!(topic = %message.topic, offset = message.offset, attempt, error = %reason, "handling failed; retrying");
                 if stop.is_cancelled() {
-                    // Not committed: handled again after a restart.
-                    return;
+                    // Not settled: handled again after a restart.
+                    return false;
                 }
                 sleep_backoff(&RETRY_BACKOFF, attempt.min(12)).await;
             }
@@ -302,6 +308,34 @@ mod tests {
         assert_eq!(t.committable().map(|l| l.count()), Some(1));
         t.finish("x", 0, 12);
         assert_eq!(t.next[&("x".to_string(), 0)], 13);
+    }
+
+    struct AlwaysDown;
+
+    #[async_trait]
+    impl Handler for AlwaysDown {
+        async fn handle(&self, _: &Incoming) -> Result<(), HandlerError> {
+            Err(HandlerError::Retry("database unavailable".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_failing_at_shutdown_is_left_unsettled() {
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let message = Incoming {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            key: "k".into(),
+            payload: vec![],
+            headers: vec![],
+        };
+        assert!(!process(&AlwaysDown, &message, &producer, "dlq", &stop).await);
     }
 
     #[test]
