@@ -91,9 +91,7 @@ pub async fn push(
         .await
         .map_err(|e| match e {
             GmailError::Intake(e) => ApiError::from(e),
-            GmailError::Decode(detail) if detail.contains("emailAddress") => {
-                ApiError::BadRequest(detail)
-            }
+            GmailError::BadMailbox => ApiError::BadRequest(GmailError::BadMailbox.to_string()),
             GmailError::Unauthorized(status) => {
                 ApiError::Upstream(format!("Gmail API refused access ({status})"))
             }

@@ -45,6 +45,8 @@ pub enum GmailError {
     Transport(String),
     #[error("gmail: unreadable response: {0}")]
     Decode(String),
+    #[error("the notification's emailAddress is not an email address")]
+    BadMailbox,
     #[error(transparent)]
     Intake(#[from] IntakeError),
     #[error("gmail sync state: {0}")]
@@ -383,8 +385,7 @@ impl GmailSync {
         history_id: u64,
         correlation_id: &str,
     ) -> Result<SyncReport, GmailError> {
-        let mailbox = normalize_email(mailbox)
-            .map_err(|_| GmailError::Decode("emailAddress is not an address".into()))?;
+        let mailbox = normalize_email(mailbox).map_err(|_| GmailError::BadMailbox)?;
         let stored: Option<String> =
             sqlx::query_scalar("SELECT history_id::text FROM gmail_sync WHERE email_address = $1")
                 .bind(&mailbox)

@@ -330,6 +330,22 @@ async fn a_malformed_push_is_a_bad_request() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+    // A notification for something that is not a mailbox.
+    let data =
+        STANDARD.encode(json!({"emailAddress": "not-a-mailbox", "historyId": 5}).to_string());
+    let response = app
+        .http
+        .post(app.url(&format!("/webhooks/gmail?token={GMAIL_PUSH_TOKEN}")))
+        .json(&json!({"message": {"data": data, "messageId": "2"}, "subscription": "s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.json::<Value>().await.unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("emailAddress"));
+    assert!(gmail.received_requests().await.unwrap().is_empty());
     assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
     app.stop().await;
 }
