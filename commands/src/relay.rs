@@ -39,10 +39,13 @@ const FAILURE_BACKOFF: Backoff =
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub batch_size: i64,
-    /// How long to wait between polls when nothing is new. (The relay polls
-    /// rather than LISTENs: a transaction that NOTIFYs serialises commits
-    /// cluster-wide, which would cap every writer's throughput.)
+    /// How long to wait before polling again when nothing was new; each
+    /// further empty poll doubles the wait up to `idle_poll_max`, and any
+    /// activity resets it. (The relay polls rather than LISTENs: a
+    /// transaction that NOTIFYs serialises commits cluster-wide, which would
+    /// cap every writer's throughput.)
     pub idle_poll: Duration,
+    pub idle_poll_max: Duration,
     /// How soon to look again when committed events are not yet visible
     /// behind an older running transaction.
     pub pending_poll: Duration,
@@ -53,6 +56,7 @@ impl Default for RelaySettings {
         Self {
             batch_size: 1000,
             idle_poll: Duration::from_millis(20),
+            idle_poll_max: Duration::from_millis(200),
             pending_poll: Duration::from_millis(3),
         }
     }
@@ -188,6 +192,7 @@ impl Relay {
         let mut failures = 0u32;
         let mut last_health = Instant::now();
         let mut last_lag = Instant::now() - Duration::from_secs(10);
+        let mut idle_wait = self.settings.idle_poll;
         while !shutdown.is_cancelled() {
             if last_health.elapsed() > Duration::from_secs(5) {
                 // Still holding the lock? A dead lock connection means
@@ -201,11 +206,13 @@ impl Relay {
                 last_lag = Instant::now();
             }
             if batch.is_empty() {
-                let pending = self.has_pending(checkpoint).await?;
-                let wait = if pending {
+                let wait = if self.has_pending(checkpoint).await? {
+                    idle_wait = self.settings.idle_poll;
                     self.settings.pending_poll
                 } else {
-                    self.settings.idle_poll
+                    let wait = idle_wait;
+                    idle_wait = (idle_wait * 2).min(self.settings.idle_poll_max);
+                    wait
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -213,6 +220,7 @@ impl Relay {
                 }
                 continue;
             }
+            idle_wait = self.settings.idle_poll;
             match self.publish(&producer, &batch).await {
                 Ok(()) => {
                     let (tx, last) = batch
