@@ -57,7 +57,6 @@ pub struct InboundMessage {
 pub struct IntakeOutcome {
     pub ticket_id: Uuid,
     pub message_id: Uuid,
-    pub customer_id: Option<Uuid>,
     /// The channel message was already accepted; nothing new was stored.
     pub duplicate: bool,
     pub new_ticket: bool,
@@ -160,7 +159,6 @@ impl Intake {
             return Ok(IntakeOutcome {
                 ticket_id,
                 message_id,
-                customer_id: None,
                 duplicate: true,
                 new_ticket: false,
             });
@@ -320,7 +318,6 @@ impl Intake {
         Ok(IntakeOutcome {
             ticket_id,
             message_id,
-            customer_id: Some(customer_id),
             duplicate: false,
             new_ticket,
         })

@@ -435,11 +435,6 @@ impl UnitOfWork<'_> {
         self.meta = meta;
     }
 
-    /// Whether anything would be written.
-    pub fn is_empty(&self) -> bool {
-        self.streams.iter().all(|s| s.events.is_empty())
-    }
-
     /// Appends every recorded event in one transaction and one statement,
     /// in the order the commands ran. Returns how many were written.
     pub async fn commit(self) -> Result<usize, StoreError> {

@@ -12,11 +12,6 @@ use crate::metrics::{APPLIED, SKIPPED};
 pub enum ProjectionError {
     #[error("read model database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("event {event_id} could not be read: {reason}")]
-    Unreadable {
-        event_id: uuid::Uuid,
-        reason: String,
-    },
 }
 
 /// A read model built from events.
@@ -189,6 +184,18 @@ pub async fn apply_batch_in(
     }
 
     Ok(fresh)
+}
+
+/// The batch's ticket events with their ticket id, decoded; unreadable
+/// ones are skipped as [`decode_or_skip`] does.
+pub fn ticket_events<'a>(
+    projector: &'a str,
+    events: &'a [EventEnvelope],
+) -> impl Iterator<Item = (uuid::Uuid, casebook_domain::TicketEvent, &'a EventEnvelope)> + 'a {
+    events.iter().filter_map(move |e| {
+        let id = e.aggregate_id.parse().ok()?;
+        decode_or_skip(projector, e).map(|event| (id, event, e))
+    })
 }
 
 /// Decodes an envelope's payload as an aggregate's event type. An event this

@@ -1,6 +1,5 @@
 //! Reads of the CRM read models for the HTTP layer.
 
-use casebook_domain::TicketStatus;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -40,10 +39,6 @@ impl TicketSummary {
             sla_due_at: deadlines.next_due(t.first_response_at),
             messages_count: t.messages_count as i32,
         })
-    }
-
-    pub fn status(&self) -> Option<TicketStatus> {
-        self.status.parse().ok()
     }
 }
 

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::projector::{decode_or_skip, ProjectionError, Projector};
+use crate::projector::{ticket_events, ProjectionError, Projector};
 
 /// `crm_conversations`: per ticket, the channels the conversation crossed
 /// and how many messages went each way.
@@ -55,17 +55,14 @@ impl Projector for ConversationsProjector {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        for e in events {
-            let Ok(ticket_id) = e.aggregate_id.parse::<Uuid>() else {
-                continue;
-            };
-            match decode_or_skip::<TicketEvent>(self.name(), e) {
-                Some(TicketEvent::TicketOpened {
+        for (ticket_id, event, _) in ticket_events(self.name(), events) {
+            match event {
+                TicketEvent::TicketOpened {
                     customer_id,
                     channel,
                     opened_at,
                     ..
-                }) => {
+                } => {
                     sqlx::query(
                         "INSERT INTO crm_conversations (ticket_id, customer_id, channels, started_at, last_message_at)
                          VALUES ($1, $2, ARRAY[$3], $4, $4) ON CONFLICT (ticket_id) DO NOTHING",
@@ -77,14 +74,14 @@ impl Projector for ConversationsProjector {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Some(TicketEvent::CustomerMessageReceived {
+                TicketEvent::CustomerMessageReceived {
                     channel,
                     received_at,
                     ..
-                }) => touch(tx, ticket_id, channel, received_at, 1, 0).await?,
-                Some(TicketEvent::ResponseSent {
+                } => touch(tx, ticket_id, channel, received_at, 1, 0).await?,
+                TicketEvent::ResponseSent {
                     channel, sent_at, ..
-                }) => touch(tx, ticket_id, channel, sent_at, 0, 1).await?,
+                } => touch(tx, ticket_id, channel, sent_at, 0, 1).await?,
                 _ => {}
             }
         }

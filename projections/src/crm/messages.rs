@@ -1,9 +1,8 @@
 use async_trait::async_trait;
 use casebook_domain::{EventEnvelope, TicketEvent};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
-use crate::projector::{decode_or_skip, ProjectionError, Projector};
+use crate::projector::{ticket_events, ProjectionError, Projector};
 
 /// `crm_messages`: every message in and out, with its channel, the
 /// channel's own message id and, for replies, the delivery status.
@@ -28,12 +27,9 @@ impl Projector for MessagesProjector {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        for e in events {
-            let Ok(ticket_id) = e.aggregate_id.parse::<Uuid>() else {
-                continue;
-            };
-            match decode_or_skip::<TicketEvent>(self.name(), e) {
-                Some(TicketEvent::CustomerMessageReceived {
+        for (ticket_id, event, e) in ticket_events(self.name(), events) {
+            match event {
+                TicketEvent::CustomerMessageReceived {
                     message_id,
                     customer_id,
                     channel,
@@ -41,7 +37,7 @@ impl Projector for MessagesProjector {
                     body,
                     received_at,
                     ..
-                }) => {
+                } => {
                     sqlx::query(
                         "INSERT INTO crm_messages (message_id, ticket_id, customer_id, direction, channel,
                                                    channel_message_id, body, at, position)
@@ -58,13 +54,13 @@ impl Projector for MessagesProjector {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Some(TicketEvent::ResponseSent {
+                TicketEvent::ResponseSent {
                     response_id,
                     channel,
                     body,
                     sent_at,
                     ..
-                }) => {
+                } => {
                     sqlx::query(
                         "INSERT INTO crm_messages (message_id, ticket_id, customer_id, direction, channel, body, at, position)
                          VALUES ($1, $2, (SELECT customer_id FROM crm_messages
@@ -81,12 +77,12 @@ impl Projector for MessagesProjector {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Some(TicketEvent::DeliveryStatusChanged {
+                TicketEvent::DeliveryStatusChanged {
                     response_id,
                     status,
                     provider_message_id,
                     ..
-                }) => {
+                } => {
                     sqlx::query(
                         "UPDATE crm_messages SET delivery_status = $2,
                                 channel_message_id = coalesce($3, channel_message_id)

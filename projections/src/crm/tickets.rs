@@ -2,12 +2,12 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use casebook_domain::ticket::ApprovalState;
-use casebook_domain::{EventEnvelope, Ticket, TicketEvent};
+use casebook_domain::{EventEnvelope, Ticket};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics::ESCALATIONS;
-use crate::projector::{decode_or_skip, ProjectionError, Projector};
+use crate::projector::{ticket_events, ProjectionError, Projector};
 
 /// `crm_tickets`: one row per ticket with its current status, SLA and
 /// counters. The row keeps the domain's ticket state and folds each event
@@ -57,13 +57,7 @@ impl Projector for TicketsProjector {
             }
         }
         let mut changed: Vec<Uuid> = Vec::new();
-        for e in events {
-            let Ok(id) = e.aggregate_id.parse::<Uuid>() else {
-                continue;
-            };
-            let Some(event) = decode_or_skip::<TicketEvent>(self.name(), e) else {
-                continue;
-            };
+        for (id, event, _) in ticket_events(self.name(), events) {
             states.entry(id).or_default().apply_event(event);
             if !changed.contains(&id) {
                 changed.push(id);
