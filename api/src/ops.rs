@@ -41,7 +41,7 @@ impl ReadyReport {
 /// What `/ready` checks: Postgres answers, every migration this build
 /// knows is applied, and the broker answers with the events topic.
 pub struct Readiness {
-    kafka: Option<BaseConsumer>,
+    kafka: Option<std::sync::Arc<BaseConsumer>>,
     kafka_error: Option<String>,
     events_topic: String,
     migrations: Vec<i64>,
@@ -56,7 +56,7 @@ impl Readiness {
             .set("log_level", "2")
             .create::<BaseConsumer>();
         let (kafka, kafka_error) = match client {
-            Ok(c) => (Some(c), None),
+            Ok(c) => (Some(std::sync::Arc::new(c)), None),
             Err(e) => (None, Some(e.to_string())),
         };
         Self {
@@ -118,16 +118,23 @@ impl Readiness {
     }
 
     async fn check_kafka(&self) -> String {
-        let Some(client) = self.kafka.as_ref() else {
+        let Some(client) = self.kafka.clone() else {
             return format!(
                 "down: {}",
                 self.kafka_error.as_deref().unwrap_or("no client")
             );
         };
-        // The metadata call blocks; it is bounded by its own timeout.
-        let metadata = tokio::task::block_in_place(|| {
-            client.fetch_metadata(Some(&self.events_topic), CHECK_TIMEOUT)
-        });
+        // The metadata call blocks (bounded by its own timeout): off the
+        // async workers.
+        let topic = self.events_topic.clone();
+        let metadata = match tokio::task::spawn_blocking(move || {
+            client.fetch_metadata(Some(&topic), CHECK_TIMEOUT)
+        })
+        .await
+        {
+            Ok(result) => result,
+            Err(e) => return format!("down: {e}"),
+        };
         match metadata {
             Err(e) => format!("down: {e}"),
             Ok(m) => match m.topics().iter().find(|t| t.name() == self.events_topic) {
