@@ -15,28 +15,32 @@ use crate::store::{CommandError, EventStore};
 
 /// Looks for breaches once; returns how many it recorded.
 pub async fn check_once(store: &EventStore, pool: &PgPool) -> Result<usize, sqlx::Error> {
-    // Candidates from the read model; the ticket itself decides.
-    let due: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT ticket_id, 'first_response' FROM crm_tickets
-          WHERE first_response_at IS NULL AND first_response_due < now()
-            AND status NOT IN ('resolved', 'closed')
-            AND NOT (state->'sla_breaches' ? 'first_response')
-         UNION ALL
-         SELECT ticket_id, 'resolution' FROM crm_tickets
-          WHERE resolution_due < now() AND status NOT IN ('resolved', 'closed')
-            AND NOT (state->'sla_breaches' ? 'resolution')
-         LIMIT 500",
+    // Candidates from the read model (open tickets past their next
+    // deadline, by a partial index); the ticket itself decides.
+    let rows: Vec<(Uuid, bool, bool)> = sqlx::query_as(
+        "SELECT ticket_id,
+                first_response_at IS NULL AND first_response_due < now()
+                    AND NOT (state->'sla_breaches' ? 'first_response'),
+                resolution_due < now() AND NOT (state->'sla_breaches' ? 'resolution')
+           FROM crm_tickets
+          WHERE status NOT IN ('resolved', 'closed') AND sla_due_at < now()
+          ORDER BY sla_due_at
+          LIMIT 500",
     )
     .fetch_all(pool)
     .await?;
+    let due = rows.into_iter().flat_map(|(id, first, resolution)| {
+        [
+            (first, SlaKind::FirstResponse),
+            (resolution, SlaKind::Resolution),
+        ]
+        .into_iter()
+        .filter(|(is_due, _)| *is_due)
+        .map(move |(_, kind)| (id, kind))
+    });
     let meta = EventMetadata::new(Uuid::now_v7().to_string(), Actor::system("sla-monitor"));
     let mut recorded = 0;
     for (ticket_id, kind) in due {
-        let kind = if kind == "first_response" {
-            SlaKind::FirstResponse
-        } else {
-            SlaKind::Resolution
-        };
         match store
             .execute::<Ticket>(
                 &ticket_id.to_string(),
