@@ -219,7 +219,9 @@ pub fn holding_reply(reason: EscalationReason) -> &'static str {
         EscalationReason::KnowledgeGap
         | EscalationReason::DeliveryFailed
         | EscalationReason::ModelUnavailable
-        | EscalationReason::Manual => {
+        | EscalationReason::Manual
+        | EscalationReason::AutomatedMessage
+        | EscalationReason::AutoReplyLimit => {
             "Thanks for your message. A member of our team will look into it and get back to you shortly."
         }
     }

@@ -1,10 +1,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{DeliveryStatus, EscalationReason, TicketCommand, TicketError, TicketEvent};
+use super::{
+    AutoReplyLimit, DeliveryStatus, EscalationReason, TicketCommand, TicketError, TicketEvent,
+    WithholdReason,
+};
 use crate::sla::{SlaDeadlines, SlaKind};
 use crate::{Category, Channel, Priority, TicketStatus};
 
@@ -12,11 +15,31 @@ use crate::{Category, Channel, Priority, TicketStatus};
 /// message before it must escalate with `knowledge_gap`.
 pub const MAX_SEARCHES_PER_MESSAGE: u32 = 2;
 
+/// The rolling window automatic replies are counted over.
+pub const AUTO_REPLY_WINDOW: TimeDelta = TimeDelta::hours(1);
+
+/// The highest automatic-reply limit a ticket can enforce: it remembers the
+/// times of this many automatic replies, no more.
+pub const MAX_AUTO_REPLIES_PER_HOUR: u32 = 50;
+
+/// The longest reason intake may give for a machine-written message.
+pub const MAX_AUTOMATED_REASON_LEN: usize = 64;
+
+fn valid_automated_reason(reason: &str) -> bool {
+    (1..=MAX_AUTOMATED_REASON_LEN).contains(&reason.len())
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Draft {
     pub body: String,
     pub confidence: f64,
     pub approval: Option<Uuid>,
+    /// The customer message it answers.
+    #[serde(default)]
+    pub in_reply_to: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +69,26 @@ pub struct Escalation {
     pub open: bool,
 }
 
+/// One customer message's own workflow: its knowledge searches and what
+/// became of it. Each message has its own, so a second message that
+/// arrives before the first is answered neither shares nor uses up the
+/// first one's budget.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MessageWork {
+    /// Why a machine wrote it, if one did.
+    pub automated: Option<String>,
+    pub searches: u32,
+    pub draft: Option<Uuid>,
+    pub escalation: Option<Uuid>,
+    /// Replies sent that answer it.
+    pub replies: u32,
+    pub withheld: Option<WithholdReason>,
+}
+
 /// The ticket's state, rebuilt from its events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Ticket {
     pub id: Option<Uuid>,
     pub customer_id: Option<Uuid>,
@@ -64,14 +105,20 @@ pub struct Ticket {
     pub channel_message_ids: BTreeSet<String>,
     pub messages_count: u32,
     pub last_message_id: Option<Uuid>,
-    pub searches_for_last_message: u32,
+    /// Every customer message's workflow, by message id.
+    pub messages: BTreeMap<Uuid, MessageWork>,
+    /// When the latest automatic replies were sent (oldest first, at most
+    /// `MAX_AUTO_REPLIES_PER_HOUR`).
+    pub automatic_replies: Vec<DateTime<Utc>>,
     pub drafts: BTreeMap<Uuid, Draft>,
     pub approvals: BTreeMap<Uuid, Approval>,
     pub responses: BTreeMap<Uuid, Response>,
     pub escalations: BTreeMap<Uuid, Escalation>,
     pub sla_breaches: BTreeSet<String>,
     pub feedback: Option<bool>,
-    /// Customer messages the agent has drafted an answer to or escalated.
+    /// Customer messages that were drafted an answer to, escalated,
+    /// replied to or deliberately left unanswered: the agent never takes
+    /// them up again.
     pub handled_messages: BTreeSet<Uuid>,
     /// The email conversation replies join (Gmail thread), if any.
     pub email_thread: Option<super::EmailThread>,
@@ -93,6 +140,46 @@ impl Ticket {
 
     pub fn open_escalations(&self) -> impl Iterator<Item = (&Uuid, &Escalation)> {
         self.escalations.iter().filter(|(_, e)| e.open)
+    }
+
+    /// Automatic replies sent in the hour up to `at`.
+    pub fn automatic_replies_within_hour(&self, at: DateTime<Utc>) -> u32 {
+        let since = at - AUTO_REPLY_WINDOW;
+        self.automatic_replies.iter().filter(|t| **t > since).count() as u32
+    }
+
+    /// Whether one more automatic reply at `at` stays within `limit`.
+    pub fn may_reply_automatically(&self, at: DateTime<Utc>, limit: AutoReplyLimit) -> bool {
+        self.automatic_replies_within_hour(at) < limit.per_hour.min(MAX_AUTO_REPLIES_PER_HOUR)
+    }
+
+    /// The deadline of `kind` whose breach is still to be recorded: none
+    /// once it was recorded, met (a first response), or the ticket is
+    /// resolved or closed.
+    pub fn unrecorded_sla_due(&self, kind: SlaKind) -> Option<DateTime<Utc>> {
+        let deadlines = self.deadlines?;
+        if matches!(self.status, TicketStatus::Resolved | TicketStatus::Closed)
+            || self.sla_breaches.contains(kind.as_str())
+        {
+            return None;
+        }
+        match kind {
+            SlaKind::FirstResponse => self
+                .first_response_at
+                .is_none()
+                .then_some(deadlines.first_response_due),
+            SlaKind::Resolution => Some(deadlines.resolution_due),
+        }
+    }
+
+    /// The customer message a step is for: the one named, which must be on
+    /// this ticket, else the latest.
+    fn message_for(&self, named: Option<Uuid>) -> Result<Option<Uuid>, TicketError> {
+        match named {
+            Some(m) if !self.messages.contains_key(&m) => Err(TicketError::UnknownMessage(m)),
+            Some(m) => Ok(Some(m)),
+            None => Ok(self.last_message_id),
+        }
     }
 
     pub fn decide(&self, command: TicketCommand) -> Result<Vec<TicketEvent>, TicketError> {
@@ -148,8 +235,14 @@ impl Ticket {
                 body,
                 attachments,
                 thread,
+                automated,
                 at,
             } => {
+                if automated.as_deref().is_some_and(|r| !valid_automated_reason(r)) {
+                    return Err(TicketError::InvalidAutomatedReason {
+                        max: MAX_AUTOMATED_REASON_LEN,
+                    });
+                }
                 if self.channel_message_ids.contains(&channel_message_id) {
                     return Err(TicketError::DuplicateMessage { channel_message_id });
                 }
@@ -172,6 +265,7 @@ impl Ticket {
                     body,
                     attachments,
                     thread,
+                    automated,
                     received_at: at,
                 });
                 Ok(events)
@@ -187,15 +281,26 @@ impl Ticket {
                 channels,
                 reviewed_at: at,
             }]),
-            C::RecordKnowledgeSearch { query, hits, at } => {
-                if self.searches_for_last_message >= MAX_SEARCHES_PER_MESSAGE {
-                    return Err(TicketError::TooManySearches {
-                        attempts: self.searches_for_last_message,
-                    });
+            C::RecordKnowledgeSearch {
+                in_reply_to,
+                query,
+                hits,
+                at,
+            } => {
+                let message = self.message_for(in_reply_to)?;
+                if let Some(m) = message.filter(|m| self.is_handled(*m)) {
+                    return Err(TicketError::AlreadyHandled(m));
+                }
+                let searches = message
+                    .and_then(|m| self.messages.get(&m))
+                    .map_or(0, |w| w.searches);
+                if searches >= MAX_SEARCHES_PER_MESSAGE {
+                    return Err(TicketError::TooManySearches { attempts: searches });
                 }
                 Ok(vec![E::KnowledgeSearched {
+                    in_reply_to: message,
                     query,
-                    attempt: self.searches_for_last_message + 1,
+                    attempt: searches + 1,
                     hits,
                     searched_at: at,
                 }])
@@ -209,8 +314,13 @@ impl Ticket {
                 generated_by,
                 at,
             } => {
-                if let Some(m) = in_reply_to.filter(|m| self.handled_messages.contains(m)) {
-                    return Err(TicketError::AlreadyHandled(m));
+                if let Some(m) = in_reply_to {
+                    if !self.messages.contains_key(&m) {
+                        return Err(TicketError::UnknownMessage(m));
+                    }
+                    if self.is_handled(m) {
+                        return Err(TicketError::AlreadyHandled(m));
+                    }
                 }
                 if self.drafts.contains_key(&draft_id) {
                     return Err(TicketError::DuplicateDraft(draft_id));
@@ -293,6 +403,8 @@ impl Ticket {
                 channel,
                 body,
                 parts,
+                in_reply_to,
+                automatic,
                 at,
             } => {
                 if self.responses.contains_key(&response_id) {
@@ -301,11 +413,13 @@ impl Ticket {
                 if body.trim().is_empty() {
                     return Err(TicketError::EmptyResponse);
                 }
+                let mut answers = self.message_for(in_reply_to)?;
                 if let Some(draft_id) = draft_id {
                     let draft = self
                         .drafts
                         .get(&draft_id)
                         .ok_or(TicketError::UnknownDraft(draft_id))?;
+                    answers = draft.in_reply_to.or(answers);
                     if let Some(approval_id) = draft.approval {
                         match self.approvals.get(&approval_id).map(|a| a.state) {
                             Some(ApprovalState::Approved) => {}
@@ -316,13 +430,22 @@ impl Ticket {
                         }
                     }
                 }
+                if let Some(limit) = automatic {
+                    if !self.may_reply_automatically(at, limit) {
+                        return Err(TicketError::AutoReplyLimitReached {
+                            sent: self.automatic_replies_within_hour(at),
+                            limit: limit.per_hour,
+                        });
+                    }
+                }
                 Ok(vec![E::ResponseSent {
                     response_id,
                     draft_id,
                     channel,
                     body,
                     parts,
-                    in_reply_to: self.last_message_id,
+                    in_reply_to: answers,
+                    automatic: automatic.is_some(),
                     sent_at: at,
                 }])
             }
@@ -359,8 +482,13 @@ impl Ticket {
                 note,
                 at,
             } => {
-                if let Some(m) = in_reply_to.filter(|m| self.handled_messages.contains(m)) {
-                    return Err(TicketError::AlreadyHandled(m));
+                if let Some(m) = in_reply_to {
+                    if !self.messages.contains_key(&m) {
+                        return Err(TicketError::UnknownMessage(m));
+                    }
+                    if self.is_handled(m) {
+                        return Err(TicketError::AlreadyHandled(m));
+                    }
                 }
                 if self.escalations.contains_key(&escalation_id) {
                     return Err(TicketError::DuplicateEscalation(escalation_id));
@@ -376,6 +504,49 @@ impl Ticket {
                     note,
                     escalated_at: at,
                 }])
+            }
+            C::WithholdReply {
+                in_reply_to,
+                reason,
+                escalation_id,
+                at,
+            } => {
+                let work = self
+                    .messages
+                    .get(&in_reply_to)
+                    .ok_or(TicketError::UnknownMessage(in_reply_to))?;
+                if self.is_handled(in_reply_to) {
+                    return Err(TicketError::AlreadyHandled(in_reply_to));
+                }
+                if self.escalations.contains_key(&escalation_id) {
+                    return Err(TicketError::DuplicateEscalation(escalation_id));
+                }
+                let mut events = vec![E::AutoReplyWithheld {
+                    in_reply_to,
+                    reason,
+                    withheld_at: at,
+                }];
+                // Staff hear of it once: not while they hold the ticket.
+                if self.open_escalations().next().is_none() {
+                    let note = match reason {
+                        WithholdReason::AutomatedMessage => format!(
+                            "automated message ({}); nothing was sent back",
+                            work.automated.as_deref().unwrap_or("unspecified")
+                        ),
+                        WithholdReason::AutoReplyLimit => format!(
+                            "{} automatic replies in the last hour; the agent stays silent",
+                            self.automatic_replies_within_hour(at)
+                        ),
+                    };
+                    events.push(E::TicketEscalated {
+                        escalation_id,
+                        in_reply_to: Some(in_reply_to),
+                        reason: reason.escalation_reason(),
+                        note: Some(note),
+                        escalated_at: at,
+                    });
+                }
+                Ok(events)
             }
             C::ResolveEscalation {
                 escalation_id,
@@ -563,6 +734,7 @@ impl Ticket {
                 message_id,
                 channel_message_id,
                 thread,
+                automated,
                 ..
             } => {
                 if thread.is_some() {
@@ -571,7 +743,13 @@ impl Ticket {
                 self.channel_message_ids.insert(channel_message_id);
                 self.messages_count += 1;
                 self.last_message_id = Some(message_id);
-                self.searches_for_last_message = 0;
+                self.messages.insert(
+                    message_id,
+                    MessageWork {
+                        automated,
+                        ..MessageWork::default()
+                    },
+                );
                 if matches!(
                     self.status,
                     TicketStatus::Responded | TicketStatus::InProgress
@@ -580,8 +758,16 @@ impl Ticket {
                 }
             }
             E::CustomerHistoryReviewed { .. } => self.progress(TicketStatus::InProgress),
-            E::KnowledgeSearched { attempt, .. } => {
-                self.searches_for_last_message = attempt;
+            E::KnowledgeSearched {
+                in_reply_to,
+                attempt,
+                ..
+            } => {
+                // Events from before the message was named were for the
+                // latest one.
+                if let Some(m) = in_reply_to.or(self.last_message_id) {
+                    self.messages.entry(m).or_default().searches = attempt;
+                }
                 self.progress(TicketStatus::InProgress);
             }
             E::ResponseDrafted {
@@ -591,13 +777,17 @@ impl Ticket {
                 confidence,
                 ..
             } => {
-                self.handled_messages.extend(in_reply_to);
+                if let Some(m) = in_reply_to {
+                    self.handled_messages.insert(m);
+                    self.messages.entry(m).or_default().draft = Some(draft_id);
+                }
                 self.drafts.insert(
                     draft_id,
                     Draft {
                         body,
                         confidence,
                         approval: None,
+                        in_reply_to,
                     },
                 );
                 self.progress(TicketStatus::InProgress);
@@ -648,9 +838,23 @@ impl Ticket {
             E::ResponseSent {
                 response_id,
                 channel,
+                in_reply_to,
+                automatic,
                 sent_at,
                 ..
             } => {
+                if let Some(m) = in_reply_to {
+                    self.handled_messages.insert(m);
+                    self.messages.entry(m).or_default().replies += 1;
+                }
+                if automatic {
+                    self.automatic_replies.push(sent_at);
+                    let excess = self
+                        .automatic_replies
+                        .len()
+                        .saturating_sub(MAX_AUTO_REPLIES_PER_HOUR as usize);
+                    self.automatic_replies.drain(..excess);
+                }
                 self.responses.insert(
                     response_id,
                     Response {
@@ -678,12 +882,25 @@ impl Ticket {
             }
             E::TicketEscalated {
                 escalation_id,
+                in_reply_to,
                 reason,
                 ..
             } => {
+                if let Some(m) = in_reply_to {
+                    self.handled_messages.insert(m);
+                    self.messages.entry(m).or_default().escalation = Some(escalation_id);
+                }
                 self.escalations
                     .insert(escalation_id, Escalation { reason, open: true });
                 self.status = TicketStatus::Escalated;
+            }
+            E::AutoReplyWithheld {
+                in_reply_to,
+                reason,
+                ..
+            } => {
+                self.handled_messages.insert(in_reply_to);
+                self.messages.entry(in_reply_to).or_default().withheld = Some(reason);
             }
             E::EscalationResolved { escalation_id, .. } => {
                 if let Some(escalation) = self.escalations.get_mut(&escalation_id) {

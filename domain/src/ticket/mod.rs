@@ -14,7 +14,11 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use aggregate::{Approval, ApprovalState, Draft, Escalation, Response, Ticket};
+pub use aggregate::{
+    Approval, ApprovalState, Draft, Escalation, MessageWork, Response, Ticket,
+    AUTO_REPLY_WINDOW, MAX_AUTO_REPLIES_PER_HOUR, MAX_AUTOMATED_REASON_LEN,
+    MAX_SEARCHES_PER_MESSAGE,
+};
 
 use crate::sla::SlaKind;
 use crate::{Category, Channel, Priority};
@@ -33,10 +37,16 @@ pub enum EscalationReason {
     ModelUnavailable,
     /// A member of staff escalated it by hand.
     Manual,
+    /// The message was written by a machine (an auto-reply, a bounce, a
+    /// mailing list): nothing is sent back, staff take a look.
+    AutomatedMessage,
+    /// The ticket used up its automatic replies for the hour: the agent
+    /// stays silent so two helpdesks never answer each other forever.
+    AutoReplyLimit,
 }
 
 impl EscalationReason {
-    pub const ALL: [EscalationReason; 9] = [
+    pub const ALL: [EscalationReason; 11] = [
         EscalationReason::PricingInquiry,
         EscalationReason::RefundRequest,
         EscalationReason::Legal,
@@ -46,6 +56,8 @@ impl EscalationReason {
         EscalationReason::DeliveryFailed,
         EscalationReason::ModelUnavailable,
         EscalationReason::Manual,
+        EscalationReason::AutomatedMessage,
+        EscalationReason::AutoReplyLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +71,8 @@ impl EscalationReason {
             EscalationReason::DeliveryFailed => "delivery_failed",
             EscalationReason::ModelUnavailable => "model_unavailable",
             EscalationReason::Manual => "manual",
+            EscalationReason::AutomatedMessage => "automated_message",
+            EscalationReason::AutoReplyLimit => "auto_reply_limit",
         }
     }
 }
@@ -140,6 +154,37 @@ pub struct KnowledgeHit {
     pub score: f64,
 }
 
+/// Why the agent answers a customer message with nothing at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithholdReason {
+    /// A machine wrote it (auto-reply, bounce, mailing list).
+    AutomatedMessage,
+    /// The ticket's automatic replies for the rolling hour are used up.
+    AutoReplyLimit,
+}
+
+impl WithholdReason {
+    pub fn as_str(self) -> &'static str {
+        self.escalation_reason().as_str()
+    }
+
+    /// The reason staff see when the withheld message is escalated.
+    pub fn escalation_reason(self) -> EscalationReason {
+        match self {
+            WithholdReason::AutomatedMessage => EscalationReason::AutomatedMessage,
+            WithholdReason::AutoReplyLimit => EscalationReason::AutoReplyLimit,
+        }
+    }
+}
+
+/// The most automatic replies (AI answers and holding replies) one ticket
+/// may send in a rolling hour. A reply sent under a limit counts against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoReplyLimit {
+    pub per_hour: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TicketCommand {
     Open {
@@ -160,6 +205,10 @@ pub enum TicketCommand {
         body: String,
         attachments: u32,
         thread: Option<EmailThread>,
+        /// Why a machine, not a person, wrote this (`auto_submitted`,
+        /// `bulk`, `mailing_list`, `bounce`, …); `None` for a person.
+        #[serde(default)]
+        automated: Option<String>,
         at: DateTime<Utc>,
     },
     /// The agent read the customer's earlier conversations.
@@ -170,6 +219,9 @@ pub enum TicketCommand {
         at: DateTime<Utc>,
     },
     RecordKnowledgeSearch {
+        /// The customer message the search is for (default: the latest).
+        #[serde(default)]
+        in_reply_to: Option<Uuid>,
         query: String,
         hits: Vec<KnowledgeHit>,
         at: DateTime<Utc>,
@@ -208,6 +260,15 @@ pub enum TicketCommand {
         channel: Channel,
         body: String,
         parts: Vec<String>,
+        /// The customer message it answers: the draft's when there is
+        /// one, else this, else the latest message.
+        #[serde(default)]
+        in_reply_to: Option<Uuid>,
+        /// Set for replies nobody on the staff wrote or approved (AI
+        /// answers, holding replies): they count against the limit, and
+        /// one past it is refused.
+        #[serde(default)]
+        automatic: Option<AutoReplyLimit>,
         at: DateTime<Utc>,
     },
     RecordDeliveryStatus {
@@ -223,6 +284,15 @@ pub enum TicketCommand {
         in_reply_to: Option<Uuid>,
         reason: EscalationReason,
         note: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// The agent will not answer this customer message. Unless staff
+    /// already hold an open escalation, the ticket is escalated for them,
+    /// silently: nothing goes to the sender.
+    WithholdReply {
+        in_reply_to: Uuid,
+        reason: WithholdReason,
+        escalation_id: Uuid,
         at: DateTime<Utc>,
     },
     ResolveEscalation {
@@ -284,6 +354,9 @@ pub enum TicketEvent {
         attachments: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         thread: Option<EmailThread>,
+        /// Why a machine wrote it; absent for a person.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        automated: Option<String>,
         received_at: DateTime<Utc>,
     },
     CustomerHistoryReviewed {
@@ -293,6 +366,10 @@ pub enum TicketEvent {
         reviewed_at: DateTime<Utc>,
     },
     KnowledgeSearched {
+        /// The customer message searched for; absent in events from before
+        /// it was recorded, which meant the latest message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_reply_to: Option<Uuid>,
         query: String,
         attempt: u32,
         hits: Vec<KnowledgeHit>,
@@ -335,6 +412,10 @@ pub enum TicketEvent {
         body: String,
         parts: Vec<String>,
         in_reply_to: Option<Uuid>,
+        /// An AI answer or holding reply, counted against the ticket's
+        /// automatic replies per hour.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        automatic: bool,
         sent_at: DateTime<Utc>,
     },
     DeliveryStatusChanged {
@@ -351,6 +432,12 @@ pub enum TicketEvent {
         reason: EscalationReason,
         note: Option<String>,
         escalated_at: DateTime<Utc>,
+    },
+    /// The agent answered this customer message with nothing.
+    AutoReplyWithheld {
+        in_reply_to: Uuid,
+        reason: WithholdReason,
+        withheld_at: DateTime<Utc>,
     },
     EscalationResolved {
         escalation_id: Uuid,
@@ -418,6 +505,9 @@ impl TicketEvent {
             | TicketEvent::TicketEscalated {
                 escalated_at: at, ..
             }
+            | TicketEvent::AutoReplyWithheld {
+                withheld_at: at, ..
+            }
             | TicketEvent::EscalationResolved {
                 resolved_at: at, ..
             }
@@ -453,6 +543,7 @@ impl TicketEvent {
             TicketEvent::ResponseSent { .. } => "ResponseSent",
             TicketEvent::DeliveryStatusChanged { .. } => "DeliveryStatusChanged",
             TicketEvent::TicketEscalated { .. } => "TicketEscalated",
+            TicketEvent::AutoReplyWithheld { .. } => "AutoReplyWithheld",
             TicketEvent::EscalationResolved { .. } => "EscalationResolved",
             TicketEvent::TicketAssigned { .. } => "TicketAssigned",
             TicketEvent::TicketResolved { .. } => "TicketResolved",
@@ -530,6 +621,12 @@ pub enum TicketError {
     EmptyMessage,
     #[error("knowledge base searched {attempts} times for this message already")]
     TooManySearches { attempts: u32 },
+    #[error("customer message {0} is not on this ticket")]
+    UnknownMessage(Uuid),
+    #[error("an automated-message reason is 1 to {max} characters of a-z, 0-9 and _")]
+    InvalidAutomatedReason { max: usize },
+    #[error("the ticket sent {sent} automatic replies in the last hour; the limit is {limit}")]
+    AutoReplyLimitReached { sent: u32, limit: u32 },
     #[error("confidence must be between 0 and 1")]
     InvalidConfidence,
     #[error("a response needs a body")]

@@ -47,6 +47,7 @@ fn received(n: u128, sid: &str) -> TicketEvent {
         body: "How do I export my data?".into(),
         attachments: 0,
         thread: None,
+        automated: None,
         received_at: t0(),
     }
 }
@@ -60,6 +61,7 @@ fn receive(n: u128, sid: &str) -> TicketCommand {
         body: "How do I export my data?".into(),
         attachments: 0,
         thread: None,
+        automated: None,
         at: t0(),
     }
 }
@@ -92,6 +94,8 @@ fn send(response: u128, draft: Option<u128>) -> TicketCommand {
         channel: Channel::Whatsapp,
         body: "Go to Settings > Export.".into(),
         parts: vec!["Go to Settings > Export.".into()],
+        in_reply_to: None,
+        automatic: None,
         at: t0() + TimeDelta::seconds(30),
     }
 }
@@ -104,6 +108,7 @@ fn sent(response: u128, draft: Option<u128>) -> TicketEvent {
         body: "Go to Settings > Export.".into(),
         parts: vec!["Go to Settings > Export.".into()],
         in_reply_to: Some(id(1)),
+        automatic: false,
         sent_at: t0() + TimeDelta::seconds(30),
     }
 }
@@ -210,6 +215,7 @@ fn an_empty_message_is_refused() {
             body: "   ".into(),
             attachments: 0,
             thread: None,
+            automated: None,
             at: t0(),
         })
         .then_expect_error(TicketError::EmptyMessage);
@@ -241,21 +247,31 @@ fn nothing_is_received_or_sent_on_a_closed_ticket() {
 
 #[test]
 fn the_knowledge_base_is_searched_at_most_twice_per_message() {
+    // Events recorded before searches named their message: the latest.
     let searched = |attempt| TicketEvent::KnowledgeSearched {
+        in_reply_to: None,
         query: "export".into(),
         attempt,
         hits: vec![],
         searched_at: t0(),
     };
     let search = || TicketCommand::RecordKnowledgeSearch {
+        in_reply_to: None,
         query: "export".into(),
         hits: vec![],
         at: t0(),
     };
+    let searched_for = |m, attempt| TicketEvent::KnowledgeSearched {
+        in_reply_to: Some(id(m)),
+        query: "export".into(),
+        attempt,
+        hits: vec![],
+        searched_at: t0(),
+    };
     Given::with(())
         .given(vec![opened(), received(1, "SM1"), searched(1)])
         .when(search())
-        .then_expect_events(vec![searched(2)]);
+        .then_expect_events(vec![searched_for(1, 2)]);
     Given::with(())
         .given(vec![opened(), received(1, "SM1"), searched(1), searched(2)])
         .when(search())
@@ -270,7 +286,7 @@ fn the_knowledge_base_is_searched_at_most_twice_per_message() {
             received(2, "SM2"),
         ])
         .when(search())
-        .then_expect_events(vec![searched(1)]);
+        .then_expect_events(vec![searched_for(2, 1)]);
 }
 
 #[test]
@@ -757,8 +773,458 @@ fn the_email_thread_is_remembered_for_replies() {
                 message_id_header: Some("<m1@example.com>".into()),
                 subject: Some("Invoices".into()),
             }),
+            automated: None,
             received_at: t0(),
         },
     ]);
     assert_eq!(ticket.email_thread.unwrap().thread_id, "t1");
+}
+
+// Each customer message has its own workflow (issue 6, items 2, 5, 6, 13).
+
+fn searched_for(m: u128, attempt: u32) -> TicketEvent {
+    TicketEvent::KnowledgeSearched {
+        in_reply_to: Some(id(m)),
+        query: "export".into(),
+        attempt,
+        hits: vec![],
+        searched_at: t0(),
+    }
+}
+
+fn search_for(m: u128) -> TicketCommand {
+    TicketCommand::RecordKnowledgeSearch {
+        in_reply_to: Some(id(m)),
+        query: "export".into(),
+        hits: vec![],
+        at: t0(),
+    }
+}
+
+fn drafted_for(draft: u128, m: u128) -> TicketEvent {
+    TicketEvent::ResponseDrafted {
+        draft_id: id(draft),
+        in_reply_to: Some(id(m)),
+        body: "Go to Settings > Export.".into(),
+        confidence: 0.9,
+        sources: vec![],
+        generated_by: "local".into(),
+        drafted_at: t0(),
+    }
+}
+
+fn escalated_for(escalation: u128, m: u128, reason: EscalationReason) -> TicketEvent {
+    TicketEvent::TicketEscalated {
+        escalation_id: id(escalation),
+        in_reply_to: Some(id(m)),
+        reason,
+        note: None,
+        escalated_at: t0(),
+    }
+}
+
+const LIMIT: AutoReplyLimit = AutoReplyLimit { per_hour: 3 };
+
+fn auto_send(response: u128, m: u128, at: DateTime<Utc>) -> TicketCommand {
+    TicketCommand::SendResponse {
+        response_id: id(response),
+        draft_id: None,
+        channel: Channel::Whatsapp,
+        body: "A member of our team will look into it.".into(),
+        parts: vec!["A member of our team will look into it.".into()],
+        in_reply_to: Some(id(m)),
+        automatic: Some(LIMIT),
+        at,
+    }
+}
+
+fn auto_sent(response: u128, m: u128, at: DateTime<Utc>) -> TicketEvent {
+    TicketEvent::ResponseSent {
+        response_id: id(response),
+        draft_id: None,
+        channel: Channel::Whatsapp,
+        body: "A member of our team will look into it.".into(),
+        parts: vec!["A member of our team will look into it.".into()],
+        in_reply_to: Some(id(m)),
+        automatic: true,
+        sent_at: at,
+    }
+}
+
+fn automated_received(n: u128, sid: &str, why: &str) -> TicketEvent {
+    TicketEvent::CustomerMessageReceived {
+        message_id: id(n),
+        customer_id: id(CUSTOMER),
+        channel: Channel::Email,
+        channel_message_id: sid.into(),
+        body: "I am out of the office until Monday.".into(),
+        attachments: 0,
+        thread: None,
+        automated: Some(why.into()),
+        received_at: t0(),
+    }
+}
+
+#[test]
+fn a_second_message_before_the_first_is_answered_has_its_own_search_budget() {
+    let two_waiting = vec![
+        opened(),
+        received(1, "SM1"),
+        received(2, "SM2"),
+        searched_for(1, 1),
+        searched_for(1, 2),
+    ];
+    // The first message's two searches leave the second's budget whole.
+    Given::with(())
+        .given(two_waiting.clone())
+        .when(search_for(2))
+        .then_expect_events(vec![searched_for(2, 1)]);
+    Given::with(())
+        .given(two_waiting.clone())
+        .when(search_for(1))
+        .then_expect_error(TicketError::TooManySearches { attempts: 2 });
+    let ticket = state(two_waiting);
+    assert_eq!(ticket.messages[&id(1)].searches, 2);
+    assert_eq!(ticket.messages[&id(2)].searches, 0);
+    // Searching for a message that is not on the ticket, or already
+    // answered, is refused.
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1")])
+        .when(search_for(9))
+        .then_expect_error(TicketError::UnknownMessage(id(9)));
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), drafted_for(10, 1)])
+        .when(search_for(1))
+        .then_expect_error(TicketError::AlreadyHandled(id(1)));
+}
+
+#[test]
+fn a_reply_answers_the_message_its_draft_answers_not_the_latest() {
+    Given::with(())
+        .given(vec![
+            opened(),
+            received(1, "SM1"),
+            received(2, "SM2"),
+            drafted_for(10, 1),
+        ])
+        .when(send(20, Some(10)))
+        .then_expect_events(vec![sent(20, Some(10))]);
+    let ticket = state(vec![
+        opened(),
+        received(1, "SM1"),
+        received(2, "SM2"),
+        drafted_for(10, 1),
+        sent(20, Some(10)),
+    ]);
+    assert!(ticket.is_handled(id(1)));
+    assert!(
+        !ticket.is_handled(id(2)),
+        "the second message still waits for its answer"
+    );
+    assert_eq!(ticket.messages[&id(1)].draft, Some(id(10)));
+    assert_eq!(ticket.messages[&id(1)].replies, 1);
+}
+
+#[test]
+fn an_escalation_marks_the_message_it_answers_as_handled() {
+    let given = vec![
+        opened(),
+        received(1, "SM1"),
+        escalated_for(40, 1, EscalationReason::RefundRequest),
+    ];
+    let ticket = state(given.clone());
+    assert!(ticket.is_handled(id(1)));
+    assert_eq!(ticket.messages[&id(1)].escalation, Some(id(40)));
+    for command in [
+        TicketCommand::Escalate {
+            escalation_id: id(41),
+            in_reply_to: Some(id(1)),
+            reason: EscalationReason::RefundRequest,
+            note: None,
+            at: t0(),
+        },
+        TicketCommand::DraftResponse {
+            draft_id: id(10),
+            in_reply_to: Some(id(1)),
+            body: "again".into(),
+            confidence: 0.9,
+            sources: vec![],
+            generated_by: "local".into(),
+            at: t0(),
+        },
+        TicketCommand::WithholdReply {
+            in_reply_to: id(1),
+            reason: WithholdReason::AutoReplyLimit,
+            escalation_id: id(41),
+            at: t0(),
+        },
+        search_for(1),
+    ] {
+        Given::with(())
+            .given(given.clone())
+            .when(command)
+            .then_expect_error(TicketError::AlreadyHandled(id(1)));
+    }
+}
+
+#[test]
+fn a_holding_reply_marks_its_message_handled_when_the_reason_was_already_escalated() {
+    let given = vec![
+        opened(),
+        received(1, "SM1"),
+        escalated_for(40, 1, EscalationReason::RefundRequest),
+        received(2, "SM2"),
+    ];
+    // Staff already have the refund: no second escalation...
+    Given::with(())
+        .given(given.clone())
+        .when(TicketCommand::Escalate {
+            escalation_id: id(41),
+            in_reply_to: Some(id(2)),
+            reason: EscalationReason::RefundRequest,
+            note: None,
+            at: t0(),
+        })
+        .then_expect_events(vec![]);
+    // ...and the holding reply is what answers the second message.
+    let at = t0() + TimeDelta::seconds(5);
+    Given::with(())
+        .given(given.clone())
+        .when(auto_send(20, 2, at))
+        .then_expect_events(vec![auto_sent(20, 2, at)]);
+    let mut events = given;
+    events.push(auto_sent(20, 2, at));
+    assert!(state(events).is_handled(id(2)));
+}
+
+#[test]
+fn an_automated_message_is_taken_in_with_its_reason_and_a_bad_reason_is_refused() {
+    let receive_automated = |why: &str| TicketCommand::ReceiveCustomerMessage {
+        message_id: id(1),
+        customer_id: id(CUSTOMER),
+        channel: Channel::Email,
+        channel_message_id: "ooo-1".into(),
+        body: "I am out of the office until Monday.".into(),
+        attachments: 0,
+        thread: None,
+        automated: Some(why.into()),
+        at: t0(),
+    };
+    Given::with(())
+        .given(vec![opened()])
+        .when(receive_automated("auto_submitted"))
+        .then_expect_events(vec![automated_received(1, "ooo-1", "auto_submitted")]);
+    for bad in ["", "Auto-Submitted: auto-replied", &"x".repeat(65)] {
+        Given::with(())
+            .given(vec![opened()])
+            .when(receive_automated(bad))
+            .then_expect_error(TicketError::InvalidAutomatedReason { max: 64 });
+    }
+    let ticket = state(vec![opened(), automated_received(1, "ooo-1", "bounce")]);
+    assert_eq!(ticket.messages[&id(1)].automated.as_deref(), Some("bounce"));
+}
+
+#[test]
+fn a_withheld_reply_escalates_silently_and_only_while_no_human_holds_the_ticket() {
+    let withhold = |m: u128, escalation: u128| TicketCommand::WithholdReply {
+        in_reply_to: id(m),
+        reason: WithholdReason::AutomatedMessage,
+        escalation_id: id(escalation),
+        at: t0(),
+    };
+    let withheld = |m: u128| TicketEvent::AutoReplyWithheld {
+        in_reply_to: id(m),
+        reason: WithholdReason::AutomatedMessage,
+        withheld_at: t0(),
+    };
+    let given = vec![opened(), automated_received(1, "ooo-1", "auto_submitted")];
+    let escalation = TicketEvent::TicketEscalated {
+        escalation_id: id(40),
+        in_reply_to: Some(id(1)),
+        reason: EscalationReason::AutomatedMessage,
+        note: Some("automated message (auto_submitted); nothing was sent back".into()),
+        escalated_at: t0(),
+    };
+    Given::with(())
+        .given(given.clone())
+        .when(withhold(1, 40))
+        .then_expect_events(vec![withheld(1), escalation.clone()]);
+    // A second automated message while staff have the first: recorded, no
+    // second escalation.
+    let mut after = given.clone();
+    after.extend([
+        withheld(1),
+        escalation,
+        automated_received(2, "ooo-2", "auto_submitted"),
+    ]);
+    Given::with(())
+        .given(after.clone())
+        .when(withhold(2, 41))
+        .then_expect_events(vec![withheld(2)]);
+    after.push(withheld(2));
+    let ticket = state(after);
+    assert!(ticket.is_handled(id(1)) && ticket.is_handled(id(2)));
+    assert_eq!(
+        ticket.messages[&id(2)].withheld,
+        Some(WithholdReason::AutomatedMessage)
+    );
+    assert!(ticket.responses.is_empty(), "nothing went to the sender");
+    Given::with(())
+        .given(given)
+        .when(withhold(7, 40))
+        .then_expect_error(TicketError::UnknownMessage(id(7)));
+}
+
+#[test]
+fn automatic_replies_are_capped_per_rolling_hour_from_the_tickets_own_events() {
+    let minutes = |m| t0() + TimeDelta::minutes(m);
+    let mut given = vec![opened()];
+    for (i, m) in [(1u128, 0), (2, 10), (3, 20)] {
+        given.push(received(i, &format!("SM{i}")));
+        given.push(auto_sent(20 + i, i, minutes(m)));
+    }
+    given.push(received(4, "SM4"));
+    let ticket = state(given.clone());
+    assert_eq!(ticket.automatic_replies_within_hour(minutes(30)), 3);
+    assert!(!ticket.may_reply_automatically(minutes(30), LIMIT));
+    // The fourth automatic reply inside the hour is refused.
+    Given::with(())
+        .given(given.clone())
+        .when(auto_send(30, 4, minutes(30)))
+        .then_expect_error(TicketError::AutoReplyLimitReached { sent: 3, limit: 3 });
+    // An hour after the first, one slot is free again.
+    assert!(ticket.may_reply_automatically(minutes(61), LIMIT));
+    Given::with(())
+        .given(given.clone())
+        .when(auto_send(30, 4, minutes(61)))
+        .then_expect_events(vec![auto_sent(30, 4, minutes(61))]);
+    // Replies staff wrote or approved are not automatic and not capped.
+    Given::with(())
+        .given(given.clone())
+        .when(TicketCommand::SendResponse {
+            response_id: id(31),
+            draft_id: None,
+            channel: Channel::Whatsapp,
+            body: "Hi, Grace here.".into(),
+            parts: vec!["Hi, Grace here.".into()],
+            in_reply_to: Some(id(4)),
+            automatic: None,
+            at: minutes(30),
+        })
+        .then_expect_events(vec![TicketEvent::ResponseSent {
+            response_id: id(31),
+            draft_id: None,
+            channel: Channel::Whatsapp,
+            body: "Hi, Grace here.".into(),
+            parts: vec!["Hi, Grace here.".into()],
+            in_reply_to: Some(id(4)),
+            automatic: false,
+            sent_at: minutes(30),
+        }]);
+    // Past the cap the agent withholds and staff hear of it once.
+    Given::with(())
+        .given(given.clone())
+        .when(TicketCommand::WithholdReply {
+            in_reply_to: id(4),
+            reason: WithholdReason::AutoReplyLimit,
+            escalation_id: id(40),
+            at: minutes(30),
+        })
+        .then_expect_events(vec![
+            TicketEvent::AutoReplyWithheld {
+                in_reply_to: id(4),
+                reason: WithholdReason::AutoReplyLimit,
+                withheld_at: minutes(30),
+            },
+            TicketEvent::TicketEscalated {
+                escalation_id: id(40),
+                in_reply_to: Some(id(4)),
+                reason: EscalationReason::AutoReplyLimit,
+                note: Some(
+                    "3 automatic replies in the last hour; the agent stays silent".into(),
+                ),
+                escalated_at: minutes(30),
+            },
+        ]);
+    // The ticket remembers a bounded number of automatic replies.
+    let mut many = vec![opened(), received(1, "SM1")];
+    for i in 0..(MAX_AUTO_REPLIES_PER_HOUR as u128 + 20) {
+        many.push(auto_sent(1000 + i, 1, t0()));
+    }
+    assert_eq!(
+        state(many).automatic_replies.len(),
+        MAX_AUTO_REPLIES_PER_HOUR as usize
+    );
+}
+
+#[test]
+fn the_sla_breach_still_to_record_is_known_per_kind() {
+    let late = t0() + TimeDelta::minutes(3);
+    let breached = |kind| TicketEvent::SlaBreached {
+        kind,
+        due_at: t0(),
+        breached_at: late,
+    };
+    let ticket = state(vec![opened(), received(1, "SM1")]);
+    assert_eq!(
+        ticket.unrecorded_sla_due(SlaKind::FirstResponse),
+        Some(t0() + TimeDelta::minutes(2))
+    );
+    assert_eq!(
+        ticket.unrecorded_sla_due(SlaKind::Resolution),
+        Some(t0() + TimeDelta::hours(24))
+    );
+    let ticket = state(vec![
+        opened(),
+        received(1, "SM1"),
+        breached(SlaKind::FirstResponse),
+    ]);
+    assert_eq!(ticket.unrecorded_sla_due(SlaKind::FirstResponse), None);
+    assert!(ticket.unrecorded_sla_due(SlaKind::Resolution).is_some());
+    let ticket = state(vec![opened(), received(1, "SM1"), sent(20, None)]);
+    assert_eq!(ticket.unrecorded_sla_due(SlaKind::FirstResponse), None);
+    let ticket = state(vec![opened(), received(1, "SM1"), resolved()]);
+    assert_eq!(ticket.unrecorded_sla_due(SlaKind::Resolution), None);
+    assert_eq!(ticket.unrecorded_sla_due(SlaKind::FirstResponse), None);
+}
+
+#[test]
+fn events_and_state_stored_before_these_fields_still_read() {
+    let old: Vec<serde_json::Value> = vec![
+        serde_json::json!({"type": "CustomerMessageReceived", "message_id": id(1), "customer_id": id(CUSTOMER),
+            "channel": "whatsapp", "channel_message_id": "SM1", "body": "hi", "attachments": 0,
+            "received_at": "2026-11-24T10:00:00Z"}),
+        serde_json::json!({"type": "KnowledgeSearched", "query": "export", "attempt": 1, "hits": [],
+            "searched_at": "2026-11-24T10:00:00Z"}),
+        serde_json::json!({"type": "ResponseSent", "response_id": id(20), "draft_id": null, "channel": "whatsapp",
+            "body": "b", "parts": ["b"], "in_reply_to": id(1), "sent_at": "2026-11-24T10:00:30Z"}),
+    ];
+    let events: Vec<TicketEvent> = old
+        .into_iter()
+        .map(|v| serde_json::from_value(v).expect("an old event reads"))
+        .collect();
+    assert!(matches!(
+        &events[0],
+        TicketEvent::CustomerMessageReceived {
+            automated: None,
+            ..
+        }
+    ));
+    let mut all = vec![opened()];
+    all.extend(events);
+    let ticket = state(all);
+    assert_eq!(ticket.messages[&id(1)].searches, 1);
+    assert!(ticket.automatic_replies.is_empty());
+    // New fields are left out of a person's message, so its payload is
+    // what it always was.
+    let json = serde_json::to_value(received(1, "SM1")).unwrap();
+    assert!(json.get("automated").is_none());
+    // A read model's stored state from before still folds.
+    let mut stored = serde_json::to_value(state(vec![opened()])).unwrap();
+    let object = stored.as_object_mut().unwrap();
+    object.remove("messages");
+    object.remove("automatic_replies");
+    object.insert("searches_for_last_message".into(), 1.into());
+    let back: Ticket = serde_json::from_value(stored).expect("old state reads");
+    assert!(back.messages.is_empty());
 }
