@@ -299,7 +299,8 @@ pub async fn start(
             kb,
             providers(config)?,
             config.support_signature.clone(),
-        ));
+        )
+        .with_auto_reply_cap(config.auto_reply_cap_per_hour));
         let worker = worker::spawn(
             &kafka,
             WorkerSettings {

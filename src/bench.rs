@@ -705,6 +705,7 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
             category: Category::General,
             priority: Priority::Medium,
             received_at: Utc::now(),
+            automated: None,
         };
         let outcome = intake.receive(&message, "bench").await?;
         let row = sqlx::query(&format!(
@@ -722,7 +723,7 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         match result {
             Outcome::Sent { .. } => answered += 1,
             Outcome::AwaitingApproval { .. } => approval += 1,
-            Outcome::Escalated(_) => escalated += 1,
+            Outcome::Escalated(_) | Outcome::Withheld(_) => escalated += 1,
             Outcome::Skipped => {}
         }
         let started = Instant::now();

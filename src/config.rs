@@ -53,6 +53,9 @@ pub struct Config {
     pub sla_check_every_secs: u64,
     /// `CASEBOOK_KB_EF_SEARCH`: HNSW candidates per knowledge base search.
     pub kb_ef_search: u32,
+    /// `CASEBOOK_AUTO_REPLY_CAP_PER_HOUR`: automatic replies per ticket in a
+    /// rolling hour before the agent stays silent and escalates.
+    pub auto_reply_cap_per_hour: u32,
 }
 
 /// A language model endpoint.
@@ -303,7 +306,26 @@ impl Config {
                 .filter(|n| (10..=1000).contains(n))
                 .ok_or_else(|| bad("CASEBOOK_KB_EF_SEARCH", "must be a number from 10 to 1000"))?,
         };
+        let auto_reply_cap_per_hour = match src.var("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR") {
+            None => casebook_commands::agent::DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| {
+                    (1..=casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR).contains(n)
+                })
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_AUTO_REPLY_CAP_PER_HOUR",
+                        format!(
+                            "must be a number from 1 to {}",
+                            casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR
+                        ),
+                    )
+                })?,
+        };
         Ok(Self {
+            auto_reply_cap_per_hour,
             kb_ef_search,
             llm,
             llm_fallback,
@@ -388,6 +410,8 @@ mod tests {
             ("CASEBOOK_EMBEDDINGS", "remote"),
             ("LLM_BASE_URL", "not a url"),
             ("CASEBOOK_SLA_CHECK_SECS", "0"),
+            ("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR", "0"),
+            ("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR", "51"),
         ];
         for (name, value) in cases {
             assert_eq!(

@@ -11,6 +11,17 @@
 //! again after a crash is handled once (the ticket knows which messages it
 //! answered).
 //!
+//! Some messages get no answer at all: one a machine wrote (an auto-reply,
+//! a bounce, a mailing list, as intake marks it), and any past the ticket's
+//! automatic replies for the hour (`CASEBOOK_AUTO_REPLY_CAP_PER_HOUR`). The
+//! ticket records that it withheld the reply and why, and escalates once
+//! for staff; nothing goes to the sender, so two helpdesks never answer
+//! each other forever.
+//!
+//! Logs carry ids, counts and kinds only: never what the customer or the
+//! model wrote. Each message is handled inside a span with the envelope's
+//! `correlation_id` and `causation_id`.
+//!
 //! Models are tried in order: the OpenAI-compatible primary, the Anthropic
 //! fallback, then the built-in local responder, which answers extractively
 //! from the best passages. If even that fails, the customer gets a holding
@@ -19,10 +30,12 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use casebook_domain::confidence::{draft_confidence, ConfidenceInputs, APPROVAL_THRESHOLD};
 use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
-use casebook_domain::ticket::{EscalationReason, KnowledgeHit};
+use casebook_domain::ticket::{AutoReplyLimit, EscalationReason, KnowledgeHit, WithholdReason};
 use casebook_domain::{
     Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,
     TicketError, TicketEvent,
@@ -33,11 +46,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::knowledge::{KnowledgeBase, KnowledgeError, Passage, RELEVANCE_THRESHOLD};
-use crate::llm::{ChatMessage, ChatReply, Provider, ToolCall, ToolSpec};
+use crate::llm::{ChatMessage, ChatReply, LlmError, Provider, ToolCall, ToolSpec};
 use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 
 /// Most knowledge base searches per customer message.
 pub const MAX_SEARCHES: usize = 2;
+/// Automatic replies (answers and holding replies) one ticket may send in a
+/// rolling hour, unless configured otherwise.
+pub const DEFAULT_AUTO_REPLY_CAP_PER_HOUR: u32 = 3;
 /// Most model turns per customer message before the local responder takes over.
 const MAX_TURNS: usize = 6;
 const PASSAGES_PER_SEARCH: usize = 5;
@@ -98,6 +114,31 @@ pub enum AgentError {
     NotAMessage(Uuid),
 }
 
+impl AgentError {
+    /// What kind of failure, for logs and notes: never its text, which can
+    /// quote what the customer or a provider wrote.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::Store(_) => "store",
+            AgentError::Knowledge(KnowledgeError::Embed(_)) => "embedding",
+            AgentError::Knowledge(KnowledgeError::Database(_)) => "knowledge_base_database",
+            AgentError::Knowledge(_) => "knowledge_base",
+            AgentError::Rejected(_) => "rejected_by_ticket",
+            AgentError::NotAMessage(_) => "not_a_message",
+        }
+    }
+}
+
+/// What kind of model failure, for logs: provider error bodies can quote
+/// the conversation.
+fn llm_error_kind(e: &LlmError) -> &'static str {
+    match e {
+        LlmError::Transient { .. } => "transient",
+        LlmError::Permanent { .. } => "permanent",
+        LlmError::CircuitOpen(_) => "circuit_open",
+    }
+}
+
 impl From<CommandError<TicketError>> for AgentError {
     fn from(e: CommandError<TicketError>) -> Self {
         match e {
@@ -118,8 +159,24 @@ pub enum Outcome {
         reasons: Vec<String>,
     },
     Escalated(EscalationReason),
+    /// Deliberately not answered (a machine wrote it, or the ticket used up
+    /// its automatic replies for the hour).
+    Withheld(WithholdReason),
     /// Handled before (a redelivery), or no longer the agent's to handle.
     Skipped,
+}
+
+impl Outcome {
+    /// The outcome's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Sent { .. } => "sent",
+            Outcome::AwaitingApproval { .. } => "awaiting_approval",
+            Outcome::Escalated(_) => "escalated",
+            Outcome::Withheld(_) => "withheld",
+            Outcome::Skipped => "skipped",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +234,7 @@ pub struct Agent {
     kb: KnowledgeBase,
     providers: Vec<Provider>,
     signature: String,
+    auto_replies: AutoReplyLimit,
 }
 
 impl Agent {
@@ -194,7 +252,17 @@ impl Agent {
             kb,
             providers,
             signature: signature.into(),
+            auto_replies: AutoReplyLimit {
+                per_hour: DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
+            },
         }
+    }
+
+    /// At most `per_hour` automatic replies per ticket in a rolling hour;
+    /// past it the agent stays silent and escalates once.
+    pub fn with_auto_reply_cap(mut self, per_hour: u32) -> Self {
+        self.auto_replies = AutoReplyLimit { per_hour };
+        self
     }
 
     /// Handles one `CustomerMessageReceived` event.
@@ -203,6 +271,7 @@ impl Agent {
             message_id,
             channel,
             body,
+            automated,
             ..
         }) = envelope.decode::<TicketEvent>()
         else {
@@ -231,6 +300,25 @@ impl Agent {
         )
         .caused_by(envelope.event_id.to_string())
         .on_channel(channel);
+        // Nobody to answer, or answered enough this hour: say nothing.
+        let withhold = if automated.is_some() {
+            Some(WithholdReason::AutomatedMessage)
+        } else if !ticket.may_reply_automatically(Utc::now(), self.auto_replies) {
+            Some(WithholdReason::AutoReplyLimit)
+        } else {
+            None
+        };
+        if let Some(reason) = withhold {
+            let outcome = self.withhold(ticket_id, message_id, reason, &meta).await?;
+            tracing::info!(
+                %ticket_id,
+                %message_id,
+                outcome = outcome.kind(),
+                reason = reason.as_str(),
+                "customer message not answered"
+            );
+            return Ok(outcome);
+        }
         // 2. What the customer wrote before, on every channel.
         let history = self.history(customer_id, ticket_id).await?;
         let mut run = Run {
@@ -256,14 +344,68 @@ impl Agent {
         let outcome = self
             .commit(&run, channel, customer_id, decision, &meta)
             .await?;
+        // Ids, counts and kinds only: the outcome's reasons can quote the
+        // draft.
+        let (confidence, findings, reason) = match &outcome {
+            Outcome::Sent { confidence } => (Some(*confidence), 0, None),
+            Outcome::AwaitingApproval {
+                confidence,
+                reasons,
+            } => (Some(*confidence), reasons.len(), None),
+            Outcome::Escalated(reason) => (None, 0, Some(reason.as_str())),
+            Outcome::Withheld(reason) => (None, 0, Some(reason.as_str())),
+            Outcome::Skipped => (None, 0, None),
+        };
         tracing::info!(
-            ticket_id = %ticket_id,
-            outcome = ?outcome,
+            %ticket_id,
+            %message_id,
+            outcome = outcome.kind(),
+            confidence,
+            findings,
+            reason,
             searches = run.searches.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "customer message handled"
         );
         Ok(outcome)
+    }
+
+    /// Records that the message gets no answer, and why; the ticket
+    /// escalates it for staff unless they already hold an escalation.
+    async fn withhold(
+        &self,
+        ticket_id: Uuid,
+        message_id: Uuid,
+        reason: WithholdReason,
+        meta: &EventMetadata,
+    ) -> Result<Outcome, AgentError> {
+        let key = ticket_id.to_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut uow = self.store.unit_of_work(meta.clone());
+            let ticket = uow.load::<Ticket>(&key).await?;
+            if ticket.is_handled(message_id) {
+                return Ok(Outcome::Skipped);
+            }
+            uow.execute::<Ticket>(
+                &key,
+                TicketCommand::WithholdReply {
+                    in_reply_to: message_id,
+                    reason,
+                    escalation_id: Uuid::now_v7(),
+                    at: Utc::now(),
+                },
+            )
+            .await?;
+            match uow.commit().await {
+                Ok(_) => return Ok(Outcome::Withheld(reason)),
+                Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
+                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn history(&self, customer_id: Uuid, ticket_id: Uuid) -> Result<History, AgentError> {
@@ -308,7 +450,11 @@ impl Agent {
                 let reply = match provider.chat(SYSTEM_PROMPT, &messages, &tools).await {
                     Ok(reply) => reply,
                     Err(e) => {
-                        tracing::warn!(provider = provider.name(), error = %e, "model unavailable; falling back");
+                        tracing::warn!(
+                            provider = provider.name(),
+                            error_kind = llm_error_kind(&e),
+                            "model unavailable; falling back"
+                        );
                         break;
                     }
                 };
@@ -319,7 +465,7 @@ impl Agent {
                     Ok(Some(decision)) => return self.grounded(run, decision).await,
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "a tool failed; falling back");
+                        tracing::warn!(error_kind = e.kind(), "a tool failed; falling back");
                         break;
                     }
                 }
@@ -329,7 +475,7 @@ impl Agent {
             Ok(decision) => decision,
             Err(e) => Decision::Escalate {
                 reason: EscalationReason::ModelUnavailable,
-                note: Some(format!("every model failed; last error: {e}")),
+                note: Some(format!("every model failed; last error: {}", e.kind())),
             },
         }
     }
@@ -461,7 +607,7 @@ impl Agent {
                 if let Err(e) = self.search(run, &text).await {
                     return Decision::Escalate {
                         reason: EscalationReason::ModelUnavailable,
-                        note: Some(format!("knowledge base unavailable: {e}")),
+                        note: Some(format!("knowledge base unavailable: {}", e.kind())),
                     };
                 }
             }
@@ -561,6 +707,9 @@ impl Agent {
             if ticket.is_handled(run.message_id) {
                 return Ok(Outcome::Skipped);
             }
+            // Decided again on the ticket as it is now: replies sent while
+            // the model worked count.
+            let may_reply = ticket.may_reply_automatically(at, self.auto_replies);
             uow.execute::<Ticket>(
                 &ticket_key,
                 TicketCommand::RecordHistoryReview {
@@ -575,6 +724,7 @@ impl Agent {
                 uow.execute::<Ticket>(
                     &ticket_key,
                     TicketCommand::RecordKnowledgeSearch {
+                        in_reply_to: Some(run.message_id),
                         query: search.query.clone(),
                         hits: search
                             .passages
@@ -592,6 +742,19 @@ impl Agent {
                 .await?;
             }
             let outcome = match (&decision, &verdict) {
+                (Decision::Draft { .. }, Some(_)) if !may_reply => {
+                    uow.execute::<Ticket>(
+                        &ticket_key,
+                        TicketCommand::WithholdReply {
+                            in_reply_to: run.message_id,
+                            reason: WithholdReason::AutoReplyLimit,
+                            escalation_id: Uuid::now_v7(),
+                            at,
+                        },
+                    )
+                    .await?;
+                    Outcome::Withheld(WithholdReason::AutoReplyLimit)
+                }
                 (
                     Decision::Draft {
                         body, generated_by, ..
@@ -621,6 +784,8 @@ impl Agent {
                                 channel,
                                 body: reply.body,
                                 parts: reply.parts,
+                                in_reply_to: Some(run.message_id),
+                                automatic: Some(self.auto_replies),
                                 at,
                             },
                         )
@@ -646,30 +811,49 @@ impl Agent {
                     }
                 }
                 (Decision::Escalate { reason, note }, _) => {
-                    uow.execute::<Ticket>(
-                        &ticket_key,
-                        TicketCommand::Escalate {
-                            escalation_id: Uuid::now_v7(),
-                            in_reply_to: Some(run.message_id),
-                            reason: *reason,
-                            note: note.clone(),
-                            at,
-                        },
-                    )
-                    .await?;
-                    let reply = format_reply(channel, holding_reply(*reason), &ctx);
-                    uow.execute::<Ticket>(
-                        &ticket_key,
-                        TicketCommand::SendResponse {
-                            response_id: Uuid::now_v7(),
-                            draft_id: None,
-                            channel,
-                            body: reply.body,
-                            parts: reply.parts,
-                            at,
-                        },
-                    )
-                    .await?;
+                    // Marks the message handled, unless staff already hold
+                    // an escalation for this reason: then the holding reply
+                    // (or the withheld one) does.
+                    let escalated = uow
+                        .execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::Escalate {
+                                escalation_id: Uuid::now_v7(),
+                                in_reply_to: Some(run.message_id),
+                                reason: *reason,
+                                note: note.clone(),
+                                at,
+                            },
+                        )
+                        .await?;
+                    if may_reply {
+                        let reply = format_reply(channel, holding_reply(*reason), &ctx);
+                        uow.execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::SendResponse {
+                                response_id: Uuid::now_v7(),
+                                draft_id: None,
+                                channel,
+                                body: reply.body,
+                                parts: reply.parts,
+                                in_reply_to: Some(run.message_id),
+                                automatic: Some(self.auto_replies),
+                                at,
+                            },
+                        )
+                        .await?;
+                    } else if escalated.is_empty() {
+                        uow.execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::WithholdReply {
+                                in_reply_to: run.message_id,
+                                reason: WithholdReason::AutoReplyLimit,
+                                escalation_id: Uuid::now_v7(),
+                                at,
+                            },
+                        )
+                        .await?;
+                    }
                     Outcome::Escalated(*reason)
                 }
                 (Decision::Draft { .. }, None) => unreachable!("every draft has a verdict"),
@@ -740,7 +924,16 @@ impl crate::worker::Handler for AgentHandler {
         if envelope.event_type != "CustomerMessageReceived" {
             return Ok(());
         }
-        match self.0.handle(&envelope).await {
+        // Every line the agent logs for this message carries the ids that
+        // tie it to the request that brought the message in.
+        let span = tracing::info_span!(
+            "agent_message",
+            correlation_id = %envelope.correlation_id,
+            causation_id = %envelope.causation_id,
+            event_id = %envelope.event_id,
+            ticket_id = %envelope.aggregate_id,
+        );
+        match self.0.handle(&envelope).instrument(span).await {
             Ok(_) => Ok(()),
             Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!(
                 "event {id} is not a customer message"

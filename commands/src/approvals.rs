@@ -83,6 +83,10 @@ impl Approvals {
                     channel,
                     body: reply.body,
                     parts: reply.parts,
+                    // The draft names the message it answers; a person
+                    // approved it, so it is not an automatic reply.
+                    in_reply_to: None,
+                    automatic: None,
                     at,
                 },
             )

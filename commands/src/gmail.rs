@@ -485,6 +485,7 @@ impl GmailSync {
             category: Category::General,
             priority: Priority::Medium,
             received_at: m.received_at(),
+            automated: None,
         })
     }
 }

@@ -51,6 +51,10 @@ pub struct InboundMessage {
     pub category: Category,
     pub priority: Priority,
     pub received_at: DateTime<Utc>,
+    /// Why a machine, not a person, wrote it (`auto_submitted`, `bulk`,
+    /// `mailing_list`, `bounce`); `None` for a person. The agent never
+    /// answers an automated message.
+    pub automated: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +293,7 @@ impl Intake {
                     body: m.body.clone(),
                     attachments: m.attachments,
                     thread: m.thread.clone(),
+                    automated: m.automated.clone(),
                     at,
                 },
             )

@@ -19,10 +19,10 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::common::{eventually, read_topic, TestApp};
 
-const WAIT: Duration = Duration::from_secs(90);
-const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+pub(crate) const WAIT: Duration = Duration::from_secs(90);
+pub(crate) const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
 
-fn model_dir() -> String {
+pub(crate) fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(".casebook/models/all-MiniLM-L6-v2")
         .display()
@@ -30,7 +30,7 @@ fn model_dir() -> String {
 }
 
 /// Twilio's Messages API: every message gets a fresh SID.
-struct TwilioAccepts;
+pub(crate) struct TwilioAccepts;
 
 impl Respond for TwilioAccepts {
     fn respond(&self, _: &Request) -> ResponseTemplate {
@@ -42,10 +42,10 @@ impl Respond for TwilioAccepts {
 
 /// An OpenAI-compatible model that searches first, then answers with
 /// `body` at `confidence`.
-struct ScriptedOpenAi {
-    query: &'static str,
-    body: String,
-    confidence: f64,
+pub(crate) struct ScriptedOpenAi {
+    pub(crate) query: &'static str,
+    pub(crate) body: String,
+    pub(crate) confidence: f64,
 }
 
 impl Respond for ScriptedOpenAi {
@@ -96,13 +96,13 @@ impl Respond for ScriptedAnthropic {
     }
 }
 
-struct Fakes {
-    twilio: MockServer,
-    gmail: MockServer,
+pub(crate) struct Fakes {
+    pub(crate) twilio: MockServer,
+    pub(crate) gmail: MockServer,
 }
 
 impl Fakes {
-    async fn start(twilio_ok: bool) -> Self {
+    pub(crate) async fn start(twilio_ok: bool) -> Self {
         let twilio = MockServer::start().await;
         let messages = Mock::given(method("POST")).and(path(format!(
             "/2010-04-01/Accounts/{ACCOUNT}/Messages.json"
@@ -127,7 +127,7 @@ impl Fakes {
     }
 
     /// The WhatsApp bodies Twilio was asked to send.
-    async fn whatsapp_sent(&self) -> Vec<String> {
+    pub(crate) async fn whatsapp_sent(&self) -> Vec<String> {
         self.twilio
             .received_requests()
             .await
@@ -146,6 +146,18 @@ impl Fakes {
 }
 
 async fn start(fakes: &Fakes, llm: Option<&MockServer>, fallback: Option<&MockServer>) -> TestApp {
+    start_with(fakes, llm, fallback, &[Role::All], &[]).await
+}
+
+/// `roles` of the service with the fakes and models, the demo articles on
+/// export, passwords and the mobile apps ingested, and `extra` settings.
+pub(crate) async fn start_with(
+    fakes: &Fakes,
+    llm: Option<&MockServer>,
+    fallback: Option<&MockServer>,
+    roles: &[Role],
+    extra: &[(&str, String)],
+) -> TestApp {
     let mut overrides = vec![
         ("CASEBOOK_EMBEDDINGS", format!("local:{}", model_dir())),
         ("TWILIO_ACCOUNT_SID", ACCOUNT.to_string()),
@@ -163,7 +175,8 @@ async fn start(fakes: &Fakes, llm: Option<&MockServer>, fallback: Option<&MockSe
         overrides.push(("LLM_FALLBACK_API_KEY", "anthropic-key".to_string()));
         overrides.push(("LLM_FALLBACK_MODEL", "claude-test".to_string()));
     }
-    let app = TestApp::spawn_with(&[Role::All], &overrides).await;
+    overrides.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+    let app = TestApp::spawn_with(roles, &overrides).await;
     let kb = KnowledgeBase::new(app.pool().clone(), app::embedder(&app.config).unwrap());
     for article in [
         "15-export-project-data",
@@ -176,7 +189,7 @@ async fn start(fakes: &Fakes, llm: Option<&MockServer>, fallback: Option<&MockSe
     app
 }
 
-async fn whatsapp(app: &TestApp, from: &str, sid: &str, body: &str) -> Uuid {
+pub(crate) async fn whatsapp(app: &TestApp, from: &str, sid: &str, body: &str) -> Uuid {
     let params = [
         ("MessageSid", sid),
         ("From", from),
@@ -199,7 +212,7 @@ async fn whatsapp(app: &TestApp, from: &str, sid: &str, body: &str) -> Uuid {
     .unwrap()
 }
 
-async fn event_of(app: &TestApp, ticket: Uuid, event_type: &'static str) -> Value {
+pub(crate) async fn event_of(app: &TestApp, ticket: Uuid, event_type: &'static str) -> Value {
     let pool = app.pool().clone();
     eventually(&format!("{event_type} on {ticket}"), WAIT, || {
         let pool = pool.clone();
@@ -217,7 +230,7 @@ async fn event_of(app: &TestApp, ticket: Uuid, event_type: &'static str) -> Valu
     .await
 }
 
-async fn count(app: &TestApp, ticket: Uuid, event_type: &str) -> i64 {
+pub(crate) async fn count(app: &TestApp, ticket: Uuid, event_type: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = $2")
         .bind(ticket.to_string())
         .bind(event_type)
@@ -226,7 +239,7 @@ async fn count(app: &TestApp, ticket: Uuid, event_type: &str) -> i64 {
         .unwrap()
 }
 
-async fn sent_count_reaches(fakes: &Fakes, n: usize) -> Vec<String> {
+pub(crate) async fn sent_count_reaches(fakes: &Fakes, n: usize) -> Vec<String> {
     eventually(
         &format!("{n} WhatsApp messages at Twilio"),
         WAIT,

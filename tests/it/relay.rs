@@ -50,6 +50,7 @@ async fn message(store: &EventStore, ticket: Uuid, n: usize) {
                 body: format!("message {n}"),
                 attachments: 0,
                 thread: None,
+                automated: None,
                 at: chrono::Utc::now(),
             },
             &meta(),

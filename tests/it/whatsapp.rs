@@ -209,6 +209,8 @@ async fn status_callbacks_become_delivery_events() {
                 channel: Channel::Whatsapp,
                 body: "Settings > Security > Reset.".into(),
                 parts: vec!["Settings > Security > Reset.".into()],
+                in_reply_to: None,
+                automatic: None,
                 at: chrono::Utc::now(),
             },
             &meta,
