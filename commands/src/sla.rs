@@ -1,6 +1,8 @@
 //! The SLA monitor: tickets past their first-response or resolution
 //! deadline get an `SlaBreached` event, exactly once per kind (the ticket
-//! refuses a second).
+//! refuses a second). The read model keeps each kind's deadline only while
+//! its breach is still to be recorded, so a pass never re-reads tickets it
+//! already dealt with.
 
 use std::time::Duration;
 
@@ -13,20 +15,25 @@ use uuid::Uuid;
 
 use crate::store::{CommandError, EventStore};
 
+/// Most tickets one pass looks at; the rest wait for the next pass.
+pub const BATCH: i64 = 500;
+
 /// Looks for breaches once; returns how many it recorded.
 pub async fn check_once(store: &EventStore, pool: &PgPool) -> Result<usize, sqlx::Error> {
-    // Candidates from the read model (open tickets past their next
-    // deadline, by a partial index); the ticket itself decides.
+    // Candidates from the read model: only tickets with a deadline passed
+    // whose breach is still to be recorded (a partial index of just those),
+    // so tickets whose breaches are all recorded never crowd out a new one.
+    // The ticket itself decides.
     let rows: Vec<(Uuid, bool, bool)> = sqlx::query_as(
         "SELECT ticket_id,
-                first_response_at IS NULL AND first_response_due < now()
-                    AND NOT (state->'sla_breaches' ? 'first_response'),
-                resolution_due < now() AND NOT (state->'sla_breaches' ? 'resolution')
+                COALESCE(first_response_breach_due < now(), false),
+                COALESCE(resolution_breach_due < now(), false)
            FROM crm_tickets
-          WHERE status NOT IN ('resolved', 'closed') AND sla_due_at < now()
-          ORDER BY sla_due_at
-          LIMIT 500",
+          WHERE sla_breach_due_at IS NOT NULL AND sla_breach_due_at < now()
+          ORDER BY sla_breach_due_at
+          LIMIT $1",
     )
+    .bind(BATCH)
     .fetch_all(pool)
     .await?;
     let due = rows.into_iter().flat_map(|(id, first, resolution)| {

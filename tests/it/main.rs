@@ -2,6 +2,7 @@
 //! port with a fresh database and its own topic prefix.
 
 mod agent;
+mod agent_once;
 mod api;
 mod audit;
 mod common;
@@ -9,4 +10,5 @@ mod gmail;
 mod outage;
 mod pipeline;
 mod relay;
+mod sla;
 mod whatsapp;

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use casebook_domain::sla::SlaKind;
 use casebook_domain::ticket::ApprovalState;
 use casebook_domain::{EventEnvelope, Ticket};
 use sqlx::PgConnection;
@@ -81,15 +82,18 @@ impl Projector for TicketsProjector {
                 "INSERT INTO crm_tickets (ticket_id, customer_id, channel, subject, category, priority, status, assigned_to,
                                           created_at, updated_at, first_response_at, first_response_due, resolution_due,
                                           sla_due_at, sla_breached, messages_count, open_escalations, pending_approvals,
-                                          feedback_helpful, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+                                          feedback_helpful, state, first_response_breach_due, resolution_breach_due)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                         $21, $22)
                  ON CONFLICT (ticket_id) DO UPDATE SET
                     status = EXCLUDED.status, subject = EXCLUDED.subject, category = EXCLUDED.category,
                     priority = EXCLUDED.priority, assigned_to = EXCLUDED.assigned_to, updated_at = EXCLUDED.updated_at,
                     first_response_at = EXCLUDED.first_response_at, sla_due_at = EXCLUDED.sla_due_at,
                     sla_breached = EXCLUDED.sla_breached, messages_count = EXCLUDED.messages_count,
                     open_escalations = EXCLUDED.open_escalations, pending_approvals = EXCLUDED.pending_approvals,
-                    feedback_helpful = EXCLUDED.feedback_helpful, state = EXCLUDED.state",
+                    feedback_helpful = EXCLUDED.feedback_helpful, state = EXCLUDED.state,
+                    first_response_breach_due = EXCLUDED.first_response_breach_due,
+                    resolution_breach_due = EXCLUDED.resolution_breach_due",
             )
             .bind(id)
             .bind(customer_id)
@@ -111,6 +115,10 @@ impl Projector for TicketsProjector {
             .bind(pending_approvals)
             .bind(t.feedback)
             .bind(state)
+            // What the SLA monitor looks for: deadlines whose breach is
+            // still to be recorded (see migration 20261125000020).
+            .bind(t.unrecorded_sla_due(SlaKind::FirstResponse))
+            .bind(t.unrecorded_sla_due(SlaKind::Resolution))
             .execute(&mut *tx)
             .await?;
         }
