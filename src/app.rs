@@ -294,13 +294,15 @@ pub async fn start(
         let kb =
             KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);
         let store = EventStore::new(pool.clone());
-        let agent = Arc::new(Agent::new(
-            store.clone(),
-            kb,
-            providers(config)?,
-            config.support_signature.clone(),
-        )
-        .with_auto_reply_cap(config.auto_reply_cap_per_hour));
+        let agent = Arc::new(
+            Agent::new(
+                store.clone(),
+                kb,
+                providers(config)?,
+                config.support_signature.clone(),
+            )
+            .with_auto_reply_cap(config.auto_reply_cap_per_hour),
+        );
         let worker = worker::spawn(
             &kafka,
             WorkerSettings {

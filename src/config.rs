@@ -311,9 +311,7 @@ impl Config {
             Some(v) => v
                 .parse::<u32>()
                 .ok()
-                .filter(|n| {
-                    (1..=casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR).contains(n)
-                })
+                .filter(|n| (1..=casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR).contains(n))
                 .ok_or_else(|| {
                     bad(
                         "CASEBOOK_AUTO_REPLY_CAP_PER_HOUR",

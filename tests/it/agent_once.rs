@@ -43,9 +43,17 @@ impl Respond for TwoSearchesThenAnswer {
             .to_lowercase();
         let searches = messages.iter().filter(|m| m["role"] == "tool").count();
         let (name, arguments) = match searches {
-            0 if asked.contains("password") => ("search_knowledge_base", json!({"query": "reset password"})),
-            1 if asked.contains("password") => ("search_knowledge_base", json!({"query": "forgot password email"})),
-            0 => ("search_knowledge_base", json!({"query": "export project data"})),
+            0 if asked.contains("password") => {
+                ("search_knowledge_base", json!({"query": "reset password"}))
+            }
+            1 if asked.contains("password") => (
+                "search_knowledge_base",
+                json!({"query": "forgot password email"}),
+            ),
+            0 => (
+                "search_knowledge_base",
+                json!({"query": "export project data"}),
+            ),
             1 => ("search_knowledge_base", json!({"query": "export CSV JSON"})),
             _ if asked.contains("password") => (
                 "send_response",
@@ -237,9 +245,11 @@ async fn gmail_sends(fakes: &Fakes) -> usize {
 
 /// `n` WhatsApp messages reach Twilio, and no more arrive for a while.
 async fn exactly_sent(fakes: &Fakes, n: usize) {
-    eventually(&format!("{n} WhatsApp messages at Twilio"), WAIT, || async {
-        (fakes.whatsapp_sent().await.len() >= n).then_some(())
-    })
+    eventually(
+        &format!("{n} WhatsApp messages at Twilio"),
+        WAIT,
+        || async { (fakes.whatsapp_sent().await.len() >= n).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(fakes.whatsapp_sent().await.len(), n, "nothing more is sent");
@@ -397,7 +407,12 @@ async fn a_message_delivered_twice_is_answered_or_escalated_once_whatever_the_ou
     let llm = two_searches_model().await;
     let app = start_with(&fakes, Some(&llm), None, &[Role::All], &[]).await;
     let cases: [(&str, &str, &str, Expected); 8] = [
-        ("answered", "+447700900301", "How do I export my project data?", ANSWERED),
+        (
+            "answered",
+            "+447700900301",
+            "How do I export my project data?",
+            ANSWERED,
+        ),
         (
             "held for approval",
             "+447700900302",
@@ -416,15 +431,30 @@ async fn a_message_delivered_twice_is_answered_or_escalated_once_whatever_the_ou
             "Which moon of Jupiter is the largest?",
             escalated("knowledge_gap"),
         ),
-        ("refund", "+447700900304", "I want a refund for last month.", escalated("refund_request")),
-        ("legal", "+447700900305", "My lawyer will contact you about this.", escalated("legal")),
+        (
+            "refund",
+            "+447700900304",
+            "I want a refund for last month.",
+            escalated("refund_request"),
+        ),
+        (
+            "legal",
+            "+447700900305",
+            "My lawyer will contact you about this.",
+            escalated("legal"),
+        ),
         (
             "anger",
             "+447700900306",
             "This is the worst, most useless app ever!! I hate it.",
             escalated("negative_sentiment"),
         ),
-        ("a human", "+447700900307", "human", escalated("human_requested")),
+        (
+            "a human",
+            "+447700900307",
+            "human",
+            escalated("human_requested"),
+        ),
         (
             "pricing",
             "+447700900308",
@@ -464,7 +494,11 @@ async fn a_message_delivered_twice_is_answered_or_escalated_once_whatever_the_ou
     assert_exactly(&app, "automated", automated, &automated_expected).await;
     // One answer and six holding replies reached Twilio; nothing by email.
     exactly_sent(&fakes, 7).await;
-    assert_eq!(gmail_sends(&fakes).await, 0, "nothing goes back to a machine");
+    assert_eq!(
+        gmail_sends(&fakes).await,
+        0,
+        "nothing goes back to a machine"
+    );
     app.stop().await;
 }
 
@@ -567,7 +601,10 @@ async fn a_ticket_gets_at_most_its_automatic_replies_an_hour_then_the_agent_stay
     .await
     .unwrap();
     assert_eq!(sent.len(), 2);
-    assert!(sent.iter().all(|s| s["automatic"] == json!(true)), "{sent:?}");
+    assert!(
+        sent.iter().all(|s| s["automatic"] == json!(true)),
+        "{sent:?}"
+    );
     // Delivered again, the withheld message stays withheld.
     let delivered = redeliver(&app, messages[2].1, 4).await;
     agent_finished(&app, &[delivered]).await;

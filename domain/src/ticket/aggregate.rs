@@ -145,7 +145,10 @@ impl Ticket {
     /// Automatic replies sent in the hour up to `at`.
     pub fn automatic_replies_within_hour(&self, at: DateTime<Utc>) -> u32 {
         let since = at - AUTO_REPLY_WINDOW;
-        self.automatic_replies.iter().filter(|t| **t > since).count() as u32
+        self.automatic_replies
+            .iter()
+            .filter(|t| **t > since)
+            .count() as u32
     }
 
     /// Whether one more automatic reply at `at` stays within `limit`.
@@ -238,7 +241,10 @@ impl Ticket {
                 automated,
                 at,
             } => {
-                if automated.as_deref().is_some_and(|r| !valid_automated_reason(r)) {
+                if automated
+                    .as_deref()
+                    .is_some_and(|r| !valid_automated_reason(r))
+                {
                     return Err(TicketError::InvalidAutomatedReason {
                         max: MAX_AUTOMATED_REASON_LEN,
                     });

@@ -15,9 +15,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use aggregate::{
-    Approval, ApprovalState, Draft, Escalation, MessageWork, Response, Ticket,
-    AUTO_REPLY_WINDOW, MAX_AUTO_REPLIES_PER_HOUR, MAX_AUTOMATED_REASON_LEN,
-    MAX_SEARCHES_PER_MESSAGE,
+    Approval, ApprovalState, Draft, Escalation, MessageWork, Response, Ticket, AUTO_REPLY_WINDOW,
+    MAX_AUTOMATED_REASON_LEN, MAX_AUTO_REPLIES_PER_HOUR, MAX_SEARCHES_PER_MESSAGE,
 };
 
 use crate::sla::SlaKind;

@@ -1140,9 +1140,7 @@ fn automatic_replies_are_capped_per_rolling_hour_from_the_tickets_own_events() {
                 escalation_id: id(40),
                 in_reply_to: Some(id(4)),
                 reason: EscalationReason::AutoReplyLimit,
-                note: Some(
-                    "3 automatic replies in the last hour; the agent stays silent".into(),
-                ),
+                note: Some("3 automatic replies in the last hour; the agent stays silent".into()),
                 escalated_at: minutes(30),
             },
         ]);
