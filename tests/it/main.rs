@@ -2,6 +2,7 @@
 //! port with a fresh database and its own topic prefix.
 
 mod agent;
+mod agent_logs;
 mod agent_once;
 mod api;
 mod audit;
