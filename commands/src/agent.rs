@@ -57,6 +57,17 @@ pub const DEFAULT_AUTO_REPLY_CAP_PER_HOUR: u32 = 3;
 /// Most model turns per customer message before the local responder takes over.
 const MAX_TURNS: usize = 6;
 const PASSAGES_PER_SEARCH: usize = 5;
+/// The longest escalation note the model may leave.
+const MAX_NOTE_CHARS: usize = 500;
+/// The reasons the model's `escalate` tool offers.
+const MODEL_ESCALATION_REASONS: [EscalationReason; 6] = [
+    EscalationReason::PricingInquiry,
+    EscalationReason::RefundRequest,
+    EscalationReason::Legal,
+    EscalationReason::NegativeSentiment,
+    EscalationReason::HumanRequested,
+    EscalationReason::KnowledgeGap,
+];
 
 const SYSTEM_PROMPT: &str = "You are the support agent of the product described by the knowledge base. \
 Answer only from passages returned by search_knowledge_base; search before answering, at most twice. \
@@ -582,15 +593,21 @@ impl Agent {
                 }
             }
             "escalate" => {
+                // Only the reasons the tool offers: the model cannot claim
+                // the reasons the desk itself records (an automated message,
+                // the reply limit, a failed delivery or model).
                 let reason = args["reason"]
                     .as_str()
                     .and_then(|r| serde_json::from_value::<EscalationReason>(json!(r)).ok())
+                    .filter(|r| MODEL_ESCALATION_REASONS.contains(r))
                     .unwrap_or(EscalationReason::Manual);
                 (
                     json!({"status": "escalated"}),
                     Some(Decision::Escalate {
                         reason,
-                        note: args["note"].as_str().map(str::to_string),
+                        note: args["note"]
+                            .as_str()
+                            .map(|n| n.chars().take(MAX_NOTE_CHARS).collect()),
                     }),
                 )
             }

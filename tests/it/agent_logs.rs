@@ -105,7 +105,10 @@ async fn the_agent_logs_ids_and_kinds_not_what_was_written_inside_the_messages_s
         .collect();
     assert_eq!(handled.len(), 1, "{logs}");
     assert_eq!(handled[0]["outcome"], "awaiting_approval");
-    assert_eq!(handled[0]["span"]["correlation_id"], correlation_id.as_str());
+    assert_eq!(
+        handled[0]["span"]["correlation_id"],
+        correlation_id.as_str()
+    );
     assert_eq!(
         handled[0]["span"]["causation_id"],
         incoming[0].envelope.causation_id.as_str()

@@ -613,3 +613,53 @@ async fn a_ticket_gets_at_most_its_automatic_replies_an_hour_then_the_agent_stay
     exactly_sent(&fakes, 2).await;
     app.stop().await;
 }
+
+/// A model that escalates at once, claiming a reason only the desk records
+/// and leaving a huge note.
+struct ClaimsTheDesksReason;
+
+impl Respond for ClaimsTheDesksReason {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let arguments = json!({"reason": "auto_reply_limit", "note": "x".repeat(10_000)});
+        ResponseTemplate::new(200).set_body_json(json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "model": "scripted",
+            "choices": [{"index": 0, "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "escalate", "arguments": arguments.to_string()}}]}}]
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_model_escalates_only_with_the_reasons_its_tool_offers_and_a_bounded_note() {
+    let fakes = Fakes::start(true).await;
+    let llm = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ClaimsTheDesksReason)
+        .mount(&llm)
+        .await;
+    let app = start_with(&fakes, Some(&llm), None, &[Role::All], &[]).await;
+    whatsapp(
+        &app,
+        "whatsapp:+447700900701",
+        "SMclaim1",
+        "How do I export my project data?",
+    )
+    .await;
+    let message = message_id(&app, "SMclaim1").await;
+    settled(&app, message).await;
+    let escalated: Value = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE event_type = 'TicketEscalated' AND payload->>'in_reply_to' = $1",
+    )
+    .bind(message.to_string())
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(escalated["reason"], "manual");
+    assert_eq!(escalated["note"].as_str().unwrap().chars().count(), 500);
+    // A person will look: the customer hears so.
+    assert_eq!(count_for(&app, message, "ResponseSent").await, 1);
+    app.stop().await;
+}
