@@ -168,7 +168,15 @@ async fn rebuilt_read_models_equal_the_live_ones() {
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-            (n == 4 && t == 4).then_some(())
+            // Each read model has its own projector: wait for all of them.
+            let k: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM crm_tickets) + (SELECT count(*) FROM crm_customers)
+                        + (SELECT count(*) FROM crm_conversations)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n == 4 && t == 4 && k == 12).then_some(())
         }
     })
     .await;
