@@ -51,9 +51,8 @@ pub struct InboundMessage {
     pub category: Category,
     pub priority: Priority,
     pub received_at: DateTime<Utc>,
-    /// Why a machine, not a person, wrote it (`auto_submitted`, `bulk`,
-    /// `mailing_list`, `bounce`); `None` for a person. The agent never
-    /// answers an automated message.
+    /// Why the message must not be answered automatically (an auto-reply, a
+    /// bounce, bulk or list mail), or `None` for a person writing.
     pub automated: Option<String>,
 }
 
