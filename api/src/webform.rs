@@ -103,6 +103,7 @@ pub async fn submit(
         category: form.category,
         priority: form.priority,
         received_at: Utc::now(),
+        automated: None,
     };
     let outcome = state.intake.receive(&message, &correlation.0).await?;
     tracing::info!(email = %mask_email(&form.email), ticket_id = %outcome.ticket_id, "web form submission taken in");

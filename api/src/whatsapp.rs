@@ -153,6 +153,7 @@ pub async fn inbound(
         category: Category::General,
         priority: Priority::Medium,
         received_at: Utc::now(),
+        automated: None,
     };
     let outcome = state.intake.receive(&message, &correlation.0).await?;
     tracing::info!(from = %mask_phone(&from.value), ticket_id = %outcome.ticket_id, duplicate = outcome.duplicate,

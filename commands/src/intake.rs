@@ -51,6 +51,9 @@ pub struct InboundMessage {
     pub category: Category,
     pub priority: Priority,
     pub received_at: DateTime<Utc>,
+    /// Why the message must not be answered automatically (an auto-reply, a
+    /// bounce, bulk or list mail), or `None` for a person writing.
+    pub automated: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
