@@ -17,7 +17,8 @@ use casebook_projections::{apply_batch_in, ProjectionError, Projector};
 use futures::TryStreamExt;
 use sqlx::{PgPool, Row};
 
-const CHUNK: usize = 1000;
+/// Events read from the store per page.
+pub const CHUNK: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildReport {
@@ -31,9 +32,18 @@ pub async fn rebuild(
     pool: &PgPool,
     projectors: &[Arc<dyn Projector>],
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
+    rebuild_paged(pool, projectors, CHUNK).await
+}
+
+/// [`rebuild`], reading `chunk` events per page.
+pub async fn rebuild_paged(
+    pool: &PgPool,
+    projectors: &[Arc<dyn Projector>],
+    chunk: usize,
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let mut reports = Vec::with_capacity(projectors.len());
     for projector in projectors {
-        reports.push(rebuild_one(pool, projector.as_ref()).await?);
+        reports.push(rebuild_one(pool, projector.as_ref(), chunk.max(1)).await?);
     }
     Ok(reports)
 }
@@ -41,6 +51,7 @@ pub async fn rebuild(
 async fn rebuild_one(
     pool: &PgPool,
     projector: &dyn Projector,
+    chunk_size: usize,
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let name = projector.name();
@@ -60,25 +71,41 @@ async fn rebuild_one(
         .collect();
     let mut read = 0u64;
     let mut applied_total = 0u64;
+    // Paged in (transaction_id, position) order behind the snapshot's xmin,
+    // as the relay reads: a transaction that took its positions early and
+    // commits late is below the barrier only once it has finished, so no
+    // page can be passed by an event that becomes visible afterwards. What
+    // commits after the barrier reaches the live consumer through Kafka.
+    let mut last_tx = String::from("0");
     let mut last_position = 0i64;
     loop {
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-              WHERE position > $1 AND aggregate_type = ANY($2)
-              ORDER BY position LIMIT $3"
+            "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM events
+              WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                AND aggregate_type = ANY($3)
+              ORDER BY transaction_id, position LIMIT $4"
         ))
+        .bind(&last_tx)
         .bind(last_position)
         .bind(&types)
-        .bind(CHUNK as i64)
+        .bind(chunk_size as i64)
         .fetch(&mut *tx)
-        .map_ok(|row| (row.try_get::<i64, _>("position"), stored_event(&row)))
+        .map_ok(|row| {
+            (
+                row.try_get::<String, _>("tx"),
+                row.try_get::<i64, _>("position"),
+                stored_event(&row),
+            )
+        })
         .try_collect::<Vec<_>>()
         .await?;
         if rows.is_empty() {
             break;
         }
         let mut chunk: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
-        for (position, event) in rows {
+        for (txid, position, event) in rows {
+            last_tx = txid?;
             last_position = position?;
             chunk.push(event?.into());
         }
