@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casebook_api::{ApiSettings, AppState, Inner, Readiness, TokenKeys};
+use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::delivery::{Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings};
 use casebook_commands::embeddings::{Embedder, EmbeddingSource};
@@ -157,6 +157,8 @@ fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Re
 /// A started service: its tasks and, with the API role, its address.
 pub struct Running {
     pub addr: Option<SocketAddr>,
+    /// The operations listener (`/health`, `/ready`, `/metrics`).
+    pub ops_addr: SocketAddr,
     pub pool: PgPool,
     shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
@@ -229,6 +231,34 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
     let mut addr = None;
+    let readiness = Arc::new(Readiness::new(
+        &config.kafka_brokers,
+        kafka.topics.events(),
+        db::migration_versions(),
+    ));
+
+    // Every role can be probed and scraped, on a listener of its own.
+    let ops_listener = TcpListener::bind(config.ops_addr)
+        .await
+        .with_context(|| format!("CASEBOOK_OPS_ADDR: cannot listen on {}", config.ops_addr))?;
+    let ops_addr = ops_listener.local_addr()?;
+    let ops_state = OpsState {
+        pool: pool.clone(),
+        readiness: readiness.clone(),
+        roles: roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect(),
+    };
+    let token = shutdown.clone();
+    tasks.push((
+        "ops",
+        tokio::spawn(async move {
+            if let Err(e) =
+                casebook_api::serve_ops(ops_listener, ops_state, token.cancelled_owned()).await
+            {
+                tracing::error!(error = %e, "operations listener failed");
+            }
+        }),
+    ));
+    tracing::info!(addr = %ops_addr, "operations listener up");
 
     if roles.contains(&Role::Api) {
         let secret = config.jwt_secret()?;
@@ -242,6 +272,7 @@ pub async fn start(
             pool.clone(),
             config.gmail_support_address.clone(),
         );
+        tasks.push(("mail-sync", tokio::spawn(gmail.clone().run(shutdown.clone()))));
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
             store,
@@ -253,11 +284,7 @@ pub async fn start(
                 twilio_auth_token: config.twilio_auth_token.clone(),
                 gmail_push_token: config.gmail_push_token.clone(),
             },
-            readiness: Readiness::new(
-                &config.kafka_brokers,
-                kafka.topics.events(),
-                db::migration_versions(),
-            ),
+            readiness: readiness.clone(),
         }));
         let listener = match listener {
             Some(l) => l,
@@ -375,6 +402,7 @@ pub async fn start(
 
     Ok(Running {
         addr,
+        ops_addr,
         pool,
         shutdown,
         tasks,
