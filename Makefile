@@ -25,7 +25,10 @@ run: build
 
 test: stack-up
 	@$(ENV); $(CARGO) build --workspace --all-targets --quiet
-	@$(ENV); $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)
+	@rm -rf target/test-logs
+	@$(ENV); CASEBOOK_TEST_LOG_DIR=$$PWD/target/test-logs $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)
+	@# Everything the suite logged, searched for unmasked emails and phone numbers.
+	@$(ENV); CASEBOOK_TEST_LOG_DIR=$$PWD/target/test-logs $(CARGO) test --quiet --test pii_scan -- --ignored
 
 lint:
 	@$(CARGO) fmt --all -- --check
