@@ -400,3 +400,12 @@ def test_every_environment_renders_the_same_kinds_of_guarantees():
     for env in ENVIRONMENTS:
         assert {"Deployment", "Service", "ConfigMap", "Job", "PodDisruptionBudget", "NetworkPolicy"} <= kinds[env]
     assert {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HorizontalPodAutoscaler", "Ingress"} <= kinds["prod"]
+
+
+def test_a_role_can_run_another_image_tag_for_a_staged_upgrade():
+    docs = documents(render_raw({"image": {"tag": "1.4.0"}, "roles": {"api": {"imageTag": "1.3.2"}}}))
+    images = {role_of(d): container(d)["image"] for d in of_kind(docs, "Deployment")}
+    assert images.pop("api") == "ghcr.io/casebook/casebook:1.3.2"
+    assert set(images.values()) == {"ghcr.io/casebook/casebook:1.4.0"}
+    [job] = of_kind(docs, "Job")
+    assert container(job)["image"] == "ghcr.io/casebook/casebook:1.4.0", "migrations run the new release"
