@@ -409,3 +409,15 @@ def test_a_role_can_run_another_image_tag_for_a_staged_upgrade():
     assert set(images.values()) == {"ghcr.io/casebook/casebook:1.4.0"}
     [job] = of_kind(docs, "Job")
     assert container(job)["image"] == "ghcr.io/casebook/casebook:1.4.0", "migrations run the new release"
+
+
+@pytest.mark.parametrize("bad", [
+    {"roles": {"agent": {"keda": {"maxReplica": 3}}}},
+    {"ingres": {"enabled": True}},
+    {"config": {"kafka_brokers": "x:9092"}},
+    {"image": {"digest": "latest"}},
+    {"metrics": {"prometheusRule": {"escalationRate": 20}}},
+])
+def test_values_with_a_typo_or_a_wrong_type_are_refused(bad):
+    with pytest.raises(helm.HelmError, match="schema"):
+        render_raw(bad)
