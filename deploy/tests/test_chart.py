@@ -335,6 +335,7 @@ def test_services_expose_http_and_ops(manifests):
     assert {p["name"]: p["port"] for p in api["ports"]} == {"http": 8080, "ops": 9090}
     ops = services[f"{RELEASE}-ops"]["spec"]
     assert ops["clusterIP"] == "None" and [p["port"] for p in ops["ports"]] == [9090]
+    assert ops["publishNotReadyAddresses"] is True, "unready pods are scraped too"
     for d in of_kind(manifests, "Deployment"):
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert all(labels.get(k) == v for k, v in ops["selector"].items()), d["metadata"]["name"]
