@@ -5,7 +5,7 @@
 # other mount read-only and a fresh tmpfs on /tmp as the only writable path,
 # exactly what the Dockerfile and the Helm chart give it. It runs
 # `casebook --help`, `casebook migrate` against a scratch database of the
-# local stack, and `casebook serve --role api`, probes /health with the
+# local stack, and `casebook serve --role api` (or SMOKE_ROLE), probes /health with the
 # image's own health check script, and stops it with SIGTERM.
 #
 #   deploy/docker/smoke-nonroot.sh [path/to/casebook]   (default target/release/casebook)
@@ -15,12 +15,16 @@
 #   CASEBOOK_HOME      the local stack's home (default <repo>/.casebook)
 #   SMOKE_HEALTH_ON    ops (default: the ops listener, CASEBOOK_OPS_ADDR) or
 #                      http (a binary from before the ops listener existed)
+#   SMOKE_ROLE         the role to serve (default api; `all` also loads the
+#                      embedding model from the read-only bind)
+#   SMOKE_SETTLE_SECS  seconds between readiness and SIGTERM (default 0)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SELF="$REPO_ROOT/deploy/docker/smoke-nonroot.sh"
 RUN_UID=10001
 RUN_GID=10001
+ROLE="${SMOKE_ROLE:-api}"
 
 say() { echo "smoke-nonroot: $*" >&2; }
 die() {
@@ -31,9 +35,12 @@ die() {
 # Shared libraries the runtime image (debian slim + ca-certificates) has.
 ALLOWED_LIBS='^(linux-vdso|ld-linux[-a-z0-9_]*|libc|libm|libgcc_s|libz|libdl|libpthread|librt|libutil)\.so'
 
+# setpriv execs the command: a background "${AS_SERVICE_USER[@]}" cmd & has
+# the command's own pid in $!, so that SIGTERM reaches the service itself.
+AS_SERVICE_USER=(setpriv --reuid "$RUN_UID" --regid "$RUN_GID" --clear-groups --no-new-privs
+                 --inh-caps=-all --bounding-set=-all --)
 as_service_user() {
-    setpriv --reuid "$RUN_UID" --regid "$RUN_GID" --clear-groups --no-new-privs \
-        --inh-caps=-all --bounding-set=-all -- "$@"
+    "${AS_SERVICE_USER[@]}" "$@"
 }
 
 free_port() {
@@ -60,14 +67,14 @@ inside() {
     local bin="$stage/bin/casebook"
     # The staged files belong to the service user: only the read-only bind
     # stops it from changing them.
-    if as_service_user sh -c "echo x >'$stage/bin/written' 2>/dev/null"; then
+    if as_service_user sh -c "echo x >'$stage/bin/written'" 2>/dev/null; then
         die "the service user could write into the read-only bind of its files"
     fi
-    if as_service_user sh -c "echo x >'$stage/bin/casebook' 2>/dev/null"; then
+    if as_service_user sh -c "echo x >'$stage/bin/casebook'" 2>/dev/null; then
         die "the service user could overwrite its own binary"
     fi
     for path in / /var/tmp "$REPO_ROOT" /root; do
-        if [ -d "$path" ] && as_service_user sh -c "echo x >'$path/.casebook-smoke' 2>/dev/null"; then
+        if [ -d "$path" ] && as_service_user sh -c "echo x >'$path/.casebook-smoke'" 2>/dev/null; then
             die "the service user could write into $path"
         fi
     done
@@ -94,13 +101,13 @@ inside() {
     if [ -d "$stage/models/all-MiniLM-L6-v2" ]; then
         export CASEBOOK_EMBEDDINGS="local:$stage/models/all-MiniLM-L6-v2"
     fi
-    as_service_user "$bin" migrate 2>/tmp/migrate.log || {
+    as_service_user "$bin" migrate >/tmp/migrate.log 2>&1 || {
         tail -n 20 /tmp/migrate.log >&2
         die "casebook migrate"
     }
     say "ok: casebook migrate ($db, prefix $KAFKA_TOPIC_PREFIX)"
 
-    # 4. serve --role api; the image's health check must pass.
+    # 4. serve --role $ROLE; the image's health check must pass.
     local http_port ops_port pid health_addr
     http_port="$(free_port)"
     ops_port="$(free_port)"
@@ -112,11 +119,12 @@ inside() {
     else
         health_addr="$CASEBOOK_OPS_ADDR"
     fi
-    as_service_user "$bin" serve --role api >/tmp/serve.log 2>&1 &
+    "${AS_SERVICE_USER[@]}" "$bin" serve --role "$ROLE" >/tmp/serve.log 2>&1 &
     pid=$!
+    trap "kill -KILL $pid 2>/dev/null || true; psql -X -q '$admin_url' -c 'DROP DATABASE IF EXISTS $db WITH (FORCE)' >/dev/null 2>&1 || true" EXIT
     local healthy=""
     for _ in $(seq 1 150); do
-        if CASEBOOK_OPS_ADDR="$health_addr" as_service_user "$stage/bin/casebook-healthcheck"; then
+        if CASEBOOK_OPS_ADDR="$health_addr" as_service_user "$stage/bin/casebook-healthcheck" 2>/dev/null; then
             healthy=1
             break
         fi
@@ -128,31 +136,51 @@ inside() {
         tail -n 20 /tmp/serve.log >&2
         die "no HTTP 200 from /health on $health_addr within 30 s"
     fi
-    say "ok: serve --role api answers /health on $health_addr (the image's health check script)"
-    if HEALTHCHECK_PATH=/ready CASEBOOK_OPS_ADDR="$health_addr" as_service_user "$stage/bin/casebook-healthcheck"; then
+    say "ok: serve --role $ROLE answers /health on $health_addr (the image's health check script)"
+    # SIGTERM handling starts once start-up is complete: wait for readiness
+    # (Postgres, migrations, the broker) before stopping it.
+    local ready=""
+    for _ in $(seq 1 100); do
+        if HEALTHCHECK_PATH=/ready CASEBOOK_OPS_ADDR="$health_addr" \
+            as_service_user "$stage/bin/casebook-healthcheck" 2>/dev/null; then
+            ready=1
+            break
+        fi
+        sleep 0.2
+    done
+    if [ -n "$ready" ]; then
         say "ok: /ready answers 200"
     else
-        say "note: /ready does not answer 200 yet (it waits for the broker and the topics)"
+        say "note: /ready did not answer 200 within 20 s (it waits for the broker and the topics)"
     fi
+    # SMOKE_SETTLE_SECS: time between readiness and SIGTERM (default 0: a
+    # rolling update may stop a pod the moment it turns ready).
+    sleep "${SMOKE_SETTLE_SECS:-0}"
     local written
     written="$(find /tmp -mindepth 1 -user "$RUN_UID" -printf '%P\n' 2>/dev/null | sort | tr '\n' ' ')"
     say "files the service wrote (all under /tmp): ${written:-none}"
     kill -TERM "$pid"
     local rc=0
-    for _ in $(seq 1 150); do
+    local started=$SECONDS
+    for _ in $(seq 1 200); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.2
     done
     if kill -0 "$pid" 2>/dev/null; then
         kill -KILL "$pid" 2>/dev/null || true
-        die "serve did not stop within 30 s of SIGTERM"
+        die "serve did not stop within 40 s of SIGTERM"
     fi
     wait "$pid" || rc=$?
+    if [ "$rc" -eq 143 ] && ! grep -q '"shutting down' /tmp/serve.log; then
+        tail -n 20 /tmp/serve.log >&2
+        die "serve was killed by SIGTERM (exit 143) without shutting down: it was ready, but its SIGTERM handler was not installed yet"
+    fi
     [ "$rc" -eq 0 ] || {
         tail -n 20 /tmp/serve.log >&2
         die "serve exited $rc after SIGTERM"
     }
-    say "ok: serve stopped cleanly on SIGTERM"
+    grep -q '"shutting down' /tmp/serve.log || die "serve exited without its shutdown log line"
+    say "ok: serve stopped cleanly on SIGTERM (exit 0, in $((SECONDS - started)) s)"
 }
 
 if [ "${1:-}" = "--inside" ]; then

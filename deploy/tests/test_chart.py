@@ -218,9 +218,10 @@ def test_every_role_has_probes_limits_and_a_security_context(env, manifests):
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]], name
         assert set(mounts) <= {"/tmp", "/var/lib/casebook/archive"}, name
-        # Longer than the 20 s the workers wait plus the preStop pause.
+        # Longer than the service's 30 s graceful stop (src/app.rs, serve)
+        # plus the preStop pause.
         pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-        assert pod["terminationGracePeriodSeconds"] > 20 + pre_stop, name
+        assert pod["terminationGracePeriodSeconds"] > 30 + pre_stop, name
 
 
 def test_dev_runs_everything_in_one_pod():
@@ -422,3 +423,8 @@ def test_a_role_can_run_another_image_tag_for_a_staged_upgrade():
 def test_values_with_a_typo_or_a_wrong_type_are_refused(bad):
     with pytest.raises(helm.HelmError, match="schema"):
         render_raw(bad)
+
+
+def test_a_grace_period_shorter_than_the_shutdown_fails_the_render():
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render_raw({"terminationGracePeriodSeconds": 30})
