@@ -428,3 +428,28 @@ def test_values_with_a_typo_or_a_wrong_type_are_refused(bad):
 def test_a_grace_period_shorter_than_the_shutdown_fails_the_render():
     with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
         render_raw({"terminationGracePeriodSeconds": 30})
+
+
+# Settings of the local stack and its tests only; a cluster must not set them.
+LOCAL_ONLY = {"CASEBOOK_LOCAL_STACK", "CASEBOOK_TANSU_BIN"}
+
+
+def variables_read_by_the_code():
+    names = set()
+    for crate in ("src", "api", "commands", "projections", "replay", "domain"):
+        for path in glob.glob(os.path.join(REPO, crate, "**", "*.rs"), recursive=True):
+            if "/tests/" in path or path.endswith("/tests.rs"):
+                continue
+            with open(path, encoding="utf-8") as f:
+                names |= set(re.findall(r'\b(?:var|var_os|env::var)\("([A-Z][A-Z0-9_]+)"\)', f.read()))
+    return names
+
+
+def test_every_setting_the_code_reads_is_wired_and_local_ones_are_not(manifests):
+    read = variables_read_by_the_code()
+    assert {"DATABASE_URL", "KAFKA_BROKERS", "CASEBOOK_HTTP_ADDR"} <= read, sorted(read)
+    configmaps = {d["metadata"]["name"]: d for d in of_kind(manifests, "ConfigMap")}
+    for doc in of_kind(manifests, "Deployment") + of_kind(manifests, "Job"):
+        wired = wired_variables(doc, configmaps)
+        assert not (read - LOCAL_ONLY) - wired, (doc["metadata"]["name"], sorted((read - LOCAL_ONLY) - wired))
+        assert not LOCAL_ONLY & wired, doc["metadata"]["name"]
