@@ -409,28 +409,37 @@ pub async fn start(
     })
 }
 
-/// Runs until SIGINT or SIGTERM, then stops gracefully.
+/// Runs until SIGINT or SIGTERM, then stops gracefully. The signal handlers
+/// are installed before anything starts: a pod stopped the moment it turns
+/// ready still shuts down cleanly.
 pub async fn serve(config: &Config, roles: &[Role]) -> anyhow::Result<()> {
+    let stop = stop_signal()?;
     let running = start(config, roles, None).await?;
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down: finishing work in flight");
     running.stop(Duration::from_secs(30)).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on the first SIGINT or SIGTERM received after this call.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    })
 }

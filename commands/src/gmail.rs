@@ -122,9 +122,14 @@ struct HistoryPage {
 }
 
 /// Gmail's message and thread ids are short hexadecimal strings; anything
-/// else in a listing is not used to build a request path.
+/// but a short run of letters, digits, `-` and `_` is not used to build a
+/// request path or a conversation key.
 fn valid_gmail_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `users.messages.get` with `format=full`.
@@ -929,6 +934,38 @@ impl GmailSync {
             _ => None,
         }
     }
+}
+
+/// Mail the sync could not turn into a ticket message, for staff to follow
+/// up in the mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedMail {
+    pub mailbox: String,
+    pub gmail_message_id: String,
+    pub reason: String,
+    pub attempts: i32,
+    pub discovered_at: DateTime<Utc>,
+}
+
+/// The most recent refused mail, newest first.
+pub async fn refused_mail(pool: &PgPool, limit: i64) -> Result<Vec<RefusedMail>, GmailError> {
+    let rows: Vec<(String, String, Option<String>, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT email_address, message_id, reason, attempts, discovered_at FROM gmail_messages
+          WHERE state = 'refused' ORDER BY discovered_at DESC, seq DESC LIMIT $1",
+    )
+    .bind(limit.clamp(1, 10_000))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(mailbox, id, reason, attempts, at)| RefusedMail {
+            mailbox,
+            gmail_message_id: id,
+            reason: reason.unwrap_or_default(),
+            attempts,
+            discovered_at: at,
+        })
+        .collect())
 }
 
 /// Longest header value kept from a message (RFC 5322 caps a line at 998).

@@ -9,7 +9,7 @@
 //! acceptable.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use casebook_domain::EventEnvelope;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
@@ -19,6 +19,8 @@ use sqlx::{PgPool, Row};
 
 /// Events read from the store per page.
 pub const CHUNK: usize = 1000;
+/// How soon to look again while an older transaction holds events back.
+const PENDING_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildReport {
@@ -74,11 +76,28 @@ async fn rebuild_one(
     // Paged in (transaction_id, position) order behind the snapshot's xmin,
     // as the relay reads: a transaction that took its positions early and
     // commits late is below the barrier only once it has finished, so no
-    // page can be passed by an event that becomes visible afterwards. What
-    // commits after the barrier reaches the live consumer through Kafka.
+    // page can be passed by an event that becomes visible afterwards.
+    //
+    // The rebuild takes every event of a transaction older than its own
+    // (whose xid it got with the TRUNCATE): while one of those still runs,
+    // an empty page means "not yet", not "done", so it waits. Younger
+    // transactions cannot be published by the relay before this one ends
+    // (the relay's barrier is behind it), so the live consumer, held off by
+    // the TRUNCATE, applies them afterwards.
+    let own_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx)
+        .await?;
     let mut last_tx = String::from("0");
     let mut last_position = 0i64;
+    let mut waited = Duration::ZERO;
+    let mut next_report = Duration::from_secs(1);
     loop {
+        let settled: bool = sqlx::query_scalar(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+        )
+        .bind(&own_xid)
+        .fetch_one(&mut *tx)
+        .await?;
         let rows = sqlx::query(&format!(
             "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM events
               WHERE (transaction_id, position) > ($1::text::xid8, $2)
@@ -101,7 +120,20 @@ async fn rebuild_one(
         .try_collect::<Vec<_>>()
         .await?;
         if rows.is_empty() {
-            break;
+            if settled {
+                break;
+            }
+            if waited >= next_report {
+                tracing::info!(
+                    projector = name,
+                    waited_secs = waited.as_secs(),
+                    "rebuild waits for older transactions to finish"
+                );
+                next_report += Duration::from_secs(10);
+            }
+            tokio::time::sleep(PENDING_POLL).await;
+            waited += PENDING_POLL;
+            continue;
         }
         let mut chunk: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
         for (txid, position, event) in rows {

@@ -106,6 +106,20 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
     assert_eq!(ids, ["b1", "b2", "b3"]);
     assert!(refused.iter().all(|(_, reason)| !reason.is_empty()));
     assert!(refused[2].1.contains("From"), "{}", refused[2].1);
+    // Staff see them, with why.
+    let listed = crate::audit::casebook(&app, &["mail", "refused", "--json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed_ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["gmail_message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed_ids.len(), 3);
+    for id in ["b1", "b2", "b3"] {
+        assert!(listed_ids.contains(&id), "{id} listed");
+    }
 
     // The cursor moved past them: the next push brings only what is new.
     Mock::given(method("GET"))

@@ -18,6 +18,8 @@ async fn every_role_can_be_probed_and_scraped_on_its_ops_listener() {
     for role in [Role::Relay, Role::Projector, Role::Agent, Role::Delivery] {
         let db = TestDb::create().await;
         let config = test_config(&db.url, &unique_prefix(), &[]);
+        // `casebook migrate` creates the topics before any role starts.
+        app::kafka_settings(&config).ensure_topics().await.unwrap();
         let running = app::start(&config, &[role], None).await.expect("role starts");
         assert!(running.addr.is_none(), "{role:?} has no public listener");
         let ops = format!("http://{}", running.ops_addr);
