@@ -2,7 +2,7 @@
 //! `data/guardrail_corpus.tsv`: every price and every refund promise must be
 //! caught, and at most 5 % of the safe sentences may be held.
 
-use casebook_domain::guardrails::{review_draft, DraftIssue};
+use casebook_domain::guardrails::{review_draft, sentences, DraftIssue};
 
 const CORPUS: &str = include_str!("data/guardrail_corpus.tsv");
 
@@ -175,34 +175,39 @@ fn review_draft_catches_every_price_and_refund_with_few_false_alarms() {
 #[test]
 fn findings_in_a_whole_draft_point_at_their_sentences() {
     // The corpus sentences also work inside a longer draft: each finding
-    // names the right sentence and quotes none of it.
+    // names a sentence of the right case and quotes none of it.
     let cases = corpus();
     let unsafe_cases: Vec<&Case> = cases.iter().filter(|c| c.price || c.refund).collect();
     for chunk in unsafe_cases.chunks(3) {
         let mut draft = String::from("Thanks for reaching out.");
+        // The sentence indexes each case occupies in the draft.
+        let mut spans = Vec::new();
         for c in chunk {
+            let text = if c.sentence.ends_with(['.', '!', '?']) {
+                c.sentence.to_string()
+            } else {
+                format!("{}.", c.sentence)
+            };
+            let start = sentences(&draft).len();
             draft.push(' ');
-            draft.push_str(c.sentence);
-            if !c.sentence.ends_with(['.', '!', '?']) {
-                draft.push('.');
-            }
+            draft.push_str(&text);
+            spans.push(start..sentences(&draft).len());
         }
         let passages = [draft.as_str()];
         let issues = review_draft(&draft, &passages);
-        for (k, c) in chunk.iter().enumerate() {
-            let sentence = k + 1;
-            if c.price {
-                assert!(
-                    issues.contains(&DraftIssue::MentionsPrice { sentence }),
-                    "{draft:?}: {issues:?}"
-                );
-            }
-            if c.refund {
-                assert!(
-                    issues.contains(&DraftIssue::PromisesRefund { sentence }),
-                    "{draft:?}: {issues:?}"
-                );
-            }
+        for (c, span) in chunk.iter().zip(&spans) {
+            let found = |price: bool| {
+                issues.iter().any(|i| {
+                    span.contains(&i.sentence())
+                        && if price {
+                            matches!(i, DraftIssue::MentionsPrice { .. })
+                        } else {
+                            matches!(i, DraftIssue::PromisesRefund { .. })
+                        }
+                })
+            };
+            assert!(!c.price || found(true), "{draft:?}: {issues:?}");
+            assert!(!c.refund || found(false), "{draft:?}: {issues:?}");
         }
         for issue in &issues {
             for c in chunk {

@@ -94,6 +94,8 @@ const WEAK_PRICE_CUES: &[&str] = &[
     "upgrading",
     "difference",
     "starts",
+    "due",
+    "balance",
 ];
 const LIMIT_WORDS: &[&str] = &[
     "up",
@@ -120,6 +122,18 @@ const LIMIT_WORDS: &[&str] = &[
     "create",
     "run",
     "make",
+    "get",
+    "gets",
+    "receive",
+    "receives",
+    "above",
+    "below",
+    "beyond",
+    "over",
+    "under",
+    "exceed",
+    "exceeds",
+    "exceeding",
 ];
 /// What may follow a number that is an amount: billing periods and
 /// function words, not a noun that makes it a count.
@@ -186,6 +200,26 @@ const AFTER_AMOUNT: &[&str] = &[
     "back",
     "less",
     "up",
+];
+/// Verbs that make "for 20" a price: "get it for 20", "buy it for 20".
+const PURCHASE_VERBS: &[&str] = &[
+    "get",
+    "buy",
+    "buying",
+    "bought",
+    "purchase",
+    "purchased",
+    "order",
+    "ordered",
+    "grab",
+    "subscribe",
+    "available",
+    "sell",
+    "sells",
+    "sold",
+    "offer",
+    "offered",
+    "upgrade",
 ];
 const BILLING_UNITS: &[&str] = &[
     "month", "months", "mo", "mth", "year", "years", "yr", "annum", "seat", "seats", "user",
@@ -370,10 +404,14 @@ fn is_not_an_amount(t: &[Token], i: usize) -> bool {
         return true;
     }
     if let Some(p) = prev(t, i, 1) {
-        if ['#', '+', '/', '-', ':', '(', '@', '_', '=']
+        if ['#', '+', '/', '-', '(', '@', '_', '=']
             .iter()
             .any(|c| p.is_punct(*c))
         {
+            return true;
+        }
+        // "14:30", but not "Total due: 49"
+        if p.is_punct(':') && prev(t, i, 2).is_some_and(|q| q.is_number()) {
             return true;
         }
         if !tok.spaced && matches!(p.kind, Kind::Word | Kind::Ident) {
@@ -456,6 +494,24 @@ fn is_bare_price(t: &[Token], i: usize) -> bool {
     if strong {
         return true;
     }
+    // "You can get it for 9.99", "buy it for 20"
+    if prev(t, i, 1).is_some_and(|p| p.is_word_in(&["for", "at"]))
+        && t[i.saturating_sub(6)..i]
+            .iter()
+            .any(|x| x.is_word_in(PURCHASE_VERBS))
+    {
+        return true;
+    }
+    // "You will get 49 back", "We'll give you 20 back"
+    if t.get(i + 1).is_some_and(|n| n.is_word("back"))
+        && t[i.saturating_sub(4)..i].iter().any(|x| {
+            x.is_word_in(&[
+                "get", "give", "pay", "send", "put", "receive", "getting", "giving",
+            ])
+        })
+    {
+        return true;
+    }
     let limited = t[..i].iter().any(|x| x.is_word_in(LIMIT_WORDS));
     if limited {
         return false;
@@ -463,20 +519,12 @@ fn is_bare_price(t: &[Token], i: usize) -> bool {
     if t[window].iter().any(|x| x.is_word_in(WEAK_PRICE_CUES)) {
         return true;
     }
-    if has_billing_period_after(t, i) {
-        return true;
-    }
-    // "You will get 49 back", "We'll give you 20 back"
-    t.get(i + 1).is_some_and(|n| n.is_word("back"))
-        && t[i.saturating_sub(4)..i].iter().any(|x| {
-            x.is_word_in(&[
-                "get", "give", "pay", "send", "put", "receive", "getting", "giving",
-            ])
-        })
+    has_billing_period_after(t, i)
 }
 
 fn is_predicate_free(t: &[Token], i: usize) -> bool {
-    if !t[i].is_word("free") {
+    if !t[i].is_word("free") || (t[i].capitalised && i > 0) {
+        // "Free" inside a sentence is the plan's name
         return false;
     }
     if prev(t, i, 1).is_some_and(|p| p.is_punct('-') || p.is_word("feel") || p.is_word("feels")) {
@@ -492,12 +540,24 @@ fn is_predicate_free(t: &[Token], i: usize) -> bool {
             Kind::Word => {
                 if n.is_word("to") {
                     // "free to use", not "free to reach out"
-                    return word_at(t, i + 2)
-                        .is_some_and(|x| x.is_word_in(&["use", "try", "add", "install"]));
+                    return word_at(t, i + 2).is_some_and(|x| {
+                        x.is_word_in(&[
+                            "use", "try", "add", "install", "download", "access", "join",
+                            "upgrade", "keep",
+                        ])
+                    });
+                }
+                if n.is_word("of") {
+                    // "free of charge", not "free of bugs"
+                    return word_at(t, i + 2).is_some_and(|x| {
+                        x.is_word_in(&[
+                            "charge", "charges", "cost", "costs", "fee", "fees", "payment",
+                        ])
+                    });
                 }
                 n.is_word_in(&[
-                    "of", "for", "on", "with", "in", "forever", "until", "during", "and", "or",
-                    "too", "again", "now", "anyway", "when", "if", "as",
+                    "for", "on", "with", "in", "forever", "until", "during", "and", "or", "too",
+                    "again", "now", "anyway", "when", "if", "as",
                 ])
             }
             _ => false,
@@ -519,9 +579,24 @@ fn is_zero_price(t: &[Token], i: usize) -> bool {
         }
         return word_at(t, j).is_some_and(|x| x.is_word_in(&charge_nouns));
     }
-    if tok.is_word_in(&["cost", "costs", "costing"]) {
+    // "onboarding is complimentary", "the first month is on us"
+    if tok.is_word("complimentary")
+        || (tok.is_word("on")
+            && (word_at(t, i + 1).is_some_and(|n| n.is_word("us"))
+                && !word_at(t, i + 2).is_some_and(|n| n.kind == Kind::Word)
+                || word_at(t, i + 1).is_some_and(|n| n.is_word("the"))
+                    && word_at(t, i + 2).is_some_and(|n| n.is_word("house")))
+            && prev(t, i, 1).is_some_and(|p| p.is_word_in(&["is", "are", "be", "'s"])))
+    {
+        return true;
+    }
+    if tok.is_word_in(&[
+        "cost", "costs", "costing", "pay", "pays", "paying", "charge", "charged", "charges",
+    ]) {
+        // "costs nothing", "won't cost you a penny", "costs double"
         let zero = [
-            "nothing", "anything", "zero", "penny", "cent", "dime", "thing",
+            "nothing", "anything", "zero", "penny", "cent", "dime", "thing", "double", "twice",
+            "triple", "half",
         ];
         return t[i + 1..(i + 4).min(t.len())]
             .iter()
@@ -530,6 +605,32 @@ fn is_zero_price(t: &[Token], i: usize) -> bool {
     false
 }
 
+/// Words that make a percentage a price: a discount, a saving, a
+/// surcharge or a price change.
+const PERCENT_PRICE_WORDS: &[&str] = &[
+    "off",
+    "discount",
+    "discounts",
+    "discounted",
+    "reduction",
+    "saving",
+    "savings",
+    "save",
+    "saves",
+    "surcharge",
+    "markup",
+    "price",
+    "prices",
+    "cost",
+    "costs",
+    "fee",
+    "fees",
+    "cheaper",
+    "pricier",
+    "charge",
+    "rebate",
+];
+
 fn is_discount(t: &[Token], i: usize) -> bool {
     let tok = &t[i];
     let percent_at = |j: usize| {
@@ -537,10 +638,14 @@ fn is_discount(t: &[Token], i: usize) -> bool {
             && t.get(j + 1)
                 .is_some_and(|x| x.is_punct('%') || x.is_word_in(&["percent", "pc", "pct"]))
     };
-    let discount_words = ["off", "discount", "discounts", "reduction", "discounted"];
     if percent_at(i) {
+        // "20% off", "a 25% saving", "save 20 percent", "the surcharge is 2 %"
         let after = &t[(i + 2).min(t.len())..(i + 5).min(t.len())];
-        return after.iter().any(|x| x.is_word_in(&discount_words));
+        let before = &t[i.saturating_sub(4)..i];
+        return after
+            .iter()
+            .chain(before)
+            .any(|x| x.is_word_in(PERCENT_PRICE_WORDS));
     }
     if tok.is_word_in(&["discount", "reduction"]) {
         // "a discount of 30%"
@@ -601,12 +706,24 @@ const MENTION_NOUNS: &[&str] = &[
     "information",
     "info",
     "options",
+    "decision",
+    "decisions",
     "inquiry",
     "enquiry",
 ];
 /// Words shortly before "a refund" that make it a mention: the customer's
 /// request, not our promise.
 const REQUEST_WORDS: &[&str] = &[
+    "handle",
+    "handles",
+    "handling",
+    "manage",
+    "manages",
+    "review",
+    "reviews",
+    "decides",
+    "whether",
+    "wondering",
     "request",
     "requests",
     "requested",
@@ -635,7 +752,37 @@ const DEFER_VERBS: &[&str] = &[
     "decide",
     "authorise",
     "authorize",
+    "authorised",
+    "authorized",
     "commit",
+];
+/// Who decides about refunds, when the draft defers to them.
+const DEFER_PEOPLE: &[&str] = &[
+    "team",
+    "colleague",
+    "colleagues",
+    "department",
+    "specialist",
+    "specialists",
+    "billing",
+    "finance",
+];
+/// Verbs that say where refunds are described: "refunds are covered in our
+/// terms".
+const DOCUMENT_VERBS: &[&str] = &[
+    "covered",
+    "described",
+    "explained",
+    "outlined",
+    "detailed",
+    "documented",
+    "listed",
+    "explains",
+    "depend",
+    "depends",
+    "governed",
+    "describes",
+    "covers",
 ];
 /// Words that turn a mention back into a promise: "your refund request has
 /// been approved".
@@ -754,8 +901,23 @@ fn refund_term_is_mention(t: &[Token], i: usize) -> bool {
     if word_at(t, i + 1).is_some_and(|n| n.is_word_in(MENTION_NOUNS)) {
         return true;
     }
-    let before = &t[i.saturating_sub(3)..i];
+    let before = &t[i.saturating_sub(5)..i];
     if before.iter().any(|x| x.is_word_in(REQUEST_WORDS)) {
+        return true;
+    }
+    if t.iter().any(|x| x.is_word_in(DOCUMENT_VERBS)) {
+        return true;
+    }
+    // "any refund is up to our billing team": people decide, nobody
+    // promises (no "will", "can", "'ll")
+    let to_people = t.iter().any(|x| x.is_word_in(DEFER_PEOPLE));
+    let modal = t.iter().any(|x| {
+        x.is_word_in(&[
+            "will", "would", "can", "could", "shall", "going", "may", "might",
+        ]) || x.lower.ends_with("'ll")
+            || x.lower.ends_with("'d")
+    });
+    if to_people && !modal {
         return true;
     }
     (i.saturating_sub(4)..i).any(|j| t[j].is_word_in(DEFER_VERBS) && negated_before(t, j, 3))
@@ -786,23 +948,49 @@ fn is_refund_at(t: &[Token], i: usize) -> bool {
             || word_at(t, i + 1).is_some_and(|n| n.is_word_in(&["left", "remaining"]));
         return !counted && !word_at(t, i + 1).is_some_and(|n| n.is_word_in(NOT_CREDIT_AFTER));
     }
+    if tok.is_word_in(&[
+        "cover",
+        "covered",
+        "covering",
+        "absorb",
+        "absorbed",
+        "absorbing",
+    ]) {
+        // "we'll cover the cost", "we'll absorb the fee": our promise
+        let ours = t[i.saturating_sub(3)..i]
+            .iter()
+            .any(|x| x.is_word_in(&["we", "we'll", "we've", "i'll", "i've", "i", "we're", "us"]));
+        let money = (i + 1..(i + 5).min(t.len()))
+            .any(|j| is_money_noun(t, j) || t[j].is_word_in(&["cost", "costs"]));
+        return ours && money;
+    }
     if tok.is_word_in(RETURN_VERBS) {
         // "reverse the charge", "the charge has been reversed"
         let after = (i + 1..(i + 5).min(t.len())).any(|j| is_money_noun(t, j));
         let before = (i.saturating_sub(5)..i).any(|j| is_money_noun(t, j));
         return after || before;
     }
-    if tok.is_word_in(&["take", "taken", "took", "knock", "knocked", "taking"]) {
-        // "the charge will be taken off your bill"
+    if tok.is_word_in(&[
+        "take", "taken", "took", "knock", "knocked", "taking", "write", "written", "wrote",
+        "writing",
+    ]) {
+        // "the charge will be taken off your bill", "write off the invoice"
         let off = t[i + 1..(i + 5).min(t.len())]
             .iter()
             .any(|x| x.is_word("off"));
         let money = (i.saturating_sub(5)..(i + 5).min(t.len())).any(|j| is_money_noun(t, j));
         return off && money;
     }
+    if tok.is_word("make") || tok.is_word("makes") {
+        // "to make up for it", "we'll make it up to you"
+        return word_at(t, i + 1).is_some_and(|n| n.is_word("up"))
+            && word_at(t, i + 2).is_some_and(|n| n.is_word("for"))
+            || word_at(t, i + 1).is_some_and(|n| n.is_word("it"))
+                && word_at(t, i + 2).is_some_and(|n| n.is_word("up"));
+    }
     if tok.is_word("back") {
         // "your money back", "€120 back", "pay you back"
-        return (i.saturating_sub(4)..i).any(|j| {
+        return (i.saturating_sub(5)..i).any(|j| {
             is_money_noun(t, j)
                 || t[j].is_word_in(&["pay", "paid", "paying", "pays"])
                 || (t[j].is_number() && is_currency_amount(t, j))

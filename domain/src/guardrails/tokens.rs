@@ -95,7 +95,9 @@ const LOWER_CODES: &[&str] = &[
     "twd", "uah", "pkr", "bdt", "qar", "kwd",
 ];
 /// Abbreviations written before or after an amount: "Rs 999", "299 kr".
-const ABBREVIATIONS: &[&str] = &["rs", "kr", "zł", "zl", "kč", "ft", "lei", "sfr"];
+const ABBREVIATIONS: &[&str] = &[
+    "rs", "kr", "zł", "zl", "kč", "ft", "lei", "sfr", "円", "元", "원", "руб", "грн",
+];
 
 /// Whether a word names a currency by its code or abbreviation.
 pub(crate) fn is_currency_code(t: &Token) -> bool {
@@ -158,10 +160,15 @@ pub(crate) const CURRENCY_WORDS: &[&str] = &[
     "rand",
     "eurocent",
     "eurocents",
+    "fiver",
+    "fivers",
+    "tenner",
+    "tenners",
 ];
 /// The singular ones, which "a" or "an" can quantify ("a dollar a day").
 pub(crate) const CURRENCY_SINGULAR: &[&str] = &[
     "dollar", "buck", "euro", "pound", "quid", "rupee", "franc", "cent", "penny", "grand", "peso",
+    "fiver", "tenner",
 ];
 
 const UNITS: &[&str] = &[
@@ -396,6 +403,14 @@ fn classify(run: &str, spaced: bool, out: &mut Vec<Token>) {
             kind: Kind::Ident,
             ..word(run, spaced)
         });
+        return;
+    }
+    // "money's", "it's": the word, then "'s"
+    let lower = run.to_lowercase();
+    if let Some(stem) = lower.strip_suffix("'s").filter(|s| !s.is_empty()) {
+        let stem_len = stem.len();
+        out.push(word(&run[..stem_len], spaced));
+        out.push(word(&run[stem_len..], false));
         return;
     }
     out.push(word(run, spaced));
