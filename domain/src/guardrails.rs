@@ -482,8 +482,12 @@ pub fn support(draft: &str, passages: &[&str]) -> Support {
 /// support. Findings come in sentence order.
 pub fn review_draft(draft: &str, passages: &[&str]) -> Vec<DraftIssue> {
     let mut issues = Vec::new();
-    let unsupported = support(draft, passages).unsupported;
-    for (sentence, text) in sentences(draft).iter().enumerate() {
+    let sentences = sentences(draft);
+    let mut unsupported = vec![false; sentences.len()];
+    for index in support(draft, passages).unsupported {
+        unsupported[index] = true;
+    }
+    for (sentence, text) in sentences.iter().enumerate() {
         let tokens = tokens::tokenize(text);
         if money::states_price(&tokens) {
             issues.push(DraftIssue::MentionsPrice { sentence });
@@ -497,7 +501,7 @@ pub fn review_draft(draft: &str, passages: &[&str]) -> Vec<DraftIssue> {
                 issues.push(DraftIssue::NamesInternalSystem { sentence, system });
             }
         }
-        if unsupported.contains(&sentence) {
+        if unsupported[sentence] {
             issues.push(DraftIssue::Unsupported { sentence });
         }
     }
@@ -692,6 +696,25 @@ mod tests {
             .unwrap();
         assert!(sentences[price.sentence()].contains("$49"));
         assert_eq!(price.describe(), "sentence 2 mentions a price");
+    }
+
+    #[test]
+    fn a_huge_hostile_draft_is_reviewed_in_linear_time() {
+        // One sentence of 60,000 words that trigger every window and
+        // sentence-wide check: quadratic work would take minutes.
+        let mut draft = String::new();
+        for _ in 0..6_000 {
+            draft.push_str("refund request 1 to 2 to 3 or no extra extra fee ");
+        }
+        draft.push_str("costs 49.");
+        let started = std::time::Instant::now();
+        let issues = review_draft(&draft, &["refund request costs"]);
+        assert!(issues.contains(&DraftIssue::MentionsPrice { sentence: 0 }));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

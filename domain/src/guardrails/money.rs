@@ -458,22 +458,29 @@ fn is_not_an_amount(t: &[Token], i: usize) -> bool {
 /// Whether what follows the number at `i` leaves it an amount ("49 per
 /// month", "49.", "49 for") rather than a count ("49 users").
 fn is_followed_like_an_amount(t: &[Token], i: usize) -> bool {
-    match t.get(i + 1) {
-        None => true,
-        Some(n) => match &n.kind {
+    let mut i = i;
+    // "5 to 10 business days": the range's end decides; a few hops at most,
+    // so that a hostile "1 to 1 to 1 …" stays linear.
+    for _ in 0..4 {
+        let Some(n) = t.get(i + 1) else { return true };
+        return match &n.kind {
             Kind::Punct(c) => matches!(c, '.' | ',' | ';' | '!' | '?' | ')' | ':' | '/' | '"'),
             Kind::Word => {
                 if n.is_word_in(&["to", "or", "and"]) && t.get(i + 2).is_some_and(|x| x.is_number())
                 {
-                    // "5 to 10 business days": as the range's end goes.
-                    return !is_not_an_amount(t, i + 2) && is_followed_like_an_amount(t, i + 2);
+                    if is_not_an_amount(t, i + 2) {
+                        return false;
+                    }
+                    i += 2;
+                    continue;
                 }
                 n.is_word_in(AFTER_AMOUNT)
             }
             Kind::Currency => true,
             Kind::Number(_) | Kind::Ident => false,
-        },
+        };
     }
+    false
 }
 
 fn has_billing_period_after(t: &[Token], i: usize) -> bool {
@@ -485,7 +492,7 @@ fn has_billing_period_after(t: &[Token], i: usize) -> bool {
         && word_at(t, i + 2).is_some_and(|u| u.is_word_in(BILLING_UNITS))
 }
 
-fn is_bare_price(t: &[Token], i: usize) -> bool {
+fn is_bare_price(t: &[Token], i: usize, first_limit: Option<usize>) -> bool {
     if !t[i].is_number() || is_not_an_amount(t, i) || !is_followed_like_an_amount(t, i) {
         return false;
     }
@@ -512,8 +519,7 @@ fn is_bare_price(t: &[Token], i: usize) -> bool {
     {
         return true;
     }
-    let limited = t[..i].iter().any(|x| x.is_word_in(LIMIT_WORDS));
-    if limited {
+    if first_limit.is_some_and(|l| l < i) {
         return false;
     }
     if t[window].iter().any(|x| x.is_word_in(WEAK_PRICE_CUES)) {
@@ -536,7 +542,8 @@ fn is_predicate_free(t: &[Token], i: usize) -> bool {
     match t.get(i + 1) {
         None => true,
         Some(n) => match &n.kind {
-            Kind::Punct(c) => matches!(c, '.' | ',' | ';' | '!' | '?' | ')' | ':'),
+            // not "Free: 50 runs", a label
+            Kind::Punct(c) => matches!(c, '.' | ',' | ';' | '!' | '?' | ')'),
             Kind::Word => {
                 if n.is_word("to") {
                     // "free to use", not "free to reach out"
@@ -574,7 +581,7 @@ fn is_zero_price(t: &[Token], i: usize) -> bool {
     let qualifiers = ["extra", "additional", "hidden", "added", "further", "any"];
     if tok.is_word("no") || tok.is_word("without") {
         let mut j = i + 1;
-        while word_at(t, j).is_some_and(|x| x.is_word_in(&qualifiers)) {
+        while j < i + 4 && word_at(t, j).is_some_and(|x| x.is_word_in(&qualifiers)) {
             j += 1;
         }
         return word_at(t, j).is_some_and(|x| x.is_word_in(&charge_nouns));
@@ -668,10 +675,12 @@ fn is_discount(t: &[Token], i: usize) -> bool {
 
 /// Whether the tokens of one sentence state a price.
 pub(crate) fn states_price(t: &[Token]) -> bool {
+    // Computed once, so that a long sentence costs linear time.
+    let first_limit = t.iter().position(|x| x.is_word_in(LIMIT_WORDS));
     (0..t.len()).any(|i| {
         (t[i].is_number() || t[i].kind == Kind::Word)
             && (is_currency_amount(t, i)
-                || is_bare_price(t, i)
+                || is_bare_price(t, i, first_limit)
                 || is_zero_price(t, i)
                 || is_discount(t, i))
     })
@@ -881,7 +890,39 @@ fn is_money_noun(t: &[Token], i: usize) -> bool {
         && !prev(t, i, 1).is_some_and(|p| p.is_word("in"))
 }
 
-fn refund_term_is_mention(t: &[Token], i: usize) -> bool {
+/// What a sentence says as a whole about refunds, computed once.
+struct RefundContext {
+    /// A refund is granted: "approved", "eligible", … (not negated).
+    granted: bool,
+    /// Says where refunds are described: "covered in our terms".
+    documented: bool,
+    /// Leaves refunds to people ("our billing team") with no modal promise.
+    deferred: bool,
+}
+
+impl RefundContext {
+    fn of(t: &[Token]) -> Self {
+        let granted = t
+            .iter()
+            .enumerate()
+            .any(|(j, x)| x.is_word_in(GRANT_WORDS) && !negated_before(t, j, 3));
+        let documented = t.iter().any(|x| x.is_word_in(DOCUMENT_VERBS));
+        let to_people = t.iter().any(|x| x.is_word_in(DEFER_PEOPLE));
+        let modal = t.iter().any(|x| {
+            x.is_word_in(&[
+                "will", "would", "can", "could", "shall", "going", "may", "might",
+            ]) || x.lower.ends_with("'ll")
+                || x.lower.ends_with("'d")
+        });
+        RefundContext {
+            granted,
+            documented,
+            deferred: to_people && !modal,
+        }
+    }
+}
+
+fn refund_term_is_mention(t: &[Token], i: usize, cx: &RefundContext) -> bool {
     if !t[i].is_word_in(&[
         "refund",
         "refunds",
@@ -891,11 +932,7 @@ fn refund_term_is_mention(t: &[Token], i: usize) -> bool {
     ]) {
         return false;
     }
-    let granted = t
-        .iter()
-        .enumerate()
-        .any(|(j, x)| x.is_word_in(GRANT_WORDS) && !negated_before(t, j, 3));
-    if granted {
+    if cx.granted {
         return false;
     }
     if word_at(t, i + 1).is_some_and(|n| n.is_word_in(MENTION_NOUNS)) {
@@ -905,25 +942,15 @@ fn refund_term_is_mention(t: &[Token], i: usize) -> bool {
     if before.iter().any(|x| x.is_word_in(REQUEST_WORDS)) {
         return true;
     }
-    if t.iter().any(|x| x.is_word_in(DOCUMENT_VERBS)) {
-        return true;
-    }
-    // "any refund is up to our billing team": people decide, nobody
-    // promises (no "will", "can", "'ll")
-    let to_people = t.iter().any(|x| x.is_word_in(DEFER_PEOPLE));
-    let modal = t.iter().any(|x| {
-        x.is_word_in(&[
-            "will", "would", "can", "could", "shall", "going", "may", "might",
-        ]) || x.lower.ends_with("'ll")
-            || x.lower.ends_with("'d")
-    });
-    if to_people && !modal {
+    // "refunds are covered in our terms"; "any refund is up to our billing
+    // team": people decide, nobody promises (no "will", "can", "'ll")
+    if cx.documented || cx.deferred {
         return true;
     }
     (i.saturating_sub(4)..i).any(|j| t[j].is_word_in(DEFER_VERBS) && negated_before(t, j, 3))
 }
 
-fn is_refund_at(t: &[Token], i: usize) -> bool {
+fn is_refund_at(t: &[Token], i: usize, cx: &RefundContext) -> bool {
     let tok = &t[i];
     if tok.kind != Kind::Word {
         return false;
@@ -939,7 +966,7 @@ fn is_refund_at(t: &[Token], i: usize) -> bool {
         "waive",
     ];
     if core.iter().any(|c| w.starts_with(c)) {
-        return !refund_term_is_mention(t, i);
+        return !refund_term_is_mention(t, i, cx);
     }
     if w.starts_with("credit") {
         // not "credit card", "the credits page", "500 AI credits left"
@@ -1010,7 +1037,8 @@ fn is_refund_at(t: &[Token], i: usize) -> bool {
 
 /// Whether the tokens of one sentence promise, grant or refuse a refund.
 pub(crate) fn promises_refund(t: &[Token]) -> bool {
-    (0..t.len()).any(|i| is_refund_at(t, i))
+    let cx = RefundContext::of(t);
+    (0..t.len()).any(|i| is_refund_at(t, i, &cx))
 }
 
 #[cfg(test)]
