@@ -323,7 +323,7 @@ const QUANTIFIERS: &[&str] = &[
     "some",
 ];
 
-fn word_at<'a>(t: &'a [Token], i: usize) -> Option<&'a Token> {
+fn word_at(t: &[Token], i: usize) -> Option<&Token> {
     t.get(i).filter(|x| x.kind == Kind::Word)
 }
 
