@@ -67,6 +67,13 @@ const PRICE_CUES: &[&str] = &[
     "reimbursed",
     "credit",
     "credited",
+    "quote",
+    "quoted",
+    "owe",
+    "owes",
+    "owed",
+    "owing",
+    "charging",
 ];
 /// Words that make a nearby bare amount a price unless a limit word says it
 /// is a quota ("the plan allows 20 per day").
@@ -86,10 +93,6 @@ const WEAK_PRICE_CUES: &[&str] = &[
     "amounts",
     "rate",
     "rates",
-    "seat",
-    "seats",
-    "license",
-    "licence",
     "upgrade",
     "upgrading",
     "difference",
@@ -387,7 +390,8 @@ fn is_currency_amount(t: &[Token], i: usize) -> bool {
                 };
                 return is_money_word(t, j);
             }
-            false
+            // "£12.50p": a unit after the digits, a currency before them
+            tok.shape() == Some(Shape::Unit) && is_currency_marker_before(t, i)
         }
         Some(_) => is_currency_marker_before(t, i) || is_currency_marker_after(t, i),
     }
@@ -492,12 +496,27 @@ fn has_billing_period_after(t: &[Token], i: usize) -> bool {
         && word_at(t, i + 2).is_some_and(|u| u.is_word_in(BILLING_UNITS))
 }
 
+/// Nouns after a price word that make it a name: "the price field".
+const FIELD_NOUNS: &[&str] = &[
+    "field", "fields", "column", "columns", "page", "pages", "list", "label", "labels", "sheet",
+    "table", "filter", "property", "estimate", "centre", "center",
+];
+
+fn is_price_cue(t: &[Token], j: usize) -> bool {
+    let x = &t[j];
+    if x.is_word_in(&["add", "adds", "added", "adding"]) {
+        // "it adds up to 480"
+        return word_at(t, j + 1).is_some_and(|n| n.is_word("up"));
+    }
+    x.is_word_in(PRICE_CUES) && !word_at(t, j + 1).is_some_and(|n| n.is_word_in(FIELD_NOUNS))
+}
+
 fn is_bare_price(t: &[Token], i: usize, first_limit: Option<usize>) -> bool {
     if !t[i].is_number() || is_not_an_amount(t, i) || !is_followed_like_an_amount(t, i) {
         return false;
     }
     let window = i.saturating_sub(6)..i;
-    let strong = t[window.clone()].iter().any(|x| x.is_word_in(PRICE_CUES));
+    let strong = window.clone().any(|j| is_price_cue(t, j));
     if strong {
         return true;
     }
@@ -522,7 +541,12 @@ fn is_bare_price(t: &[Token], i: usize, first_limit: Option<usize>) -> bool {
     if first_limit.is_some_and(|l| l < i) {
         return false;
     }
-    if t[window].iter().any(|x| x.is_word_in(WEAK_PRICE_CUES)) {
+    // a weak cue, or a rate before the amount: "per seat it's 9"
+    let weak = window.clone().any(|j| {
+        t[j].is_word_in(WEAK_PRICE_CUES)
+            || t[j].is_word("per") && word_at(t, j + 1).is_some_and(|u| u.is_word_in(BILLING_UNITS))
+    });
+    if weak {
         return true;
     }
     has_billing_period_after(t, i)
@@ -793,6 +817,10 @@ const DOCUMENT_VERBS: &[&str] = &[
     "describes",
     "covers",
 ];
+/// What the agent itself cannot do: "I can't issue refunds".
+const SELF_DEFER_VERBS: &[&str] = &[
+    "issue", "process", "give", "offer", "grant", "make", "handle", "do", "arrange",
+];
 /// Words that turn a mention back into a promise: "your refund request has
 /// been approved".
 const GRANT_WORDS: &[&str] = &[
@@ -806,6 +834,7 @@ const GRANT_WORDS: &[&str] = &[
     "guaranteed",
 ];
 const MONEY_NOUNS: &[&str] = &[
+    "paid",
     "charge",
     "charges",
     "payment",
@@ -947,7 +976,16 @@ fn refund_term_is_mention(t: &[Token], i: usize, cx: &RefundContext) -> bool {
     if cx.documented || cx.deferred {
         return true;
     }
-    (i.saturating_sub(4)..i).any(|j| t[j].is_word_in(DEFER_VERBS) && negated_before(t, j, 3))
+    // "I can't promise a refund"; "I can't issue refunds" (the agent's
+    // power, not the company's policy: "we can't issue refunds" is a
+    // refusal)
+    (i.saturating_sub(4)..i).any(|j| {
+        let myself = t[j.saturating_sub(4)..j]
+            .iter()
+            .any(|x| x.is_word_in(&["i", "i'm", "i've", "i'd"]));
+        negated_before(t, j, 3)
+            && (t[j].is_word_in(DEFER_VERBS) || myself && t[j].is_word_in(SELF_DEFER_VERBS))
+    })
 }
 
 fn is_refund_at(t: &[Token], i: usize, cx: &RefundContext) -> bool {
@@ -962,6 +1000,7 @@ fn is_refund_at(t: &[Token], i: usize, cx: &RefundContext) -> bool {
         "repay",
         "repaid",
         "chargeback",
+        "reversal",
         "compensat",
         "waive",
     ];
@@ -1017,6 +1056,10 @@ fn is_refund_at(t: &[Token], i: usize, cx: &RefundContext) -> bool {
     }
     if tok.is_word("back") {
         // "your money back", "€120 back", "pay you back"
+        // "get back what you paid", "send back the payment"
+        if (i + 1..(i + 4).min(t.len())).any(|j| is_money_noun(t, j)) {
+            return true;
+        }
         return (i.saturating_sub(5)..i).any(|j| {
             is_money_noun(t, j)
                 || t[j].is_word_in(&["pay", "paid", "paying", "pays"])
