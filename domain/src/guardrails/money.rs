@@ -26,9 +26,11 @@
 //!
 //! **A refund promise** commits to money going back to the customer, or to
 //! a charge being reversed, cancelled, waived or credited — and refusals of
-//! refunds, which are as much a decision for a human. Mentions are not
-//! promises: "our refund policy", "your refund request" (unless approved),
-//! "you asked about a refund", "I can't promise a refund".
+//! refunds ("we can't refund annual plans"), which are as much a decision
+//! for a human. Mentions are not promises: "our refund policy", "your refund
+//! request" (unless approved), "you asked about a refund", "refunds are
+//! covered in our terms", "any refund is up to our billing team", "I can't
+//! promise a refund", "I can't issue refunds".
 
 use super::tokens::{is_currency_code, Kind, Shape, Token, CURRENCY_SINGULAR, CURRENCY_WORDS};
 
