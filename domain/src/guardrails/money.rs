@@ -75,6 +75,9 @@ const PRICE_CUES: &[&str] = &[
     "owes",
     "owed",
     "owing",
+    "deposit",
+    "surcharge",
+    "downpayment",
     "charging",
 ];
 /// Words that make a nearby bare amount a price unless a limit word says it
@@ -232,6 +235,11 @@ const BILLING_UNITS: &[&str] = &[
     "head", "editor", "editors", "login",
 ];
 const BILLING_ADVERBS: &[&str] = &["monthly", "annually", "yearly", "quarterly"];
+/// Verbs whose object is a count: "use 8", "invite 3".
+const COUNT_VERBS: &[&str] = &[
+    "use", "uses", "using", "used", "invite", "invited", "inviting", "remove", "removed", "delete",
+    "deleted", "keep", "kept", "create", "created", "select", "selected", "pick",
+];
 /// Words before a number that make it an identifier.
 const ID_WORDS: &[&str] = &[
     "version",
@@ -371,8 +379,8 @@ fn is_currency_marker_after(t: &[Token], i: usize) -> bool {
     if next.kind == Kind::Currency || is_currency_code(next) || is_money_word(t, j) {
         return true;
     }
-    // "49 US dollars", "45 Swiss francs"
-    next.kind == Kind::Word && is_money_word(t, j + 1)
+    // "a 20-dollar fee", "49 US dollars", "45 Swiss francs"
+    (next.kind == Kind::Word || next.is_punct('-') && !next.spaced) && is_money_word(t, j + 1)
 }
 
 fn is_currency_amount(t: &[Token], i: usize) -> bool {
@@ -410,10 +418,18 @@ fn is_not_an_amount(t: &[Token], i: usize) -> bool {
         return true;
     }
     if let Some(p) = prev(t, i, 1) {
-        if ['#', '+', '/', '-', '(', '@', '_', '=']
+        if ['#', '+', '(', '@', '_', '=']
             .iter()
             .any(|c| p.is_punct(*c))
         {
+            return true;
+        }
+        // "555-0100", "2025-04-30", "12/03": glued; "Team – 8" is a dash
+        if (p.is_punct('-') || p.is_punct('/')) && !tok.spaced {
+            return true;
+        }
+        // "use 8", "invite 3": a count
+        if p.is_word_in(COUNT_VERBS) {
             return true;
         }
         // "14:30", but not "Total due: 49"
@@ -517,7 +533,7 @@ fn is_bare_price(t: &[Token], i: usize, first_limit: Option<usize>) -> bool {
     if !t[i].is_number() || is_not_an_amount(t, i) || !is_followed_like_an_amount(t, i) {
         return false;
     }
-    let window = i.saturating_sub(6)..i;
+    let window = i.saturating_sub(8)..i;
     let strong = window.clone().any(|j| is_price_cue(t, j));
     if strong {
         return true;
@@ -662,6 +678,7 @@ const PERCENT_PRICE_WORDS: &[&str] = &[
     "pricier",
     "charge",
     "rebate",
+    "expensive",
 ];
 
 fn is_discount(t: &[Token], i: usize) -> bool {
@@ -874,6 +891,9 @@ const NOT_MONEY_AFTER: &[&str] = &[
     "card",
 ];
 const RETURN_VERBS: &[&str] = &[
+    "settle",
+    "settled",
+    "settling",
     "reverse",
     "reversed",
     "reverses",
@@ -1056,7 +1076,19 @@ fn is_refund_at(t: &[Token], i: usize, cx: &RefundContext) -> bool {
             || word_at(t, i + 1).is_some_and(|n| n.is_word("it"))
                 && word_at(t, i + 2).is_some_and(|n| n.is_word("up"));
     }
+    if tok.is_word("whole") {
+        // "you'll be made whole"
+        return prev(t, i, 1).is_some_and(|p| p.is_word_in(&["made", "make", "making"]));
+    }
     if tok.is_word("back") {
+        // not "invoices go back 24 months"
+        if prev(t, i, 1).is_some_and(|p| {
+            p.is_word_in(&[
+                "go", "goes", "went", "going", "date", "dates", "dating", "look", "looking",
+            ])
+        }) {
+            return false;
+        }
         // "your money back", "€120 back", "pay you back"
         // "get back what you paid", "send back the payment"
         if (i + 1..(i + 4).min(t.len())).any(|j| is_money_noun(t, j)) {
