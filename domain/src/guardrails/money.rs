@@ -517,7 +517,8 @@ fn has_billing_period_after(t: &[Token], i: usize) -> bool {
 /// Nouns after a price word that make it a name: "the price field".
 const FIELD_NOUNS: &[&str] = &[
     "field", "fields", "column", "columns", "page", "pages", "list", "label", "labels", "sheet",
-    "table", "filter", "property", "estimate", "centre", "center",
+    "table", "filter", "property", "estimate", "centre", "center", "date", "dates", "day", "cycle",
+    "period",
 ];
 
 fn is_price_cue(t: &[Token], j: usize) -> bool {
@@ -561,7 +562,8 @@ fn is_bare_price(t: &[Token], i: usize, first_limit: Option<usize>) -> bool {
     }
     // a weak cue, or a rate before the amount: "per seat it's 9"
     let weak = window.clone().any(|j| {
-        t[j].is_word_in(WEAK_PRICE_CUES)
+        (t[j].is_word_in(WEAK_PRICE_CUES)
+            && !word_at(t, j + 1).is_some_and(|n| n.is_word_in(FIELD_NOUNS)))
             || t[j].is_word("per") && word_at(t, j + 1).is_some_and(|u| u.is_word_in(BILLING_UNITS))
     });
     if weak {
