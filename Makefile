@@ -1,6 +1,6 @@
 # Casebook: the two commands that do everything on a fresh machine.
 #   make run   local stack up, migrations, demo data, server in the foreground
-#   make test  set-up, then every test
+#   make test  set-up, then every test (Rust, then the deployment checks in deploy/tests)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := eval "$$(deploy/local/env.sh)"
@@ -25,7 +25,12 @@ run: build
 
 test: stack-up
 	@$(ENV); $(CARGO) build --workspace --all-targets --quiet
-	@$(ENV); $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)
+	@rm -rf target/test-logs
+	@$(ENV); CASEBOOK_TEST_LOG_DIR=$$PWD/target/test-logs $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)
+	@# Everything the suite logged, searched for unmasked emails and phone numbers.
+	@$(ENV); CASEBOOK_TEST_LOG_DIR=$$PWD/target/test-logs $(CARGO) test --quiet --test pii_scan -- --ignored
+	@# The deployment: chart rendered, validated and scanned offline.
+	@python="$$(deploy/local/python-tools.sh)"; PYTHONDONTWRITEBYTECODE=1 "$$python" -m pytest -q -p no:cacheprovider deploy/tests
 
 lint:
 	@$(CARGO) fmt --all -- --check

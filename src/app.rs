@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casebook_api::{ApiSettings, AppState, Inner, Readiness, TokenKeys};
+use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::delivery::{Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings};
 use casebook_commands::embeddings::{Embedder, EmbeddingSource};
@@ -157,6 +157,8 @@ fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Re
 /// A started service: its tasks and, with the API role, its address.
 pub struct Running {
     pub addr: Option<SocketAddr>,
+    /// The operations listener (`/health`, `/ready`, `/metrics`).
+    pub ops_addr: SocketAddr,
     pub pool: PgPool,
     shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
@@ -229,6 +231,34 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
     let mut addr = None;
+    let readiness = Arc::new(Readiness::new(
+        &config.kafka_brokers,
+        kafka.topics.events(),
+        db::migration_versions(),
+    ));
+
+    // Every role can be probed and scraped, on a listener of its own.
+    let ops_listener = TcpListener::bind(config.ops_addr)
+        .await
+        .with_context(|| format!("CASEBOOK_OPS_ADDR: cannot listen on {}", config.ops_addr))?;
+    let ops_addr = ops_listener.local_addr()?;
+    let ops_state = OpsState {
+        pool: pool.clone(),
+        readiness: readiness.clone(),
+        roles: roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect(),
+    };
+    let token = shutdown.clone();
+    tasks.push((
+        "ops",
+        tokio::spawn(async move {
+            if let Err(e) =
+                casebook_api::serve_ops(ops_listener, ops_state, token.cancelled_owned()).await
+            {
+                tracing::error!(error = %e, "operations listener failed");
+            }
+        }),
+    ));
+    tracing::info!(addr = %ops_addr, "operations listener up");
 
     if roles.contains(&Role::Api) {
         let secret = config.jwt_secret()?;
@@ -242,6 +272,7 @@ pub async fn start(
             pool.clone(),
             config.gmail_support_address.clone(),
         );
+        tasks.push(("mail-sync", tokio::spawn(gmail.clone().run(shutdown.clone()))));
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
             store,
@@ -253,11 +284,7 @@ pub async fn start(
                 twilio_auth_token: config.twilio_auth_token.clone(),
                 gmail_push_token: config.gmail_push_token.clone(),
             },
-            readiness: Readiness::new(
-                &config.kafka_brokers,
-                kafka.topics.events(),
-                db::migration_versions(),
-            ),
+            readiness: readiness.clone(),
         }));
         let listener = match listener {
             Some(l) => l,
@@ -378,34 +405,44 @@ pub async fn start(
 
     Ok(Running {
         addr,
+        ops_addr,
         pool,
         shutdown,
         tasks,
     })
 }
 
-/// Runs until SIGINT or SIGTERM, then stops gracefully.
+/// Runs until SIGINT or SIGTERM, then stops gracefully. The signal handlers
+/// are installed before anything starts: a pod stopped the moment it turns
+/// ready still shuts down cleanly.
 pub async fn serve(config: &Config, roles: &[Role]) -> anyhow::Result<()> {
+    let stop = stop_signal()?;
     let running = start(config, roles, None).await?;
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down: finishing work in flight");
     running.stop(Duration::from_secs(30)).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on the first SIGINT or SIGTERM received after this call.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    })
 }

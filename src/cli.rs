@@ -55,8 +55,24 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Mail intake.
+    Mail {
+        #[command(subcommand)]
+        command: MailCommand,
+    },
     /// Benchmarks: intake, pipeline, append.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum MailCommand {
+    /// Mail that could not become a ticket message, newest first, with why.
+    Refused {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +265,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         report.streams - 1
                     );
                     return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Command::Mail {
+            command: MailCommand::Refused { limit, json },
+        } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let refused = casebook_commands::gmail::refused_mail(&pool, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&refused)?);
+            } else if refused.is_empty() {
+                println!("no refused mail");
+            } else {
+                for r in &refused {
+                    println!(
+                        "{}  {}  message {}  ({} attempts): {}",
+                        r.discovered_at.to_rfc3339(),
+                        r.mailbox,
+                        r.gmail_message_id,
+                        r.attempts,
+                        r.reason
+                    );
                 }
             }
         }

@@ -9,6 +9,7 @@ use url::Url;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://casebook@127.0.0.1:54329/casebook";
 pub const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:19092";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_OPS_ADDR: &str = "127.0.0.1:9090";
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 /// Where `make run` keeps the local stack's generated secret.
 pub const LOCAL_JWT_SECRET_FILE: &str = ".casebook/jwt_secret";
@@ -36,6 +37,8 @@ pub struct Config {
     pub topic_prefix: String,
     pub kafka_partitions: i32,
     pub http_addr: SocketAddr,
+    /// `CASEBOOK_OPS_ADDR`: every role's `/health`, `/ready`, `/metrics`.
+    pub ops_addr: SocketAddr,
     pub public_url: String,
     jwt_secret: Option<String>,
     pub twilio_auth_token: Option<String>,
@@ -82,6 +85,7 @@ impl std::fmt::Debug for Config {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("topic_prefix", &self.topic_prefix)
             .field("http_addr", &self.http_addr)
+            .field("ops_addr", &self.ops_addr)
             .field("public_url", &self.public_url)
             .finish_non_exhaustive()
     }
@@ -192,6 +196,11 @@ impl Config {
                     "must be an address like 127.0.0.1:8080",
                 )
             })?;
+        let ops_addr = src
+            .var("CASEBOOK_OPS_ADDR")
+            .unwrap_or_else(|| DEFAULT_OPS_ADDR.into())
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("CASEBOOK_OPS_ADDR", "must be an address like 127.0.0.1:9090"))?;
         let public_url = http_url(
             "CASEBOOK_PUBLIC_URL",
             &src.var("CASEBOOK_PUBLIC_URL")
@@ -338,6 +347,7 @@ impl Config {
             topic_prefix,
             kafka_partitions,
             http_addr,
+            ops_addr,
             public_url,
             jwt_secret,
             twilio_auth_token: src.var("TWILIO_AUTH_TOKEN"),

@@ -1,5 +1,6 @@
 //! `POST /webhooks/gmail`: Gmail's change notifications through a Pub/Sub
-//! push subscription.
+//! push subscription. The push is recorded and answered at once; the mail
+//! sync worker (`casebook_commands::gmail::GmailSync::run`) reads the mail.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -86,25 +87,20 @@ pub async fn push(
             "Gmail API is not configured (GMAIL_API_BASE)".into(),
         ));
     };
-    let report = gmail
-        .on_push(&notification.email_address, history_id, &correlation.0)
+    gmail
+        .notify(&notification.email_address, history_id, &correlation.0)
         .await
         .map_err(|e| match e {
-            GmailError::Intake(e) => ApiError::from(e),
             GmailError::BadMailbox => ApiError::BadRequest(GmailError::BadMailbox.to_string()),
-            GmailError::Unauthorized(status) => {
-                ApiError::Upstream(format!("Gmail API refused access ({status})"))
-            }
             other => ApiError::Unavailable(other.to_string()),
         })?;
+    // Recorded: the mail sync worker reads the mailbox from here on, so the
+    // push is answered at once however large the backlog.
     tracing::info!(
         mailbox = %mask_email(&notification.email_address),
         pubsub_message_id = push.message.message_id.as_deref().unwrap_or(""),
-        fetched = report.fetched,
-        accepted = report.accepted,
-        duplicates = report.duplicates,
-        skipped = report.skipped,
-        "Gmail push handled"
+        history_id,
+        "Gmail push recorded"
     );
     Ok(StatusCode::NO_CONTENT)
 }

@@ -26,7 +26,7 @@ use tower_http::timeout::TimeoutLayer;
 
 pub use auth::{Claims, Role, TokenKeys};
 pub use error::ApiError;
-pub use ops::Readiness;
+pub use ops::{serve_ops, OpsState, Readiness};
 pub use state::{ApiSettings, AppState, Inner};
 
 /// How long any request may take before it is answered with 408.

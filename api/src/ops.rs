@@ -1,13 +1,19 @@
 //! Probes and metrics for operators: `/health`, `/ready`, `/metrics`.
+//!
+//! Every role serves them on its own operations listener
+//! (`CASEBOOK_OPS_ADDR`, [`ops_router`]), apart from the public one; the
+//! public listener's `/ready` says only "ready" or "not ready".
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::get;
+use axum::{Json, Router};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde::Serialize;
@@ -145,12 +151,42 @@ impl Readiness {
     }
 }
 
-pub async fn ready(State(state): State<AppState>) -> Response {
+/// What the operations listener needs: the database and the checks.
+#[derive(Clone)]
+pub struct OpsState {
+    pub pool: PgPool,
+    pub readiness: Arc<Readiness>,
+    /// The roles this process runs, reported by `/ready`.
+    pub roles: Vec<String>,
+}
+
+/// The operations listener's routes.
+pub fn ops_router(state: OpsState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ops_ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Serves the operations listener until `shutdown` resolves.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    state: OpsState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, ops_router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `/ready` on the ops listener: every check by name, and the roles.
+async fn ops_ready(State(state): State<OpsState>) -> Response {
     let report = state.readiness.check(&state.pool).await;
     if report.ok() {
         return (
             StatusCode::OK,
-            Json(serde_json::json!({"status": "ready", "checks": report})),
+            Json(serde_json::json!({"status": "ready", "checks": report, "roles": state.roles})),
         )
             .into_response();
     }
@@ -169,12 +205,27 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         "error": "not_ready",
         "message": format!("not ready: {}", down.join(", ")),
         "fields": fields,
+        "roles": state.roles,
     });
     tracing::warn!(checks = ?report, "not ready");
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::RETRY_AFTER, "5")],
         Json(body),
+    )
+        .into_response()
+}
+
+/// `/ready` on the public listener: only whether the service is ready; what
+/// is down (and why) is for operators, on the ops listener.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.readiness.check(&state.pool).await.ok() {
+        return (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        Json(serde_json::json!({"error": "not_ready", "message": "not ready"})),
     )
         .into_response()
 }

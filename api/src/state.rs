@@ -25,7 +25,7 @@ pub struct Inner {
     pub gmail: Option<GmailSync>,
     pub tokens: TokenKeys,
     pub settings: ApiSettings,
-    pub readiness: Readiness,
+    pub readiness: Arc<Readiness>,
 }
 
 #[derive(Clone)]

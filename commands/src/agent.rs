@@ -688,15 +688,11 @@ impl Agent {
                 model_confidence,
                 ..
             } => {
-                let (supported, _) = support(body, &passages);
-                let judged = sentences(body)
-                    .iter()
-                    .filter(|s| content_words(s).len() >= 4)
-                    .count();
+                let support = support(body, &passages);
                 let confidence = draft_confidence(&ConfidenceInputs {
                     top_similarity: run.top_score(),
-                    supported_sentences: supported,
-                    judged_sentences: judged,
+                    supported_sentences: support.supported,
+                    judged_sentences: support.judged,
                     model_confidence: *model_confidence,
                 });
                 let mut reasons: Vec<String> = review_draft(body, &passages)

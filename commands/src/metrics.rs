@@ -96,3 +96,28 @@ pub static LLM_CALLS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+pub static GMAIL_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_gmail_messages_total",
+        "Gmail messages the mail sync settled, by outcome (accepted, duplicate, skipped, refused, gone)",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static GMAIL_SYNC_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "casebook_gmail_sync_errors_total",
+        "Mail sync passes that failed (Gmail or the event store unavailable); retried with backoff"
+    )
+    .expect("metric registers once")
+});
+
+pub static RELAY_SET_ASIDE: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "casebook_relay_set_aside_total",
+        "Stored events the relay could never publish (recorded in relay_set_aside); alert on any"
+    )
+    .expect("metric registers once")
+});

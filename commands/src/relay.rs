@@ -10,6 +10,12 @@
 //! crash or a broker outage the batch is published again, and consumers
 //! recognise the copies by `event_id` (and per-stream sequence).
 //!
+//! An event the broker can never take (larger than a message may be, or
+//! refused as invalid) is set aside instead of stalling everything behind
+//! it: recorded in `relay_set_aside` with the error, counted in
+//! `casebook_relay_set_aside_total` (an alert), and skipped. Projectors
+//! read a missing stream event from the store, so read models stay whole.
+//!
 //! One relay per topic prefix is active at a time (a Postgres advisory
 //! lock); others wait on standby.
 
@@ -29,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kafka::KafkaSettings;
-use crate::metrics::{RELAY_ERRORS, RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, RELAY_PUBLISHED};
+use crate::metrics::{
+    RELAY_ERRORS, RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, RELAY_PUBLISHED, RELAY_SET_ASIDE,
+};
 use crate::retry::sleep_backoff;
 use crate::store::StoreError;
 
@@ -49,6 +57,9 @@ pub struct RelaySettings {
     /// How soon to look again when committed events are not yet visible
     /// behind an older running transaction.
     pub pending_poll: Duration,
+    /// Largest message the relay sends; a bigger event is set aside without
+    /// being tried (librdkafka's and the broker's default limit is 1 MB).
+    pub max_message_bytes: usize,
 }
 
 impl Default for RelaySettings {
@@ -58,8 +69,37 @@ impl Default for RelaySettings {
             idle_poll: Duration::from_millis(20),
             idle_poll_max: Duration::from_millis(200),
             pending_poll: Duration::from_millis(3),
+            max_message_bytes: 1_000_000,
         }
     }
+}
+
+/// One event the relay could not publish to one topic, ever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub correlation_id: String,
+    pub topic: String,
+    pub error: String,
+    pub size_bytes: usize,
+}
+
+/// Produce errors that no retry can fix: the message itself is refused.
+fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | InvalidRecord
+                | MessageBatchTooLarge
+                | PolicyViolation
+                | InvalidArgument
+        )
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +262,7 @@ impl Relay {
             }
             idle_wait = self.settings.idle_poll;
             match self.publish(&producer, &batch).await {
-                Ok(()) => {
+                Ok(set_aside) => {
                     let (tx, last) = batch
                         .last()
                         .map(|(tx, e)| (*tx, e.position))
@@ -231,7 +271,8 @@ impl Relay {
                         transaction_id: tx,
                         position: last,
                     };
-                    self.save_checkpoint(checkpoint, batch.len() as i64).await?;
+                    self.save_checkpoint(checkpoint, batch.len() as i64, &set_aside)
+                        .await?;
                     tracing::debug!(events = batch.len(), position = last, "batch published");
                     RELAY_PUBLISHED.inc_by(batch.len() as u64);
                     failures = 0;
@@ -282,7 +323,38 @@ impl Relay {
         })
     }
 
-    async fn save_checkpoint(&self, c: Checkpoint, published: i64) -> Result<(), RelayError> {
+    /// Moves the checkpoint and records what was set aside, in one
+    /// transaction: an event is either published, set aside, or ahead.
+    async fn save_checkpoint(
+        &self,
+        c: Checkpoint,
+        published: i64,
+        set_aside: &[SetAside],
+    ) -> Result<(), RelayError> {
+        let mut tx = self.pool.begin().await?;
+        for s in set_aside {
+            tracing::error!(
+                position = s.position,
+                event_id = %s.event_id,
+                correlation_id = %s.correlation_id,
+                topic = %s.topic,
+                size_bytes = s.size_bytes,
+                error = %s.error,
+                "event can never be published; set aside (relay_set_aside)"
+            );
+            sqlx::query(
+                "INSERT INTO relay_set_aside (relay, position, event_id, topic, error, size_bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(self.name())
+            .bind(s.position)
+            .bind(s.event_id)
+            .bind(&s.topic)
+            .bind(&s.error)
+            .bind(s.size_bytes as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE relay_checkpoints
                 SET last_transaction_id = $2::text::xid8, last_position = $3,
@@ -293,8 +365,10 @@ impl Relay {
         .bind(c.transaction_id.to_string())
         .bind(c.position)
         .bind(published)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
+        RELAY_SET_ASIDE.inc_by(set_aside.len() as u64);
         Ok(())
     }
 
@@ -353,16 +427,35 @@ impl Relay {
     }
 
     /// Publishes every route of every event, in order, and waits until all
-    /// of them are acknowledged by the broker.
+    /// of them are acknowledged by the broker. Returns what could never be
+    /// published (too large, or refused as invalid): the caller records it
+    /// and moves on. Any other error fails the batch, which is tried again.
     async fn publish(
         &self,
         producer: &FutureProducer,
         batch: &[(u64, EventEnvelope)],
-    ) -> Result<(), KafkaError> {
+    ) -> Result<Vec<SetAside>, KafkaError> {
+        let mut set_aside = Vec::new();
         let mut deliveries = Vec::with_capacity(batch.len() * 2);
         for (_, envelope) in batch {
             let body = serde_json::to_vec(envelope).expect("an envelope serialises");
             for (topic, key) in routes(&self.kafka.topics, envelope) {
+                let aside = |error: String| SetAside {
+                    position: envelope.position,
+                    event_id: envelope.event_id,
+                    correlation_id: envelope.correlation_id.clone(),
+                    topic: topic.clone(),
+                    error,
+                    size_bytes: body.len(),
+                };
+                if body.len() + key.len() > self.settings.max_message_bytes {
+                    set_aside.push(aside(format!(
+                        "message of {} bytes exceeds the {} byte limit",
+                        body.len() + key.len(),
+                        self.settings.max_message_bytes
+                    )));
+                    continue;
+                }
                 let headers = OwnedHeaders::new()
                     .insert(Header {
                         key: "correlation_id",
@@ -379,26 +472,38 @@ impl Relay {
                 loop {
                     match producer.send_result(record) {
                         Ok(delivery) => {
-                            deliveries.push(delivery);
+                            deliveries.push((delivery, envelope, topic.clone(), body.len()));
                             break;
                         }
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                             record = back;
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        Err((e, _)) if is_permanent(&e) => {
+                            set_aside.push(aside(e.to_string()));
+                            break;
+                        }
                         Err((e, _)) => return Err(e),
                     }
                 }
             }
         }
-        for delivery in deliveries {
+        for (delivery, envelope, topic, size_bytes) in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {}
+                Ok(Err((e, _))) if is_permanent(&e) => set_aside.push(SetAside {
+                    position: envelope.position,
+                    event_id: envelope.event_id,
+                    correlation_id: envelope.correlation_id.clone(),
+                    topic,
+                    error: e.to_string(),
+                    size_bytes,
+                }),
                 Ok(Err((e, _))) => return Err(e),
                 Err(_) => return Err(KafkaError::Canceled),
             }
         }
-        Ok(())
+        Ok(set_aside)
     }
 }
 

@@ -52,3 +52,12 @@ pub static ESCALATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+pub static GAP_FILLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_projector_gap_events_total",
+        "Events a projector read from the event store because they had not arrived on Kafka before a later event of their stream",
+        &["projector"]
+    )
+    .expect("metric registers once")
+});

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use casebook_domain::EventEnvelope;
 use sqlx::{PgConnection, PgPool};
 
-use crate::metrics::{APPLIED, SKIPPED};
+use crate::metrics::{APPLIED, GAP_FILLED, SKIPPED};
+use crate::store::{stored_event, EVENT_COLUMNS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -114,17 +115,25 @@ pub async fn apply_batch_in(
             continue;
         }
         if e.sequence > seen + 1 {
-            // An earlier event of this stream never arrived. Apply anyway
-            // (the read model can be rebuilt from the store) but say so.
-            SKIPPED.with_label_values(&[name, "gap"]).inc();
-            tracing::error!(
+            // Earlier events of this stream have not arrived (yet, or ever:
+            // one the relay set aside). The store is the source of truth:
+            // apply them from there first, so the stream stays whole and
+            // their copies, if they come later, are recognised as applied.
+            let missing = missing_events(&mut *tx, e, seen).await?;
+            GAP_FILLED
+                .with_label_values(&[name])
+                .inc_by(missing.len() as u64);
+            tracing::warn!(
                 projector = name,
                 aggregate_type = %e.aggregate_type,
                 aggregate_id = %e.aggregate_id,
+                correlation_id = %e.correlation_id,
                 expected = seen + 1,
                 got = e.sequence,
-                "gap in stream; read model may miss events until rebuilt"
+                read_from_store = missing.len(),
+                "gap in stream; missing events read from the event store"
             );
+            fresh.extend(missing);
         }
         touched.insert(key, e.sequence);
         fresh.push(e.clone());
@@ -186,6 +195,29 @@ pub async fn apply_batch_in(
     Ok(fresh)
 }
 
+/// The events of `e`'s stream after sequence `seen` and before `e`, from the
+/// event store.
+async fn missing_events(
+    tx: &mut PgConnection,
+    e: &EventEnvelope,
+    seen: i64,
+) -> Result<Vec<EventEnvelope>, ProjectionError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+          WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 AND sequence < $4
+          ORDER BY sequence"
+    ))
+    .bind(&e.aggregate_type)
+    .bind(&e.aggregate_id)
+    .bind(seen)
+    .bind(e.sequence)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.iter()
+        .map(|row| Ok(EventEnvelope::from(stored_event(row)?)))
+        .collect()
+}
+
 /// The batch's ticket events with their ticket id, decoded; unreadable
 /// ones are skipped as [`decode_or_skip`] does.
 pub fn ticket_events<'a>(
@@ -213,6 +245,8 @@ pub fn decode_or_skip<E: serde::de::DeserializeOwned>(
                 projector,
                 event_id = %e.event_id,
                 event_type = %e.event_type,
+                correlation_id = %e.correlation_id,
+                causation_id = %e.causation_id,
                 error = %err,
                 "event could not be read; skipped"
             );

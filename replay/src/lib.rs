@@ -7,4 +7,4 @@ pub mod rebuild;
 
 pub use audit::{verify_chains, VerifyReport};
 pub use history::{ticket_as_of, TicketHistory};
-pub use rebuild::{rebuild, RebuildReport};
+pub use rebuild::{rebuild, rebuild_paged, RebuildReport};

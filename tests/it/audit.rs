@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::common::{eventually, form, TestApp};
 
-fn casebook(app: &TestApp, args: &[&str]) -> std::process::Output {
+pub fn casebook(app: &TestApp, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_casebook"))
         .args(args)
         .env("DATABASE_URL", &app.config.database_url)

@@ -98,6 +98,8 @@ impl Drop for TestDb {
 /// topic prefix.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The operations listener.
+    pub ops_addr: SocketAddr,
     pub base: String,
     pub http: reqwest::Client,
     pub config: Config,
@@ -113,6 +115,7 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
         ("CASEBOOK_JWT_SECRET".to_string(), JWT_SECRET.to_string()),
         ("CASEBOOK_PUBLIC_URL".to_string(), PUBLIC_URL.to_string()),
         ("CASEBOOK_HTTP_ADDR".to_string(), "127.0.0.1:0".to_string()),
+        ("CASEBOOK_OPS_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ("CASEBOOK_DB_MAX_CONNECTIONS".to_string(), "10".to_string()),
         ("TWILIO_AUTH_TOKEN".to_string(), TWILIO_TOKEN.to_string()),
         ("GMAIL_PUSH_TOKEN".to_string(), GMAIL_PUSH_TOKEN.to_string()),
@@ -139,13 +142,37 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
 }
 
 /// Logs of the service under test, shown for failing tests (RUST_LOG,
-/// default warn).
+/// default warn). With `CASEBOOK_TEST_LOG_DIR` set, every test's logs at
+/// info level also go, as the service writes them (JSON lines), to a file
+/// there, which `tests/pii_scan.rs` searches for unmasked personal data.
 pub fn init_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let shown = tracing_subscriber::fmt::layer()
         .with_test_writer()
+        .with_filter(filter);
+    let captured = std::env::var("CASEBOOK_TEST_LOG_DIR").ok().map(|dir| {
+        std::fs::create_dir_all(&dir).expect("CASEBOOK_TEST_LOG_DIR can be created");
+        let path = std::path::Path::new(&dir).join(format!("it-{}.jsonl", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("the test log file opens");
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(std::sync::Mutex::new(file))
+            .with_filter(tracing_subscriber::EnvFilter::new("info"))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(shown)
+        .with(captured)
         .try_init();
 }
 
@@ -178,6 +205,7 @@ impl TestApp {
         let addr = running.addr.expect("api role listens");
         Self {
             addr,
+            ops_addr: running.ops_addr,
             base: format!("http://{addr}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -205,12 +233,17 @@ impl TestApp {
             .await
             .expect("service restarts");
         self.addr = running.addr.expect("api role listens");
+        self.ops_addr = running.ops_addr;
         self.base = format!("http://{}", self.addr);
         self.running = Some(running);
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.ops_addr, path)
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -191,3 +191,73 @@ async fn a_restarted_relay_resumes_from_its_checkpoint() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_broker_can_never_take_is_set_aside_and_the_rest_flows() {
+    let app = TestApp::spawn_with(&[Role::Relay, Role::Api], &[]).await;
+    let store = EventStore::new(app.pool().clone());
+    let before: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for t in &before {
+        open_ticket(&store, *t).await;
+    }
+    // An event larger than any Kafka message may be (2 MB of payload).
+    let huge = serde_json::json!({"blob": "x".repeat(2 * 1024 * 1024)});
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('probe', 'huge', 1, 'Probe', '1', $1, '{}')",
+    )
+    .bind(&huge)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let after: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for t in &after {
+        open_ticket(&store, *t).await;
+    }
+
+    let kafka = app.kafka();
+    let received = read_topic(&kafka.brokers, &kafka.topics.events(), 6, WAIT).await;
+    let keys: std::collections::HashSet<String> = received.iter().map(|m| m.key.clone()).collect();
+    for t in before.iter().chain(after.iter()) {
+        assert!(
+            keys.contains(&t.to_string()),
+            "events behind the oversized one are published"
+        );
+    }
+    assert!(!keys.contains("huge"));
+    let (position, topic, error): (i64, String, String) = crate::common::eventually(
+        "the oversized event is recorded as set aside",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_as("SELECT position, topic, error FROM relay_set_aside")
+                .fetch_optional(app.pool())
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    let stored: i64 =
+        sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = 'huge'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(position, stored);
+    assert_eq!(topic, kafka.topics.events());
+    assert!(error.contains("byte limit"), "{error}");
+    let metrics = app
+        .http
+        .get(app.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("casebook_relay_set_aside_total") && !l.ends_with(" 0")),
+        "the set-aside counter moved"
+    );
+    app.stop().await;
+}
