@@ -245,7 +245,10 @@ pub async fn start(
     let ops_state = OpsState {
         pool: pool.clone(),
         readiness: readiness.clone(),
-        roles: roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect(),
+        roles: roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect(),
     };
     let token = shutdown.clone();
     tasks.push((
@@ -272,7 +275,10 @@ pub async fn start(
             pool.clone(),
             config.gmail_support_address.clone(),
         );
-        tasks.push(("mail-sync", tokio::spawn(gmail.clone().run(shutdown.clone()))));
+        tasks.push((
+            "mail-sync",
+            tokio::spawn(gmail.clone().run(shutdown.clone())),
+        ));
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
             store,

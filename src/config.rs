@@ -200,7 +200,12 @@ impl Config {
             .var("CASEBOOK_OPS_ADDR")
             .unwrap_or_else(|| DEFAULT_OPS_ADDR.into())
             .parse::<SocketAddr>()
-            .map_err(|_| bad("CASEBOOK_OPS_ADDR", "must be an address like 127.0.0.1:9090"))?;
+            .map_err(|_| {
+                bad(
+                    "CASEBOOK_OPS_ADDR",
+                    "must be an address like 127.0.0.1:9090",
+                )
+            })?;
         let public_url = http_url(
             "CASEBOOK_PUBLIC_URL",
             &src.var("CASEBOOK_PUBLIC_URL")

@@ -388,7 +388,11 @@ fn decode_body(part: &MessagePart, max_bytes: usize) -> Option<String> {
     let data = data.trim();
     // Four base64 characters carry three bytes.
     let keep = (max_bytes / 3 + 1) * 4;
-    let data = if data.len() > keep { &data[..keep] } else { data };
+    let data = if data.len() > keep {
+        &data[..keep]
+    } else {
+        data
+    };
     let mut bytes = URL_SAFE_LENIENT.decode(data).ok()?;
     bytes.truncate(max_bytes);
     let text = String::from_utf8_lossy(&bytes);
@@ -544,8 +548,13 @@ impl GmailSync {
                         if shutdown.is_cancelled() {
                             break;
                         }
-                        let span = tracing::info_span!("mail_sync", mailbox = %mask_email(&mailbox));
-                        match self.sync_mailbox(&mailbox, &shutdown).instrument(span).await {
+                        let span =
+                            tracing::info_span!("mail_sync", mailbox = %mask_email(&mailbox));
+                        match self
+                            .sync_mailbox(&mailbox, &shutdown)
+                            .instrument(span)
+                            .await
+                        {
                             Ok(Some(report)) => {
                                 tracing::debug!(mailbox = %mask_email(&mailbox), ?report, "mailbox synced")
                             }
@@ -859,9 +868,10 @@ impl GmailSync {
         correlation: &str,
     ) -> Result<Settled, GmailError> {
         let support = self.support_address.clone();
-        let classified = tokio::task::spawn_blocking(move || classify(&message, support.as_deref()))
-            .await
-            .map_err(|e| GmailError::Decode(format!("message parsing failed: {e}")))?;
+        let classified =
+            tokio::task::spawn_blocking(move || classify(&message, support.as_deref()))
+                .await
+                .map_err(|e| GmailError::Decode(format!("message parsing failed: {e}")))?;
         let inbound = match classified {
             Classified::Customer(inbound) => inbound,
             Classified::NotCustomer(why) => return Ok(Settled::Skipped(why)),
@@ -949,7 +959,8 @@ pub struct RefusedMail {
 
 /// The most recent refused mail, newest first.
 pub async fn refused_mail(pool: &PgPool, limit: i64) -> Result<Vec<RefusedMail>, GmailError> {
-    let rows: Vec<(String, String, Option<String>, i32, DateTime<Utc>)> = sqlx::query_as(
+    type Row = (String, String, Option<String>, i32, DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT email_address, message_id, reason, attempts, discovered_at FROM gmail_messages
           WHERE state = 'refused' ORDER BY discovered_at DESC, seq DESC LIMIT $1",
     )

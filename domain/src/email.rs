@@ -96,15 +96,17 @@ pub fn automated_reason<'a>(
     if let Some(value) = header("Precedence") {
         let value = value.trim().to_ascii_lowercase();
         if matches!(value.as_str(), "bulk" | "list" | "junk" | "auto_reply") {
-            return Some(if value == "list" { "mailing_list" } else { "bulk" });
+            return Some(if value == "list" {
+                "mailing_list"
+            } else {
+                "bulk"
+            });
         }
     }
     if header("List-Id").is_some() || header("List-Unsubscribe").is_some() {
         return Some("mailing_list");
     }
-    if header("Content-Type")
-        .is_some_and(|c| c.to_ascii_lowercase().contains("multipart/report"))
-    {
+    if header("Content-Type").is_some_and(|c| c.to_ascii_lowercase().contains("multipart/report")) {
         return Some("bounce");
     }
     None
@@ -134,7 +136,11 @@ mod tests {
         // Many script tags once made stripping quadratic.
         let many = "<script>x</script>a".repeat(20_000);
         let text = html_to_text(&many);
-        assert!(text.starts_with('a') && !text.contains('x'), "{}", &text[..20]);
+        assert!(
+            text.starts_with('a') && !text.contains('x'),
+            "{}",
+            &text[..20]
+        );
         let huge = format!("<p>{}</p>", "word ".repeat(400_000));
         assert!(html_to_text(&huge).len() <= HTML_MAX_BYTES);
         let nested = format!("{}deep{}", "<div>".repeat(5_000), "</div>".repeat(5_000));
@@ -164,7 +170,10 @@ mod tests {
         };
         let person = "ada@example.com";
         assert_eq!(automated_reason(headers(&[]), person), None);
-        assert_eq!(automated_reason(headers(&[("Auto-Submitted", "no")]), person), None);
+        assert_eq!(
+            automated_reason(headers(&[("Auto-Submitted", "no")]), person),
+            None
+        );
         assert_eq!(
             automated_reason(headers(&[("auto-submitted", "auto-replied")]), person),
             Some("auto_submitted")

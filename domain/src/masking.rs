@@ -91,7 +91,8 @@ fn mask_phones_in(text: &str) -> String {
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
-        if c.is_ascii_digit() || (c == '+' && chars.get(i + 1).is_some_and(|n| n.is_ascii_digit())) {
+        if c.is_ascii_digit() || (c == '+' && chars.get(i + 1).is_some_and(|n| n.is_ascii_digit()))
+        {
             // A run of digits and the separators phone numbers are written with.
             let mut end = i;
             let mut digits = 0;
@@ -143,9 +144,15 @@ mod tests {
         assert!(masked.contains("+*********67"), "{masked}");
         // Short numbers (codes, counts) stay readable.
         assert!(masked.contains("21211"), "{masked}");
-        assert_eq!(mask_pii("call (555) 123-4567 now"), "call (***) ***-**67 now");
+        assert_eq!(
+            mask_pii("call (555) 123-4567 now"),
+            "call (***) ***-**67 now"
+        );
         assert_eq!(mask_pii("HTTP 500 at 10:30"), "HTTP 500 at 10:30");
-        assert_eq!(mask_pii("no @ here, a@b, x@y.z"), "no @ here, a@b, x***@y.z");
+        assert_eq!(
+            mask_pii("no @ here, a@b, x@y.z"),
+            "no @ here, a@b, x***@y.z"
+        );
     }
 
     #[test]

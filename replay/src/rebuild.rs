@@ -92,12 +92,11 @@ async fn rebuild_one(
     let mut waited = Duration::ZERO;
     let mut next_report = Duration::from_secs(1);
     loop {
-        let settled: bool = sqlx::query_scalar(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
-        )
-        .bind(&own_xid)
-        .fetch_one(&mut *tx)
-        .await?;
+        let settled: bool =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8")
+                .bind(&own_xid)
+                .fetch_one(&mut *tx)
+                .await?;
         let rows = sqlx::query(&format!(
             "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM events
               WHERE (transaction_id, position) > ($1::text::xid8, $2)

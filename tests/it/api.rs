@@ -365,7 +365,8 @@ async fn ready_names_what_is_down() {
         &[("KAFKA_BROKERS", "127.0.0.1:9".to_string())],
     )
     .await;
-    let response = app.http.get(app.url("/ready")).send().await.unwrap();
+    // The details are for operators, on the ops listener.
+    let response = app.http.get(app.ops_url("/ready")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "not_ready");

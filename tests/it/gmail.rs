@@ -243,13 +243,15 @@ async fn a_push_is_read_through_the_gmail_api_and_threaded() {
             .await,
         3
     );
-    let skipped: String = sqlx::query_scalar(
-        "SELECT state FROM gmail_messages WHERE message_id = 'm4'",
-    )
-    .fetch_one(app.pool())
-    .await
-    .unwrap();
-    assert_eq!(skipped, "skipped", "our own sent reply is not a customer writing");
+    let skipped: String =
+        sqlx::query_scalar("SELECT state FROM gmail_messages WHERE message_id = 'm4'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        skipped, "skipped",
+        "our own sent reply is not a customer writing"
+    );
 
     // The read models follow: the thread is one conversation of two messages.
     let pool = app.pool().clone();
@@ -288,9 +290,10 @@ async fn when_gmail_fails_the_push_is_kept_and_the_sync_catches_up_later() {
     let app = app_with_gmail(&gmail).await;
     let failing = Mock::given(method("GET"))
         .and(path(format!("/gmail/v1/users/{MAILBOX}/messages")))
-        .respond_with(ResponseTemplate::new(503).set_body_string(
-            "backend error for +15551234567 <ada@example.com>",
-        ))
+        .respond_with(
+            ResponseTemplate::new(503)
+                .set_body_string("backend error for +15551234567 <ada@example.com>"),
+        )
         .mount_as_scoped(&gmail)
         .await;
     // Recorded and answered at once, whatever Gmail is doing.
@@ -307,7 +310,10 @@ async fn when_gmail_fails_the_push_is_kept_and_the_sync_catches_up_later() {
         },
     )
     .await;
-    assert!(!error.contains("5551234567") && !error.contains("ada@"), "{error}");
+    assert!(
+        !error.contains("5551234567") && !error.contains("ada@"),
+        "{error}"
+    );
     assert!(
         gmail.received_requests().await.unwrap().len() > 1,
         "transient failures are retried"

@@ -53,7 +53,14 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
     first_push_lists(&gmail, &["a1"]).await;
     mount_message(
         &gmail,
-        gmail_message("a1", "tha1", "ada@example.com", "Hi", "Where are my invoices?", &["INBOX"]),
+        gmail_message(
+            "a1",
+            "tha1",
+            "ada@example.com",
+            "Hi",
+            "Where are my invoices?",
+            &["INBOX"],
+        ),
     )
     .await;
     assert_eq!(send_push(&app, 100, GMAIL_PUSH_TOKEN).await.status(), 204);
@@ -71,15 +78,25 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
         .await;
     mount_message(
         &gmail,
-        raw_message("b1", "bob@example.org", "Subject only", json!([
-            {"mimeType": "text/plain", "filename": "", "body": {"size": 0, "data": ""}}])),
+        raw_message(
+            "b1",
+            "bob@example.org",
+            "Subject only",
+            json!([
+            {"mimeType": "text/plain", "filename": "", "body": {"size": 0, "data": ""}}]),
+        ),
     )
     .await;
     let image_only = URL_SAFE_NO_PAD.encode("<html><body><img src=\"cid:logo\"></body></html>");
     mount_message(
         &gmail,
-        raw_message("b2", "carol@example.org", "Look", json!([
-            {"mimeType": "text/html", "filename": "", "body": {"size": 40, "data": image_only}}])),
+        raw_message(
+            "b2",
+            "carol@example.org",
+            "Look",
+            json!([
+            {"mimeType": "text/html", "filename": "", "body": {"size": 40, "data": image_only}}]),
+        ),
     )
     .await;
     mount_message(
@@ -90,7 +107,14 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
     .await;
     mount_message(
         &gmail,
-        gmail_message("b4", "thb4", "dave@example.org", "Export", "How do I export to CSV?", &["INBOX"]),
+        gmail_message(
+            "b4",
+            "thb4",
+            "dave@example.org",
+            "Export",
+            "How do I export to CSV?",
+            &["INBOX"],
+        ),
     )
     .await;
     assert_eq!(send_push(&app, 110, GMAIL_PUSH_TOKEN).await.status(), 204);
@@ -108,7 +132,11 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
     assert!(refused[2].1.contains("From"), "{}", refused[2].1);
     // Staff see them, with why.
     let listed = crate::audit::casebook(&app, &["mail", "refused", "--json"]);
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     let listed_ids: Vec<&str> = listed
         .as_array()
@@ -131,7 +159,14 @@ async fn a_message_intake_refuses_is_recorded_and_never_blocks_the_mailbox() {
         .await;
     mount_message(
         &gmail,
-        gmail_message("c1", "thc1", "erin@example.org", "Login", "I cannot log in", &["INBOX"]),
+        gmail_message(
+            "c1",
+            "thc1",
+            "erin@example.org",
+            "Login",
+            "I cannot log in",
+            &["INBOX"],
+        ),
     )
     .await;
     assert_eq!(send_push(&app, 120, GMAIL_PUSH_TOKEN).await.status(), 204);
@@ -176,7 +211,9 @@ async fn a_backlog_of_a_thousand_messages_catches_up_each_read_once() {
         .mount(&gmail)
         .await;
     Mock::given(method("GET"))
-        .and(path_regex(format!(r"^/gmail/v1/users/{MAILBOX}/messages/k\d+$")))
+        .and(path_regex(format!(
+            r"^/gmail/v1/users/{MAILBOX}/messages/k\d+$"
+        )))
         .respond_with(|request: &Request| {
             let id = request.url.path().rsplit('/').next().unwrap().to_string();
             ResponseTemplate::new(200).set_body_json(gmail_message(
@@ -192,17 +229,22 @@ async fn a_backlog_of_a_thousand_messages_catches_up_each_read_once() {
         .await;
 
     // Several pushes at once (Pub/Sub redelivers and fans out).
-    let pushes = futures::future::join_all((0..5).map(|n| send_push(&app, 1000 + n, GMAIL_PUSH_TOKEN))).await;
+    let pushes =
+        futures::future::join_all((0..5).map(|n| send_push(&app, 1000 + n, GMAIL_PUSH_TOKEN)))
+            .await;
     assert!(pushes.iter().all(|r| r.status() == 204));
-    eventually("the backlog is taken in", Duration::from_secs(300), || async {
-        let taken: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM gmail_messages WHERE state = 'accepted'",
-        )
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
-        (taken == BACKLOG as i64).then_some(())
-    })
+    eventually(
+        "the backlog is taken in",
+        Duration::from_secs(300),
+        || async {
+            let taken: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM gmail_messages WHERE state = 'accepted'")
+                    .fetch_one(app.pool())
+                    .await
+                    .unwrap();
+            (taken == BACKLOG as i64).then_some(())
+        },
+    )
     .await;
     synced(&app).await;
     let received = app

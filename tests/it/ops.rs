@@ -20,21 +20,20 @@ async fn every_role_can_be_probed_and_scraped_on_its_ops_listener() {
         let config = test_config(&db.url, &unique_prefix(), &[]);
         // `casebook migrate` creates the topics before any role starts.
         app::kafka_settings(&config).ensure_topics().await.unwrap();
-        let running = app::start(&config, &[role], None).await.expect("role starts");
+        let running = app::start(&config, &[role], None)
+            .await
+            .expect("role starts");
         assert!(running.addr.is_none(), "{role:?} has no public listener");
         let ops = format!("http://{}", running.ops_addr);
         let health = http.get(format!("{ops}/health")).send().await.unwrap();
         assert_eq!(health.status(), 200, "{role:?} /health");
-        let ready: Value = crate::common::eventually(
-            "the role is ready",
-            Duration::from_secs(60),
-            || async {
+        let ready: Value =
+            crate::common::eventually("the role is ready", Duration::from_secs(60), || async {
                 let r = http.get(format!("{ops}/ready")).send().await.ok()?;
                 (r.status() == 200).then_some(())?;
                 r.json().await.ok()
-            },
-        )
-        .await;
+            })
+            .await;
         assert_eq!(ready["checks"]["postgres"], "ok");
         assert_eq!(ready["checks"]["kafka"], "ok");
         let roles: Vec<String> = serde_json::from_value(ready["roles"].clone()).unwrap();
@@ -69,11 +68,20 @@ async fn the_public_ready_says_only_ready_or_not() {
     assert_eq!(body["message"], "not ready");
     assert!(body.get("fields").is_none(), "no details in public: {body}");
     let text = body.to_string();
-    assert!(!text.contains("kafka") && !text.contains("127.0.0.1"), "{text}");
+    assert!(
+        !text.contains("kafka") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
 
     let ops = app.http.get(app.ops_url("/ready")).send().await.unwrap();
     assert_eq!(ops.status(), 503);
     let body: Value = ops.json().await.unwrap();
-    assert!(body["fields"]["kafka"].as_str().unwrap().starts_with("down"), "{body}");
+    assert!(
+        body["fields"]["kafka"]
+            .as_str()
+            .unwrap()
+            .starts_with("down"),
+        "{body}"
+    );
     app.stop().await;
 }

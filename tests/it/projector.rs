@@ -113,7 +113,11 @@ async fn a_gap_in_a_stream_is_filled_from_the_store_not_made_permanent() {
     .await
     .unwrap();
     assert_eq!(applied, 3, "the missing event was read from the store");
-    assert_eq!(messages_of(app.pool(), id).await, 2, "both messages are in the read model");
+    assert_eq!(
+        messages_of(app.pool(), id).await,
+        2,
+        "both messages are in the read model"
+    );
 
     // When 2 arrives late, it is recognised as applied.
     let applied = apply_batch(app.pool(), projector.as_ref(), &[events[1].clone()], &[])
@@ -199,11 +203,10 @@ async fn a_rebuild_does_not_skip_a_transaction_that_commits_late() {
     casebook_replay::rebuild_paged(&pool, &[probe], 2)
         .await
         .unwrap();
-    let mut rebuilt: Vec<String> =
-        sqlx::query_scalar("SELECT aggregate_id FROM rebuild_probe")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let mut rebuilt: Vec<String> = sqlx::query_scalar("SELECT aggregate_id FROM rebuild_probe")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     rebuilt.sort();
     assert_eq!(rebuilt, vec!["after-1", "after-2", "before", "late"]);
     app.stop().await;

@@ -236,11 +236,10 @@ async fn an_event_the_broker_can_never_take_is_set_aside_and_the_rest_flows() {
         },
     )
     .await;
-    let stored: i64 =
-        sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = 'huge'")
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = 'huge'")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
     assert_eq!(position, stored);
     assert_eq!(topic, kafka.topics.events());
     assert!(error.contains("byte limit"), "{error}");
