@@ -11,11 +11,11 @@ use casebook_commands::claims::LinkKeys;
 use casebook_commands::delivery::{
     AcknowledgementSettings, Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings,
 };
-use casebook_commands::limits::Limit;
 use casebook_commands::embeddings::{Embedder, EmbeddingSource};
 use casebook_commands::gmail::{GmailClient, GmailSync};
 use casebook_commands::kafka::KafkaSettings;
 use casebook_commands::knowledge::KnowledgeBase;
+use casebook_commands::limits::Limit;
 use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
 use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::sla;

@@ -337,12 +337,7 @@ impl Config {
         )
         .map_err(|e| bad("CASEBOOK_TRUSTED_PROXIES", e))?;
         Ok(Self {
-            rate_limit_per_client: limit_var(
-                src,
-                "CASEBOOK_RATE_LIMIT_PER_CLIENT",
-                60,
-                1_000_000,
-            )?,
+            rate_limit_per_client: limit_var(src, "CASEBOOK_RATE_LIMIT_PER_CLIENT", 60, 1_000_000)?,
             trusted_proxies,
             webform_per_email_per_hour: limit_var(
                 src,

@@ -131,8 +131,8 @@ impl std::fmt::Debug for ClientLimiter {
 impl ClientLimiter {
     /// `per_minute` requests a minute per client (0: no limit).
     pub fn new(per_minute: u32, proxies: TrustedProxies) -> Self {
-        let limiter = NonZeroU32::new(per_minute)
-            .map(|n| Arc::new(RateLimiter::keyed(Quota::per_minute(n))));
+        let limiter =
+            NonZeroU32::new(per_minute).map(|n| Arc::new(RateLimiter::keyed(Quota::per_minute(n))));
         Self {
             limiter,
             proxies,

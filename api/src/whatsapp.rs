@@ -179,7 +179,10 @@ pub async fn status(
     if raw_status.is_empty() {
         errors.insert("MessageStatus".into(), "is required".into());
     } else if raw_status.len() > 32 {
-        errors.insert("MessageStatus".into(), "must be a Twilio message status".into());
+        errors.insert(
+            "MessageStatus".into(),
+            "must be a Twilio message status".into(),
+        );
     }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));

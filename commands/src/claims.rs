@@ -281,5 +281,4 @@ mod tests {
         assert_eq!(keys.claim_aggregate_id(a), email_claim_id(&token));
         assert!(!keys.claim_aggregate_id(a).contains(&token));
     }
-
 }

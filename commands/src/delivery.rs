@@ -297,7 +297,8 @@ impl Delivery {
                     (Channel::Webform, None) => self.webform_thread(ticket).await,
                     _ => None,
                 };
-                let thread: Option<&EmailThread> = ticket.email_thread.as_ref().or(recorded.as_ref());
+                let thread: Option<&EmailThread> =
+                    ticket.email_thread.as_ref().or(recorded.as_ref());
                 let reference = ticket.id.map(ticket_reference).unwrap_or_default();
                 let typed_subject = match channel {
                     Channel::Webform => None,

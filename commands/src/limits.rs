@@ -48,7 +48,9 @@ impl Limit {
 pub enum Decision {
     Allowed,
     /// Over the limit; the next act is allowed after this long.
-    Limited { retry_after: Duration },
+    Limited {
+        retry_after: Duration,
+    },
 }
 
 /// The key of `value` in `scope`: a hash, never the value.

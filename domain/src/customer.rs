@@ -228,10 +228,7 @@ pub enum CustomerIdentityCommand {
     },
     /// A customer who claimed this address (web form) proved it: their
     /// conversations join the owner's.
-    JoinClaimant {
-        claimant: Uuid,
-        at: DateTime<Utc>,
-    },
+    JoinClaimant { claimant: Uuid, at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -179,7 +179,10 @@ pub const CLAIM_VALID_HOURS: i64 = 48;
 /// The id of the `email_claim` aggregate a confirmation token opens: the
 /// SHA-256 of the token, so the store never holds the token itself.
 pub fn email_claim_id(token: &str) -> String {
-    format!("email-claim:{}", hex::encode(Sha256::digest(token.as_bytes())))
+    format!(
+        "email-claim:{}",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
 }
 
 /// A web-form submitter's claim to an email address, open until they follow
@@ -272,7 +275,10 @@ pub struct EmailClaim {
 }
 
 impl EmailClaim {
-    pub fn decide(&self, command: EmailClaimCommand) -> Result<Vec<EmailClaimEvent>, EmailClaimError> {
+    pub fn decide(
+        &self,
+        command: EmailClaimCommand,
+    ) -> Result<Vec<EmailClaimEvent>, EmailClaimError> {
         match command {
             EmailClaimCommand::Open {
                 claim_id,

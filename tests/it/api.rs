@@ -254,8 +254,14 @@ async fn oversized_fields_are_refused_before_they_reach_an_event() {
     let long_sid = format!("SM{}", "a".repeat(5000));
     let long_status = "d".repeat(5000);
     for params in [
-        [("MessageSid", long_sid.as_str()), ("MessageStatus", "delivered")],
-        [("MessageSid", "SM123"), ("MessageStatus", long_status.as_str())],
+        [
+            ("MessageSid", long_sid.as_str()),
+            ("MessageStatus", "delivered"),
+        ],
+        [
+            ("MessageSid", "SM123"),
+            ("MessageStatus", long_status.as_str()),
+        ],
     ] {
         let response = app
             .post_twilio("/webhooks/whatsapp/status", &params, None)

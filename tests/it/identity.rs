@@ -32,8 +32,9 @@ impl Respond for GmailSends {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| format!("thread-out-{n}"));
-        ResponseTemplate::new(200)
-            .set_body_json(json!({"id": format!("sent-{n}"), "threadId": thread, "labelIds": ["SENT"]}))
+        ResponseTemplate::new(200).set_body_json(
+            json!({"id": format!("sent-{n}"), "threadId": thread, "labelIds": ["SENT"]}),
+        )
     }
 }
 
@@ -164,9 +165,13 @@ async fn model_requests_about(llm: &MockServer, marker: &str) -> Vec<String> {
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
         .filter(|body| {
             let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-            v["messages"][0]["content"]
-                .as_str()
-                .is_some_and(|c| c.contains(marker))
+            v["messages"].as_array().is_some_and(|messages| {
+                messages
+                    .iter()
+                    .filter(|m| m["role"] == "user")
+                    .take(1)
+                    .any(|m| m["content"].as_str().is_some_and(|c| c.contains(marker)))
+            })
         })
         .collect()
 }
@@ -276,7 +281,10 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
     let reviews = history_reviews(&app, ticket, 1).await;
     assert_eq!(reviews[0]["previous_tickets"], 0, "{reviews:?}");
     let about_eve = model_requests_about(&llm, "Remind me what I wrote before?").await;
-    assert!(about_eve.len() >= 2, "the model was asked, and given the history tool's answer");
+    assert!(
+        about_eve.len() >= 2,
+        "the model was asked, and given the history tool's answer"
+    );
     assert!(
         about_eve.iter().all(|body| !body.contains(SECRET)),
         "Ada's message reached the model for Eve's ticket"
@@ -293,7 +301,11 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
     .fetch_all(app.pool())
     .await
     .unwrap();
-    assert_eq!(customers.len(), 2, "the web form opened a customer of its own");
+    assert_eq!(
+        customers.len(),
+        2,
+        "the web form opened a customer of its own"
+    );
     // Nothing of Ada's reaches Eve's status page.
     let status: Value = app
         .http
@@ -316,10 +328,19 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
     })
     .await;
     assert!(ack.contains("To: ada@example.com\r\n"), "{ack}");
-    assert!(!ack.contains("evil.example"), "the form's subject is not echoed: {ack}");
+    assert!(
+        !ack.contains("evil.example"),
+        "the form's subject is not echoed: {ack}"
+    );
     assert!(ack.contains("Subject: Your support request "), "{ack}");
-    assert!(ack.contains(&format!("{PUBLIC_URL}/ticket/{ticket}?token={token}")), "{ack}");
-    assert!(ack_request.get("threadId").is_none(), "the acknowledgement opens a thread");
+    assert!(
+        ack.contains(&format!("{PUBLIC_URL}/ticket/{ticket}?token={token}")),
+        "{ack}"
+    );
+    assert!(
+        ack_request.get("threadId").is_none(),
+        "the acknowledgement opens a thread"
+    );
     let confirm = confirm_token(&ack).expect("a confirmation link");
 
     // Following the link joins the claim to Ada's proven address...
@@ -364,7 +385,12 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
         .await;
     mount_inbound(
         &gmail,
-        gmail_message("gm2", &thread, "Re: Your support request", "And what about my invoice?"),
+        gmail_message(
+            "gm2",
+            &thread,
+            "Re: Your support request",
+            "And what about my invoice?",
+        ),
     )
     .await;
     push(&app, 20).await;
@@ -429,7 +455,10 @@ async fn a_confirmation_link_works_once_and_the_store_keeps_only_its_hash() {
         .await
         .unwrap();
     assert_eq!(confirmed.status(), 200);
-    assert_eq!(confirmed.json::<Value>().await.unwrap()["ticket_id"], ticket);
+    assert_eq!(
+        confirmed.json::<Value>().await.unwrap()["ticket_id"],
+        ticket
+    );
     // Nobody owned the address: the claimant now does.
     assert_eq!(
         event_count(&app, "email:grace@example.com", "IdentityClaimed").await,
@@ -537,7 +566,11 @@ async fn an_email_reply_on_the_web_forms_thread_joins_its_ticket() {
     .await;
     let mail = sent_mail(&gmail).await;
     assert_eq!(mail.len(), 1);
-    assert!(!mail[0].1.contains("Export fails"), "no form subject in the mail: {}", mail[0].1);
+    assert!(
+        !mail[0].1.contains("Export fails"),
+        "no form subject in the mail: {}",
+        mail[0].1
+    );
     Mock::given(method("GET"))
         .and(path_regex("^/gmail/v1/users/[^/]+/messages$"))
         .respond_with(
@@ -548,7 +581,12 @@ async fn an_email_reply_on_the_web_forms_thread_joins_its_ticket() {
         .await;
     mount_inbound(
         &gmail,
-        gmail_message("gr1", &thread, "Re: Your support request", "It still fails today."),
+        gmail_message(
+            "gr1",
+            &thread,
+            "Re: Your support request",
+            "It still fails today.",
+        ),
     )
     .await;
     push(&app, 10).await;

@@ -36,7 +36,9 @@ async fn a_client_over_its_limit_gets_429_with_retry_after_and_nothing_is_stored
     .await;
     // Every public route counts.
     assert_eq!(
-        app.submit_form(form("ada@example.com", "one")).await.status(),
+        app.submit_form(form("ada@example.com", "one"))
+            .await
+            .status(),
         202
     );
     for _ in 0..2 {
@@ -88,7 +90,10 @@ async fn forwarded_for_is_honoured_only_from_a_trusted_proxy() {
         &[Role::Api],
         &[
             ("CASEBOOK_RATE_LIMIT_PER_CLIENT", "2".to_string()),
-            ("CASEBOOK_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1".to_string()),
+            (
+                "CASEBOOK_TRUSTED_PROXIES",
+                "10.0.0.0/8, 127.0.0.1".to_string(),
+            ),
         ],
     )
     .await;

@@ -61,7 +61,12 @@ pub fn webform_subject(ticket_id: uuid::Uuid) -> String {
     format!("Your support request {}", ticket_reference(ticket_id))
 }
 
-fn acknowledgement_body(public_url: &str, ticket_id: uuid::Uuid, status: &str, confirm: &str) -> String {
+fn acknowledgement_body(
+    public_url: &str,
+    ticket_id: uuid::Uuid,
+    status: &str,
+    confirm: &str,
+) -> String {
     let reference = ticket_reference(ticket_id);
     format!(
         "Hello,\n\n\
@@ -155,7 +160,9 @@ impl Delivery {
         let (Some(claim_id), Some(ticket_id), Some(identity)) =
             (claim.claim_id, claim.ticket_id, claim.identity.clone())
         else {
-            return Err(HandlerError::Poison("an email claim that was never opened".into()));
+            return Err(HandlerError::Poison(
+                "an email claim that was never opened".into(),
+            ));
         };
         if claim.acknowledged.is_some() {
             return Ok(());
