@@ -7,11 +7,15 @@ use std::time::Duration;
 use anyhow::Context;
 use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
-use casebook_commands::delivery::{Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings};
+use casebook_commands::claims::LinkKeys;
+use casebook_commands::delivery::{
+    AcknowledgementSettings, Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings,
+};
 use casebook_commands::embeddings::{Embedder, EmbeddingSource};
 use casebook_commands::gmail::{GmailClient, GmailSync};
 use casebook_commands::kafka::KafkaSettings;
 use casebook_commands::knowledge::KnowledgeBase;
+use casebook_commands::limits::Limit;
 use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
 use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::sla;
@@ -145,13 +149,24 @@ fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Re
             None
         }
     };
+    let links = match config.jwt_secret() {
+        Ok(secret) => Some((LinkKeys::new(secret), config.public_url.clone())),
+        Err(_) => {
+            tracing::warn!("CASEBOOK_JWT_SECRET unset: web form acknowledgements cannot carry links and are not sent");
+            None
+        }
+    };
     Ok(Delivery::new(
         EventStore::new(pool.clone()),
         twilio,
         gmail,
         kafka.producer().context("KAFKA_BROKERS: producer")?,
         kafka.topics.dlq(),
-    ))
+    )
+    .with_acknowledgements(AcknowledgementSettings {
+        links,
+        recipient_limit: Limit::per_hour(config.auto_emails_per_recipient_per_hour),
+    }))
 }
 
 /// A started service: its tasks and, with the API role, its address.
@@ -285,10 +300,14 @@ pub async fn start(
             intake,
             gmail: Some(gmail),
             tokens: TokenKeys::new(secret),
+            links: LinkKeys::new(secret),
             settings: ApiSettings {
                 public_url: config.public_url.clone(),
                 twilio_auth_token: config.twilio_auth_token.clone(),
                 gmail_push_token: config.gmail_push_token.clone(),
+                rate_limit_per_client: config.rate_limit_per_client,
+                trusted_proxies: config.trusted_proxies.clone(),
+                submissions_per_email_per_hour: config.webform_per_email_per_hour,
             },
             readiness: readiness.clone(),
         }));

@@ -59,6 +59,35 @@ pub struct Config {
     /// `CASEBOOK_AUTO_REPLY_CAP_PER_HOUR`: automatic replies per ticket in a
     /// rolling hour before the agent stays silent and escalates.
     pub auto_reply_cap_per_hour: u32,
+    /// `CASEBOOK_RATE_LIMIT_PER_CLIENT`: public requests a minute per client
+    /// address; 0 turns it off.
+    pub rate_limit_per_client: u32,
+    /// `CASEBOOK_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: casebook_api::ratelimit::TrustedProxies,
+    /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one
+    /// address an hour; 0 turns it off.
+    pub webform_per_email_per_hour: u32,
+    /// `CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR`: automatic emails
+    /// (acknowledgements, AI replies) to one address an hour; 0 turns it off.
+    pub auto_emails_per_recipient_per_hour: u32,
+}
+
+/// A whole-number limit setting: `default` when unset, 0 to `max`.
+fn limit_var(
+    src: &Source<'_>,
+    name: &'static str,
+    default: u32,
+    max: u32,
+) -> Result<u32, ConfigError> {
+    match src.var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| bad(name, format!("must be a number from 0 (off) to {max}"))),
+    }
 }
 
 /// A language model endpoint.
@@ -336,8 +365,26 @@ impl Config {
                     )
                 })?,
         };
+        let trusted_proxies = casebook_api::ratelimit::TrustedProxies::parse(
+            &src.var("CASEBOOK_TRUSTED_PROXIES").unwrap_or_default(),
+        )
+        .map_err(|e| bad("CASEBOOK_TRUSTED_PROXIES", e))?;
         Ok(Self {
             auto_reply_cap_per_hour,
+            rate_limit_per_client: limit_var(src, "CASEBOOK_RATE_LIMIT_PER_CLIENT", 60, 1_000_000)?,
+            trusted_proxies,
+            webform_per_email_per_hour: limit_var(
+                src,
+                "CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR",
+                5,
+                1_000_000,
+            )?,
+            auto_emails_per_recipient_per_hour: limit_var(
+                src,
+                "CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR",
+                5,
+                1_000_000,
+            )?,
             kb_ef_search,
             llm,
             llm_fallback,

@@ -36,6 +36,12 @@ pub enum ApiError {
     Upstream(String),
     #[error("internal error")]
     Internal(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Gone(&'static str),
+    #[error("too many requests; try again in {retry_after} s")]
+    RateLimited { retry_after: u64 },
 }
 
 #[derive(Serialize)]
@@ -59,6 +65,9 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -75,6 +84,9 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Upstream(_) => "upstream_error",
             ApiError::Internal(_) => "internal_error",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Gone(_) => "gone",
+            ApiError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -115,6 +127,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
+        if let ApiError::RateLimited { retry_after } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
         response
     }
 }
@@ -140,6 +157,7 @@ impl From<IntakeError> for ApiError {
                 message: reason.clone(),
                 fields: BTreeMap::from([("message".to_string(), reason)]),
             },
+            IntakeError::Conflict(reason) => ApiError::Conflict(reason),
             IntakeError::Store(e) => e.into(),
         }
     }

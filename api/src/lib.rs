@@ -3,23 +3,28 @@
 
 pub mod auth;
 mod body;
+mod confirm;
 pub mod error;
 mod gmail;
 pub mod observe;
 pub mod ops;
+pub mod ratelimit;
 pub mod state;
 mod status;
 mod webform;
 pub mod whatsapp;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
 use axum::http::{header, Method, StatusCode};
-use axum::middleware::from_fn;
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -48,9 +53,15 @@ pub fn router(state: AppState) -> Router {
             header::AUTHORIZATION,
             observe::CORRELATION_HEADER.parse().expect("valid"),
         ]);
+    let limiter = ratelimit::ClientLimiter::new(
+        state.settings.rate_limit_per_client,
+        state.settings.trusted_proxies.clone(),
+    );
     let public = Router::new()
         .route("/support/tickets", post(webform::submit))
         .route("/ticket/{id}", get(status::show))
+        .route("/confirm/{token}", get(confirm::confirm))
+        .route_layer(from_fn_with_state(limiter, ratelimit::limit))
         .layer(cors);
     let webhooks = Router::new()
         .route("/webhooks/whatsapp", post(whatsapp::inbound))
@@ -82,7 +93,11 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer address keys the per-client rate limit.
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
+use casebook_commands::claims::LinkKeys;
 use casebook_commands::gmail::GmailSync;
 use casebook_commands::{EventStore, Intake};
 use sqlx::PgPool;
 
 use crate::auth::TokenKeys;
 use crate::ops::Readiness;
+use crate::ratelimit::TrustedProxies;
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -16,6 +18,14 @@ pub struct ApiSettings {
     pub public_url: String,
     pub twilio_auth_token: Option<String>,
     pub gmail_push_token: Option<String>,
+    /// `CASEBOOK_RATE_LIMIT_PER_CLIENT`: public requests a minute per client
+    /// address (0: off).
+    pub rate_limit_per_client: u32,
+    /// `CASEBOOK_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: TrustedProxies,
+    /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one
+    /// address, an hour (0: off).
+    pub submissions_per_email_per_hour: u32,
 }
 
 pub struct Inner {
@@ -24,6 +34,8 @@ pub struct Inner {
     pub intake: Intake,
     pub gmail: Option<GmailSync>,
     pub tokens: TokenKeys,
+    /// Confirmation tokens of web-form email claims (same secret as `tokens`).
+    pub links: LinkKeys,
     pub settings: ApiSettings,
     pub readiness: Arc<Readiness>,
 }

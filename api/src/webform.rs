@@ -1,4 +1,13 @@
 //! `POST /support/tickets`: the public web form.
+//!
+//! The email a submission names is a claim, not an identity: the
+//! submission opens its own ticket for a customer of its own, with no
+//! access to earlier conversations until the address is confirmed through
+//! the link in the acknowledgement email (`crate::confirm`). At most
+//! `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR` submissions name one address in
+//! an hour; a repeated `client_request_id` answers with the earlier ticket
+//! only when it is the same submission, soon after, and is a `409`
+//! otherwise.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +17,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
+use casebook_commands::claims::NewClaim;
+use casebook_commands::limits::{self, Decision, Limit};
 use casebook_commands::{InboundMessage, Sender};
 use casebook_domain::identity::IdentityKey;
 use casebook_domain::masking::mask_email;
@@ -88,6 +99,22 @@ pub async fn submit(
             "must be a valid email address".to_string(),
         )]))
     })?;
+    match limits::take(
+        &state.pool,
+        limits::WEBFORM_EMAIL,
+        &form.email,
+        Limit::per_hour(state.settings.submissions_per_email_per_hour),
+    )
+    .await?
+    {
+        Decision::Allowed => {}
+        Decision::Limited { retry_after } => {
+            tracing::info!(email = %mask_email(&form.email), "web form: address over its hourly limit");
+            return Err(ApiError::RateLimited {
+                retry_after: retry_after.as_secs().max(1),
+            });
+        }
+    }
     let message = InboundMessage {
         channel: Channel::Webform,
         channel_message_id: submission_key(&form.email, form.client_request_id.as_deref()),
@@ -105,7 +132,11 @@ pub async fn submit(
         received_at: Utc::now(),
         automated: None,
     };
-    let outcome = state.intake.receive(&message, &correlation.0).await?;
+    let claim = NewClaim::new(&state.links);
+    let outcome = state
+        .intake
+        .receive_claimed(&message, &claim, &correlation.0)
+        .await?;
     tracing::info!(email = %mask_email(&form.email), ticket_id = %outcome.ticket_id, "web form submission taken in");
     Ok((
         StatusCode::ACCEPTED,

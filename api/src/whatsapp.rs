@@ -174,9 +174,16 @@ pub async fn status(
     let mut errors = BTreeMap::new();
     if sid.is_empty() {
         errors.insert("MessageSid".into(), "is required".into());
+    } else if sid.len() > 64 || !sid.chars().all(|c| c.is_ascii_alphanumeric()) {
+        errors.insert("MessageSid".into(), "must be a Twilio message SID".into());
     }
     if raw_status.is_empty() {
         errors.insert("MessageStatus".into(), "is required".into());
+    } else if raw_status.len() > 32 {
+        errors.insert(
+            "MessageStatus".into(),
+            "must be a Twilio message status".into(),
+        );
     }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
@@ -187,8 +194,10 @@ pub async fn status(
         tracing::info!(status = raw_status, "status callback ignored");
         return Ok(twiml_ok());
     };
+    // Twilio error codes are five digits; anything else is not kept.
     let error = param(&params, "ErrorCode")
-        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && c.len() <= 10 && c.chars().all(|ch| ch.is_ascii_digit()))
         .map(|code| format!("twilio error {code}"));
     match state
         .intake

@@ -422,9 +422,11 @@ impl Agent {
     async fn history(&self, customer_id: Uuid, ticket_id: Uuid) -> Result<History, AgentError> {
         // The CRM read models: eventually consistent, which is all context
         // needs.
+        // Only identities a channel proved share history (crate::claims).
+        let customers = crate::claims::history_customers(&self.store, customer_id).await?;
         let tickets: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT ticket_id, channel FROM crm_tickets WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 50")
-                .bind(customer_id)
+            sqlx::query_as("SELECT ticket_id, channel FROM crm_tickets WHERE customer_id = ANY($1) ORDER BY created_at DESC LIMIT 50")
+                .bind(&customers)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::from)?;

@@ -25,6 +25,9 @@ use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 use uuid::Uuid;
 
+mod acknowledgement;
+pub use acknowledgement::{webform_subject, Settings as AcknowledgementSettings};
+
 use crate::intake::Intake;
 use crate::metrics::EXTERNAL_CALLS;
 use crate::retry::retry;
@@ -137,6 +140,7 @@ pub struct Delivery {
     gmail: Option<GmailSendSettings>,
     producer: FutureProducer,
     dlq: String,
+    acknowledgements: AcknowledgementSettings,
 }
 
 impl Delivery {
@@ -159,6 +163,7 @@ impl Delivery {
             gmail,
             producer,
             dlq,
+            acknowledgements: AcknowledgementSettings::default(),
         }
     }
 
@@ -257,13 +262,7 @@ impl Delivery {
         body: &str,
         parts: &[String],
     ) -> Result<Vec<String>, SendError> {
-        let identity = |kind: IdentityKind| {
-            customer
-                .identities
-                .iter()
-                .find(|i| i.kind == kind)
-                .map(|i| i.value.clone())
-        };
+        let identity = |kind: IdentityKind| customer.address(kind).map(str::to_string);
         match channel {
             Channel::Whatsapp => {
                 let t = self.twilio.as_ref().ok_or_else(|| {
@@ -292,12 +291,20 @@ impl Delivery {
                 let to = identity(IdentityKind::Email).ok_or_else(|| {
                     SendError::Permanent("the customer has no email address".into())
                 })?;
-                let thread: Option<&EmailThread> = ticket.email_thread.as_ref();
+                // A web-form ticket's replies join the acknowledgement's
+                // thread, under its fixed subject: never the form's subject.
+                let recorded = match (channel, &ticket.email_thread) {
+                    (Channel::Webform, None) => self.webform_thread(ticket).await,
+                    _ => None,
+                };
+                let thread: Option<&EmailThread> =
+                    ticket.email_thread.as_ref().or(recorded.as_ref());
                 let reference = ticket.id.map(ticket_reference).unwrap_or_default();
-                let subject = match thread
-                    .and_then(|t| t.subject.clone())
-                    .or_else(|| ticket.subject.clone())
-                {
+                let typed_subject = match channel {
+                    Channel::Webform => None,
+                    _ => ticket.subject.clone(),
+                };
+                let subject = match thread.and_then(|t| t.subject.clone()).or(typed_subject) {
                     Some(s) if s.to_lowercase().starts_with("re:") => s,
                     Some(s) => format!("Re: {s}"),
                     None => format!("Your support request {reference}"),
@@ -370,6 +377,14 @@ impl Delivery {
         let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::system("delivery"))
             .caused_by(envelope.event_id.to_string())
             .on_channel(channel);
+        if let Some(refusal) = self
+            .recipient_limit_refusal(envelope, &customer, channel)
+            .await?
+        {
+            self.give_up(message, ticket_id, response_id, &refusal, &meta)
+                .await?;
+            return Ok(());
+        }
         match self.send(&ticket, &customer, channel, &body, &parts).await {
             Ok(ids) => {
                 let status = match channel {
@@ -460,6 +475,9 @@ impl Handler for DeliveryHandler {
     async fn handle(&self, message: &Incoming) -> Result<(), HandlerError> {
         let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
             .map_err(|e| HandlerError::Poison(format!("not an event envelope: {e}")))?;
+        if envelope.event_type == "EmailClaimOpened" {
+            return self.0.acknowledge(message, &envelope).await;
+        }
         if envelope.event_type != "ResponseSent" {
             return Ok(());
         }

@@ -4,12 +4,14 @@
 
 pub mod agent;
 pub mod approvals;
+pub mod claims;
 pub mod delivery;
 pub mod embeddings;
 pub mod gmail;
 pub mod intake;
 pub mod kafka;
 pub mod knowledge;
+pub mod limits;
 pub mod llm;
 pub mod metrics;
 pub mod relay;

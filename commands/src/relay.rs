@@ -136,6 +136,13 @@ pub struct Relay {
 /// escalations and approval requests to `escalations` (keyed by ticket id).
 pub fn routes(topics: &Topics, e: &EventEnvelope) -> Vec<(String, String)> {
     let mut routes = vec![(topics.events(), e.aggregate_id.clone())];
+    // A web-form claim's acknowledgement (with its confirmation link) is
+    // delivered like a reply, in order with the ticket's replies.
+    if e.aggregate_type == "email_claim" && e.event_type == "EmailClaimOpened" {
+        if let Some(ticket) = e.payload.get("ticket_id").and_then(|t| t.as_str()) {
+            routes.push((topics.outbound(Channel::Webform), ticket.to_string()));
+        }
+    }
     if e.aggregate_type != "ticket" {
         return routes;
     }

@@ -8,7 +8,11 @@
 
 use std::fmt;
 
+use chrono::{DateTime, TimeDelta, Utc};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
@@ -159,6 +163,226 @@ pub fn parse_mailbox(raw: &str) -> Result<(Option<String>, String), IdentityErro
     normalize_email(raw).map(|address| (None, address))
 }
 
+/// Which channels prove the identities they report: a WhatsApp number that
+/// Twilio signed and mail that arrived in our mailbox do; a web-form email
+/// is only a claim.
+pub fn channel_proves_identity(channel: crate::Channel) -> bool {
+    match channel {
+        crate::Channel::Whatsapp | crate::Channel::Email => true,
+        crate::Channel::Webform => false,
+    }
+}
+
+/// How long a confirmation link works.
+pub const CLAIM_VALID_HOURS: i64 = 48;
+
+/// The id of the `email_claim` aggregate a confirmation token opens: the
+/// SHA-256 of the token, so the store never holds the token itself.
+pub fn email_claim_id(token: &str) -> String {
+    format!(
+        "email-claim:{}",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
+}
+
+/// A web-form submitter's claim to an email address, open until they follow
+/// the one-time link sent to that address. One claim per submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EmailClaimCommand {
+    Open {
+        claim_id: Uuid,
+        identity: IdentityKey,
+        /// The customer the submission created (it holds the claim).
+        customer_id: Uuid,
+        ticket_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    /// The acknowledgement with the link went out (Gmail ids).
+    RecordAcknowledgement {
+        provider_message_id: String,
+        thread_id: Option<String>,
+        at: DateTime<Utc>,
+    },
+    Confirm {
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EmailClaimEvent {
+    EmailClaimOpened {
+        claim_id: Uuid,
+        identity: IdentityKey,
+        customer_id: Uuid,
+        ticket_id: Uuid,
+        opened_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    },
+    ClaimAcknowledgementSent {
+        provider_message_id: String,
+        thread_id: Option<String>,
+        sent_at: DateTime<Utc>,
+    },
+    EmailClaimConfirmed {
+        claim_id: Uuid,
+        identity: IdentityKey,
+        customer_id: Uuid,
+        confirmed_at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for EmailClaimEvent {
+    fn event_type(&self) -> String {
+        match self {
+            EmailClaimEvent::EmailClaimOpened { .. } => "EmailClaimOpened",
+            EmailClaimEvent::ClaimAcknowledgementSent { .. } => "ClaimAcknowledgementSent",
+            EmailClaimEvent::EmailClaimConfirmed { .. } => "EmailClaimConfirmed",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmailClaimError {
+    #[error("this claim is already open")]
+    AlreadyOpened,
+    #[error("no such confirmation link")]
+    NotFound,
+    #[error("this confirmation link was already used")]
+    AlreadyConfirmed,
+    #[error("this confirmation link has expired")]
+    Expired,
+    #[error("only an email address can be confirmed by link")]
+    NotAnEmail,
+}
+
+/// What is known of one claim.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EmailClaim {
+    pub claim_id: Option<Uuid>,
+    pub identity: Option<IdentityKey>,
+    pub customer_id: Option<Uuid>,
+    pub ticket_id: Option<Uuid>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub acknowledged: Option<String>,
+    pub thread_id: Option<String>,
+    pub confirmed_at: Option<DateTime<Utc>>,
+}
+
+impl EmailClaim {
+    pub fn decide(
+        &self,
+        command: EmailClaimCommand,
+    ) -> Result<Vec<EmailClaimEvent>, EmailClaimError> {
+        match command {
+            EmailClaimCommand::Open {
+                claim_id,
+                identity,
+                customer_id,
+                ticket_id,
+                at,
+            } => {
+                if self.claim_id.is_some() {
+                    return Err(EmailClaimError::AlreadyOpened);
+                }
+                if identity.kind != IdentityKind::Email {
+                    return Err(EmailClaimError::NotAnEmail);
+                }
+                Ok(vec![EmailClaimEvent::EmailClaimOpened {
+                    claim_id,
+                    identity,
+                    customer_id,
+                    ticket_id,
+                    opened_at: at,
+                    expires_at: at + TimeDelta::hours(CLAIM_VALID_HOURS),
+                }])
+            }
+            EmailClaimCommand::RecordAcknowledgement {
+                provider_message_id,
+                thread_id,
+                at,
+            } => {
+                if self.claim_id.is_none() {
+                    return Err(EmailClaimError::NotFound);
+                }
+                if self.acknowledged.is_some() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![EmailClaimEvent::ClaimAcknowledgementSent {
+                    provider_message_id,
+                    thread_id,
+                    sent_at: at,
+                }])
+            }
+            EmailClaimCommand::Confirm { at } => {
+                let (Some(claim_id), Some(identity), Some(customer_id), Some(expires_at)) = (
+                    self.claim_id,
+                    self.identity.clone(),
+                    self.customer_id,
+                    self.expires_at,
+                ) else {
+                    return Err(EmailClaimError::NotFound);
+                };
+                if self.confirmed_at.is_some() {
+                    return Err(EmailClaimError::AlreadyConfirmed);
+                }
+                if at >= expires_at {
+                    return Err(EmailClaimError::Expired);
+                }
+                Ok(vec![EmailClaimEvent::EmailClaimConfirmed {
+                    claim_id,
+                    identity,
+                    customer_id,
+                    confirmed_at: at,
+                }])
+            }
+        }
+    }
+
+    pub fn apply_event(&mut self, event: EmailClaimEvent) {
+        match event {
+            EmailClaimEvent::EmailClaimOpened {
+                claim_id,
+                identity,
+                customer_id,
+                ticket_id,
+                expires_at,
+                ..
+            } => {
+                self.claim_id = Some(claim_id);
+                self.identity = Some(identity);
+                self.customer_id = Some(customer_id);
+                self.ticket_id = Some(ticket_id);
+                self.expires_at = Some(expires_at);
+            }
+            EmailClaimEvent::ClaimAcknowledgementSent {
+                provider_message_id,
+                thread_id,
+                ..
+            } => {
+                self.acknowledged = Some(provider_message_id);
+                self.thread_id = thread_id;
+            }
+            EmailClaimEvent::EmailClaimConfirmed { confirmed_at, .. } => {
+                self.confirmed_at = Some(confirmed_at)
+            }
+        }
+    }
+}
+
+crate::impl_aggregate!(
+    EmailClaim,
+    "email_claim",
+    EmailClaimCommand,
+    EmailClaimEvent,
+    EmailClaimError
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +466,128 @@ mod tests {
             (None, "bob@example.org".to_string())
         );
         assert!(parse_mailbox("Bob <not-an-address>").is_err());
+    }
+
+    mod claims {
+        use super::super::*;
+        use cqrs_es::test::TestFramework;
+
+        fn at() -> DateTime<Utc> {
+            DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc)
+        }
+
+        fn opened() -> EmailClaimEvent {
+            EmailClaimEvent::EmailClaimOpened {
+                claim_id: Uuid::from_u128(1),
+                identity: IdentityKey::email("ada@example.com").unwrap(),
+                customer_id: Uuid::from_u128(2),
+                ticket_id: Uuid::from_u128(3),
+                opened_at: at(),
+                expires_at: at() + TimeDelta::hours(48),
+            }
+        }
+
+        fn confirmed(when: DateTime<Utc>) -> EmailClaimEvent {
+            EmailClaimEvent::EmailClaimConfirmed {
+                claim_id: Uuid::from_u128(1),
+                identity: IdentityKey::email("ada@example.com").unwrap(),
+                customer_id: Uuid::from_u128(2),
+                confirmed_at: when,
+            }
+        }
+
+        #[test]
+        fn a_claim_opens_for_48_hours() {
+            TestFramework::<EmailClaim>::with(())
+                .given_no_previous_events()
+                .when(EmailClaimCommand::Open {
+                    claim_id: Uuid::from_u128(1),
+                    identity: IdentityKey::email("ada@example.com").unwrap(),
+                    customer_id: Uuid::from_u128(2),
+                    ticket_id: Uuid::from_u128(3),
+                    at: at(),
+                })
+                .then_expect_events(vec![opened()]);
+        }
+
+        #[test]
+        fn a_phone_cannot_be_claimed_by_link() {
+            TestFramework::<EmailClaim>::with(())
+                .given_no_previous_events()
+                .when(EmailClaimCommand::Open {
+                    claim_id: Uuid::from_u128(1),
+                    identity: IdentityKey::phone("+15551234567").unwrap(),
+                    customer_id: Uuid::from_u128(2),
+                    ticket_id: Uuid::from_u128(3),
+                    at: at(),
+                })
+                .then_expect_error(EmailClaimError::NotAnEmail);
+        }
+
+        #[test]
+        fn a_claim_is_confirmed_once_and_before_it_expires() {
+            let soon = at() + TimeDelta::hours(1);
+            TestFramework::<EmailClaim>::with(())
+                .given(vec![opened()])
+                .when(EmailClaimCommand::Confirm { at: soon })
+                .then_expect_events(vec![confirmed(soon)]);
+            TestFramework::<EmailClaim>::with(())
+                .given(vec![opened(), confirmed(soon)])
+                .when(EmailClaimCommand::Confirm { at: soon })
+                .then_expect_error(EmailClaimError::AlreadyConfirmed);
+            TestFramework::<EmailClaim>::with(())
+                .given(vec![opened()])
+                .when(EmailClaimCommand::Confirm {
+                    at: at() + TimeDelta::hours(48),
+                })
+                .then_expect_error(EmailClaimError::Expired);
+            TestFramework::<EmailClaim>::with(())
+                .given_no_previous_events()
+                .when(EmailClaimCommand::Confirm { at: soon })
+                .then_expect_error(EmailClaimError::NotFound);
+        }
+
+        #[test]
+        fn the_acknowledgement_is_recorded_once() {
+            let sent = EmailClaimEvent::ClaimAcknowledgementSent {
+                provider_message_id: "g1".into(),
+                thread_id: Some("t1".into()),
+                sent_at: at(),
+            };
+            TestFramework::<EmailClaim>::with(())
+                .given(vec![opened()])
+                .when(EmailClaimCommand::RecordAcknowledgement {
+                    provider_message_id: "g1".into(),
+                    thread_id: Some("t1".into()),
+                    at: at(),
+                })
+                .then_expect_events(vec![sent.clone()]);
+            TestFramework::<EmailClaim>::with(())
+                .given(vec![opened(), sent])
+                .when(EmailClaimCommand::RecordAcknowledgement {
+                    provider_message_id: "g2".into(),
+                    thread_id: None,
+                    at: at(),
+                })
+                .then_expect_events(vec![]);
+        }
+
+        #[test]
+        fn the_store_keeps_a_hash_of_the_token_not_the_token() {
+            let id = email_claim_id("secret-token");
+            assert!(id.starts_with("email-claim:"));
+            assert!(!id.contains("secret-token"));
+            assert_eq!(id.len(), "email-claim:".len() + 64);
+            assert_ne!(id, email_claim_id("secret-tokem"));
+        }
+
+        #[test]
+        fn only_whatsapp_and_mail_prove_who_wrote() {
+            assert!(channel_proves_identity(crate::Channel::Whatsapp));
+            assert!(channel_proves_identity(crate::Channel::Email));
+            assert!(!channel_proves_identity(crate::Channel::Webform));
+        }
     }
 }

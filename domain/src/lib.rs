@@ -35,7 +35,10 @@ pub use customer::{
     CustomerIdentityCommand, CustomerIdentityError, CustomerIdentityEvent,
 };
 pub use envelope::{Actor, ActorKind, EventEnvelope, StoredEvent};
-pub use identity::{IdentityError, IdentityKey, IdentityKind};
+pub use identity::{
+    EmailClaim, EmailClaimCommand, EmailClaimError, EmailClaimEvent, IdentityError, IdentityKey,
+    IdentityKind,
+};
 pub use metadata::EventMetadata;
 pub use ticket::{Ticket, TicketCommand, TicketError, TicketEvent};
 pub use values::{Category, Channel, Direction, Priority, TicketStatus};

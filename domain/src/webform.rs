@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
 
 use crate::identity::normalize_email;
@@ -37,6 +38,37 @@ pub struct WebFormSubmission {
     pub category: Category,
     pub priority: Priority,
     pub client_request_id: Option<String>,
+}
+
+/// How long a repeated `client_request_id` counts as a retry of the same
+/// submission. Later, or with anything changed, it is a conflict.
+pub const REPLAY_WINDOW_MINUTES: i64 = 10;
+
+/// What the store holds of an earlier submission under the same
+/// (email, `client_request_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSubmission {
+    pub name: Option<String>,
+    pub subject: Option<String>,
+    pub message: String,
+    pub category: Category,
+    pub priority: Priority,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Whether a repeated `client_request_id` may be answered with the earlier
+/// submission's ticket (and its status token): only a byte-identical
+/// retry, within [`REPLAY_WINDOW_MINUTES`]. Anyone else who knows the
+/// (email, id) pair learns nothing they did not send themselves.
+pub fn is_replay(new: &WebFormSubmission, stored: &StoredSubmission, now: DateTime<Utc>) -> bool {
+    let fresh = now >= stored.received_at
+        && now - stored.received_at <= TimeDelta::minutes(REPLAY_WINDOW_MINUTES);
+    fresh
+        && stored.name.as_deref() == Some(new.name.as_str())
+        && stored.subject.as_deref() == Some(new.subject.as_str())
+        && stored.message == new.message
+        && stored.category == new.category
+        && stored.priority == new.priority
 }
 
 /// Field name → what is wrong with it.
@@ -239,5 +271,36 @@ mod tests {
         let mut form = good();
         form.name = Some("\u{200B}\u{200B}".into());
         assert_eq!(form.validate().unwrap_err()["name"], "must not be empty");
+    }
+
+    fn stored(form: &WebFormSubmission, at: DateTime<Utc>) -> StoredSubmission {
+        StoredSubmission {
+            name: Some(form.name.clone()),
+            subject: Some(form.subject.clone()),
+            message: form.message.clone(),
+            category: form.category,
+            priority: form.priority,
+            received_at: at,
+        }
+    }
+
+    #[test]
+    fn only_an_identical_retry_soon_after_is_a_replay() {
+        let at = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let form = good().validate().unwrap();
+        let earlier = stored(&form, at);
+        assert!(is_replay(&form, &earlier, at + TimeDelta::minutes(1)));
+        assert!(!is_replay(&form, &earlier, at + TimeDelta::minutes(11)));
+        let mut changed = form.clone();
+        changed.message = "Something else entirely".into();
+        assert!(!is_replay(&changed, &earlier, at));
+        let mut renamed = form.clone();
+        renamed.name = "Eve".into();
+        assert!(!is_replay(&renamed, &earlier, at));
+        let mut resubjected = form;
+        resubjected.subject = "Other".into();
+        assert!(!is_replay(&resubjected, &earlier, at));
     }
 }

@@ -164,7 +164,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-            let t: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_customer_identifiers")
+            let t: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_customers")
                 .fetch_one(&pool)
                 .await
                 .unwrap();

@@ -117,6 +117,12 @@ pub fn test_config(db_url: &str, prefix: &str, overrides: &[(&str, String)]) -> 
         ("CASEBOOK_HTTP_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ("CASEBOOK_OPS_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ("CASEBOOK_DB_MAX_CONNECTIONS".to_string(), "10".to_string()),
+        // Every test client is 127.0.0.1: the per-client limit is off unless
+        // a test sets it (tests/it/ratelimit.rs).
+        (
+            "CASEBOOK_RATE_LIMIT_PER_CLIENT".to_string(),
+            "0".to_string(),
+        ),
         ("TWILIO_AUTH_TOKEN".to_string(), TWILIO_TOKEN.to_string()),
         ("GMAIL_PUSH_TOKEN".to_string(), GMAIL_PUSH_TOKEN.to_string()),
         (
