@@ -53,6 +53,14 @@ pub struct Config {
     pub sla_check_every_secs: u64,
     /// `CASEBOOK_KB_EF_SEARCH`: HNSW candidates per knowledge base search.
     pub kb_ef_search: u32,
+    /// `CASEBOOK_WORKER_MAX_ATTEMPTS`: attempts of a failing message before
+    /// the dead-letter topic.
+    pub worker_max_attempts: u32,
+    /// `CASEBOOK_WORKER_MAX_RETRY_SECS`: how long a failing message is
+    /// retried before the dead-letter topic.
+    pub worker_max_retry_secs: u64,
+    /// `CASEBOOK_PROVIDER_TIMEOUT_SECS`: one Twilio or Gmail request.
+    pub provider_timeout_secs: u64,
 }
 
 /// A language model endpoint.
@@ -303,7 +311,49 @@ impl Config {
                 .filter(|n| (10..=1000).contains(n))
                 .ok_or_else(|| bad("CASEBOOK_KB_EF_SEARCH", "must be a number from 10 to 1000"))?,
         };
+        let worker_max_attempts = match src.var("CASEBOOK_WORKER_MAX_ATTEMPTS") {
+            None => 8,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_WORKER_MAX_ATTEMPTS",
+                        "must be a number from 1 to 100",
+                    )
+                })?,
+        };
+        let worker_max_retry_secs = match src.var("CASEBOOK_WORKER_MAX_RETRY_SECS") {
+            None => 300,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=86_400).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_WORKER_MAX_RETRY_SECS",
+                        "must be a number of seconds from 1 to 86400",
+                    )
+                })?,
+        };
+        let provider_timeout_secs = match src.var("CASEBOOK_PROVIDER_TIMEOUT_SECS") {
+            None => 15,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=120).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_PROVIDER_TIMEOUT_SECS",
+                        "must be a number of seconds from 1 to 120",
+                    )
+                })?,
+        };
         Ok(Self {
+            worker_max_attempts,
+            worker_max_retry_secs,
+            provider_timeout_secs,
             kb_ef_search,
             llm,
             llm_fallback,
@@ -371,6 +421,9 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), DEFAULT_HTTP_ADDR);
         assert_eq!(c.gmail_api_base, "https://gmail.googleapis.com");
         assert_eq!(c.jwt_secret().unwrap_err().name, "CASEBOOK_JWT_SECRET");
+        assert_eq!(c.worker_max_attempts, 8);
+        assert_eq!(c.worker_max_retry_secs, 300);
+        assert_eq!(c.provider_timeout_secs, 15);
     }
 
     #[test]
@@ -388,6 +441,9 @@ mod tests {
             ("CASEBOOK_EMBEDDINGS", "remote"),
             ("LLM_BASE_URL", "not a url"),
             ("CASEBOOK_SLA_CHECK_SECS", "0"),
+            ("CASEBOOK_WORKER_MAX_ATTEMPTS", "0"),
+            ("CASEBOOK_WORKER_MAX_RETRY_SECS", "forever"),
+            ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
         ];
         for (name, value) in cases {
             assert_eq!(
