@@ -145,12 +145,8 @@ fn delivery(config: &Config, pool: &PgPool) -> anyhow::Result<Delivery> {
             None
         }
     };
-    Ok(Delivery::new(
-        EventStore::new(pool.clone()),
-        twilio,
-        gmail,
-    )
-    .with_timeout(Duration::from_secs(config.provider_timeout_secs)))
+    Ok(Delivery::new(EventStore::new(pool.clone()), twilio, gmail)
+        .with_timeout(Duration::from_secs(config.provider_timeout_secs)))
 }
 
 /// A Kafka worker's settings, with the configured retry bounds.

@@ -55,8 +55,7 @@ pub const DELIVERY_BACKOFF: Backoff =
 /// reply counts as undeliverable.
 pub const PART_ATTEMPT_LIMIT: i32 = 10;
 /// Looks at the provider for a part whose fate is unknown.
-const LOOKUP_BACKOFF: Backoff =
-    Backoff::new(Duration::from_millis(500), Duration::from_secs(5), 3);
+const LOOKUP_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5), 3);
 /// Twilio: pages of the message list read when looking for a part.
 const TWILIO_LOOKUP_PAGES: usize = 3;
 
@@ -173,7 +172,11 @@ pub fn message_id(response_id: Uuid, part: usize, from: &str) -> String {
     let domain = from
         .rsplit_once('@')
         .map(|(_, d)| d)
-        .filter(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)))
+        .filter(|d| {
+            !d.is_empty()
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+        })
         .unwrap_or("casebook.invalid");
     format!("<casebook.{}.{part}@{domain}>", response_id.simple())
 }
@@ -243,7 +246,10 @@ enum PartEnd {
     Accepted(String),
     /// Give up on the reply: `failed` when it certainly did not go out,
     /// not when it may have (then it is escalated but not marked failed).
-    GiveUp { error: String, failed: bool },
+    GiveUp {
+        error: String,
+        failed: bool,
+    },
 }
 
 pub struct Delivery {
@@ -412,7 +418,13 @@ impl Delivery {
         call
     }
 
-    async fn send_part(&self, target: &Target<'_>, response_id: Uuid, index: usize, part: &str) -> Call {
+    async fn send_part(
+        &self,
+        target: &Target<'_>,
+        response_id: Uuid,
+        index: usize,
+        part: &str,
+    ) -> Call {
         match target {
             Target::Twilio { settings: t, to } => {
                 let mut form = vec![
@@ -423,7 +435,10 @@ impl Delivery {
                 if let Some(cb) = &t.status_callback {
                     form.push(("StatusCallback", cb.clone()));
                 }
-                let url = format!("{}/2010-04-01/Accounts/{}/Messages.json", t.api_base, t.account_sid);
+                let url = format!(
+                    "{}/2010-04-01/Accounts/{}/Messages.json",
+                    t.api_base, t.account_sid
+                );
                 let request = self
                     .http
                     .post(&url)
@@ -493,10 +508,10 @@ impl Delivery {
     async fn look_up_gmail(&self, g: &GmailSendSettings, message_id: &str) -> Lookup {
         let url = format!("{}/gmail/v1/users/me/messages", g.api_base);
         let id = message_id.trim_start_matches('<').trim_end_matches('>');
-        let mut request = self
-            .http
-            .get(&url)
-            .query(&[("q", format!("rfc822msgid:{id}")), ("includeSpamTrash", "true".into())]);
+        let mut request = self.http.get(&url).query(&[
+            ("q", format!("rfc822msgid:{id}")),
+            ("includeSpamTrash", "true".into()),
+        ]);
         if let Some(token) = &g.access_token {
             request = request.bearer_auth(token);
         }
@@ -529,7 +544,10 @@ impl Delivery {
         since: DateTime<Utc>,
     ) -> Lookup {
         let since = since - chrono::TimeDelta::minutes(1);
-        let mut url = format!("{}/2010-04-01/Accounts/{}/Messages.json", t.api_base, t.account_sid);
+        let mut url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            t.api_base, t.account_sid
+        );
         let mut query: Option<Vec<(&str, String)>> = Some(vec![
             ("To", to.to_string()),
             ("From", t.from.clone()),
@@ -547,7 +565,10 @@ impl Delivery {
                 Err(e) => return Lookup::Unknown(transport_error(e)),
                 Ok(r) if !r.status().is_success() => {
                     let status = r.status();
-                    return Lookup::Unknown(provider_error(status, &r.text().await.unwrap_or_default()));
+                    return Lookup::Unknown(provider_error(
+                        status,
+                        &r.text().await.unwrap_or_default(),
+                    ));
                 }
                 Ok(r) => match r.json::<TwilioPage>().await {
                     Ok(page) => page,
@@ -647,7 +668,9 @@ impl Delivery {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let marker = self.mark_started(response_id, index, ticket_id, service).await?;
+            let marker = self
+                .mark_started(response_id, index, ticket_id, service)
+                .await?;
             let error = match self.send_part(target, response_id, index, part).await {
                 Call::Accepted(id) => {
                     self.mark_accepted(response_id, index, &id).await?;
@@ -655,7 +678,10 @@ impl Delivery {
                 }
                 Call::Refused(e) => {
                     self.mark(response_id, index, "refused").await?;
-                    return Ok(PartEnd::GiveUp { error: format!("{service} refused part {number}: {e}"), failed: true });
+                    return Ok(PartEnd::GiveUp {
+                        error: format!("{service} refused part {number}: {e}"),
+                        failed: true,
+                    });
                 }
                 Call::NotSent(e) => {
                     self.mark(response_id, index, "refused").await?;
@@ -687,7 +713,10 @@ impl Delivery {
             };
             if marker.attempts >= PART_ATTEMPT_LIMIT {
                 return Ok(PartEnd::GiveUp {
-                    error: format!("part {number} not delivered after {} attempts: {error}", marker.attempts),
+                    error: format!(
+                        "part {number} not delivered after {} attempts: {error}",
+                        marker.attempts
+                    ),
                     failed: true,
                 });
             }
@@ -736,7 +765,8 @@ impl Delivery {
                     .gmail
                     .as_ref()
                     .ok_or("Gmail sending is not configured (GMAIL_SUPPORT_ADDRESS)")?;
-                let to = identity(IdentityKind::Email).ok_or("the customer has no email address")?;
+                let to =
+                    identity(IdentityKind::Email).ok_or("the customer has no email address")?;
                 let thread: Option<&EmailThread> = ticket.email_thread.as_ref();
                 let reference = ticket.id.map(ticket_reference).unwrap_or_default();
                 let subject = match thread
@@ -821,7 +851,9 @@ impl Delivery {
             {
                 PartEnd::Accepted(id) => id,
                 PartEnd::GiveUp { error, failed } => {
-                    return self.give_up(ticket_id, response_id, &error, failed, &meta).await
+                    return self
+                        .give_up(ticket_id, response_id, &error, failed, &meta)
+                        .await
                 }
             };
             if !row.is_some_and(|r| r.recorded) {
@@ -939,7 +971,10 @@ mod tests {
     #[test]
     fn the_raw_message_joins_the_thread_and_cannot_be_header_injected() {
         let id = message_id(Uuid::nil(), 0, "support@acme.test");
-        assert_eq!(id, "<casebook.00000000000000000000000000000000.0@acme.test>");
+        assert_eq!(
+            id,
+            "<casebook.00000000000000000000000000000000.0@acme.test>"
+        );
         let raw = rfc2822(
             "support@acme.test",
             "ada@example.com",
@@ -965,7 +1000,10 @@ mod tests {
         );
         assert!(!e.contains("447700900041"), "{e}");
         assert!(e.contains("21211") && e.starts_with("HTTP 400"), "{e}");
-        let e = provider_error(reqwest::StatusCode::BAD_REQUEST, "Invalid To header: ada@example.com");
+        let e = provider_error(
+            reqwest::StatusCode::BAD_REQUEST,
+            "Invalid To header: ada@example.com",
+        );
         assert!(e.contains("a***@example.com") && !e.contains("ada@"), "{e}");
     }
 }

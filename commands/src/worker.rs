@@ -211,7 +211,10 @@ impl Tracker {
     /// A commit failed: offer these offsets again (if still owned).
     fn retry_commit(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
-            if let Some(state) = self.partitions.get_mut(&(e.topic().to_string(), e.partition())) {
+            if let Some(state) = self
+                .partitions
+                .get_mut(&(e.topic().to_string(), e.partition()))
+            {
                 state.dirty = true;
             }
         }
@@ -227,7 +230,8 @@ impl Tracker {
                 .remove(&(e.topic().to_string(), e.partition()))
             {
                 if let (true, Some(next)) = (state.dirty, state.next) {
-                    let _ = last.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+                    let _ =
+                        last.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
                 }
             }
         }
@@ -504,7 +508,16 @@ fn set_paused(consumer: &WorkerConsumer, pause: bool, group: &str) -> bool {
     };
     match result {
         Ok(()) => {
-            tracing::info!(group, paused = pause, "fetching {}", if pause { "paused: too many messages in hand" } else { "resumed" });
+            tracing::info!(
+                group,
+                paused = pause,
+                "fetching {}",
+                if pause {
+                    "paused: too many messages in hand"
+                } else {
+                    "resumed"
+                }
+            );
             true
         }
         Err(e) => {
@@ -625,7 +638,11 @@ async fn dead_letter_until_written<H: Handler>(
     reason: &str,
 ) -> bool {
     let group = shared.group.as_str();
-    let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30), u32::MAX);
+    let backoff = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        u32::MAX,
+    );
     let mut attempt = 0u32;
     loop {
         attempt += 1;

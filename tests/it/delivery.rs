@@ -190,7 +190,9 @@ impl Respond for GmailFake {
             let found: Vec<Value> = g
                 .stored
                 .iter()
-                .filter(|(_, mid, _)| mid.trim_matches(['<', '>']) == wanted.trim_matches(['<', '>']))
+                .filter(|(_, mid, _)| {
+                    mid.trim_matches(['<', '>']) == wanted.trim_matches(['<', '>'])
+                })
                 .map(|(id, _, _)| json!({"id": id, "threadId": format!("t-{id}")}))
                 .collect();
             return ResponseTemplate::new(200).set_body_json(if found.is_empty() {
@@ -200,7 +202,12 @@ impl Respond for GmailFake {
             });
         }
         let body: Value = serde_json::from_slice(&request.body).unwrap();
-        let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(body["raw"].as_str().unwrap()).unwrap()).unwrap();
+        let raw = String::from_utf8(
+            URL_SAFE_NO_PAD
+                .decode(body["raw"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
         let mid = raw
             .lines()
             .find_map(|l| l.strip_prefix("Message-ID: "))
@@ -236,7 +243,12 @@ async fn whatsapp_ticket(app: &TestApp, from: &str) -> Uuid {
         ("Body", "Where is my export?"),
         ("ProfileName", "Ada"),
     ];
-    assert_eq!(app.post_twilio("/webhooks/whatsapp", &params, None).await.status(), 200);
+    assert_eq!(
+        app.post_twilio("/webhooks/whatsapp", &params, None)
+            .await
+            .status(),
+        200
+    );
     sqlx::query_scalar(
         "SELECT aggregate_id::uuid FROM events WHERE event_type = 'CustomerMessageReceived' AND payload->>'channel_message_id' = $1",
     )
@@ -248,7 +260,12 @@ async fn whatsapp_ticket(app: &TestApp, from: &str) -> Uuid {
 
 /// A web form customer writes in; returns the ticket.
 async fn webform_ticket(app: &TestApp, email: &str) -> Uuid {
-    let response = app.submit_form(crate::common::form(email, "The CSV export fails every time.")).await;
+    let response = app
+        .submit_form(crate::common::form(
+            email,
+            "The CSV export fails every time.",
+        ))
+        .await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     body["ticket_id"].as_str().unwrap().parse().unwrap()
@@ -330,7 +347,8 @@ async fn all_parts_recorded(app: &TestApp, response_id: Uuid, n: usize) -> Vec<S
             .fetch_all(&pool)
             .await
             .unwrap();
-            (rows.len() == n && rows.iter().all(|r| r.1)).then(|| rows.into_iter().map(|r| r.0).collect())
+            (rows.len() == n && rows.iter().all(|r| r.1))
+                .then(|| rows.into_iter().map(|r| r.0).collect())
         }
     })
     .await
@@ -359,13 +377,33 @@ async fn a_whatsapp_reply_whose_second_part_fails_resumes_at_that_part() {
     // again while part 2 was retried.
     assert_eq!(twilio.stored_bodies(), parts);
     let posts = twilio.get(|t| t.posts.clone());
-    assert_eq!(posts.iter().filter(|p| *p == parts[0]).count(), 1, "{posts:?}");
-    assert_eq!(posts.iter().filter(|p| *p == parts[1]).count(), 6, "{posts:?}");
-    assert_eq!(posts.iter().filter(|p| *p == parts[2]).count(), 1, "{posts:?}");
-    let stored_sids: Vec<String> = twilio.get(|t| t.stored.iter().map(|m| m["sid"].as_str().unwrap().to_string()).collect());
+    assert_eq!(
+        posts.iter().filter(|p| *p == parts[0]).count(),
+        1,
+        "{posts:?}"
+    );
+    assert_eq!(
+        posts.iter().filter(|p| *p == parts[1]).count(),
+        6,
+        "{posts:?}"
+    );
+    assert_eq!(
+        posts.iter().filter(|p| *p == parts[2]).count(),
+        1,
+        "{posts:?}"
+    );
+    let stored_sids: Vec<String> = twilio.get(|t| {
+        t.stored
+            .iter()
+            .map(|m| m["sid"].as_str().unwrap().to_string())
+            .collect()
+    });
     assert_eq!(ids, stored_sids);
     assert!(payloads(&app, ticket, "TicketEscalated").await.is_empty());
-    assert_eq!(first_event(&app, ticket, "DeliveryStatusChanged").await["status"], "queued");
+    assert_eq!(
+        first_event(&app, ticket, "DeliveryStatusChanged").await["status"],
+        "queued"
+    );
     app.stop().await;
 }
 
@@ -395,7 +433,14 @@ async fn a_send_accepted_whose_recording_fails_is_not_sent_again() {
     .unwrap();
     let ticket = webform_ticket(&app, "grace@example.com").await;
     let response_id = Uuid::now_v7();
-    reply(&app, ticket, response_id, Channel::Webform, &["Hi Grace, try the JSON export."]).await;
+    reply(
+        &app,
+        ticket,
+        response_id,
+        Channel::Webform,
+        &["Hi Grace, try the JSON export."],
+    )
+    .await;
 
     let status = first_event(&app, ticket, "DeliveryStatusChanged").await;
     assert_eq!(status["status"], "sent");
@@ -404,7 +449,11 @@ async fn a_send_accepted_whose_recording_fails_is_not_sent_again() {
         .await
         .unwrap();
     assert!(failures >= 3, "recording failed before it succeeded");
-    assert_eq!(gmail.get(|g| g.sends), 1, "Gmail accepted it once: never sent again");
+    assert_eq!(
+        gmail.get(|g| g.sends),
+        1,
+        "Gmail accepted it once: never sent again"
+    );
     let stored_id = gmail.get(|g| g.stored[0].0.clone());
     assert_eq!(status["provider_message_id"], stored_id);
     assert_eq!(
@@ -461,21 +510,47 @@ async fn an_email_left_started_by_a_crash_is_found_at_gmail_by_its_message_id() 
     .execute(app.pool())
     .await
     .unwrap();
-    let gmail_id = gmail.store(&message_id(response_id, 0, SUPPORT), "From: support@acme.test\r\n\r\nHi");
-    reply(&app, ticket, response_id, Channel::Webform, &["Hi Lin, here is how."]).await;
+    let gmail_id = gmail.store(
+        &message_id(response_id, 0, SUPPORT),
+        "From: support@acme.test\r\n\r\nHi",
+    );
+    reply(
+        &app,
+        ticket,
+        response_id,
+        Channel::Webform,
+        &["Hi Lin, here is how."],
+    )
+    .await;
 
-    assert_eq!(all_parts_recorded(&app, response_id, 1).await, vec![gmail_id.clone()]);
+    assert_eq!(
+        all_parts_recorded(&app, response_id, 1).await,
+        vec![gmail_id.clone()]
+    );
     assert_eq!(gmail.get(|g| g.sends), 0, "found at Gmail, not sent again");
     let searched = gmail.get(|g| g.searches.clone());
     assert_eq!(
         searched,
-        vec![format!("rfc822msgid:casebook.{}.0@acme.test", response_id.simple())]
+        vec![format!(
+            "rfc822msgid:casebook.{}.0@acme.test",
+            response_id.simple()
+        )]
     );
-    assert_eq!(first_event(&app, ticket, "DeliveryStatusChanged").await["provider_message_id"], gmail_id);
+    assert_eq!(
+        first_event(&app, ticket, "DeliveryStatusChanged").await["provider_message_id"],
+        gmail_id
+    );
 
     // A reply that was never taken is sent, with that Message-ID.
     let second = Uuid::now_v7();
-    reply(&app, ticket, second, Channel::Webform, &["Hi Lin, one more thing."]).await;
+    reply(
+        &app,
+        ticket,
+        second,
+        Channel::Webform,
+        &["Hi Lin, one more thing."],
+    )
+    .await;
     all_parts_recorded(&app, second, 1).await;
     assert_eq!(gmail.get(|g| g.sends), 1);
     let (_, mid, raw) = gmail.get(|g| g.stored[1].clone());
@@ -524,7 +599,14 @@ async fn a_provider_error_naming_the_customer_is_masked_in_logs_notes_and_dead_l
     let app = start(&twilio_server, &gmail_server, &[]).await;
     let ticket = whatsapp_ticket(&app, &format!("whatsapp:{number}")).await;
     let response_id = Uuid::now_v7();
-    reply(&app, ticket, response_id, Channel::Whatsapp, &["Here is your answer."]).await;
+    reply(
+        &app,
+        ticket,
+        response_id,
+        Channel::Whatsapp,
+        &["Here is your answer."],
+    )
+    .await;
 
     let escalated = first_event(&app, ticket, "TicketEscalated").await;
     assert_eq!(escalated["reason"], "delivery_failed");
@@ -548,9 +630,15 @@ async fn a_provider_error_naming_the_customer_is_masked_in_logs_notes_and_dead_l
         ("logs", logs.clone()),
     ] {
         for leak in ["447700900199", "7700 900199", "lovelace@"] {
-            assert!(!text.contains(leak), "{leak} unmasked in the {place}: {text}");
+            assert!(
+                !text.contains(leak),
+                "{leak} unmasked in the {place}: {text}"
+            );
         }
     }
-    assert!(note.contains("+**********99") && note.contains("l***@example.org"), "{note}");
+    assert!(
+        note.contains("+**********99") && note.contains("l***@example.org"),
+        "{note}"
+    );
     app.stop().await;
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use casebook_commands::kafka::{delete_topics, ensure_topics, KafkaSettings};
-use casebook_commands::worker::{self, Handler, HandlerError, Incoming, RetryPolicy, WorkerSettings};
+use casebook_commands::worker::{
+    self, Handler, HandlerError, Incoming, RetryPolicy, WorkerSettings,
+};
 use casebook_domain::topics::Topics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -32,15 +34,18 @@ fn kafka(prefix: &str, partitions: i32) -> KafkaSettings {
     }
 }
 
-/// What a handler saw: (key, payload, partition, offset, when).
+/// One handled message: (key, payload, partition, offset, when).
+type Handled = (String, String, i32, i64, Instant);
+
+/// What a handler saw.
 #[derive(Default)]
 struct Seen {
-    handled: Mutex<Vec<(String, String, i32, i64, Instant)>>,
+    handled: Mutex<Vec<Handled>>,
     attempts: Mutex<HashMap<String, u32>>,
 }
 
 impl Seen {
-    fn handled(&self) -> Vec<(String, String, i32, i64, Instant)> {
+    fn handled(&self) -> Vec<Handled> {
         self.handled.lock().unwrap().clone()
     }
 }
@@ -107,7 +112,13 @@ fn producer(max_bytes: usize) -> FutureProducer {
         .expect("producer")
 }
 
-async fn produce(p: &FutureProducer, topic: &str, partition: Option<i32>, key: &str, payload: &[u8]) {
+async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: &[u8],
+) {
     let mut record = FutureRecord::to(topic).key(key).payload(payload);
     if let Some(partition) = partition {
         record = record.partition(partition);
@@ -133,10 +144,12 @@ fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
         .committed_offsets(tpl, Duration::from_secs(10))
         .expect("committed offsets");
     (0..partitions)
-        .map(|p| match offsets.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => Some(o),
-            _ => None,
-        })
+        .map(
+            |p| match offsets.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
         .collect()
 }
 
@@ -148,7 +161,11 @@ async fn committed_async(group: &str, topic: &str, partitions: i32) -> Vec<Optio
 }
 
 /// The dead-letter topic's messages: (key, headers, payload length).
-fn dead_letters(topic: &str, expected: usize, timeout: Duration) -> Vec<(String, HashMap<String, String>)> {
+fn dead_letters(
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<(String, HashMap<String, String>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", format!("test-dlq-{}", Uuid::new_v4()))
@@ -156,7 +173,8 @@ fn dead_letters(topic: &str, expected: usize, timeout: Duration) -> Vec<(String,
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
     consumer.assign(&tpl).unwrap();
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
@@ -175,13 +193,20 @@ fn dead_letters(topic: &str, expected: usize, timeout: Duration) -> Vec<(String,
                         .collect()
                 })
                 .unwrap_or_default();
-            out.push((String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), headers));
+            out.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                headers,
+            ));
         }
     }
     out
 }
 
-async fn dead_letters_async(topic: &str, expected: usize, timeout: Duration) -> Vec<(String, HashMap<String, String>)> {
+async fn dead_letters_async(
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<(String, HashMap<String, String>)> {
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || dead_letters(&topic, expected, timeout))
         .await
@@ -199,17 +224,27 @@ fn settings(k: &KafkaSettings, group: &str, topic: &str, retry: RetryPolicy) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_key_that_always_fails_is_dead_lettered_after_the_bound_while_every_other_key_is_handled() {
+async fn a_key_that_always_fails_is_dead_lettered_after_the_bound_while_every_other_key_is_handled()
+{
     init_logs();
     let prefix = unique_prefix();
     let k = kafka(&prefix, 1);
     let topic = format!("{prefix}.work");
     let dlq = k.topics.dlq();
-    ensure_topics(&k, &[topic.clone(), dlq.clone()]).await.unwrap();
+    ensure_topics(&k, &[topic.clone(), dlq.clone()])
+        .await
+        .unwrap();
     let p = producer(1_000_000);
     produce(&p, &topic, None, "stuck", b"retry: a stream it cannot read").await;
     for i in 0..200 {
-        produce(&p, &topic, None, &format!("key-{}", i % 50), format!("ok {i}").as_bytes()).await;
+        produce(
+            &p,
+            &topic,
+            None,
+            &format!("key-{}", i % 50),
+            format!("ok {i}").as_bytes(),
+        )
+        .await;
     }
     produce(&p, &topic, None, "stuck", b"after the stuck one").await;
 
@@ -222,7 +257,13 @@ async fn a_key_that_always_fails_is_dead_lettered_after_the_bound_while_every_ot
         cap: Duration::from_secs(4),
     };
     let shutdown = CancellationToken::new();
-    let task = worker::spawn(&k, settings(&k, &group, &topic, retry), handler, shutdown.clone()).unwrap();
+    let task = worker::spawn(
+        &k,
+        settings(&k, &group, &topic, retry),
+        handler,
+        shutdown.clone(),
+    )
+    .unwrap();
 
     // Every other key is handled, in order per key.
     let handled = eventually("the 200 other messages", WAIT, || {
@@ -241,14 +282,27 @@ async fn a_key_that_always_fails_is_dead_lettered_after_the_bound_while_every_ot
     }
     // The stuck one: tried exactly the bound, then dead-lettered with why.
     let letters = dead_letters_async(&dlq, 1, WAIT).await;
-    assert_eq!(letters.len(), 1, "the stuck message reaches the dead-letter topic");
+    assert_eq!(
+        letters.len(),
+        1,
+        "the stuck message reaches the dead-letter topic"
+    );
     let (key, headers) = &letters[0];
     assert_eq!(key, "stuck");
-    assert!(headers["error"].contains("gave up after 4 attempts"), "{headers:?}");
-    assert!(headers["error"].contains("stream unreadable"), "{headers:?}");
+    assert!(
+        headers["error"].contains("gave up after 4 attempts"),
+        "{headers:?}"
+    );
+    assert!(
+        headers["error"].contains("stream unreadable"),
+        "{headers:?}"
+    );
     assert_eq!(headers["source_topic"], topic);
     assert_eq!(headers["source_offset"], "0");
-    assert_eq!(seen.attempts.lock().unwrap()["retry: a stream it cannot read"], 4);
+    assert_eq!(
+        seen.attempts.lock().unwrap()["retry: a stream it cannot read"],
+        4
+    );
     // Its key's next message waited for it, then was handled.
     let after = eventually("the stuck key's next message", WAIT, || {
         let seen = seen.clone();
@@ -257,7 +311,12 @@ async fn a_key_that_always_fails_is_dead_lettered_after_the_bound_while_every_ot
     .await;
     assert_eq!(after.3, 201);
     // The other keys did not wait for the stuck one.
-    let last_other = handled.iter().filter(|m| m.1.starts_with("ok")).map(|m| m.4).max().unwrap();
+    let last_other = handled
+        .iter()
+        .filter(|m| m.1.starts_with("ok"))
+        .map(|m| m.4)
+        .max()
+        .unwrap();
     assert!(last_other < after.4);
     // Everything settled: all of it committed.
     eventually("offsets committed past everything", WAIT, || async {
@@ -276,7 +335,9 @@ async fn a_dead_letter_write_that_fails_commits_nothing_past_the_message() {
     let k = kafka(&prefix, 1);
     let topic = format!("{prefix}.work");
     let dlq = k.topics.dlq();
-    ensure_topics(&k, &[topic.clone(), dlq.clone()]).await.unwrap();
+    ensure_topics(&k, &[topic.clone(), dlq.clone()])
+        .await
+        .unwrap();
     // A message the dead-letter topic can never take: with the worker's
     // headers it is over the producer's 1,000,000-byte limit.
     let p = producer(1_048_576);
@@ -309,10 +370,16 @@ async fn a_dead_letter_write_that_fails_commits_nothing_past_the_message() {
         Some(1),
         "only the message before the one that could not be dead-lettered is committed"
     );
-    assert!(dead_letters_async(&dlq, 1, Duration::from_secs(2)).await.is_empty());
+    assert!(dead_letters_async(&dlq, 1, Duration::from_secs(2))
+        .await
+        .is_empty());
     shutdown.cancel();
     task.await.unwrap();
-    assert_eq!(committed_async(&group, &topic, 1).await[0], Some(1), "nor at shutdown");
+    assert_eq!(
+        committed_async(&group, &topic, 1).await[0],
+        Some(1),
+        "nor at shutdown"
+    );
     let _ = delete_topics(&k, &[topic, dlq]).await;
 }
 
@@ -323,7 +390,9 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
     let k = kafka(&prefix, 2);
     let topic = format!("{prefix}.work");
     let dlq = k.topics.dlq();
-    ensure_topics(&k, &[topic.clone(), dlq.clone()]).await.unwrap();
+    ensure_topics(&k, &[topic.clone(), dlq.clone()])
+        .await
+        .unwrap();
     let p = producer(1_000_000);
     let group = format!("{prefix}.group");
     let retry = RetryPolicy::default();
@@ -331,9 +400,22 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
     // Member A owns both partitions and is stuck in one message on each.
     let (handler_a, seen_a, release_a) = handler();
     let stop_a = CancellationToken::new();
-    let a = worker::spawn(&k, settings(&k, &group, &topic, retry), handler_a, stop_a.clone()).unwrap();
+    let a = worker::spawn(
+        &k,
+        settings(&k, &group, &topic, retry),
+        handler_a,
+        stop_a.clone(),
+    )
+    .unwrap();
     for partition in 0..2 {
-        produce(&p, &topic, Some(partition), &format!("warm-{partition}"), b"ok warm").await;
+        produce(
+            &p,
+            &topic,
+            Some(partition),
+            &format!("warm-{partition}"),
+            b"ok warm",
+        )
+        .await;
     }
     eventually("A handles both partitions", WAIT, || {
         let seen = seen_a.clone();
@@ -341,7 +423,14 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
     })
     .await;
     for partition in 0..2 {
-        produce(&p, &topic, Some(partition), &format!("held-{partition}"), b"hold").await;
+        produce(
+            &p,
+            &topic,
+            Some(partition),
+            &format!("held-{partition}"),
+            b"hold",
+        )
+        .await;
     }
     eventually("A's warm-up committed", WAIT, || async {
         (committed_async(&group, &topic, 2).await == vec![Some(1), Some(1)]).then_some(())
@@ -353,7 +442,13 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
     let (handler_b, seen_b, release_b) = handler();
     release_b.send(true).unwrap();
     let stop_b = CancellationToken::new();
-    let b = worker::spawn(&k, settings(&k, &group, &topic, retry), handler_b, stop_b.clone()).unwrap();
+    let b = worker::spawn(
+        &k,
+        settings(&k, &group, &topic, retry),
+        handler_b,
+        stop_b.clone(),
+    )
+    .unwrap();
     let moved = eventually("B takes over a partition", Duration::from_secs(90), || {
         let seen = seen_b.clone();
         async move { seen.handled().first().map(|m| m.2) }
@@ -372,7 +467,12 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
     release_a.send(true).unwrap();
     eventually("A finishes what it held", WAIT, || {
         let seen = seen_a.clone();
-        async move { seen.handled().iter().any(|m| m.1 == "hold" && m.2 == moved).then_some(()) }
+        async move {
+            seen.handled()
+                .iter()
+                .any(|m| m.1 == "hold" && m.2 == moved)
+                .then_some(())
+        }
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
