@@ -100,7 +100,7 @@ pub static LLM_CALLS: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub static WORKER_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "casebook_worker_errors_total",
-        "Failures in Kafka workers by consumer group and kind (retry: a handler asked to retry; poison: a handler refused a message; exhausted: retries ran out; dlq_write: a dead-letter write failed; consume: the consumer reported an error)",
+        "Failures in Kafka workers by consumer group and kind (retry: a handler asked to retry; poison: a handler refused a message; exhausted: retries ran out; dlq_write: a dead-letter write failed; commit: an offset commit failed; consume: the consumer reported an error)",
         &["group", "kind"]
     )
     .expect("metric registers once")

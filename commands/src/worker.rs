@@ -139,6 +139,9 @@ impl WorkerSettings {
 struct PartitionState {
     epoch: u64,
     pending: BTreeSet<i64>,
+    /// The highest offset taken: with nothing pending, everything up to it
+    /// is settled (offsets are taken in order).
+    high: Option<i64>,
     next: Option<i64>,
     dirty: bool,
 }
@@ -156,6 +159,7 @@ impl Tracker {
         PartitionState {
             epoch: self.epochs,
             pending: BTreeSet::new(),
+            high: None,
             next: None,
             dirty: false,
         }
@@ -170,6 +174,7 @@ impl Tracker {
         }
         let state = self.partitions.get_mut(&key).expect("inserted");
         state.pending.insert(offset);
+        state.high = state.high.max(Some(offset));
         state.epoch
     }
 
@@ -189,7 +194,12 @@ impl Tracker {
         if state.epoch != epoch || !state.pending.remove(&offset) {
             return;
         }
-        let committable = state.pending.first().copied().unwrap_or(offset + 1);
+        // Out of order across keys: 6 may settle before 5, and then 5's
+        // settling makes everything up to 6 committable.
+        let committable = match state.pending.first() {
+            Some(first) => *first,
+            None => state.high.unwrap_or(offset).max(offset) + 1,
+        };
         if state.next.is_none_or(|n| committable > n) {
             state.next = Some(committable);
             state.dirty = true;
@@ -216,6 +226,24 @@ impl Tracker {
                 .get_mut(&(e.topic().to_string(), e.partition()))
             {
                 state.dirty = true;
+            }
+        }
+    }
+
+    /// An asynchronous commit failed (a rebalance in progress, a broker
+    /// away): offer the offsets again, unless the partition changed hands
+    /// or moved on since.
+    fn commit_failed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(state) = self
+                .partitions
+                .get_mut(&(e.topic().to_string(), e.partition()))
+            {
+                if let (Offset::Offset(o), Some(next)) = (e.offset(), state.next) {
+                    if o == next {
+                        state.dirty = true;
+                    }
+                }
             }
         }
     }
@@ -271,6 +299,20 @@ impl ConsumerContext for WorkerContext {
                 }
             }
             tracing::info!(group = %self.group, partitions = revoked.count(), "partitions revoked");
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            WORKER_ERRORS
+                .with_label_values(&[self.group.as_str(), "commit"])
+                .inc();
+            tracing::warn!(group = %self.group, error = %e, "offsets not committed; retrying");
+            lock(&self.tracker).commit_failed(offsets);
         }
     }
 
@@ -740,6 +782,18 @@ mod tests {
         assert_eq!(next(&t, "x", 0), Some(12));
         t.finish("x", 0, 12, e[2]);
         assert_eq!(next(&t, "x", 0), Some(13));
+    }
+
+    #[test]
+    fn work_settled_out_of_order_is_committed_once_the_gap_closes() {
+        let mut t = Tracker::default();
+        t.assign(&tpl(&[("x", 0)]));
+        let e5 = t.start("x", 0, 5);
+        let e6 = t.start("x", 0, 6);
+        t.finish("x", 0, 6, e6);
+        assert_eq!(next(&t, "x", 0), Some(5));
+        t.finish("x", 0, 5, e5);
+        assert_eq!(next(&t, "x", 0), Some(7));
     }
 
     #[test]

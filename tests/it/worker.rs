@@ -458,7 +458,8 @@ async fn a_member_that_lost_a_partition_never_commits_it() {
         produce(&p, &topic, Some(moved), &format!("more-{i}"), b"ok more").await;
     }
     eventually("B commits its progress", WAIT, || async {
-        (committed_async(&group, &topic, 2).await[moved as usize] == Some(7)).then_some(())
+        let c = committed_async(&group, &topic, 2).await;
+        (c[moved as usize] == Some(7)).then_some(())
     })
     .await;
 
