@@ -19,7 +19,7 @@ use casebook_commands::limits::Limit;
 use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
 use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::sla;
-use casebook_commands::worker::{self, WorkerSettings};
+use casebook_commands::worker::{self, RetryPolicy, WorkerSettings};
 use casebook_commands::{EventStore, Intake};
 use casebook_domain::retry::Backoff;
 use casebook_domain::topics::Topics;
@@ -118,7 +118,7 @@ pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
     Ok(providers)
 }
 
-fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Delivery> {
+fn delivery(config: &Config, pool: &PgPool) -> anyhow::Result<Delivery> {
     let twilio = match (
         &config.twilio_account_sid,
         &config.twilio_auth_token,
@@ -156,17 +156,29 @@ fn delivery(config: &Config, pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Re
             None
         }
     };
-    Ok(Delivery::new(
-        EventStore::new(pool.clone()),
-        twilio,
-        gmail,
-        kafka.producer().context("KAFKA_BROKERS: producer")?,
-        kafka.topics.dlq(),
-    )
-    .with_acknowledgements(AcknowledgementSettings {
-        links,
-        recipient_limit: Limit::per_hour(config.auto_emails_per_recipient_per_hour),
-    }))
+    Ok(Delivery::new(EventStore::new(pool.clone()), twilio, gmail)
+        .with_timeout(Duration::from_secs(config.provider_timeout_secs))
+        .with_acknowledgements(AcknowledgementSettings {
+            links,
+            recipient_limit: Limit::per_hour(config.auto_emails_per_recipient_per_hour),
+        }))
+}
+
+/// A Kafka worker's settings, with the configured retry bounds.
+pub fn worker_settings(
+    config: &Config,
+    kafka: &KafkaSettings,
+    group: String,
+    topics: Vec<String>,
+) -> WorkerSettings {
+    WorkerSettings {
+        retry: RetryPolicy {
+            max_attempts: config.worker_max_attempts,
+            max_retry: Duration::from_secs(config.worker_max_retry_secs),
+            ..RetryPolicy::default()
+        },
+        ..WorkerSettings::new(kafka, group, topics)
+    }
 }
 
 /// A started service: its tasks and, with the API role, its address.
@@ -357,11 +369,12 @@ pub async fn start(
         );
         let worker = worker::spawn(
             &kafka,
-            WorkerSettings {
-                group: kafka.topics.group("agent"),
-                topics: vec![kafka.topics.tickets_incoming()],
-                lanes: 8,
-            },
+            worker_settings(
+                config,
+                &kafka,
+                kafka.topics.group("agent"),
+                vec![kafka.topics.tickets_incoming()],
+            ),
             Arc::new(AgentHandler(agent)),
             shutdown.clone(),
         )
@@ -375,18 +388,14 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Delivery) {
-        let delivery = Arc::new(delivery(config, &pool, &kafka)?);
+        let delivery = Arc::new(delivery(config, &pool)?);
         let topics = Channel::ALL
             .iter()
             .map(|c| kafka.topics.outbound(*c))
             .collect();
         let worker = worker::spawn(
             &kafka,
-            WorkerSettings {
-                group: kafka.topics.group("delivery"),
-                topics,
-                lanes: 8,
-            },
+            worker_settings(config, &kafka, kafka.topics.group("delivery"), topics),
             Arc::new(DeliveryHandler(delivery)),
             shutdown.clone(),
         )

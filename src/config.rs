@@ -70,6 +70,14 @@ pub struct Config {
     /// `CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR`: automatic emails
     /// (acknowledgements, AI replies) to one address an hour; 0 turns it off.
     pub auto_emails_per_recipient_per_hour: u32,
+    /// `CASEBOOK_WORKER_MAX_ATTEMPTS`: attempts of a failing message before
+    /// the dead-letter topic.
+    pub worker_max_attempts: u32,
+    /// `CASEBOOK_WORKER_MAX_RETRY_SECS`: how long a failing message is
+    /// retried before the dead-letter topic.
+    pub worker_max_retry_secs: u64,
+    /// `CASEBOOK_PROVIDER_TIMEOUT_SECS`: one Twilio or Gmail request.
+    pub provider_timeout_secs: u64,
 }
 
 /// A whole-number limit setting: `default` when unset, 0 to `max`.
@@ -369,7 +377,49 @@ impl Config {
             &src.var("CASEBOOK_TRUSTED_PROXIES").unwrap_or_default(),
         )
         .map_err(|e| bad("CASEBOOK_TRUSTED_PROXIES", e))?;
+        let worker_max_attempts = match src.var("CASEBOOK_WORKER_MAX_ATTEMPTS") {
+            None => 8,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_WORKER_MAX_ATTEMPTS",
+                        "must be a number from 1 to 100",
+                    )
+                })?,
+        };
+        let worker_max_retry_secs = match src.var("CASEBOOK_WORKER_MAX_RETRY_SECS") {
+            None => 300,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=86_400).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_WORKER_MAX_RETRY_SECS",
+                        "must be a number of seconds from 1 to 86400",
+                    )
+                })?,
+        };
+        let provider_timeout_secs = match src.var("CASEBOOK_PROVIDER_TIMEOUT_SECS") {
+            None => 15,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=120).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_PROVIDER_TIMEOUT_SECS",
+                        "must be a number of seconds from 1 to 120",
+                    )
+                })?,
+        };
         Ok(Self {
+            worker_max_attempts,
+            worker_max_retry_secs,
+            provider_timeout_secs,
             auto_reply_cap_per_hour,
             rate_limit_per_client: limit_var(src, "CASEBOOK_RATE_LIMIT_PER_CLIENT", 60, 1_000_000)?,
             trusted_proxies,
@@ -453,6 +503,9 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), DEFAULT_HTTP_ADDR);
         assert_eq!(c.gmail_api_base, "https://gmail.googleapis.com");
         assert_eq!(c.jwt_secret().unwrap_err().name, "CASEBOOK_JWT_SECRET");
+        assert_eq!(c.worker_max_attempts, 8);
+        assert_eq!(c.worker_max_retry_secs, 300);
+        assert_eq!(c.provider_timeout_secs, 15);
     }
 
     #[test]
@@ -472,6 +525,9 @@ mod tests {
             ("CASEBOOK_SLA_CHECK_SECS", "0"),
             ("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR", "0"),
             ("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR", "51"),
+            ("CASEBOOK_WORKER_MAX_ATTEMPTS", "0"),
+            ("CASEBOOK_WORKER_MAX_RETRY_SECS", "forever"),
+            ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
         ];
         for (name, value) in cases {
             assert_eq!(

@@ -769,6 +769,7 @@ mod tests {
             category: Category::General,
             priority: Priority::Medium,
             received_at: DateTime::UNIX_EPOCH,
+            automated: None,
         }
     }
 

@@ -121,3 +121,30 @@ pub static RELAY_SET_ASIDE: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+pub static WORKER_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_worker_errors_total",
+        "Failures in Kafka workers by consumer group and kind (retry: a handler asked to retry; poison: a handler refused a message; exhausted: retries ran out; dlq_write: a dead-letter write failed; commit: an offset commit failed; consume: the consumer reported an error)",
+        &["group", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+pub static DLQ_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_dlq_messages_total",
+        "Messages a worker wrote to the dead-letter topic, by consumer group",
+        &["group"]
+    )
+    .expect("metric registers once")
+});
+
+pub static DELIVERY_RECONCILED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_delivery_reconciled_total",
+        "Reply parts whose fate was unknown (a timeout, a crash mid-send) and were looked up at the provider, by service and outcome (found, absent, unknown)",
+        &["service", "outcome"]
+    )
+    .expect("metric registers once")
+});

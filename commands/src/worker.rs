@@ -1,31 +1,50 @@
 //! A Kafka consumer group member that handles messages concurrently while
 //! keeping each key's messages in order, and commits offsets only up to the
-//! first message not yet finished: a crash repeats work, it never skips it
-//! (handlers are idempotent). Messages a handler cannot ever process go to
-//! the dead-letter topic with the error and their origin in headers.
+//! first message not yet settled: a crash repeats work, it never skips it
+//! (handlers are idempotent).
+//!
+//! - **No key blocks another.** Each key has its own queue; a key's next
+//!   message starts when its previous one is settled. At most `lanes`
+//!   handlers run at once (a semaphore, held only while a handler runs, not
+//!   while a failed message waits for its next attempt). Messages taken from
+//!   Kafka and not yet settled are bounded by `max_in_flight`: at the bound
+//!   the consumer pauses fetching its partitions and resumes at half of it,
+//!   while it keeps polling (heartbeats, rebalances).
+//! - **Retries are bounded.** A handler's `Retry` is tried again with
+//!   exponential backoff and jitter, until `max_attempts` or `max_retry`
+//!   elapsed; then the message goes to the dead-letter topic with the error
+//!   and its origin in headers. `Poison` goes there at once.
+//! - **A message is settled only once it is handled or dead-lettered.** A
+//!   dead-letter write that fails is retried with backoff; the message stays
+//!   pending meanwhile, so no offset at or past it is committed.
+//! - **Offsets belong to an assignment.** The tracker is reset by the
+//!   rebalance callbacks: a revoked partition's finished work is committed
+//!   before it goes, and messages still in hand for it are never committed
+//!   later (nor started, if they were only queued).
+//! - Every message is handled in a span carrying the envelope's
+//!   `correlation_id` (header) and `causation_id` (payload).
 
-use std::collections::{BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use casebook_domain::masking::mask_pii;
 use casebook_domain::retry::Backoff;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::kafka::KafkaSettings;
-use crate::retry::sleep_backoff;
-
-const RETRY_BACKOFF: Backoff = Backoff::new(
-    Duration::from_millis(200),
-    Duration::from_secs(10),
-    u32::MAX,
-);
+use crate::metrics::{DLQ_MESSAGES, WORKER_ERRORS};
+use crate::retry::jitter;
 
 /// One consumed message.
 #[derive(Debug, Clone)]
@@ -41,7 +60,7 @@ pub struct Incoming {
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// Worth trying again later (a database or API outage): retried with
-    /// backoff until it succeeds or the worker stops.
+    /// backoff, within the worker's bounds, then dead-lettered.
     #[error("{0}")]
     Retry(String),
     /// Never going to work: the message goes to the dead-letter topic.
@@ -54,59 +73,299 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, message: &Incoming) -> Result<(), HandlerError>;
 }
 
+/// How long a message that keeps failing is tried before it is
+/// dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (`CASEBOOK_WORKER_MAX_ATTEMPTS`).
+    pub max_attempts: u32,
+    /// Time from the first attempt after which no new attempt starts
+    /// (`CASEBOOK_WORKER_MAX_RETRY_SECS`).
+    pub max_retry: Duration,
+    /// The wait between attempts (exponential, with jitter).
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            max_retry: Duration::from_secs(300),
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.base, self.cap, self.max_attempts)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub group: String,
     pub topics: Vec<String>,
-    /// Messages handled at once (different keys).
+    /// Handlers running at once (different keys).
     pub lanes: usize,
+    /// Messages taken from Kafka and not yet settled, across all keys; at
+    /// this bound fetching pauses.
+    pub max_in_flight: usize,
+    pub retry: RetryPolicy,
+    /// Where messages that cannot be handled go.
+    pub dead_letter_topic: String,
 }
 
-/// Offsets dispatched and not yet finished, per partition.
-#[derive(Default)]
-struct Tracker {
-    pending: HashMap<(String, i32), BTreeSet<i64>>,
-    next: HashMap<(String, i32), i64>,
+impl WorkerSettings {
+    /// Defaults: 8 lanes, 512 messages in flight, the default retry policy,
+    /// the deployment's dead-letter topic.
+    pub fn new(kafka: &KafkaSettings, group: String, topics: Vec<String>) -> Self {
+        Self {
+            group,
+            topics,
+            lanes: 8,
+            max_in_flight: 512,
+            retry: RetryPolicy::default(),
+            dead_letter_topic: kafka.topics.dlq(),
+        }
+    }
+}
+
+/// Per partition: the offsets in hand and the next offset to commit, valid
+/// for one assignment (`epoch`).
+#[derive(Debug)]
+struct PartitionState {
+    epoch: u64,
+    pending: BTreeSet<i64>,
+    /// The highest offset taken: with nothing pending, everything up to it
+    /// is settled (offsets are taken in order).
+    high: Option<i64>,
+    next: Option<i64>,
     dirty: bool,
 }
 
+/// Offsets taken and not yet settled, per partition this member owns.
+#[derive(Default, Debug)]
+struct Tracker {
+    partitions: HashMap<(String, i32), PartitionState>,
+    epochs: u64,
+}
+
 impl Tracker {
-    fn start(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.pending
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .insert(offset);
+    fn fresh(&mut self) -> PartitionState {
+        self.epochs += 1;
+        PartitionState {
+            epoch: self.epochs,
+            pending: BTreeSet::new(),
+            high: None,
+            next: None,
+            dirty: false,
+        }
     }
 
-    fn finish(&mut self, topic: &str, partition: i32, offset: i64) {
+    /// Records a message taken; returns the assignment it belongs to.
+    fn start(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
         let key = (topic.to_string(), partition);
-        let pending = self.pending.entry(key.clone()).or_default();
-        pending.remove(&offset);
-        let committable = pending.first().copied().unwrap_or(offset + 1);
-        let next = self.next.entry(key).or_insert(committable);
-        if committable > *next {
-            *next = committable;
-            self.dirty = true;
+        if !self.partitions.contains_key(&key) {
+            let state = self.fresh();
+            self.partitions.insert(key.clone(), state);
+        }
+        let state = self.partitions.get_mut(&key).expect("inserted");
+        state.pending.insert(offset);
+        state.high = state.high.max(Some(offset));
+        state.epoch
+    }
+
+    /// Whether a message taken in `epoch` still belongs to this member.
+    fn is_current(&self, topic: &str, partition: i32, epoch: u64) -> bool {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|s| s.epoch == epoch)
+    }
+
+    /// A message settled. Ignored when its partition was revoked (or
+    /// reassigned) since it was taken.
+    fn finish(&mut self, topic: &str, partition: i32, offset: i64, epoch: u64) {
+        let Some(state) = self.partitions.get_mut(&(topic.to_string(), partition)) else {
+            return;
+        };
+        if state.epoch != epoch || !state.pending.remove(&offset) {
+            return;
+        }
+        // Out of order across keys: 6 may settle before 5, and then 5's
+        // settling makes everything up to 6 committable.
+        let committable = match state.pending.first() {
+            Some(first) => *first,
+            None => state.high.unwrap_or(offset).max(offset) + 1,
+        };
+        if state.next.is_none_or(|n| committable > n) {
+            state.next = Some(committable);
+            state.dirty = true;
         }
     }
 
+    /// Offsets to commit since the last call.
     fn committable(&mut self) -> Option<TopicPartitionList> {
-        if !self.dirty {
-            return None;
-        }
-        self.dirty = false;
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), next) in &self.next {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        for ((topic, partition), state) in &mut self.partitions {
+            if let (true, Some(next)) = (state.dirty, state.next) {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(next));
+                state.dirty = false;
+            }
         }
-        Some(tpl)
+        (tpl.count() > 0).then_some(tpl)
+    }
+
+    /// A commit failed: offer these offsets again (if still owned).
+    fn retry_commit(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(state) = self
+                .partitions
+                .get_mut(&(e.topic().to_string(), e.partition()))
+            {
+                state.dirty = true;
+            }
+        }
+    }
+
+    /// An asynchronous commit failed (a rebalance in progress, a broker
+    /// away): offer the offsets again, unless the partition changed hands
+    /// or moved on since.
+    fn commit_failed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(state) = self
+                .partitions
+                .get_mut(&(e.topic().to_string(), e.partition()))
+            {
+                if let (Offset::Offset(o), Some(next)) = (e.offset(), state.next) {
+                    if o == next {
+                        state.dirty = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Partitions leave this member: returns their finished offsets (to
+    /// commit while still owned) and forgets them.
+    fn revoke(&mut self, revoked: &TopicPartitionList) -> TopicPartitionList {
+        let mut last = TopicPartitionList::new();
+        for e in revoked.elements() {
+            if let Some(state) = self
+                .partitions
+                .remove(&(e.topic().to_string(), e.partition()))
+            {
+                if let (true, Some(next)) = (state.dirty, state.next) {
+                    let _ =
+                        last.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+                }
+            }
+        }
+        last
+    }
+
+    /// Partitions join this member: each starts a new assignment.
+    fn assign(&mut self, assigned: &TopicPartitionList) {
+        for e in assigned.elements() {
+            let state = self.fresh();
+            self.partitions
+                .insert((e.topic().to_string(), e.partition()), state);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.partitions.clear();
     }
 }
 
-fn lane_of(key: &str, lanes: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
+/// The consumer's context: keeps the tracker in step with the assignment.
+struct WorkerContext {
+    group: String,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            let last = lock(&self.tracker).revoke(revoked);
+            if last.count() > 0 {
+                // Still ours until this callback returns.
+                if let Err(e) = consumer.commit(&last, CommitMode::Sync) {
+                    tracing::warn!(group = %self.group, error = %e, "offsets of revoked partitions not committed; their new owner repeats that work");
+                }
+            }
+            tracing::info!(group = %self.group, partitions = revoked.count(), "partitions revoked");
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            WORKER_ERRORS
+                .with_label_values(&[self.group.as_str(), "commit"])
+                .inc();
+            tracing::warn!(group = %self.group, error = %e, "offsets not committed; retrying");
+            lock(&self.tracker).commit_failed(offsets);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                lock(&self.tracker).assign(assigned);
+                tracing::info!(group = %self.group, partitions = assigned.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                // The assignment is unknown: commit nothing for it.
+                tracing::warn!(group = %self.group, error = %e, "rebalance failed");
+                if consumer.assignment_lost() {
+                    lock(&self.tracker).forget_all();
+                }
+            }
+        }
+    }
+}
+
+fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type WorkerConsumer = StreamConsumer<WorkerContext>;
+
+/// A message taken from Kafka, with the assignment it was taken in.
+struct Taken {
+    message: Incoming,
+    epoch: u64,
+}
+
+/// What a message's task reports when it ends.
+struct Done {
+    key: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    settled: bool,
+}
+
+/// What every message's task shares.
+struct Shared<H> {
+    handler: Arc<H>,
+    producer: FutureProducer,
+    dlq: String,
+    group: String,
+    retry: RetryPolicy,
+    lanes: Semaphore,
+    /// Cancelled when a failing message should stop being retried.
+    stop: CancellationToken,
 }
 
 /// Starts the worker; it runs until `shutdown`, finishing messages in hand.
@@ -115,8 +374,9 @@ pub fn spawn<H: Handler>(
     settings: WorkerSettings,
     handler: Arc<H>,
     shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, rdkafka::error::KafkaError> {
-    let consumer: StreamConsumer = kafka
+) -> Result<tokio::task::JoinHandle<()>, KafkaError> {
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let consumer: WorkerConsumer = kafka
         .client_config()
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
@@ -125,131 +385,335 @@ pub fn spawn<H: Handler>(
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
         .set("topic.metadata.refresh.interval.ms", "10000")
-        .create()?;
-    let producer = kafka.producer()?;
-    let dlq = kafka.topics.dlq();
+        .create_with_context(WorkerContext {
+            group: settings.group.clone(),
+            tracker: tracker.clone(),
+        })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let consumer = Arc::new(consumer);
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let lanes = settings.lanes.max(1);
-    let group = settings.group.clone();
-
-    Ok(tokio::spawn(async move {
-        let lane_shutdown = CancellationToken::new();
-        let mut senders = Vec::with_capacity(lanes);
-        let mut lane_tasks = Vec::with_capacity(lanes);
-        for _ in 0..lanes {
-            let (tx, mut rx) = mpsc::channel::<Incoming>(64);
-            senders.push(tx);
-            let handler = handler.clone();
-            let tracker = tracker.clone();
-            let producer = producer.clone();
-            let dlq = dlq.clone();
-            let stop = lane_shutdown.clone();
-            lane_tasks.push(tokio::spawn(async move {
-                while let Some(message) = rx.recv().await {
-                    // A message left unsettled at shutdown keeps its offset
-                    // pending, so nothing at or past it is committed.
-                    if process(handler.as_ref(), &message, &producer, &dlq, &stop).await {
-                        tracker.lock().expect("not poisoned").finish(
-                            &message.topic,
-                            message.partition,
-                            message.offset,
-                        );
-                    }
-                }
-            }));
-        }
-        tracing::info!(group = %group, "worker consuming");
-        let mut commit_tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = commit_tick.tick() => commit(&consumer, &tracker),
-                received = consumer.recv() => match received {
-                    Err(e) => {
-                        tracing::warn!(group = %group, error = %e, "consumer error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Ok(m) => {
-                        let message = Incoming {
-                            topic: m.topic().to_string(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                            payload: m.payload().unwrap_or_default().to_vec(),
-                            headers: m.headers().map(|h| h.iter()
-                                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                                .collect()).unwrap_or_default(),
-                        };
-                        tracker.lock().expect("not poisoned").start(&message.topic, message.partition, message.offset);
-                        let lane = lane_of(&message.key, lanes);
-                        if senders[lane].send(message).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        // Finish what is in hand, then commit it.
-        drop(senders);
-        let grace = tokio::time::sleep(Duration::from_secs(20));
-        tokio::pin!(grace);
-        for task in lane_tasks {
-            tokio::select! {
-                _ = task => {}
-                _ = &mut grace => { lane_shutdown.cancel(); }
-            }
-        }
-        commit(&consumer, &tracker);
-        tracing::info!(group = %group, "worker stopped");
-    }))
+    let shared = Arc::new(Shared {
+        handler,
+        producer: kafka.producer()?,
+        dlq: settings.dead_letter_topic.clone(),
+        group: settings.group.clone(),
+        retry: settings.retry,
+        lanes: Semaphore::new(settings.lanes.max(1)),
+        stop: CancellationToken::new(),
+    });
+    let max_in_flight = settings.max_in_flight.max(1);
+    Ok(tokio::spawn(run(
+        consumer,
+        tracker,
+        shared,
+        max_in_flight,
+        shutdown,
+    )))
 }
 
-fn commit(consumer: &StreamConsumer, tracker: &Mutex<Tracker>) {
-    let tpl = tracker.lock().expect("not poisoned").committable();
+async fn run<H: Handler>(
+    consumer: WorkerConsumer,
+    tracker: Arc<Mutex<Tracker>>,
+    shared: Arc<Shared<H>>,
+    max_in_flight: usize,
+    shutdown: CancellationToken,
+) {
+    let group = shared.group.clone();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    // Keys with a message being handled, and what waits behind it.
+    let mut queues: HashMap<String, VecDeque<Taken>> = HashMap::new();
+    let mut in_flight = 0usize;
+    let mut running = 0usize;
+    let mut paused = false;
+    let mut commit_tick = tokio::time::interval(Duration::from_millis(250));
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(group = %group, "worker consuming");
+
+    let start_task = |taken: Taken, running: &mut usize| {
+        *running += 1;
+        let shared = shared.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            let m = &taken.message;
+            let settled = process(&shared, m).await;
+            let _ = done_tx.send(Done {
+                key: m.key.clone(),
+                topic: m.topic.clone(),
+                partition: m.partition,
+                offset: m.offset,
+                epoch: taken.epoch,
+                settled,
+            });
+        });
+    };
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = commit_tick.tick() => commit(&consumer, &tracker),
+            Some(done) = done_rx.recv() => {
+                running -= 1;
+                in_flight -= 1;
+                if done.settled {
+                    lock(&tracker).finish(&done.topic, done.partition, done.offset, done.epoch);
+                }
+                // The key's next message, skipping those of partitions this
+                // member no longer owns.
+                let next = loop {
+                    match queues.get_mut(&done.key).and_then(VecDeque::pop_front) {
+                        Some(t) if !lock(&tracker).is_current(&t.message.topic, t.message.partition, t.epoch) => in_flight -= 1,
+                        other => break other,
+                    }
+                };
+                match next {
+                    Some(taken) => start_task(taken, &mut running),
+                    None => { queues.remove(&done.key); }
+                }
+                if paused && in_flight <= max_in_flight / 2 {
+                    paused = !set_paused(&consumer, false, &group);
+                }
+            }
+            received = consumer.recv() => match received {
+                Err(e) => {
+                    WORKER_ERRORS.with_label_values(&[group.as_str(), "consume"]).inc();
+                    tracing::warn!(group = %group, error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(m) => {
+                    let message = Incoming {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        headers: m.headers().map(|h| h.iter()
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()).unwrap_or_default(),
+                    };
+                    drop(m);
+                    let epoch = lock(&tracker).start(&message.topic, message.partition, message.offset);
+                    in_flight += 1;
+                    let taken = Taken { message, epoch };
+                    match queues.get_mut(&taken.message.key) {
+                        Some(waiting) => waiting.push_back(taken),
+                        None => {
+                            queues.insert(taken.message.key.clone(), VecDeque::new());
+                            start_task(taken, &mut running);
+                        }
+                    }
+                    // At the bound (or past it, after a rebalance handed us
+                    // partitions that were not paused): stop fetching.
+                    if in_flight >= max_in_flight {
+                        paused = set_paused(&consumer, true, &group) || paused;
+                    }
+                }
+            }
+        }
+    }
+
+    // Stop taking work; let the messages being handled finish (failing ones
+    // keep retrying for a while), then stop retrying. Queued messages are
+    // not started: they stay pending and are handled after a restart.
+    drop(done_tx);
+    let grace = tokio::time::sleep(Duration::from_secs(15));
+    tokio::pin!(grace);
+    while running > 0 {
+        tokio::select! {
+            done = done_rx.recv() => match done {
+                Some(done) => {
+                    running -= 1;
+                    if done.settled {
+                        lock(&tracker).finish(&done.topic, done.partition, done.offset, done.epoch);
+                    }
+                }
+                None => break,
+            },
+            _ = &mut grace, if !shared.stop.is_cancelled() => shared.stop.cancel(),
+        }
+    }
+    commit(&consumer, &tracker);
+    tracing::info!(group = %group, "worker stopped");
+}
+
+/// Pauses or resumes fetching every assigned partition; `true` when done.
+fn set_paused(consumer: &WorkerConsumer, pause: bool, group: &str) -> bool {
+    let assignment = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(group, error = %e, "assignment unknown");
+            return false;
+        }
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                group,
+                paused = pause,
+                "fetching {}",
+                if pause {
+                    "paused: too many messages in hand"
+                } else {
+                    "resumed"
+                }
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(group, error = %e, "could not pause or resume fetching");
+            false
+        }
+    }
+}
+
+fn commit(consumer: &WorkerConsumer, tracker: &Mutex<Tracker>) {
+    let tpl = lock(tracker).committable();
     if let Some(tpl) = tpl {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "offsets not committed yet");
-            tracker.lock().expect("not poisoned").dirty = true;
+            lock(tracker).retry_commit(&tpl);
         }
     }
+}
+
+/// The ids a message's span carries: `correlation_id` from its headers,
+/// `causation_id` from the envelope. Hostile input: bounded, one line.
+fn trace_ids(message: &Incoming) -> (String, String) {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        #[serde(default)]
+        correlation_id: Option<String>,
+        #[serde(default)]
+        causation_id: Option<String>,
+    }
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect::<String>()
+    };
+    let ids = serde_json::from_slice::<Ids>(&message.payload).ok();
+    let correlation = message
+        .headers
+        .iter()
+        .find(|(k, _)| k == "correlation_id")
+        .map(|(_, v)| v.clone())
+        .or_else(|| ids.as_ref().and_then(|i| i.correlation_id.clone()))
+        .unwrap_or_default();
+    let causation = ids.and_then(|i| i.causation_id).unwrap_or_default();
+    (clean(&correlation), clean(&causation))
 }
 
 /// Handles one message until it succeeds or is dead-lettered (settled:
 /// `true`), or, once `stop` is cancelled, gives up after a failed attempt
-/// (`false`: handled again after a restart).
-async fn process<H: Handler + ?Sized>(
-    handler: &H,
-    message: &Incoming,
-    producer: &FutureProducer,
-    dlq: &str,
-    stop: &CancellationToken,
-) -> bool {
-    let mut attempt = 0;
+/// (`false`: it stays pending and is handled again after a restart).
+async fn process<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
+    let (correlation_id, causation_id) = trace_ids(message);
+    let span = tracing::info_span!(
+        "message",
+        group = %shared.group,
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        correlation_id = %correlation_id,
+        causation_id = %causation_id,
+    );
+    handle_bounded(shared, message).instrument(span).await
+}
+
+async fn handle_bounded<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
+    let group = shared.group.as_str();
+    let policy = shared.retry;
+    let backoff = policy.backoff();
+    let first = Instant::now();
+    let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match handler.handle(message).await {
+        let result = {
+            let _lane = shared.lanes.acquire().await.expect("never closed");
+            shared.handler.handle(message).await
+        };
+        let reason = match result {
             Ok(()) => return true,
             Err(HandlerError::Poison(reason)) => {
-                dead_letter(producer, dlq, message, &reason).await;
-                return true;
+                WORKER_ERRORS.with_label_values(&[group, "poison"]).inc();
+                reason
             }
             Err(HandlerError::Retry(reason)) => {
-                tracing::warn!(topic = %message.topic, offset = message.offset, attempt, error = %reason, "handling failed; retrying");
-                if stop.is_cancelled() {
-                    // Not settled: handled again after a restart.
-                    return false;
+                WORKER_ERRORS.with_label_values(&[group, "retry"]).inc();
+                let elapsed = first.elapsed();
+                if attempt >= policy.max_attempts || elapsed >= policy.max_retry {
+                    WORKER_ERRORS.with_label_values(&[group, "exhausted"]).inc();
+                    format!(
+                        "gave up after {attempt} attempts in {}s: {reason}",
+                        elapsed.as_secs()
+                    )
+                } else {
+                    tracing::warn!(attempt, error = %mask_pii(&reason), "handling failed; retrying");
+                    if shared.stop.is_cancelled() {
+                        return false;
+                    }
+                    let wait = backoff
+                        .delay(attempt, jitter())
+                        .min(policy.max_retry.saturating_sub(elapsed));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shared.stop.cancelled() => return false,
+                    }
+                    continue;
                 }
-                sleep_backoff(&RETRY_BACKOFF, attempt.min(12)).await;
+            }
+        };
+        return dead_letter_until_written(shared, message, &reason).await;
+    }
+}
+
+/// Writes the message to the dead-letter topic, retrying a failed write
+/// with backoff: the message is settled only once the write succeeded
+/// (`true`), or stays pending when the worker stops first (`false`).
+async fn dead_letter_until_written<H: Handler>(
+    shared: &Shared<H>,
+    message: &Incoming,
+    reason: &str,
+) -> bool {
+    let group = shared.group.as_str();
+    let backoff = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        u32::MAX,
+    );
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match dead_letter(&shared.producer, &shared.dlq, message, reason).await {
+            Ok(()) => {
+                DLQ_MESSAGES.with_label_values(&[group]).inc();
+                return true;
+            }
+            Err(e) => {
+                WORKER_ERRORS.with_label_values(&[group, "dlq_write"]).inc();
+                tracing::error!(attempt, error = %e, "the dead-letter write failed; the message stays pending and the write is retried");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.delay(attempt.min(16), jitter())) => {}
+                    _ = shared.stop.cancelled() => return false,
+                }
             }
         }
     }
 }
 
-/// Sends a message to the dead-letter topic with its error and origin.
-pub async fn dead_letter(producer: &FutureProducer, dlq: &str, message: &Incoming, reason: &str) {
+/// Sends a message to the dead-letter topic with its error (emails and
+/// phone numbers masked, at most 1,000 characters) and origin in headers.
+pub async fn dead_letter(
+    producer: &FutureProducer,
+    dlq: &str,
+    message: &Incoming,
+    reason: &str,
+) -> Result<(), KafkaError> {
+    let reason: String = mask_pii(reason).chars().take(1000).collect();
     let partition = message.partition.to_string();
     let offset = message.offset.to_string();
     let mut headers = OwnedHeaders::new();
@@ -280,67 +744,103 @@ pub async fn dead_letter(producer: &FutureProducer, dlq: &str, message: &Incomin
         .key(&message.key)
         .payload(&message.payload)
         .headers(headers);
-    match producer.send(record, Duration::from_secs(10)).await {
-        Ok(_) => {
-            tracing::error!(topic = %message.topic, offset = message.offset, error = %reason, "message sent to the dead-letter topic")
-        }
-        Err((e, _)) => tracing::error!(topic = %message.topic, offset = message.offset, error = %e,
-            "message could not be dead-lettered; it is logged here and skipped"),
-    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    tracing::error!(topic = %message.topic, offset = message.offset, error = %reason, "message sent to the dead-letter topic");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn tpl(parts: &[(&str, i32)]) -> TopicPartitionList {
+        let mut t = TopicPartitionList::new();
+        for (topic, p) in parts {
+            t.add_partition(topic, *p);
+        }
+        t
+    }
+
+    fn next(t: &Tracker, topic: &str, p: i32) -> Option<i64> {
+        t.partitions[&(topic.to_string(), p)].next
+    }
+
     #[test]
     fn offsets_are_committed_only_past_finished_work() {
         let mut t = Tracker::default();
-        for o in 10..13 {
-            t.start("x", 0, o);
-        }
-        t.finish("x", 0, 11);
+        t.assign(&tpl(&[("x", 0)]));
+        let e: Vec<u64> = (10..13).map(|o| t.start("x", 0, o)).collect();
+        t.finish("x", 0, 11, e[1]);
         // 10 is still running: nothing past it may be committed.
-        assert_eq!(t.next[&("x".to_string(), 0)], 10);
-        assert!(t.committable().is_none());
-        t.finish("x", 0, 10);
-        assert_eq!(t.next[&("x".to_string(), 0)], 12);
+        assert_eq!(next(&t, "x", 0), Some(10));
         assert_eq!(t.committable().map(|l| l.count()), Some(1));
-        t.finish("x", 0, 12);
-        assert_eq!(t.next[&("x".to_string(), 0)], 13);
-    }
-
-    struct AlwaysDown;
-
-    #[async_trait]
-    impl Handler for AlwaysDown {
-        async fn handle(&self, _: &Incoming) -> Result<(), HandlerError> {
-            Err(HandlerError::Retry("database unavailable".into()))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_message_failing_at_shutdown_is_left_unsettled() {
-        let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .create()
-            .unwrap();
-        let stop = CancellationToken::new();
-        stop.cancel();
-        let message = Incoming {
-            topic: "t".into(),
-            partition: 0,
-            offset: 7,
-            key: "k".into(),
-            payload: vec![],
-            headers: vec![],
-        };
-        assert!(!process(&AlwaysDown, &message, &producer, "dlq", &stop).await);
+        assert!(t.committable().is_none());
+        t.finish("x", 0, 10, e[0]);
+        assert_eq!(next(&t, "x", 0), Some(12));
+        t.finish("x", 0, 12, e[2]);
+        assert_eq!(next(&t, "x", 0), Some(13));
     }
 
     #[test]
-    fn a_key_always_goes_to_the_same_lane() {
-        assert_eq!(lane_of("ticket-1", 8), lane_of("ticket-1", 8));
-        assert!(lane_of("ticket-2", 8) < 8);
+    fn work_settled_out_of_order_is_committed_once_the_gap_closes() {
+        let mut t = Tracker::default();
+        t.assign(&tpl(&[("x", 0)]));
+        let e5 = t.start("x", 0, 5);
+        let e6 = t.start("x", 0, 6);
+        t.finish("x", 0, 6, e6);
+        assert_eq!(next(&t, "x", 0), Some(5));
+        t.finish("x", 0, 5, e5);
+        assert_eq!(next(&t, "x", 0), Some(7));
+    }
+
+    #[test]
+    fn a_revoked_partition_is_never_committed_by_work_that_finishes_later() {
+        let mut t = Tracker::default();
+        t.assign(&tpl(&[("x", 0), ("x", 1)]));
+        let a = t.start("x", 0, 5);
+        let b = t.start("x", 0, 6);
+        let c = t.start("x", 1, 3);
+        t.finish("x", 0, 5, a);
+        // Partition 0 leaves: its finished work is handed over for a last
+        // commit, and it is forgotten.
+        let last = t.revoke(&tpl(&[("x", 0)]));
+        assert_eq!(
+            last.find_partition("x", 0).unwrap().offset(),
+            Offset::Offset(6)
+        );
+        assert!(!t.is_current("x", 0, b));
+        t.finish("x", 0, 6, b);
+        t.finish("x", 1, 3, c);
+        let committable = t.committable().unwrap();
+        assert!(committable.find_partition("x", 0).is_none());
+        assert_eq!(
+            committable.find_partition("x", 1).unwrap().offset(),
+            Offset::Offset(4)
+        );
+        // Partition 0 comes back: a new assignment, and what was in hand
+        // from the old one still counts for nothing.
+        t.assign(&tpl(&[("x", 0)]));
+        t.finish("x", 0, 6, b);
+        assert!(t.committable().is_none());
+        assert!(!t.is_current("x", 0, b));
+    }
+
+    #[test]
+    fn trace_ids_come_from_the_header_and_the_envelope_bounded() {
+        let message = Incoming {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: "k".into(),
+            payload: br#"{"causation_id":"evt-1","correlation_id":"ignored"}"#.to_vec(),
+            headers: vec![("correlation_id".into(), format!("c\n{}", "x".repeat(500)))],
+        };
+        let (correlation, causation) = trace_ids(&message);
+        assert_eq!(causation, "evt-1");
+        assert!(correlation.starts_with("cx"));
+        assert_eq!(correlation.chars().count(), 128);
     }
 }

@@ -24,7 +24,7 @@ use casebook_domain::{
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::{rfc2822, Delivery, SendError};
+use super::{message_id, provider_error, rfc2822, transport_error, Delivery};
 use crate::claims::LinkKeys;
 use crate::limits::{self, Decision, Limit};
 use crate::store::{CommandError, StoreError};
@@ -186,27 +186,42 @@ impl Delivery {
             &keys.status_token(ticket_id),
             &keys.confirm_token(claim_id),
         );
-        let raw = rfc2822(&g.from, &identity.value, &subject, None, &body);
+        // Deterministic, like a reply's: the same claim always sends the
+        // same Message-ID.
+        let raw = rfc2822(
+            &g.from,
+            &identity.value,
+            &subject,
+            &message_id(claim_id, 0, &g.from),
+            None,
+            &body,
+        );
         let encoded = serde_json::json!({
             "raw": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw.as_bytes())
         });
         let url = format!("{}/gmail/v1/users/me/messages/send", g.api_base);
-        let sent: Result<GmailSentInThread, SendError> = self
-            .call("gmail", || {
-                let request = self.http.post(&url).json(&encoded);
-                match &g.access_token {
-                    Some(token) => request.bearer_auth(token),
-                    None => request,
+        let mut request = self.http.post(&url).json(&encoded);
+        if let Some(token) = &g.access_token {
+            request = request.bearer_auth(token);
+        }
+        let sent: GmailSentInThread = match request.send().await {
+            Err(e) => return Err(HandlerError::Retry(transport_error(e))),
+            Ok(response) => {
+                let status = response.status();
+                if status.is_success() {
+                    response
+                        .json()
+                        .await
+                        .map_err(|e| HandlerError::Retry(transport_error(e)))?
+                } else {
+                    let error = provider_error(status, &response.text().await.unwrap_or_default());
+                    return Err(match status.as_u16() {
+                        429 | 500..=599 => HandlerError::Retry(error),
+                        _ => HandlerError::Poison(format!(
+                            "acknowledgement refused by Gmail: {error}"
+                        )),
+                    });
                 }
-            })
-            .await;
-        let sent = match sent {
-            Ok(sent) => sent,
-            Err(SendError::Transient(e)) => return Err(HandlerError::Retry(e)),
-            Err(SendError::Permanent(e)) => {
-                return Err(HandlerError::Poison(format!(
-                    "acknowledgement refused by Gmail: {e}"
-                )))
             }
         };
         let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::system("delivery"))
