@@ -948,7 +948,19 @@ impl crate::worker::Handler for AgentHandler {
             event_id = %envelope.event_id,
             ticket_id = %envelope.aggregate_id,
         );
-        match self.0.handle(&envelope).instrument(span).await {
+        let started = std::time::Instant::now();
+        let result = self.0.handle(&envelope).instrument(span).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(AgentError::Rejected(TicketError::AlreadyHandled(_) | TicketError::Closed)) => {
+                "skipped"
+            }
+            Err(_) => "error",
+        };
+        crate::metrics::AGENT_SECONDS
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(_) => Ok(()),
             Err(AgentError::NotAMessage(id)) => Err(HandlerError::Poison(format!(
                 "event {id} is not a customer message"

@@ -133,6 +133,8 @@ struct TwilioListed {
 #[derive(Deserialize)]
 struct GmailSent {
     id: String,
+    #[serde(default, rename = "threadId")]
+    thread_id: Option<String>,
 }
 
 /// Gmail's `users.messages.list`.
@@ -511,6 +513,19 @@ impl Delivery {
 
     /// `users.messages.list?q=rfc822msgid:<id>`: our Message-ID is unique.
     async fn look_up_gmail(&self, g: &GmailSendSettings, message_id: &str) -> Lookup {
+        match self.find_gmail(g, message_id).await {
+            Ok(Some(m)) => Lookup::Found(m.id),
+            Ok(None) => Lookup::Absent,
+            Err(e) => Lookup::Unknown(e),
+        }
+    }
+
+    /// The message we sent with this `Message-ID`, if Gmail has it.
+    async fn find_gmail(
+        &self,
+        g: &GmailSendSettings,
+        message_id: &str,
+    ) -> Result<Option<GmailSent>, String> {
         let url = format!("{}/gmail/v1/users/me/messages", g.api_base);
         let id = message_id.trim_start_matches('<').trim_end_matches('>');
         let mut request = self.http.get(&url).query(&[
@@ -521,17 +536,14 @@ impl Delivery {
             request = request.bearer_auth(token);
         }
         match request.send().await {
-            Err(e) => Lookup::Unknown(transport_error(e)),
+            Err(e) => Err(transport_error(e)),
             Ok(r) if !r.status().is_success() => {
                 let status = r.status();
-                Lookup::Unknown(provider_error(status, &r.text().await.unwrap_or_default()))
+                Err(provider_error(status, &r.text().await.unwrap_or_default()))
             }
             Ok(r) => match r.json::<GmailList>().await {
-                Ok(list) => match list.messages.into_iter().next() {
-                    Some(m) => Lookup::Found(m.id),
-                    None => Lookup::Absent,
-                },
-                Err(e) => Lookup::Unknown(transport_error(e)),
+                Ok(list) => Ok(list.messages.into_iter().next()),
+                Err(e) => Err(transport_error(e)),
             },
         }
     }

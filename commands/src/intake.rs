@@ -396,22 +396,8 @@ impl Intake {
         }
         let new_ticket = ticket_id.is_none();
         let ticket_id = ticket_id.unwrap_or_else(Uuid::now_v7);
-        let ticket_key = ticket_id.to_string();
         if new_ticket {
-            uow.create::<Ticket>(&ticket_key);
-            uow.execute::<Ticket>(
-                &ticket_key,
-                TicketCommand::Open {
-                    ticket_id,
-                    customer_id,
-                    channel: m.channel,
-                    subject: m.subject.clone(),
-                    category: m.category,
-                    priority: m.priority,
-                    at,
-                },
-            )
-            .await?;
+            open_ticket(&mut uow, m, ticket_id, customer_id).await?;
             if let Some(conversation_id) = &m.conversation_id {
                 uow.execute::<Conversation>(
                     conversation_id,
@@ -420,44 +406,7 @@ impl Intake {
                 .await?;
             }
         }
-        let message_id = Uuid::now_v7();
-        let received = uow
-            .execute::<Ticket>(
-                &ticket_key,
-                TicketCommand::ReceiveCustomerMessage {
-                    message_id,
-                    customer_id,
-                    channel: m.channel,
-                    channel_message_id: m.channel_message_id.clone(),
-                    body: m.body.clone(),
-                    attachments: m.attachments,
-                    thread: m.thread.clone(),
-                    automated: m.automated.clone(),
-                    at,
-                },
-            )
-            .await;
-        match received {
-            Ok(_) => {}
-            Err(CommandError::Rejected(TicketError::EmptyMessage)) => {
-                return Err(IntakeError::Rejected(
-                    "a message needs a body or an attachment".into(),
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        uow.execute::<ChannelMessage>(
-            &key,
-            ChannelMessageCommand::Accept {
-                ticket_id,
-                message_id,
-                channel: m.channel,
-                direction: Direction::Inbound,
-                channel_message_id: m.channel_message_id.clone(),
-                at,
-            },
-        )
-        .await?;
+        let message_id = record_message(&mut uow, m, &key, ticket_id, customer_id).await?;
         uow.commit().await?;
         Ok(IntakeOutcome {
             ticket_id,
@@ -556,59 +505,8 @@ impl Intake {
         )
         .await?;
         let ticket_id = Uuid::now_v7();
-        let ticket_key = ticket_id.to_string();
-        uow.create::<Ticket>(&ticket_key);
-        uow.execute::<Ticket>(
-            &ticket_key,
-            TicketCommand::Open {
-                ticket_id,
-                customer_id,
-                channel: m.channel,
-                subject: m.subject.clone(),
-                category: m.category,
-                priority: m.priority,
-                at,
-            },
-        )
-        .await?;
-        let message_id = Uuid::now_v7();
-        let received = uow
-            .execute::<Ticket>(
-                &ticket_key,
-                TicketCommand::ReceiveCustomerMessage {
-                    message_id,
-                    customer_id,
-                    channel: m.channel,
-                    channel_message_id: m.channel_message_id.clone(),
-                    body: m.body.clone(),
-                    attachments: m.attachments,
-                    thread: m.thread.clone(),
-                    automated: m.automated.clone(),
-                    at,
-                },
-            )
-            .await;
-        match received {
-            Ok(_) => {}
-            Err(CommandError::Rejected(TicketError::EmptyMessage)) => {
-                return Err(IntakeError::Rejected(
-                    "a message needs a body or an attachment".into(),
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        uow.execute::<ChannelMessage>(
-            key,
-            ChannelMessageCommand::Accept {
-                ticket_id,
-                message_id,
-                channel: m.channel,
-                direction: Direction::Inbound,
-                channel_message_id: m.channel_message_id.clone(),
-                at,
-            },
-        )
-        .await?;
+        open_ticket(&mut uow, m, ticket_id, customer_id).await?;
+        let message_id = record_message(&mut uow, m, key, ticket_id, customer_id).await?;
         let email = m
             .sender
             .identities
@@ -729,6 +627,82 @@ impl Intake {
 /// Whether a new message on `channel` continues a ticket in `status`.
 /// A WhatsApp message starts a new ticket once the last one is resolved; an
 /// email reply in a resolved ticket's thread reopens it. Closed is final.
+/// Opens a new ticket for the message's sender.
+async fn open_ticket(
+    uow: &mut crate::store::UnitOfWork<'_>,
+    m: &InboundMessage,
+    ticket_id: Uuid,
+    customer_id: Uuid,
+) -> Result<(), IntakeError> {
+    let ticket_key = ticket_id.to_string();
+    uow.create::<Ticket>(&ticket_key);
+    uow.execute::<Ticket>(
+        &ticket_key,
+        TicketCommand::Open {
+            ticket_id,
+            customer_id,
+            channel: m.channel,
+            subject: m.subject.clone(),
+            category: m.category,
+            priority: m.priority,
+            at: m.received_at,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records the message on its ticket and accepts its channel message id
+/// (the dedupe key `key`). Returns the new message's id.
+async fn record_message(
+    uow: &mut crate::store::UnitOfWork<'_>,
+    m: &InboundMessage,
+    key: &str,
+    ticket_id: Uuid,
+    customer_id: Uuid,
+) -> Result<Uuid, IntakeError> {
+    let at = m.received_at;
+    let message_id = Uuid::now_v7();
+    let received = uow
+        .execute::<Ticket>(
+            &ticket_id.to_string(),
+            TicketCommand::ReceiveCustomerMessage {
+                message_id,
+                customer_id,
+                channel: m.channel,
+                channel_message_id: m.channel_message_id.clone(),
+                body: m.body.clone(),
+                attachments: m.attachments,
+                thread: m.thread.clone(),
+                automated: m.automated.clone(),
+                at,
+            },
+        )
+        .await;
+    match received {
+        Ok(_) => {}
+        Err(CommandError::Rejected(TicketError::EmptyMessage)) => {
+            return Err(IntakeError::Rejected(
+                "a message needs a body or an attachment".into(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    uow.execute::<ChannelMessage>(
+        key,
+        ChannelMessageCommand::Accept {
+            ticket_id,
+            message_id,
+            channel: m.channel,
+            direction: Direction::Inbound,
+            channel_message_id: m.channel_message_id.clone(),
+            at,
+        },
+    )
+    .await?;
+    Ok(message_id)
+}
+
 fn continues(status: TicketStatus, channel: Channel) -> bool {
     match status {
         TicketStatus::Closed => false,

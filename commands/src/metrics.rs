@@ -148,3 +148,13 @@ pub static DELIVERY_RECONCILED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+pub static AGENT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "casebook_agent_seconds",
+        "Time the agent took over one customer message, from reading it to its last event (history, knowledge search, model, guardrails), by outcome (ok, skipped, error)",
+        &["outcome"],
+        vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+    )
+    .expect("metric registers once")
+});

@@ -288,6 +288,20 @@ async fn a_whatsapp_question_is_answered_from_the_knowledge_base_and_delivered()
         .any(|(k, v)| k == "StatusCallback" && v.ends_with("/webhooks/whatsapp/status")));
     let status = event_of(&app, ticket, "DeliveryStatusChanged").await;
     assert_eq!(status["status"], "queued");
+    // The agent's latency is on the ops listener's metrics.
+    let metrics = app
+        .http
+        .get(app.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("casebook_agent_seconds_count{outcome=\"ok\"}"),
+        "agent latency is measured"
+    );
     app.stop().await;
 }
 

@@ -446,8 +446,7 @@ async fn public_ready_says_only_ready_or_not() {
         &[("KAFKA_BROKERS", "127.0.0.1:9".to_string())],
     )
     .await;
-    // The details are for operators, on the ops listener.
-    let response = app.http.get(app.ops_url("/ready")).send().await.unwrap();
+    let response = app.http.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "not_ready");

@@ -22,9 +22,8 @@ use casebook_domain::{
     EmailClaimCommand, EventEnvelope, EventMetadata, Ticket,
 };
 use chrono::Utc;
-use serde::Deserialize;
 
-use super::{message_id, provider_error, rfc2822, transport_error, Delivery};
+use super::{message_id, provider_error, rfc2822, transport_error, Delivery, GmailSent};
 use crate::claims::LinkKeys;
 use crate::limits::{self, Decision, Limit};
 use crate::store::{CommandError, StoreError};
@@ -47,13 +46,6 @@ impl Default for Settings {
             recipient_limit: Limit::per_hour(5),
         }
     }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GmailSentInThread {
-    id: String,
-    thread_id: Option<String>,
 }
 
 /// The subject of every email about a web-form ticket.
@@ -187,41 +179,58 @@ impl Delivery {
             &keys.confirm_token(claim_id),
         );
         // Deterministic, like a reply's: the same claim always sends the
-        // same Message-ID.
-        let raw = rfc2822(
-            &g.from,
-            &identity.value,
-            &subject,
-            &message_id(claim_id, 0, &g.from),
-            None,
-            &body,
-        );
-        let encoded = serde_json::json!({
-            "raw": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw.as_bytes())
-        });
-        let url = format!("{}/gmail/v1/users/me/messages/send", g.api_base);
-        let mut request = self.http.post(&url).json(&encoded);
-        if let Some(token) = &g.access_token {
-            request = request.bearer_auth(token);
-        }
-        let sent: GmailSentInThread = match request.send().await {
-            Err(e) => return Err(HandlerError::Retry(transport_error(e))),
-            Ok(response) => {
-                let status = response.status();
-                if status.is_success() {
-                    response
-                        .json()
-                        .await
-                        .map_err(|e| HandlerError::Retry(transport_error(e)))?
-                } else {
-                    let error = provider_error(status, &response.text().await.unwrap_or_default());
-                    return Err(match status.as_u16() {
-                        429 | 500..=599 => HandlerError::Retry(error),
-                        _ => HandlerError::Poison(format!(
-                            "acknowledgement refused by Gmail: {error}"
-                        )),
-                    });
+        // same Message-ID, so an attempt whose fate is unknown (a crash or
+        // a failed recording after Gmail took it) is found, not resent.
+        let mid = message_id(claim_id, 0, &g.from);
+        let tried_before = !self.parts_of(claim_id).await?.is_empty();
+        let found = if tried_before {
+            self.find_gmail(g, &mid)
+                .await
+                .map_err(HandlerError::Retry)?
+        } else {
+            None
+        };
+        let sent = match found {
+            Some(sent) => {
+                crate::metrics::DELIVERY_RECONCILED
+                    .with_label_values(&["gmail", "found"])
+                    .inc();
+                sent
+            }
+            None => {
+                self.mark_started(claim_id, 0, ticket_id, "gmail").await?;
+                let raw = rfc2822(&g.from, &identity.value, &subject, &mid, None, &body);
+                let encoded = serde_json::json!({
+                    "raw": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw.as_bytes())
+                });
+                let url = format!("{}/gmail/v1/users/me/messages/send", g.api_base);
+                let mut request = self.http.post(&url).json(&encoded);
+                if let Some(token) = &g.access_token {
+                    request = request.bearer_auth(token);
                 }
+                let sent: GmailSent = match request.send().await {
+                    Err(e) => return Err(HandlerError::Retry(transport_error(e))),
+                    Ok(response) => {
+                        let status = response.status();
+                        if status.is_success() {
+                            response
+                                .json()
+                                .await
+                                .map_err(|e| HandlerError::Retry(transport_error(e)))?
+                        } else {
+                            let error =
+                                provider_error(status, &response.text().await.unwrap_or_default());
+                            return Err(match status.as_u16() {
+                                429 | 500..=599 => HandlerError::Retry(error),
+                                _ => HandlerError::Poison(format!(
+                                    "acknowledgement refused by Gmail: {error}"
+                                )),
+                            });
+                        }
+                    }
+                };
+                self.mark_accepted(claim_id, 0, &sent.id).await?;
+                sent
             }
         };
         let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::system("delivery"))
