@@ -206,16 +206,18 @@ impl GmailClient {
                     let response = request
                         .send()
                         .await
-                        .map_err(|e| GmailError::Transport(e.to_string()))?;
+                        .map_err(|e| GmailError::Transport(mask_pii(&e.to_string())))?;
                     let status = response.status().as_u16();
                     match status {
                         200..=299 => response
                             .json::<T>()
                             .await
-                            .map_err(|e| GmailError::Decode(e.to_string())),
+                            .map_err(|e| GmailError::Decode(mask_pii(&e.to_string()))),
                         404 => Err(GmailError::NotFound),
                         401 | 403 => Err(GmailError::Unauthorized(status)),
                         _ => {
+                            // Gmail's error bodies can name the mailbox's
+                            // correspondents: masked where they are made.
                             let text: String = response
                                 .text()
                                 .await
@@ -223,7 +225,7 @@ impl GmailClient {
                                 .chars()
                                 .take(200)
                                 .collect();
-                            Err(GmailError::Http(status, text))
+                            Err(GmailError::Http(status, mask_pii(&text)))
                         }
                     }
                 }

@@ -2,11 +2,11 @@
 //! `limit` acts per key in any sliding `window` (web-form submissions per
 //! email address, automatic emails per recipient).
 //!
-//! One short transaction per check: an advisory lock on the key serialises
-//! concurrent checks of the same key (on any replica), the key's rows older
-//! than the window go, the rest are counted, and a row is added only when
-//! the act is allowed. Keys are SHA-256 hashes of what they limit, so the
-//! table holds no address.
+//! One statement per check: the key's row holds the times of its acts
+//! inside the window; an upsert drops those that left the window and adds
+//! this one only when there is room, and the row lock orders concurrent
+//! checks of one key (on any replica). Keys are SHA-256 hashes of what they
+//! limit, so the table holds no address.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,7 +23,7 @@ pub const AUTOMATIC_EMAIL: &str = "automatic-email";
 
 /// How often (in checks) rows of idle keys are swept.
 const SWEEP_EVERY: u64 = 256;
-/// Rows older than this are swept whatever their scope.
+/// Keys idle this long are swept whatever their scope.
 const SWEEP_AFTER: &str = "1 day";
 
 static CHECKS: AtomicU64 = AtomicU64::new(0);
@@ -71,52 +71,44 @@ pub async fn take(
     }
     let key = key(value);
     let window_secs = limit.window.as_secs_f64();
-    let mut tx = pool.begin().await?;
-    // A hit lost in a crash only lets one more request through: the commit
-    // need not wait for the WAL to reach the disk.
-    sqlx::query("SET LOCAL synchronous_commit TO off")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 7))")
-        .bind(scope)
-        .bind(&key)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "DELETE FROM rate_limit_hits WHERE scope = $1 AND key = $2
-            AND at <= clock_timestamp() - make_interval(secs => $3)",
+    // One statement: the hits still inside the window, plus this one when
+    // there is room. The row lock of ON CONFLICT orders concurrent takes of
+    // one key; `allowed` says whether this one was counted.
+    let (allowed, oldest): (bool, Option<f64>) = sqlx::query_as(
+        "INSERT INTO rate_limit_windows AS w (scope, key, hits, allowed, updated_at)
+         VALUES ($1, $2, ARRAY[clock_timestamp()], $4 > 0, now())
+         ON CONFLICT (scope, key) DO UPDATE SET
+             hits = CASE
+                 WHEN cardinality(ARRAY(SELECT h FROM unnest(w.hits) h
+                                         WHERE h > clock_timestamp() - make_interval(secs => $3))) < $4
+                 THEN ARRAY(SELECT h FROM unnest(w.hits) h
+                             WHERE h > clock_timestamp() - make_interval(secs => $3) ORDER BY h)
+                      || clock_timestamp()
+                 ELSE ARRAY(SELECT h FROM unnest(w.hits) h
+                             WHERE h > clock_timestamp() - make_interval(secs => $3) ORDER BY h)
+             END,
+             allowed = cardinality(ARRAY(SELECT h FROM unnest(w.hits) h
+                                          WHERE h > clock_timestamp() - make_interval(secs => $3))) < $4,
+             updated_at = now()
+         RETURNING allowed,
+                   extract(epoch FROM hits[1] + make_interval(secs => $3) - clock_timestamp())::float8",
     )
     .bind(scope)
     .bind(&key)
     .bind(window_secs)
-    .execute(&mut *tx)
+    .bind(i64::from(limit.max))
+    .fetch_one(pool)
     .await?;
-    let (count, wait): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*),
-                extract(epoch FROM min(at) + make_interval(secs => $3) - clock_timestamp())::float8
-           FROM rate_limit_hits WHERE scope = $1 AND key = $2",
-    )
-    .bind(scope)
-    .bind(&key)
-    .bind(window_secs)
-    .fetch_one(&mut *tx)
-    .await?;
-    let decision = if count >= i64::from(limit.max) {
-        Decision::Limited {
-            retry_after: Duration::from_secs_f64(wait.unwrap_or(window_secs).max(1.0)),
-        }
-    } else {
-        sqlx::query("INSERT INTO rate_limit_hits (scope, key) VALUES ($1, $2)")
-            .bind(scope)
-            .bind(&key)
-            .execute(&mut *tx)
-            .await?;
+    let decision = if allowed {
         Decision::Allowed
+    } else {
+        Decision::Limited {
+            retry_after: Duration::from_secs_f64(oldest.unwrap_or(window_secs).max(1.0)),
+        }
     };
-    tx.commit().await?;
     if CHECKS.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
         let swept = sqlx::query(&format!(
-            "DELETE FROM rate_limit_hits WHERE at < clock_timestamp() - interval '{SWEEP_AFTER}'"
+            "DELETE FROM rate_limit_windows WHERE updated_at < now() - interval '{SWEEP_AFTER}'"
         ))
         .execute(pool)
         .await;

@@ -155,7 +155,7 @@ async fn one_email_address_gets_five_submissions_an_hour() {
         202
     );
     let stored: i64 = app
-        .count("SELECT count(*) FROM rate_limit_hits WHERE key LIKE '%ada%'")
+        .count("SELECT count(*) FROM rate_limit_windows WHERE key LIKE '%ada%'")
         .await;
     assert_eq!(stored, 0, "the counters hold hashes, not addresses");
     app.stop().await;
@@ -246,4 +246,48 @@ async fn one_recipient_gets_at_most_five_automatic_emails_an_hour() {
         .count();
     assert_eq!(sent, 6);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_checks_of_one_key_never_pass_its_limit() {
+    use casebook_commands::limits::{self, Decision, Limit};
+    let db = crate::common::TestDb::create().await;
+    let takes = (0..40).map(|_| {
+        let pool = db.pool.clone();
+        async move {
+            limits::take(
+                &pool,
+                limits::WEBFORM_EMAIL,
+                "ada@example.com",
+                Limit::per_hour(5),
+            )
+            .await
+            .unwrap()
+        }
+    });
+    let decisions = futures::future::join_all(takes).await;
+    let allowed = decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Allowed))
+        .count();
+    assert_eq!(
+        allowed, 5,
+        "exactly the limit passes, however the checks interleave"
+    );
+    assert!(decisions.iter().any(|d| matches!(
+        d,
+        Decision::Limited { retry_after } if retry_after.as_secs() > 3000
+    )));
+    // Another key has its own window.
+    assert_eq!(
+        limits::take(
+            &db.pool,
+            limits::WEBFORM_EMAIL,
+            "bob@example.com",
+            Limit::per_hour(5)
+        )
+        .await
+        .unwrap(),
+        Decision::Allowed
+    );
 }
