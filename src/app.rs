@@ -306,8 +306,15 @@ pub async fn start(
             "mail-sync",
             tokio::spawn(gmail.clone().run(shutdown.clone())),
         ));
+        let limits_pool = db::connect(
+            &config.database_url,
+            (config.db_max_connections / 4).max(2),
+            db::Purpose::Bookkeeping,
+        )
+        .await?;
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
+            limits_pool,
             store,
             intake,
             gmail: Some(gmail),

@@ -21,19 +21,32 @@ pub fn migration_versions() -> Vec<i64> {
 pub enum Purpose {
     Serve,
     Maintenance,
+    /// Bookkeeping whose loss in a crash costs nothing that matters (rate
+    /// limit hits): commits do not wait for the WAL to reach the disk.
+    Bookkeeping,
 }
 
 pub async fn connect(url: &str, max_connections: u32, purpose: Purpose) -> anyhow::Result<PgPool> {
     let mut options = PgConnectOptions::from_str(url)
         .context("DATABASE_URL: not a valid connection string")?
         .application_name("casebook");
-    if purpose == Purpose::Serve {
+    match purpose {
         // No statement may run away with a connection, and no transaction
         // may sit idle: an open transaction holds the relay back.
-        options = options.options([
-            ("statement_timeout", "30s"),
-            ("idle_in_transaction_session_timeout", "60s"),
-        ]);
+        Purpose::Serve => {
+            options = options.options([
+                ("statement_timeout", "30s"),
+                ("idle_in_transaction_session_timeout", "60s"),
+            ])
+        }
+        Purpose::Bookkeeping => {
+            options = options.options([
+                ("statement_timeout", "5s"),
+                ("idle_in_transaction_session_timeout", "60s"),
+                ("synchronous_commit", "off"),
+            ])
+        }
+        Purpose::Maintenance => {}
     }
     PgPoolOptions::new()
         .max_connections(max_connections)

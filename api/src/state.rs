@@ -30,6 +30,9 @@ pub struct ApiSettings {
 
 pub struct Inner {
     pub pool: PgPool,
+    /// For rate-limit bookkeeping: its commits do not wait for the WAL
+    /// flush (a hit lost in a crash lets one more request through).
+    pub limits_pool: PgPool,
     pub store: EventStore,
     pub intake: Intake,
     pub gmail: Option<GmailSync>,

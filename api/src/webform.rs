@@ -100,7 +100,7 @@ pub async fn submit(
         )]))
     })?;
     match limits::take(
-        &state.pool,
+        &state.limits_pool,
         limits::WEBFORM_EMAIL,
         &form.email,
         Limit::per_hour(state.settings.submissions_per_email_per_hour),
