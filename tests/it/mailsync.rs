@@ -261,3 +261,72 @@ async fn a_backlog_of_a_thousand_messages_catches_up_each_read_once() {
     assert_eq!(gets, BACKLOG, "every message is fetched exactly once");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_replies_bounces_and_list_mail_are_taken_in_marked_as_automated() {
+    let gmail = MockServer::start().await;
+    let app = app_with_gmail(&gmail).await;
+    first_push_lists(&gmail, &["r1", "r2", "r3", "r4"]).await;
+    let with_header = |id: &str, from: &str, header: Option<(&str, &str)>| {
+        let mut m = gmail_message(
+            id,
+            &format!("th{id}"),
+            from,
+            "Re: Hello",
+            "I am out of office until Monday.",
+            &["INBOX"],
+        );
+        if let Some((name, value)) = header {
+            m["payload"]["headers"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": name, "value": value}));
+        }
+        m
+    };
+    mount_message(
+        &gmail,
+        with_header(
+            "r1",
+            "ada@example.com",
+            Some(("Auto-Submitted", "auto-replied")),
+        ),
+    )
+    .await;
+    mount_message(
+        &gmail,
+        with_header("r2", "MAILER-DAEMON@mx.example.org", None),
+    )
+    .await;
+    mount_message(
+        &gmail,
+        with_header(
+            "r3",
+            "news@example.org",
+            Some(("List-Id", "<news.example.org>")),
+        ),
+    )
+    .await;
+    mount_message(&gmail, with_header("r4", "bob@example.org", None)).await;
+    assert_eq!(send_push(&app, 100, GMAIL_PUSH_TOKEN).await.status(), 204);
+    for id in ["r1", "r2", "r3", "r4"] {
+        ticket_of(&app, id).await;
+    }
+    let marks: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT payload->>'channel_message_id', payload->>'automated' FROM events
+          WHERE event_type = 'CustomerMessageReceived' ORDER BY payload->>'channel_message_id'",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        marks,
+        vec![
+            ("r1".to_string(), Some("auto_submitted".to_string())),
+            ("r2".to_string(), Some("bounce".to_string())),
+            ("r3".to_string(), Some("mailing_list".to_string())),
+            ("r4".to_string(), None),
+        ]
+    );
+    app.stop().await;
+}
