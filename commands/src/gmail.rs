@@ -421,6 +421,16 @@ const MAILBOX_BACKOFF: Backoff =
 const MESSAGE_BACKOFF: Backoff =
     Backoff::new(Duration::from_secs(2), Duration::from_secs(600), u32::MAX);
 
+/// A mailbox's sync state, as its lease was taken.
+struct Leased {
+    /// How far history has been listed (`None`: never).
+    listed: Option<u64>,
+    /// How far the pushes said the mailbox changed.
+    notified: Option<u64>,
+    /// The last push's correlation id.
+    correlation_id: Option<String>,
+}
+
 /// What became of one Gmail message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Settled {
@@ -595,25 +605,24 @@ impl GmailSync {
     }
 
     /// Takes (or renews) the mailbox's lease; `None` while another worker
-    /// holds it. Returns the listed cursor and the notified one.
-    async fn lease(&self, mailbox: &str) -> Result<Option<(Option<u64>, Option<u64>)>, GmailError> {
-        let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+    /// holds it.
+    async fn lease(&self, mailbox: &str) -> Result<Option<Leased>, GmailError> {
+        let row: Option<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
             "UPDATE gmail_sync
                 SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
               WHERE email_address = $1
                 AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)
-          RETURNING history_id::text, notified_history_id::text",
+          RETURNING history_id::text, notified_history_id::text, correlation_id",
         )
         .bind(mailbox)
         .bind(self.worker_id)
         .bind(LEASE_SECS as f64)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(listed, notified)| {
-            (
-                listed.and_then(|h| h.parse().ok()),
-                notified.and_then(|h| h.parse().ok()),
-            )
+        Ok(row.map(|(listed, notified, correlation_id)| Leased {
+            listed: listed.and_then(|h| h.parse().ok()),
+            notified: notified.and_then(|h| h.parse().ok()),
+            correlation_id,
         }))
     }
 
@@ -669,19 +678,17 @@ impl GmailSync {
         mailbox: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<SyncReport>, GmailError> {
-        let Some((listed, notified)) = self.lease(mailbox).await? else {
+        let Some(leased) = self.lease(mailbox).await? else {
             return Ok(None);
         };
         let mut report = SyncReport::default();
-        let correlation: Option<String> =
-            sqlx::query_scalar("SELECT correlation_id FROM gmail_sync WHERE email_address = $1")
-                .bind(mailbox)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten();
-        let correlation = correlation.unwrap_or_else(|| Uuid::now_v7().to_string());
+        // The push that asked for this sync, so its request's id follows
+        // the mail it brought in.
+        let correlation = leased
+            .correlation_id
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
         report.discovered = self
-            .discover(mailbox, listed, notified, &correlation)
+            .discover(mailbox, leased.listed, leased.notified, &correlation)
             .await?;
         while !shutdown.is_cancelled() {
             let taken = self.take_in_pending(mailbox, &mut report).await?;
@@ -694,9 +701,6 @@ impl GmailSync {
             }
         }
         self.release(mailbox).await?;
-        GMAIL_MESSAGES
-            .with_label_values(&["accepted"])
-            .inc_by(report.accepted as u64);
         Ok(Some(report))
     }
 
@@ -739,7 +743,11 @@ impl GmailSync {
                     match page.next_page_token {
                         Some(token) => {
                             page_token = Some(token);
-                            self.lease(mailbox).await?;
+                            // Another worker took the mailbox over: it
+                            // lists from the cursor itself.
+                            if self.lease(mailbox).await?.is_none() {
+                                return Ok(found);
+                            }
                         }
                         None => {
                             self.advance_cursor(mailbox, latest).await?;
@@ -897,9 +905,7 @@ impl GmailSync {
         if let Settled::Refused(why) = settled {
             tracing::warn!(gmail_message_id = %id, reason = %why, "mail refused: it cannot become a ticket message");
         }
-        GMAIL_MESSAGES
-            .with_label_values(&[settled.state()])
-            .inc_by(u64::from(!matches!(settled, Settled::Accepted(_))));
+        GMAIL_MESSAGES.with_label_values(&[settled.state()]).inc();
         sqlx::query(
             "UPDATE gmail_messages
                 SET state = $3, reason = $4, ticket_id = $5, attempts = attempts + 1, settled_at = now()
@@ -936,15 +942,6 @@ impl GmailSync {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// The inbound message a Gmail message stands for, if it is a customer
-    /// writing in.
-    pub fn inbound(&self, m: &GmailMessage) -> Option<InboundMessage> {
-        match classify(m, self.support_address.as_deref()) {
-            Classified::Customer(inbound) => Some(*inbound),
-            _ => None,
-        }
     }
 }
 
