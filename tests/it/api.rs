@@ -34,15 +34,7 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
     assert_eq!(body["status_url"], format!("/ticket/{ticket_id}"));
     let token = body["status_token"].as_str().unwrap();
 
-    let status: Value = app
-        .http
-        .get(app.url(&format!("/ticket/{ticket_id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/ticket/{ticket_id}")).await;
     assert_eq!(status["ticket_id"], ticket_id);
     assert_eq!(status["status"], "received");
     assert_eq!(status["channel"], "webform");
@@ -58,14 +50,8 @@ async fn a_web_form_is_acknowledged_and_its_status_is_readable_at_once() {
     );
 
     let with_token: Value = app
-        .http
-        .get(app.url(&format!("/ticket/{ticket_id}?token={token}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/ticket/{ticket_id}?token={token}"))
+        .await;
     let messages = with_token["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0]["direction"], "inbound");
@@ -104,15 +90,7 @@ async fn a_url_encoded_form_is_accepted_too() {
         .as_str()
         .unwrap()
         .to_string();
-    let status: Value = app
-        .http
-        .get(app.url(&format!("/ticket/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/ticket/{id}")).await;
     assert_eq!(status["priority"], "high");
     app.stop().await;
 }

@@ -248,6 +248,12 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET path` on the public listener, as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
     pub fn ops_url(&self, path: &str) -> String {
         format!("http://{}{}", self.ops_addr, path)
     }

@@ -308,14 +308,8 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
     );
     // Nothing of Ada's reaches Eve's status page.
     let status: Value = app
-        .http
-        .get(app.url(&format!("/ticket/{ticket}?token={token}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/ticket/{ticket}?token={token}"))
+        .await;
     assert!(!status.to_string().contains(SECRET), "{status}");
 
     // The acknowledgement went to the address, under a fixed subject, with

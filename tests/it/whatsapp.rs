@@ -56,15 +56,7 @@ async fn a_signed_message_creates_customer_and_ticket() {
     .unwrap();
     assert_eq!(identities, vec!["whatsapp", "phone"]);
     let ticket = ticket_of(&app, "SM0001").await;
-    let status: Value = app
-        .http
-        .get(app.url(&format!("/ticket/{ticket}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/ticket/{ticket}")).await;
     assert_eq!(status["channel"], "whatsapp");
     assert_eq!(status["status"], "received");
     app.stop().await;
