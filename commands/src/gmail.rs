@@ -646,7 +646,6 @@ impl GmailSync {
         let result = sqlx::query(
             "UPDATE gmail_sync
                 SET failures = failures + 1, last_error = $3,
-                    retry_at = now() + make_interval(secs => $4),
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
               WHERE email_address = $1 AND (lease_owner = $2 OR lease_owner IS NULL)
           RETURNING failures",
@@ -654,7 +653,6 @@ impl GmailSync {
         .bind(mailbox)
         .bind(self.worker_id)
         .bind(&error_text)
-        .bind(0.0f64)
         .fetch_optional(&self.pool)
         .await;
         // The delay grows with the failures recorded so far.
