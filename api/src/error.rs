@@ -158,6 +158,9 @@ impl From<IntakeError> for ApiError {
                 fields: BTreeMap::from([("message".to_string(), reason)]),
             },
             IntakeError::Conflict(reason) => ApiError::Conflict(reason),
+            IntakeError::Limited { retry_after } => ApiError::RateLimited {
+                retry_after: retry_after.as_secs().max(1),
+            },
             IntakeError::Store(e) => e.into(),
         }
     }

@@ -18,8 +18,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use casebook_commands::claims::NewClaim;
-use casebook_commands::limits::{self, Decision, Limit};
-use casebook_commands::{InboundMessage, Sender};
+use casebook_commands::limits::{self, Gate, Limit};
+use casebook_commands::{InboundMessage, IntakeError, Sender};
 use casebook_domain::identity::IdentityKey;
 use casebook_domain::masking::mask_email;
 use casebook_domain::webform::RawWebForm;
@@ -99,22 +99,6 @@ pub async fn submit(
             "must be a valid email address".to_string(),
         )]))
     })?;
-    match limits::take(
-        &state.limits_pool,
-        limits::WEBFORM_EMAIL,
-        &form.email,
-        Limit::per_hour(state.settings.submissions_per_email_per_hour),
-    )
-    .await?
-    {
-        Decision::Allowed => {}
-        Decision::Limited { retry_after } => {
-            tracing::info!(email = %mask_email(&form.email), "web form: address over its hourly limit");
-            return Err(ApiError::RateLimited {
-                retry_after: retry_after.as_secs().max(1),
-            });
-        }
-    }
     let message = InboundMessage {
         channel: Channel::Webform,
         channel_message_id: submission_key(&form.email, form.client_request_id.as_deref()),
@@ -133,10 +117,27 @@ pub async fn submit(
         automated: None,
     };
     let claim = NewClaim::new(&state.links);
-    let outcome = state
+    // The per-address limit is taken in the submission's own commit: a
+    // retry of a stored submission takes no hit, a limited one stores
+    // nothing.
+    let gate = Gate::for_value(
+        limits::WEBFORM_EMAIL,
+        &form.email,
+        Limit::per_hour(state.settings.submissions_per_email_per_hour),
+    );
+    let outcome = match state
         .intake
-        .receive_claimed(&message, &claim, &correlation.0)
-        .await?;
+        .receive_claimed(&message, &claim, gate.as_ref(), &correlation.0)
+        .await
+    {
+        Err(IntakeError::Limited { retry_after }) => {
+            tracing::info!(email = %mask_email(&form.email), "web form: address over its hourly limit");
+            return Err(ApiError::RateLimited {
+                retry_after: retry_after.as_secs().max(1),
+            });
+        }
+        other => other?,
+    };
     tracing::info!(email = %mask_email(&form.email), ticket_id = %outcome.ticket_id, "web form submission taken in");
     Ok((
         StatusCode::ACCEPTED,

@@ -30,14 +30,17 @@ use casebook_domain::{
     CustomerIdentityError, Direction, EmailClaim, EmailClaimCommand, EventMetadata, Priority,
     Ticket, TicketCommand, TicketError, TicketEvent, TicketStatus,
 };
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use uuid::Uuid;
 
 use crate::claims::NewClaim;
+use crate::limits::Gate;
 use crate::metrics::INTAKE_MESSAGES;
 use crate::retry::sleep_backoff;
-use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
+use crate::store::{CommandError, Committed, EventStore, StoreError, CONFLICT_BACKOFF};
 
 /// Who wrote: every identity the channel tells us, and a display name.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,8 +174,22 @@ pub enum IntakeError {
     /// The same web-form request key with a different submission.
     #[error("{0}")]
     Conflict(String),
+    /// The gate's rate limit had no room: nothing was stored.
+    #[error("over the rate limit; retry after {retry_after:?}")]
+    Limited { retry_after: Duration },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Commits `uow` through `gate`, a limit hit being an error.
+async fn commit_gated(
+    uow: crate::store::UnitOfWork<'_>,
+    gate: Option<&Gate>,
+) -> Result<(), IntakeError> {
+    match uow.commit_gated(gate).await? {
+        Committed::Written(_) => Ok(()),
+        Committed::Limited { retry_after } => Err(IntakeError::Limited { retry_after }),
+    }
 }
 
 impl<E: std::error::Error> From<CommandError<E>> for IntakeError {
@@ -201,21 +218,26 @@ impl Intake {
         message: &InboundMessage,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
-        self.receive_inner(message, None, correlation_id).await
+        self.receive_inner(message, None, None, correlation_id)
+            .await
     }
 
     /// A web-form submission: stored like [`Intake::receive`], with the
     /// claim on its email address that the acknowledgement lets the
     /// submitter confirm. A repeated request key answers with the earlier
     /// ticket only for a byte-identical retry within the replay window;
-    /// anything else is [`IntakeError::Conflict`].
+    /// anything else is [`IntakeError::Conflict`]. With a `gate`, a new
+    /// submission is stored only when the gate's rate limit has room, and
+    /// its hit is counted in the same commit: a retry or a duplicate takes
+    /// no hit, and a limited one stores nothing ([`IntakeError::Limited`]).
     pub async fn receive_claimed(
         &self,
         message: &InboundMessage,
         claim: &NewClaim,
+        gate: Option<&Gate>,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
-        self.receive_inner(message, Some(claim), correlation_id)
+        self.receive_inner(message, Some(claim), gate, correlation_id)
             .await
     }
 
@@ -223,6 +245,7 @@ impl Intake {
         &self,
         message: &InboundMessage,
         claim: Option<&NewClaim>,
+        gate: Option<&Gate>,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
         if message.sender.identities.is_empty() {
@@ -232,7 +255,7 @@ impl Intake {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_receive(message, claim, correlation_id).await {
+            match self.try_receive(message, claim, gate, correlation_id).await {
                 Err(IntakeError::Store(StoreError::Conflict))
                     if CONFLICT_BACKOFF.should_retry(attempt) =>
                 {
@@ -265,6 +288,7 @@ impl Intake {
         &self,
         m: &InboundMessage,
         claim: Option<&NewClaim>,
+        gate: Option<&Gate>,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
         let at = m.received_at;
@@ -303,7 +327,7 @@ impl Intake {
         }
 
         if !proven {
-            return self.receive_unproven(uow, meta, m, &key, claim).await;
+            return self.receive_unproven(uow, meta, m, &key, claim, gate).await;
         }
 
         // The customer: whoever owns the first identity already claimed.
@@ -407,7 +431,7 @@ impl Intake {
             }
         }
         let message_id = record_message(&mut uow, m, &key, ticket_id, customer_id).await?;
-        uow.commit().await?;
+        commit_gated(uow, gate).await?;
         Ok(IntakeOutcome {
             ticket_id,
             message_id,
@@ -486,6 +510,7 @@ impl Intake {
         m: &InboundMessage,
         key: &str,
         claim: Option<&NewClaim>,
+        gate: Option<&Gate>,
     ) -> Result<IntakeOutcome, IntakeError> {
         let at = m.received_at;
         let customer_id = Uuid::now_v7();
@@ -526,7 +551,7 @@ impl Intake {
             )
             .await?;
         }
-        uow.commit().await?;
+        commit_gated(uow, gate).await?;
         Ok(IntakeOutcome {
             ticket_id,
             message_id,

@@ -62,50 +62,91 @@ pub fn key(value: &str) -> String {
 /// 0 turns the check off.
 pub async fn take(
     pool: &PgPool,
-    scope: &str,
+    scope: &'static str,
     value: &str,
     limit: Limit,
 ) -> Result<Decision, StoreError> {
     if limit.max == 0 {
         return Ok(Decision::Allowed);
     }
-    let key = key(value);
-    let window_secs = limit.window.as_secs_f64();
-    // One statement: the hits still inside the window, plus this one when
-    // there is room. The row lock of ON CONFLICT orders concurrent takes of
-    // one key; `allowed` says whether this one was counted.
-    let (allowed, oldest): (bool, Option<f64>) = sqlx::query_as(
+    let gate = Gate::new(scope, value, limit);
+    let (allowed, oldest): (bool, Option<f64>) = sqlx::query_as(&upsert_sql(1))
+        .bind(gate.scope)
+        .bind(&gate.key)
+        .bind(gate.window_secs())
+        .bind(i64::from(limit.max))
+        .fetch_one(pool)
+        .await?;
+    sweep_now_and_then(pool).await;
+    Ok(gate.decision(allowed, oldest))
+}
+
+/// A limit to take inside another statement: the event store's gated commit
+/// appends a submission's events only when its hit fits, in one statement
+/// and one commit (see `UnitOfWork::commit_gated`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    pub(crate) scope: &'static str,
+    pub(crate) key: String,
+    pub(crate) limit: Limit,
+}
+
+impl Gate {
+    /// The gate of `value` in `scope`; `None` when the limit is off (0).
+    pub fn for_value(scope: &'static str, value: &str, limit: Limit) -> Option<Self> {
+        (limit.max > 0).then(|| Self::new(scope, value, limit))
+    }
+
+    fn new(scope: &'static str, value: &str, limit: Limit) -> Self {
+        Self {
+            scope,
+            key: key(value),
+            limit,
+        }
+    }
+
+    pub(crate) fn window_secs(&self) -> f64 {
+        self.limit.window.as_secs_f64()
+    }
+
+    /// What the upsert's `allowed` and seconds-until-room mean.
+    pub(crate) fn decision(&self, allowed: bool, oldest: Option<f64>) -> Decision {
+        if allowed {
+            Decision::Allowed
+        } else {
+            let window = self.window_secs();
+            Decision::Limited {
+                retry_after: Duration::from_secs_f64(
+                    oldest.unwrap_or(window).clamp(1.0, window.max(1.0)),
+                ),
+            }
+        }
+    }
+}
+
+/// The one statement that counts a hit when there is room, with its
+/// parameters numbered from `first`: scope, key, window (seconds), max. It
+/// returns `allowed` and the seconds until the oldest hit leaves the window.
+/// The row lock of ON CONFLICT orders concurrent takes of one key.
+pub(crate) fn upsert_sql(first: usize) -> String {
+    let (scope, key, window, max) = (first, first + 1, first + 2, first + 3);
+    let inside = format!(
+        "ARRAY(SELECT h FROM unnest(w.hits) h WHERE h > clock_timestamp() - make_interval(secs => ${window}) ORDER BY h)"
+    );
+    format!(
         "INSERT INTO rate_limit_windows AS w (scope, key, hits, allowed, updated_at)
-         VALUES ($1, $2, ARRAY[clock_timestamp()], $4 > 0, now())
+         VALUES (${scope}, ${key}, ARRAY[clock_timestamp()], ${max} > 0, now())
          ON CONFLICT (scope, key) DO UPDATE SET
-             hits = CASE
-                 WHEN cardinality(ARRAY(SELECT h FROM unnest(w.hits) h
-                                         WHERE h > clock_timestamp() - make_interval(secs => $3))) < $4
-                 THEN ARRAY(SELECT h FROM unnest(w.hits) h
-                             WHERE h > clock_timestamp() - make_interval(secs => $3) ORDER BY h)
-                      || clock_timestamp()
-                 ELSE ARRAY(SELECT h FROM unnest(w.hits) h
-                             WHERE h > clock_timestamp() - make_interval(secs => $3) ORDER BY h)
-             END,
-             allowed = cardinality(ARRAY(SELECT h FROM unnest(w.hits) h
-                                          WHERE h > clock_timestamp() - make_interval(secs => $3))) < $4,
+             hits = CASE WHEN cardinality({inside}) < ${max} THEN {inside} || clock_timestamp() ELSE {inside} END,
+             allowed = cardinality({inside}) < ${max},
              updated_at = now()
          RETURNING allowed,
-                   extract(epoch FROM hits[1] + make_interval(secs => $3) - clock_timestamp())::float8",
+                   extract(epoch FROM hits[1] + make_interval(secs => ${window}) - clock_timestamp())::float8 AS retry_secs"
     )
-    .bind(scope)
-    .bind(&key)
-    .bind(window_secs)
-    .bind(i64::from(limit.max))
-    .fetch_one(pool)
-    .await?;
-    let decision = if allowed {
-        Decision::Allowed
-    } else {
-        Decision::Limited {
-            retry_after: Duration::from_secs_f64(oldest.unwrap_or(window_secs).max(1.0)),
-        }
-    };
+}
+
+/// Now and then, drops the rows of keys idle for a day.
+pub(crate) async fn sweep_now_and_then(pool: &PgPool) {
     if CHECKS.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
         let swept = sqlx::query(&format!(
             "DELETE FROM rate_limit_windows WHERE updated_at < now() - interval '{SWEEP_AFTER}'"
@@ -116,7 +157,6 @@ pub async fn take(
             tracing::warn!(error = %e, "rate limit sweep failed");
         }
     }
-    Ok(decision)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use casebook_domain::retry::Backoff;
@@ -24,6 +25,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 
+use crate::limits::{self, Decision, Gate};
 use crate::metrics;
 use crate::retry::sleep_backoff;
 
@@ -438,39 +440,100 @@ impl UnitOfWork<'_> {
     /// Appends every recorded event in one transaction and one statement,
     /// in the order the commands ran. Returns how many were written.
     pub async fn commit(self) -> Result<usize, StoreError> {
+        match self.commit_gated(None).await? {
+            Committed::Written(n) => Ok(n),
+            // Without a gate nothing is ever limited.
+            Committed::Limited { .. } => Ok(0),
+        }
+    }
+
+    /// Like [`commit`](Self::commit), but the events are appended only when
+    /// `gate`'s rate limit has room, and its hit is counted in the same
+    /// statement: one round trip and one commit, a hit only for what was
+    /// stored (a duplicate, a conflict or a failure counts nothing), and
+    /// nothing stored when limited.
+    pub async fn commit_gated(self, gate: Option<&Gate>) -> Result<Committed, StoreError> {
         let events: Vec<SerializedEvent> =
             self.streams.into_iter().flat_map(|s| s.events).collect();
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Committed::Written(0));
         }
         let mut columns = Columns::with_capacity(events.len());
         for e in &events {
             columns.push(e);
         }
         let pool = self.store.pool.clone();
-        with_transient_retry(|| async {
-            sqlx::query(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                 SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata
-                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                        WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n)
-                  ORDER BY t.n",
-            )
-            .bind(&columns.aggregate_type)
-            .bind(&columns.aggregate_id)
-            .bind(&columns.sequence)
-            .bind(&columns.event_type)
-            .bind(&columns.event_version)
-            .bind(&columns.payload)
-            .bind(&columns.metadata)
-            .execute(&pool)
-            .await?;
-            Ok(())
+        let committed = with_transient_retry(|| async {
+            let Some(gate) = gate else {
+                sqlx::query(&format!("{INSERT_EVENTS} ORDER BY t.n"))
+                    .bind(&columns.aggregate_type)
+                    .bind(&columns.aggregate_id)
+                    .bind(&columns.sequence)
+                    .bind(&columns.event_type)
+                    .bind(&columns.event_version)
+                    .bind(&columns.payload)
+                    .bind(&columns.metadata)
+                    .execute(&pool)
+                    .await?;
+                return Ok(Committed::Written(events.len()));
+            };
+            let (allowed, retry_secs): (bool, Option<f64>) = sqlx::query_as(&gated_insert_sql())
+                .bind(&columns.aggregate_type)
+                .bind(&columns.aggregate_id)
+                .bind(&columns.sequence)
+                .bind(&columns.event_type)
+                .bind(&columns.event_version)
+                .bind(&columns.payload)
+                .bind(&columns.metadata)
+                .bind(gate.scope)
+                .bind(&gate.key)
+                .bind(gate.window_secs())
+                .bind(i64::from(gate.limit.max))
+                .fetch_one(&pool)
+                .await?;
+            Ok(match gate.decision(allowed, retry_secs) {
+                Decision::Allowed => Committed::Written(events.len()),
+                Decision::Limited { retry_after } => Committed::Limited { retry_after },
+            })
         })
         .await?;
-        metrics::record_appended(&events);
-        Ok(events.len())
+        if gate.is_some() {
+            limits::sweep_now_and_then(&pool).await;
+        }
+        if let Committed::Written(_) = committed {
+            metrics::record_appended(&events);
+        }
+        Ok(committed)
     }
+}
+
+/// What a gated commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// This many events were appended.
+    Written(usize),
+    /// The gate's limit had no room: nothing was appended.
+    Limited { retry_after: Duration },
+}
+
+/// Appends the seven column arrays ($1–$7) as events, in array order.
+const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+     SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n)";
+
+/// The rate limit's upsert ($8–$11) and the events' insert in one
+/// statement: the events go in only when the hit was allowed.
+fn gated_insert_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "WITH gate AS ({}),
+                  appended AS ({INSERT_EVENTS} WHERE (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
+             SELECT gate.allowed, gate.retry_secs FROM gate",
+            limits::upsert_sql(8)
+        )
+    })
 }
 
 #[derive(Default)]

@@ -161,6 +161,70 @@ async fn one_email_address_gets_five_submissions_an_hour() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_from_one_address_store_exactly_the_limit_and_retries_take_no_hit() {
+    let app = TestApp::spawn_with(&[Role::Api], &[]).await;
+    let first = app
+        .submit_form(json!({
+            "name": "Ada", "email": "ada@example.com", "subject": "Order",
+            "message": "first", "category": "general", "client_request_id": "r-0"
+        }))
+        .await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    // A retry of a stored submission is the same submission: no hit.
+    for _ in 0..3 {
+        let again = app
+            .submit_form(json!({
+                "name": "Ada", "email": "ada@example.com", "subject": "Order",
+                "message": "first", "category": "general", "client_request_id": "r-0"
+            }))
+            .await;
+        assert_eq!(again.status(), 202);
+        assert_eq!(
+            again.json::<Value>().await.unwrap()["ticket_id"],
+            first["ticket_id"]
+        );
+    }
+    // Twenty at once: exactly the four that are left get in.
+    let statuses = futures::future::join_all((0..20).map(|i| {
+        let app = &app;
+        async move {
+            app.submit_form(form("ADA@example.com", &format!("burst {i}")))
+                .await
+                .status()
+                .as_u16()
+        }
+    }))
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        16,
+        "{statuses:?}"
+    );
+    let opened: i64 = app
+        .count("SELECT count(*) FROM events WHERE event_type = 'TicketOpened'")
+        .await;
+    assert_eq!(
+        opened, 5,
+        "one ticket per admitted submission, none for the refused"
+    );
+    // At its limit, the address still gets its stored submission back.
+    let retry = app
+        .submit_form(json!({
+            "name": "Ada", "email": "ada@example.com", "subject": "Order",
+            "message": "first", "category": "general", "client_request_id": "r-0"
+        }))
+        .await;
+    assert_eq!(retry.status(), 202);
+    app.stop().await;
+}
+
 struct GmailSends(AtomicUsize);
 
 impl Respond for GmailSends {
