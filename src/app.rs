@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use casebook_api::graphql::knowledge::LazyKnowledge;
+use casebook_api::graphql::subscriptions::LiveHub;
 use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::claims::LinkKeys;
@@ -77,7 +79,13 @@ pub fn kafka_settings(config: &Config) -> KafkaSettings {
 }
 
 pub fn embedder(config: &Config) -> anyhow::Result<Embedder> {
-    let source = match &config.embeddings {
+    let source = embedding_source(config)?;
+    Embedder::new(&source).context("CASEBOOK_EMBEDDINGS: the embedding model could not be loaded")
+}
+
+/// Where embeddings come from, as configured.
+pub fn embedding_source(config: &Config) -> anyhow::Result<EmbeddingSource> {
+    Ok(match &config.embeddings {
         EmbeddingsConfig::Local(dir) => EmbeddingSource::Local(dir.clone()),
         EmbeddingsConfig::OpenAi { model } => {
             let llm = config
@@ -90,8 +98,7 @@ pub fn embedder(config: &Config) -> anyhow::Result<Embedder> {
                 model: model.clone(),
             }
         }
-    };
-    Embedder::new(&source).context("CASEBOOK_EMBEDDINGS: the embedding model could not be loaded")
+    })
 }
 
 /// The remote models, in the order they are tried.
@@ -329,6 +336,12 @@ pub async fn start(
                 submissions_per_email_per_hour: config.webform_per_email_per_hour,
             },
             readiness: readiness.clone(),
+            knowledge: Arc::new(LazyKnowledge::new(
+                pool.clone(),
+                embedding_source(config)?,
+                config.kb_ef_search,
+            )),
+            live: Arc::new(LiveHub::new(pool.clone())),
         }));
         let listener = match listener {
             Some(l) => l,

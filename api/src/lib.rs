@@ -6,6 +6,7 @@ mod body;
 mod confirm;
 pub mod error;
 mod gmail;
+pub mod graphql;
 pub mod observe;
 pub mod ops;
 pub mod ratelimit;
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .merge(public)
         .merge(webhooks)
         .merge(ops)
+        .merge(graphql::routes(&state))
         .route_layer(from_fn(observe::http_metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::BODY_LIMIT))
@@ -92,10 +94,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // The peer address keys the per-client rate limit.
-    axum::serve(
+    let live = state.live.clone();
+    let served = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        // Subscriptions end with the server.
+        live.close();
+    })
+    .await;
+    served
 }

@@ -8,6 +8,8 @@ use casebook_commands::{EventStore, Intake};
 use sqlx::PgPool;
 
 use crate::auth::TokenKeys;
+use crate::graphql::knowledge::LazyKnowledge;
+use crate::graphql::subscriptions::LiveHub;
 use crate::ops::Readiness;
 use crate::ratelimit::TrustedProxies;
 
@@ -41,6 +43,10 @@ pub struct Inner {
     pub links: LinkKeys,
     pub settings: ApiSettings,
     pub readiness: Arc<Readiness>,
+    /// The knowledge base staff search (its model loads on first use).
+    pub knowledge: Arc<LazyKnowledge>,
+    /// Live updates for GraphQL subscriptions.
+    pub live: Arc<LiveHub>,
 }
 
 #[derive(Clone)]

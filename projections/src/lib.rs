@@ -8,11 +8,14 @@
 //! are recognised by their stream sequence. The same `apply_batch` serves
 //! rebuilding a read model straight from the event store.
 
+pub mod access;
 pub mod consumer;
 pub mod crm;
+pub mod live;
 pub mod metrics;
 pub mod projector;
 pub mod queries;
+pub mod staff;
 pub mod store;
 
 pub use consumer::{ConsumerSettings, ProjectorRunner};

@@ -32,6 +32,12 @@ pub trait Projector: Send + Sync + 'static {
     ) -> Result<(), ProjectionError>;
     /// Called after the batch's transaction committed.
     fn after_commit(&self, _applied: &[EventEnvelope]) {}
+    /// Whether a live batch announces what it applied on
+    /// [`crate::live::CHANNEL`] (one projector does, so each event is
+    /// announced once, when the read model that queues read has it).
+    fn announces(&self) -> bool {
+        false
+    }
 }
 
 /// A consumed Kafka position to record with the batch.
@@ -54,6 +60,10 @@ pub async fn apply_batch(
 ) -> Result<usize, ProjectionError> {
     let mut tx = pool.begin().await?;
     let applied = apply_batch_in(&mut tx, projector, events, offsets).await?;
+    if projector.announces() {
+        // Delivered to listeners only when (and if) the batch commits.
+        crate::live::announce(&mut tx, &applied).await?;
+    }
     tx.commit().await?;
     APPLIED
         .with_label_values(&[projector.name()])

@@ -29,6 +29,11 @@ impl Projector for TicketsProjector {
         &["crm_tickets"]
     }
 
+    /// Live updates (staff subscriptions) follow the tickets read model.
+    fn announces(&self) -> bool {
+        true
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,
