@@ -8,6 +8,7 @@
 //! are recognised by their stream sequence. The same `apply_batch` serves
 //! rebuilding a read model straight from the event store.
 
+pub mod access;
 pub mod consumer;
 pub mod crm;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod projector;
 pub mod queries;
 pub mod store;
 
+pub use access::{begin_scoped, ReadScope};
 pub use consumer::{ConsumerSettings, ProjectorRunner};
 pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, ProjectionError, Projector};
 
