@@ -179,14 +179,24 @@ async fn casebook_api_without_a_scope_sees_nothing_and_never_writes() {
         .await;
     assert_eq!(sql_state(denied).as_deref(), Some("42501"), "events");
     drop(tx);
-    for t in ["events", "users", "sessions", "projector_offsets", "gmail_messages"] {
+    for t in [
+        "events",
+        "users",
+        "sessions",
+        "projector_offsets",
+        "gmail_messages",
+    ] {
         let mut tx = begin_scoped(&db.pool, &ReadScope::staff("auditor"))
             .await
             .unwrap();
         let denied = sqlx::query(&format!("SELECT 1 FROM {t} LIMIT 1"))
             .execute(&mut *tx)
             .await;
-        assert_eq!(sql_state(denied).as_deref(), Some("42501"), "{t} is not granted");
+        assert_eq!(
+            sql_state(denied).as_deref(),
+            Some("42501"),
+            "{t} is not granted"
+        );
     }
 
     // No write, in any scope.
@@ -329,7 +339,10 @@ async fn a_pooled_connection_returns_unscoped_as_the_owner() {
             .fetch_one(&mut *tx)
             .await
             .unwrap();
-    assert_eq!((who.as_str(), scope.as_deref()), ("casebook_api", Some("customer")));
+    assert_eq!(
+        (who.as_str(), scope.as_deref()),
+        ("casebook_api", Some("customer"))
+    );
     // Dropped without a commit, as on an error path.
     drop(tx);
     // The one connection again: the owner, no scope, every row (a projector

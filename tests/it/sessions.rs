@@ -141,7 +141,14 @@ async fn the_cli_issues_tokens_and_manages_users_with_effect_on_the_next_request
     let customer = Uuid::new_v4().to_string();
     let ada = issue(
         &app,
-        &["--role", "customer", "--sub", "ada", "--customer-id", &customer],
+        &[
+            "--role",
+            "customer",
+            "--sub",
+            "ada",
+            "--customer-id",
+            &customer,
+        ],
     );
     let (_, body) = me(&app, &ada).await;
     assert_eq!(body["role"], "customer");
@@ -157,7 +164,15 @@ async fn the_cli_issues_tokens_and_manages_users_with_effect_on_the_next_request
     // A staff user added with a name; an existing sub is refused (exit 1).
     let out = casebook(
         &app,
-        &["user", "add", "linus", "--role", "supervisor", "--name", "Linus T"],
+        &[
+            "user",
+            "add",
+            "linus",
+            "--role",
+            "supervisor",
+            "--name",
+            "Linus T",
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = casebook(&app, &["user", "add", "linus", "--role", "agent"]);
@@ -181,7 +196,10 @@ async fn the_cli_issues_tokens_and_manages_users_with_effect_on_the_next_request
     let (status, body) = me(&app, &token).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"], "user_disabled");
-    let out = casebook(&app, &["token", "issue", "--role", "agent", "--sub", "grace"]);
+    let out = casebook(
+        &app,
+        &["token", "issue", "--role", "agent", "--sub", "grace"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("disabled"), "{}", stderr(&out));
     // Enabled again, the old token stays revoked; a new one works.
@@ -212,12 +230,11 @@ async fn an_idle_session_is_refused_with_session_expired() {
         .await
         .unwrap();
     assert_eq!(ticket(&app, &ticket_id, &token).await.0, 200);
-    let age: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM sessions",
-    )
-    .fetch_one(app.pool())
-    .await
-    .unwrap();
+    let age: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM sessions")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
     assert!(age < 60.0, "last_seen_at touched: {age} s old");
     // Used 20 s ago: accepted without a write (at most one a minute).
     sqlx::query("UPDATE sessions SET last_seen_at = now() - interval '20 seconds'")
@@ -225,12 +242,11 @@ async fn an_idle_session_is_refused_with_session_expired() {
         .await
         .unwrap();
     assert_eq!(ticket(&app, &ticket_id, &token).await.0, 200);
-    let age: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM sessions",
-    )
-    .fetch_one(app.pool())
-    .await
-    .unwrap();
+    let age: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM sessions")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
     assert!(age >= 19.0, "last_seen_at left alone: {age} s old");
 
     // Idle for more than an hour: refused, and it stays refused.
