@@ -102,8 +102,13 @@ impl SessionError {
 
 /// The `Authorization: Bearer …` token of a request, if it has one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
+    bearer_value(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of an `Authorization` value such as `Bearer abc` (also as
+/// sent in a graphql-transport-ws `connection_init` payload).
+pub fn bearer_value(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
@@ -281,6 +286,8 @@ mod tests {
         assert_eq!(bearer(&headers("Basic abc")), None);
         assert_eq!(bearer(&headers("Bearer ")), None);
         assert_eq!(bearer(&HeaderMap::new()), None);
+        assert_eq!(bearer_value(" Bearer xyz"), Some("xyz"));
+        assert_eq!(bearer_value("xyz"), None);
     }
 
     #[test]

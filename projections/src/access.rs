@@ -1,8 +1,9 @@
 //! Reading read models on a caller's behalf, under row-level security.
 //!
-//! `begin_scoped` opens a transaction that runs as the non-owner role
-//! `casebook_api` (SELECT on the read models, nothing else) with the caller's
-//! role and customer id as transaction-local settings; the policies of
+//! `begin_scoped` opens a transaction that runs (`SET LOCAL ROLE`) as the
+//! non-owner role `casebook_api` (SELECT on the read models, nothing else)
+//! with the caller's role and customer id as transaction-local settings
+//! (`casebook.role`, `casebook.customer_id`); the policies of
 //! `migrations/20261126000003_row_level_security.sql` then decide, in
 //! Postgres, which rows the caller sees. A customer sees their own rows;
 //! staff roles read everything; a scope naming no known role sees nothing.
@@ -11,9 +12,6 @@
 
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
-
-/// The database role the API reads as.
-pub const API_ROLE: &str = "casebook_api";
 
 /// Who a read is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,14 +51,15 @@ pub async fn begin_scoped(
     scope: &ReadScope,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // The role is a fixed identifier; the caller's values are bound
-    // parameters, never part of the statement text.
-    sqlx::query("SET LOCAL ROLE casebook_api")
-        .execute(&mut *tx)
-        .await?;
+    // `set_config('role', …, true)` is `SET LOCAL ROLE` (same membership
+    // check), in the same round trip as the scope. The role is a fixed
+    // identifier; the caller's values are bound parameters, never part of
+    // the statement text.
     let customer = scope.customer_id.map(|c| c.to_string()).unwrap_or_default();
     sqlx::query(
-        "SELECT set_config('casebook.role', $1, true), set_config('casebook.customer_id', $2, true)",
+        "SELECT set_config('role', 'casebook_api', true),
+                set_config('casebook.role', $1, true),
+                set_config('casebook.customer_id', $2, true)",
     )
     .bind(&scope.role)
     .bind(customer)
