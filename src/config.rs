@@ -547,6 +547,9 @@ mod tests {
             ("CASEBOOK_WORKER_MAX_ATTEMPTS", "0"),
             ("CASEBOOK_WORKER_MAX_RETRY_SECS", "forever"),
             ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "59"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "604801"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "an hour"),
         ];
         for (name, value) in cases {
             assert_eq!(

@@ -183,6 +183,40 @@ async fn the_cli_issues_tokens_and_manages_users_with_effect_on_the_next_request
     assert_eq!(body["name"], "Linus T");
     assert_eq!(body["role"], "supervisor");
 
+    // A customer needs their customer id, and only a customer has one.
+    let out = casebook(&app, &["user", "set-role", "grace", "customer"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--customer-id"), "{}", stderr(&out));
+    let out = casebook(
+        &app,
+        &[
+            "token",
+            "issue",
+            "--role",
+            "agent",
+            "--sub",
+            "grace",
+            "--customer-id",
+            &customer,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = casebook(
+        &app,
+        &[
+            "token",
+            "issue",
+            "--role",
+            "agent",
+            "--sub",
+            "grace",
+            "--ttl-secs",
+            "0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(me(&app, &token).await.1["role"], "analyst");
+
     // Unknown users and roles.
     let out = casebook(&app, &["user", "set-role", "nobody", "agent"]);
     assert_eq!(out.status.code(), Some(1));
