@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use casebook_api::graphql::knowledge::LazyKnowledge;
 use casebook_api::graphql::subscriptions::LiveHub;
-use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, TokenKeys};
+use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, Sessions, TokenKeys};
 use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::claims::LinkKeys;
 use casebook_commands::delivery::{
@@ -326,6 +326,11 @@ pub async fn start(
             intake,
             gmail: Some(gmail),
             tokens: TokenKeys::new(secret),
+            sessions: Sessions::new(
+                pool.clone(),
+                TokenKeys::new(secret),
+                Duration::from_secs(config.session_idle_secs),
+            ),
             links: LinkKeys::new(secret),
             settings: ApiSettings {
                 public_url: config.public_url.clone(),

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use casebook_api::users::{self, UserError};
 use casebook_api::{Role as TokenRole, TokenKeys};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -44,6 +45,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Users in Postgres: a change acts on that user's next request.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
     },
     /// Rebuilds read models; shows a ticket as it stood.
     Replay {
@@ -87,17 +93,48 @@ enum KbCommand {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Prints a signed bearer token.
+    /// Creates or updates the user with this role, opens a new session and
+    /// prints its bearer token as the last line on stdout.
     Issue {
         #[arg(long)]
         role: TokenRole,
         #[arg(long)]
         sub: String,
+        /// Required with --role customer: whose tickets they read.
         #[arg(long)]
         customer_id: Option<Uuid>,
+        /// How long the token is valid (1 s to 30 days); a session idle for
+        /// CASEBOOK_SESSION_IDLE_SECS is refused before that.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Adds a user (an existing sub is refused).
+    Add {
+        sub: String,
+        #[arg(long)]
+        role: TokenRole,
+        #[arg(long)]
+        name: Option<String>,
+        /// Required with --role customer.
+        #[arg(long)]
+        customer_id: Option<Uuid>,
+    },
+    /// Changes a user's role, from their next request on.
+    SetRole {
+        sub: String,
+        role: TokenRole,
+        /// Required when the new role is customer.
+        #[arg(long)]
+        customer_id: Option<Uuid>,
+    },
+    /// Refuses the user's next request and revokes their sessions.
+    Disable { sub: String },
+    /// Lets a disabled user get tokens again (old sessions stay revoked).
+    Enable { sub: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,12 +234,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ttl_secs,
                 },
         } => {
-            if ttl_secs <= 0 {
-                return Err(anyhow!("--ttl-secs must be positive"));
+            // Bad usage is told before anything is connected to.
+            if let Err(e) = users::check_sub(&sub)
+                .and_then(|()| users::check_customer(role, customer_id))
+                .and_then(|()| {
+                    (1..=users::MAX_TOKEN_TTL_SECS)
+                        .contains(&ttl_secs)
+                        .then_some(())
+                        .ok_or(UserError::InvalidTtl)
+                })
+            {
+                return Ok(usage(e));
             }
             let keys = TokenKeys::new(config.jwt_secret()?);
-            let token = keys.issue(role, &sub, customer_id, ttl_secs, Utc::now().timestamp())?;
-            println!("{token}");
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            match users::issue_token(&pool, &keys, role, &sub, customer_id, ttl_secs).await {
+                Ok(issued) => println!("{}", issued.token),
+                Err(e) if e.is_usage() => return Ok(usage(e)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Command::User { command } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let result = match command {
+                UserCommand::Add {
+                    sub,
+                    role,
+                    name,
+                    customer_id,
+                } => users::add_user(&pool, &sub, role, name.as_deref(), customer_id)
+                    .await
+                    .map(|u| format!("user {:?} added as {}", u.sub, u.role)),
+                UserCommand::SetRole {
+                    sub,
+                    role,
+                    customer_id,
+                } => users::set_role(&pool, &sub, role, customer_id)
+                    .await
+                    .map(|u| format!("user {:?} is now {}", u.sub, u.role)),
+                UserCommand::Disable { sub } => users::disable_user(&pool, &sub)
+                    .await
+                    .map(|u| format!("user {:?} disabled; their sessions are revoked", u.sub)),
+                UserCommand::Enable { sub } => users::enable_user(&pool, &sub)
+                    .await
+                    .map(|u| format!("user {:?} enabled", u.sub)),
+            };
+            match result {
+                Ok(done) => println!("{done}"),
+                Err(e) if e.is_usage() => return Ok(usage(e)),
+                Err(e) => return Err(e.into()),
+            }
         }
         Command::Replay {
             command: ReplayCommand::Projections { only },
@@ -293,6 +374,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(&config, args).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bad usage: said on stderr, exit 2.
+fn usage(e: UserError) -> ExitCode {
+    eprintln!("casebook: {e}");
+    ExitCode::from(2)
 }
 
 fn print_history(h: &casebook_replay::TicketHistory) {

@@ -78,6 +78,9 @@ pub struct Config {
     pub worker_max_retry_secs: u64,
     /// `CASEBOOK_PROVIDER_TIMEOUT_SECS`: one Twilio or Gmail request.
     pub provider_timeout_secs: u64,
+    /// `CASEBOOK_SESSION_IDLE_SECS`: a session unused this long is refused
+    /// with `session_expired`.
+    pub session_idle_secs: u64,
 }
 
 /// A whole-number limit setting: `default` when unset, 0 to `max`.
@@ -416,7 +419,22 @@ impl Config {
                     )
                 })?,
         };
+        let session_idle_secs = match src.var("CASEBOOK_SESSION_IDLE_SECS") {
+            None => 3600,
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (60..=604_800).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_SESSION_IDLE_SECS",
+                        "must be a number of seconds from 60 to 604800",
+                    )
+                })?,
+        };
         Ok(Self {
+            session_idle_secs,
             worker_max_attempts,
             worker_max_retry_secs,
             provider_timeout_secs,
@@ -506,6 +524,7 @@ mod tests {
         assert_eq!(c.worker_max_attempts, 8);
         assert_eq!(c.worker_max_retry_secs, 300);
         assert_eq!(c.provider_timeout_secs, 15);
+        assert_eq!(c.session_idle_secs, 3600);
     }
 
     #[test]
@@ -528,6 +547,9 @@ mod tests {
             ("CASEBOOK_WORKER_MAX_ATTEMPTS", "0"),
             ("CASEBOOK_WORKER_MAX_RETRY_SECS", "forever"),
             ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "59"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "604801"),
+            ("CASEBOOK_SESSION_IDLE_SECS", "an hour"),
         ];
         for (name, value) in cases {
             assert_eq!(

@@ -97,11 +97,28 @@ impl TokenKeys {
         }
     }
 
+    /// A signed token for a session id of its own. The API accepts a token
+    /// only with its session row (`users::issue_token` writes both), so this
+    /// alone serves tests of the signature.
     pub fn issue(
         &self,
         role: Role,
         sub: &str,
         customer_id: Option<Uuid>,
+        ttl_secs: i64,
+        now: i64,
+    ) -> Result<String, TokenError> {
+        self.issue_for_session(role, sub, customer_id, Uuid::new_v4(), ttl_secs, now)
+    }
+
+    /// A signed token naming session `sid`. Its role and customer id are
+    /// what they were at issue; the API uses the user's current ones.
+    pub fn issue_for_session(
+        &self,
+        role: Role,
+        sub: &str,
+        customer_id: Option<Uuid>,
+        sid: Uuid,
         ttl_secs: i64,
         now: i64,
     ) -> Result<String, TokenError> {
@@ -112,7 +129,7 @@ impl TokenKeys {
             sub: sub.to_string(),
             role,
             customer_id,
-            sid: Uuid::new_v4(),
+            sid,
             iat: now,
             exp: now + ttl_secs,
         };

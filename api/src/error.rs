@@ -9,6 +9,8 @@ use axum::Json;
 use casebook_commands::{IntakeError, StoreError};
 use serde::Serialize;
 
+use crate::session::SessionError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -42,6 +44,10 @@ pub enum ApiError {
     Gone(&'static str),
     #[error("too many requests; try again in {retry_after} s")]
     RateLimited { retry_after: u64 },
+    /// A bearer token refused by its session: 401 with the session's code
+    /// (`unauthorized`, `session_expired`, `user_disabled`).
+    #[error("{0}")]
+    Session(SessionError),
 }
 
 #[derive(Serialize)]
@@ -68,6 +74,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Session(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -87,6 +94,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Gone(_) => "gone",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Session(e) => e.code(),
         }
     }
 
@@ -162,6 +170,17 @@ impl From<IntakeError> for ApiError {
                 retry_after: retry_after.as_secs().max(1),
             },
             IntakeError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Store(e) => {
+                ApiError::Unavailable(format!("sessions cannot be checked: {e}"))
+            }
+            other => ApiError::Session(other),
         }
     }
 }

@@ -10,8 +10,10 @@ pub mod graphql;
 pub mod observe;
 pub mod ops;
 pub mod ratelimit;
+pub mod session;
 pub mod state;
 mod status;
+pub mod users;
 mod webform;
 pub mod whatsapp;
 
@@ -31,6 +33,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use auth::{Claims, Role, TokenKeys};
 pub use error::ApiError;
 pub use ops::{serve_ops, OpsState, Readiness};
+pub use session::{Caller, SessionError, Sessions};
 pub use state::{ApiSettings, AppState, Inner};
 
 /// How long any request may take before it is answered with 408.
@@ -60,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/support/tickets", post(webform::submit))
         .route("/ticket/{id}", get(status::show))
         .route("/confirm/{token}", get(confirm::confirm))
+        .route("/me", get(session::me))
         .route_layer(from_fn_with_state(limiter, ratelimit::limit))
         .layer(cors);
     let webhooks = Router::new()

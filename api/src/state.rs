@@ -12,6 +12,7 @@ use crate::graphql::knowledge::LazyKnowledge;
 use crate::graphql::subscriptions::LiveHub;
 use crate::ops::Readiness;
 use crate::ratelimit::TrustedProxies;
+use crate::session::Sessions;
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct Inner {
     pub intake: Intake,
     pub gmail: Option<GmailSync>,
     pub tokens: TokenKeys,
+    /// Bearer tokens checked against their session rows, every request.
+    pub sessions: Sessions,
     /// Confirmation tokens of web-form email claims (same secret as `tokens`).
     pub links: LinkKeys,
     pub settings: ApiSettings,

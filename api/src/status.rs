@@ -7,16 +7,18 @@
 //! customer's bearer token, never otherwise.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::Json;
 use casebook_domain::ticket::transcript;
 use casebook_domain::{Ticket, TicketEvent};
 use casebook_projections::queries::{self, MessageView, TicketSummary};
+use casebook_projections::{begin_scoped, ReadScope};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Role;
 use crate::error::ApiError;
+use crate::session;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -43,18 +45,12 @@ pub async fn show(
     let ticket_id: Uuid = id.parse().map_err(|_| NOT_FOUND)?;
 
     // Who may read the messages: decided before anything is looked up, so a
-    // bad token is refused the same whether or not the ticket exists.
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let claims =
-        match bearer {
-            Some(token) => Some(state.tokens.verify(token.trim()).map_err(|_| {
-                ApiError::Unauthorized("bearer token is invalid or expired".into())
-            })?),
-            None => None,
-        };
+    // bad token is refused the same whether or not the ticket exists. A
+    // bearer token is checked against its session (idle, revoked, disabled).
+    let caller = match session::bearer(&headers) {
+        Some(token) => Some(state.sessions.authenticate(token).await?),
+        None => None,
+    };
     if let Some(token) = &query.token {
         if !state.tokens.check_status_token(ticket_id, token) {
             return Err(ApiError::InvalidToken(
@@ -63,7 +59,16 @@ pub async fn show(
         }
     }
 
-    let projected = queries::ticket_summary(&state.pool, ticket_id).await?;
+    // A signed-in caller reads under row-level security, as themselves.
+    let projected = match &caller {
+        Some(c) => {
+            let mut tx = begin_scoped(&state.pool, &c.scope()).await?;
+            let summary = queries::ticket_summary(&mut *tx, ticket_id).await?;
+            tx.commit().await?;
+            summary
+        }
+        None => queries::ticket_summary(&state.pool, ticket_id).await?,
+    };
     let mut events: Option<Vec<TicketEvent>> = None;
     let summary = match projected {
         Some(summary) => summary,
@@ -78,7 +83,7 @@ pub async fn show(
         }
     };
 
-    let may_read = match &claims {
+    let may_read = match &caller {
         Some(c) if c.role == Role::Customer => {
             if c.customer_id != Some(summary.customer_id) {
                 // Another customer's ticket: as good as absent.
@@ -90,7 +95,11 @@ pub async fn show(
         Some(_) | None => query.token.is_some(),
     };
     let messages = if may_read {
-        let mut messages = queries::ticket_messages(&state.pool, ticket_id).await?;
+        // As the ticket's customer: the owner's bearer token, or the
+        // status token, which stands for whoever owns the ticket.
+        let mut tx = begin_scoped(&state.pool, &ReadScope::customer(summary.customer_id)).await?;
+        let mut messages = queries::ticket_messages(&mut *tx, ticket_id).await?;
+        tx.commit().await?;
         if (messages.len() as i32) < summary.messages_count {
             // The messages read model is behind the tickets one.
             let stored = match events {

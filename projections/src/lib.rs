@@ -18,6 +18,7 @@ pub mod queries;
 pub mod staff;
 pub mod store;
 
+pub use access::{begin_scoped, ReadScope};
 pub use consumer::{ConsumerSettings, ProjectorRunner};
 pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, ProjectionError, Projector};
 

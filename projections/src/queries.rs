@@ -1,8 +1,11 @@
-//! Reads of the CRM read models for the HTTP layer.
+//! Reads of the CRM read models for the HTTP layer. Each takes any
+//! executor: the API passes a transaction from
+//! [`begin_scoped`](crate::access::begin_scoped) when it reads on a
+//! caller's behalf, so row-level security checks the caller again.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 /// What a customer may see of a ticket.
@@ -51,7 +54,7 @@ pub struct MessageView {
 }
 
 pub async fn ticket_summary(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     ticket_id: Uuid,
 ) -> Result<Option<TicketSummary>, sqlx::Error> {
     sqlx::query_as(
@@ -60,18 +63,18 @@ pub async fn ticket_summary(
            FROM crm_tickets WHERE ticket_id = $1",
     )
     .bind(ticket_id)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 
 pub async fn ticket_messages(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     ticket_id: Uuid,
 ) -> Result<Vec<MessageView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT direction, channel, body, at FROM crm_messages WHERE ticket_id = $1 ORDER BY at, position",
     )
     .bind(ticket_id)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
 }

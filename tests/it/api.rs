@@ -333,9 +333,17 @@ async fn messages_are_shown_only_to_their_customer() {
             .unwrap();
     let keys = TokenKeys::new(JWT_SECRET);
     let now = chrono::Utc::now().timestamp();
-    let own = keys
-        .issue(TokenRole::Customer, "ada", Some(customer_id), 600, now)
-        .unwrap();
+    let own = casebook_api::users::issue_token(
+        app.pool(),
+        &keys,
+        TokenRole::Customer,
+        "ada",
+        Some(customer_id),
+        600,
+    )
+    .await
+    .unwrap()
+    .token;
     let status: Value = app
         .http
         .get(app.url(&format!("/ticket/{ticket_id}")))
@@ -348,9 +356,17 @@ async fn messages_are_shown_only_to_their_customer() {
         .unwrap();
     assert_eq!(status["messages"][0]["body"], "Private detail");
 
-    let stranger = keys
-        .issue(TokenRole::Customer, "eve", Some(Uuid::new_v4()), 600, now)
-        .unwrap();
+    let stranger = casebook_api::users::issue_token(
+        app.pool(),
+        &keys,
+        TokenRole::Customer,
+        "eve",
+        Some(Uuid::new_v4()),
+        600,
+    )
+    .await
+    .unwrap()
+    .token;
     let response = app
         .http
         .get(app.url(&format!("/ticket/{ticket_id}")))

@@ -17,6 +17,8 @@ mod pipeline;
 mod projector;
 mod ratelimit;
 mod relay;
+mod rls;
+mod sessions;
 mod sla;
 mod whatsapp;
 mod worker;

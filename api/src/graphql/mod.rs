@@ -107,8 +107,13 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         // Both shapes: the API's JSON error, and a GraphQL error whose
         // `extensions.code` says the same, for GraphQL clients.
+        let status = if self.code == "unavailable" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
         (
-            StatusCode::UNAUTHORIZED,
+            status,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             Json(json!({
                 "error": self.code,
@@ -122,9 +127,15 @@ impl IntoResponse for Refusal {
 
 /// The caller behind a bearer token, checked against their session now.
 pub async fn authenticate(app: &AppState, token: &str) -> Result<Viewer, Refusal> {
-    let caller = app.tokens.verify(token).map_err(|e| Refusal {
-        code: "unauthorized",
-        message: e.to_string(),
+    let caller = app.sessions.authenticate(token).await.map_err(|e| {
+        let code = e.code();
+        let message = if code == "unavailable" {
+            tracing::error!(error = %e, "session check failed");
+            "sessions cannot be checked right now; retry shortly".to_string()
+        } else {
+            e.to_string()
+        };
+        Refusal { code, message }
     })?;
     Ok(Viewer {
         sub: caller.sub,
