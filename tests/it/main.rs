@@ -18,5 +18,7 @@ mod projector;
 mod ratelimit;
 mod relay;
 mod sla;
+mod status_link;
+mod status_page;
 mod whatsapp;
 mod worker;
