@@ -95,11 +95,17 @@ async fn a_whatsapp_customers_first_reply_links_to_the_status_page_and_the_secon
         (count(&app, ticket, "ResponseSent").await >= 2).then_some(())
     })
     .await;
+    // Every part of it: the link would be on the last.
+    let parts = event_of(&app, ticket, "ResponseSent").await["parts"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(parts > 0);
     let all = eventually("the second reply at Twilio", WAIT, || async {
         let sent = fakes.whatsapp_sent().await;
-        (sent.len() > first.len()).then_some(sent)
+        (sent.len() >= first.len() + parts).then_some(sent)
     })
     .await;
+    assert_eq!(all.len(), first.len() + parts, "{all:?}");
     for later in &all[first.len()..] {
         assert!(!later.contains("/ticket/"), "only the first reply links: {later}");
     }

@@ -168,7 +168,7 @@ fn feedback(page: &Page<'_>) -> Markup {
                 p.note { "Thank you: you already told us whether this was helpful." }
             }
             (FeedbackState::Open, Some(action)) => {
-                h2 { "Was this helpful?" }
+                h2 { "Your feedback" }
                 form method="post" action=(action) {
                     fieldset {
                         legend { "Was this helpful?" }
