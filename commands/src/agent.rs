@@ -34,8 +34,8 @@ use tracing::Instrument;
 
 use casebook_domain::confidence::{draft_confidence, ConfidenceInputs, APPROVAL_THRESHOLD};
 use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
-use casebook_domain::status_link;
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
+use casebook_domain::status_link;
 use casebook_domain::ticket::{AutoReplyLimit, EscalationReason, KnowledgeHit, WithholdReason};
 use casebook_domain::{
     Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,

@@ -111,7 +111,11 @@ mod tests {
         );
         let longest = "é".repeat(MAX_COMMENT_CHARS);
         assert_eq!(
-            clean_comment(Some(&longest)).unwrap().unwrap().chars().count(),
+            clean_comment(Some(&longest))
+                .unwrap()
+                .unwrap()
+                .chars()
+                .count(),
             MAX_COMMENT_CHARS
         );
         assert!(matches!(

@@ -119,10 +119,8 @@ fn letter(
         .as_deref()
         .map(|l| format!("\n\nYou can see where your request stands at any time: {l}"))
         .unwrap_or_default();
-    let frame = word_count(greeting)
-        + word_count(closing)
-        + word_count(&reference)
-        + word_count(&link);
+    let frame =
+        word_count(greeting) + word_count(closing) + word_count(&reference) + word_count(&link);
     let body = fit_words(text.trim(), max_words.saturating_sub(frame));
     let full = format!("{greeting}\n\n{body}{link}\n\n{closing}\n\n{reference}");
     FormattedReply {
@@ -331,8 +329,7 @@ mod tests {
         }
     }
 
-    const LINK: &str =
-        "https://help.example.com/ticket/0195f3a2-8c1e-7d40-9a4b-3c2d1e0f9a8b";
+    const LINK: &str = "https://help.example.com/ticket/0195f3a2-8c1e-7d40-9a4b-3c2d1e0f9a8b";
 
     fn with_link() -> ReplyContext {
         ctx().with_status_link(Some(LINK.into()))
@@ -349,7 +346,9 @@ mod tests {
         assert!(r.body.contains(&format!(
             "Open Settings, then Export.\n\nYou can see where your request stands at any time: {LINK}\n\nBest regards,"
         )));
-        assert!(r.body.ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
+        assert!(r
+            .body
+            .ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
         let plain = format_reply(Channel::Email, "Open Settings, then Export.", &ctx());
         assert!(!plain.body.contains("/ticket/"));
     }
@@ -360,7 +359,8 @@ mod tests {
         assert_eq!(short.parts.len(), 1);
         assert!(short.parts[0].starts_with("Open Settings.\n\nFollow your request here: "));
         assert!(short.parts[0].ends_with('.'));
-        let full = "Open the app and sign in with your work account, then choose Settings. ".repeat(4);
+        let full =
+            "Open the app and sign in with your work account, then choose Settings. ".repeat(4);
         let long = format_reply(Channel::Whatsapp, full.trim(), &with_link());
         let last = long.parts.last().unwrap();
         assert!(last.starts_with("Follow your request here: "), "{last}");
@@ -368,8 +368,14 @@ mod tests {
             assert!(delivered(part).chars().count() < WHATSAPP_MAX_CHARS);
         }
         // A link no message could hold is left out, not cut.
-        let absurd = ctx().with_status_link(Some(format!("https://{}.example/ticket/x", "a".repeat(300))));
-        assert_eq!(format_reply(Channel::Whatsapp, "Hi.", &absurd).parts, vec!["Hi."]);
+        let absurd = ctx().with_status_link(Some(format!(
+            "https://{}.example/ticket/x",
+            "a".repeat(300)
+        )));
+        assert_eq!(
+            format_reply(Channel::Whatsapp, "Hi.", &absurd).parts,
+            vec!["Hi."]
+        );
     }
 
     proptest! {

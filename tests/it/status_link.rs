@@ -36,7 +36,9 @@ async fn follow(app: &TestApp, ticket: Uuid, token: &str, customer_text: &str) {
         .unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
-    let messages = body["messages"].as_array().expect("the token shows messages");
+    let messages = body["messages"]
+        .as_array()
+        .expect("the token shows messages");
     assert!(
         messages.iter().any(|m| m["body"] == customer_text),
         "{body}"
@@ -47,11 +49,12 @@ async fn follow(app: &TestApp, ticket: Uuid, token: &str, customer_text: &str) {
 /// the topics), not the read models.
 async fn token_is_nowhere_stored(app: &TestApp, token: &str) {
     let pattern = format!("%{token}%");
-    let in_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE payload::text LIKE $1")
-        .bind(&pattern)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let in_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE payload::text LIKE $1")
+            .bind(&pattern)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
     let in_messages: i64 =
         sqlx::query_scalar("SELECT count(*) FROM crm_messages WHERE body LIKE $1")
             .bind(&pattern)
@@ -107,7 +110,10 @@ async fn a_whatsapp_customers_first_reply_links_to_the_status_page_and_the_secon
     .await;
     assert_eq!(all.len(), first.len() + parts, "{all:?}");
     for later in &all[first.len()..] {
-        assert!(!later.contains("/ticket/"), "only the first reply links: {later}");
+        assert!(
+            !later.contains("/ticket/"),
+            "only the first reply links: {later}"
+        );
     }
     token_is_nowhere_stored(&app, &token).await;
     app.stop().await;
@@ -176,14 +182,21 @@ async fn an_email_customers_first_reply_links_to_the_status_page_and_the_second_
             "^/gmail/v1/users/[^/]+/messages$",
             json!({"messages": [{"id": "gm1", "threadId": "thread-88"}]}),
         ),
-        ("^/gmail/v1/users/[^/]+/messages/gm1$", mail("gm1", "<m1@mail.example.com>", question)),
+        (
+            "^/gmail/v1/users/[^/]+/messages/gm1$",
+            mail("gm1", "<m1@mail.example.com>", question),
+        ),
         (
             "^/gmail/v1/users/[^/]+/history$",
             json!({"history": [{"messagesAdded": [{"message": {"id": "gm2", "threadId": "thread-88"}}]}], "historyId": "20"}),
         ),
         (
             "^/gmail/v1/users/[^/]+/messages/gm2$",
-            mail("gm2", "<m2@mail.example.com>", "And how do I reset my password?"),
+            mail(
+                "gm2",
+                "<m2@mail.example.com>",
+                "And how do I reset my password?",
+            ),
         ),
     ] {
         Mock::given(method("GET"))
@@ -224,7 +237,10 @@ async fn an_email_customers_first_reply_links_to_the_status_page_and_the_second_
     })
     .await;
     assert_eq!(count(&app, ticket, "ResponseSent").await, 2, "one ticket");
-    assert!(!second.contains("/ticket/"), "only the first reply links: {second}");
+    assert!(
+        !second.contains("/ticket/"),
+        "only the first reply links: {second}"
+    );
     assert!(second.contains("Ticket reference: "), "{second}");
     token_is_nowhere_stored(&app, &token).await;
     app.stop().await;

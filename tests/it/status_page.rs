@@ -17,7 +17,8 @@ use crate::common::{eventually, form, TestApp, BACKBONE, JWT_SECRET};
 const WAIT: Duration = Duration::from_secs(60);
 /// What Chromium sends when it navigates.
 const BROWSER_ACCEPT: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7";
-const HOSTILE: &str = "My export fails <script>document.title='pwned'</script> \"quoted\" & <b>bold</b>";
+const HOSTILE: &str =
+    "My export fails <script>document.title='pwned'</script> \"quoted\" & <b>bold</b>";
 
 /// Chromium, or a failure that says how to get it: this test never passes
 /// without a browser.
@@ -132,7 +133,10 @@ async fn a_browser_shows_the_status_the_conversation_as_text_and_the_helpful_que
 
     let dom = browse(&url, &["--dump-dom".to_string()]).await;
     assert!(dom.contains("Status: <strong>Answered</strong>"), "{dom}");
-    assert!(dom.contains("Open the project menu, then choose Export."), "{dom}");
+    assert!(
+        dom.contains("Open the project menu, then choose Export."),
+        "{dom}"
+    );
     assert!(dom.contains("Was this helpful?"), "{dom}");
     assert!(dom.contains(r#"<form method="post""#), "{dom}");
     // The customer's markup is text: shown escaped, never run or parsed.
@@ -155,7 +159,11 @@ async fn a_browser_shows_the_status_the_conversation_as_text_and_the_helpful_que
     )
     .await;
     let bytes = std::fs::read(&png).expect("Chromium wrote the screenshot");
-    assert!(bytes.len() > 5_000, "a screenshot of a whole page: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 5_000,
+        "a screenshot of a whole page: {} bytes",
+        bytes.len()
+    );
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
     // IHDR: width and height, big-endian, at bytes 16..24.
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
@@ -167,12 +175,20 @@ async fn a_browser_shows_the_status_the_conversation_as_text_and_the_helpful_que
     let _ = std::fs::remove_dir_all(&shots);
 
     // Without the token: the status, but not the conversation, nor the form.
-    let dom = browse(&app.url(&format!("/ticket/{ticket}")), &["--dump-dom".to_string()]).await;
+    let dom = browse(
+        &app.url(&format!("/ticket/{ticket}")),
+        &["--dump-dom".to_string()],
+    )
+    .await;
     assert!(dom.contains("Status: <strong>Answered</strong>"), "{dom}");
     assert!(!dom.contains("My export fails"), "{dom}");
     assert!(!dom.contains("Was this helpful?"), "{dom}");
     // An unknown ticket is a page too.
-    let dom = browse(&app.url(&format!("/ticket/{}", Uuid::now_v7())), &["--dump-dom".to_string()]).await;
+    let dom = browse(
+        &app.url(&format!("/ticket/{}", Uuid::now_v7())),
+        &["--dump-dom".to_string()],
+    )
+    .await;
     assert!(dom.contains("We could not find this request"), "{dom}");
     app.stop().await;
 }
@@ -194,34 +210,67 @@ async fn browsers_get_a_locked_down_page_and_api_clients_the_same_json_as_before
     let h = page.headers().clone();
     assert_eq!(h[CONTENT_TYPE], "text/html; charset=utf-8");
     let csp = h["content-security-policy"].to_str().unwrap();
-    assert!(csp.starts_with("default-src 'none'; style-src 'sha256-"), "{csp}");
-    assert!(csp.contains("form-action 'self'") && !csp.contains("unsafe"), "{csp}");
-    assert!(!csp.contains("script-src"), "no script allowed at all: {csp}");
+    assert!(
+        csp.starts_with("default-src 'none'; style-src 'sha256-"),
+        "{csp}"
+    );
+    assert!(
+        csp.contains("form-action 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(
+        !csp.contains("script-src"),
+        "no script allowed at all: {csp}"
+    );
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["referrer-policy"], "no-referrer");
     assert_eq!(h["cache-control"], "no-store");
     assert!(h.get_all("vary").iter().any(|v| v == "Accept"));
     let html = page.text().await.unwrap();
-    assert!(html.contains("&lt;script&gt;") && !html.contains("<script"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;") && !html.contains("<script"),
+        "{html}"
+    );
     // Not answered yet: no form.
     assert!(!html.contains("Was this helpful?"), "{html}");
 
-    for accept in [None, Some("application/json"), Some("*/*"), Some("text/html;q=0.5, application/json")] {
+    for accept in [
+        None,
+        Some("application/json"),
+        Some("*/*"),
+        Some("text/html;q=0.5, application/json"),
+    ] {
         let mut request = app.http.get(app.url(&path));
         if let Some(a) = accept {
             request = request.header(ACCEPT, a);
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert!(response.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
+        assert!(response.headers()[CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
         let body: Value = response.json().await.unwrap();
-        let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         keys.sort();
         assert_eq!(
             keys,
             [
-                "channel", "created_at", "first_response_at", "messages", "messages_count",
-                "priority", "sla_due_at", "status", "ticket_id", "updated_at"
+                "channel",
+                "created_at",
+                "first_response_at",
+                "messages",
+                "messages_count",
+                "priority",
+                "sla_due_at",
+                "status",
+                "ticket_id",
+                "updated_at"
             ],
             "{accept:?}"
         );
@@ -248,7 +297,11 @@ async fn browsers_get_a_locked_down_page_and_api_clients_the_same_json_as_before
         .await
         .unwrap();
     assert_eq!(wrong.status(), 403);
-    assert!(wrong.text().await.unwrap().contains("This link does not work"));
+    assert!(wrong
+        .text()
+        .await
+        .unwrap()
+        .contains("This link does not work"));
     app.stop().await;
 }
 
@@ -309,7 +362,10 @@ async fn the_helpful_form_records_feedback_once_and_thanks_the_customer() {
     .await;
     assert_eq!(sent.status(), 303);
     let location = sent.headers()[LOCATION].to_str().unwrap().to_string();
-    assert_eq!(location, format!("/ticket/{ticket}?token={token}&feedback=thanks"));
+    assert_eq!(
+        location,
+        format!("/ticket/{ticket}?token={token}&feedback=thanks")
+    );
     assert_eq!(sent.headers()["referrer-policy"], "no-referrer");
     let thanks = app
         .http
@@ -342,7 +398,10 @@ async fn the_helpful_form_records_feedback_once_and_thanks_the_customer() {
     // and nothing more is recorded.
     let again = post_form(vec![("helpful", "no".into())], token.clone()).await;
     assert_eq!(again.status(), 303);
-    assert!(again.headers()[LOCATION].to_str().unwrap().ends_with("&feedback=already"));
+    assert!(again.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .ends_with("&feedback=already"));
     let json_again = app
         .http
         .post(app.url(&format!("/ticket/{ticket}/feedback?token={token}")))
@@ -398,7 +457,13 @@ async fn json_feedback_takes_the_token_or_the_customers_own_bearer_only() {
     let keys = casebook_api::TokenKeys::new(JWT_SECRET);
     let now = chrono::Utc::now().timestamp();
     let own = keys
-        .issue(casebook_api::Role::Customer, "ada", Some(customer), 600, now)
+        .issue(
+            casebook_api::Role::Customer,
+            "ada",
+            Some(customer),
+            600,
+            now,
+        )
         .unwrap();
     let agent = keys
         .issue(casebook_api::Role::Agent, "grace", None, 600, now)
@@ -406,18 +471,45 @@ async fn json_feedback_takes_the_token_or_the_customers_own_bearer_only() {
 
     let nobody = post(ticket, String::new(), None, json!({"helpful": true})).await;
     assert_eq!(nobody.status(), 401);
-    let bad = post(ticket, String::new(), None, json!({"helpful": "yes", "comment": 3})).await;
+    let bad = post(
+        ticket,
+        String::new(),
+        None,
+        json!({"helpful": "yes", "comment": 3}),
+    )
+    .await;
     assert_eq!(bad.status(), 401, "who comes first");
-    let bad = post(ticket, format!("?token={token}"), None, json!({"helpful": "yes", "comment": 3})).await;
+    let bad = post(
+        ticket,
+        format!("?token={token}"),
+        None,
+        json!({"helpful": "yes", "comment": 3}),
+    )
+    .await;
     assert_eq!(bad.status(), 422);
     let fields: Value = bad.json().await.unwrap();
-    assert!(fields["fields"]["helpful"].is_string() && fields["fields"]["comment"].is_string(), "{fields}");
+    assert!(
+        fields["fields"]["helpful"].is_string() && fields["fields"]["comment"].is_string(),
+        "{fields}"
+    );
     let staff = post(ticket, String::new(), Some(agent), json!({"helpful": true})).await;
     assert_eq!(staff.status(), 403);
     // Ada's bearer on Bob's ticket: as good as absent.
-    let theirs = post(other, String::new(), Some(own.clone()), json!({"helpful": true})).await;
+    let theirs = post(
+        other,
+        String::new(),
+        Some(own.clone()),
+        json!({"helpful": true}),
+    )
+    .await;
     assert_eq!(theirs.status(), 404);
-    let mine = post(ticket, String::new(), Some(own), json!({"helpful": false, "comment": null})).await;
+    let mine = post(
+        ticket,
+        String::new(),
+        Some(own),
+        json!({"helpful": false, "comment": null}),
+    )
+    .await;
     assert_eq!(mine.status(), 204);
     let events = feedback_events(&app, ticket).await;
     assert_eq!(events.len(), 1);
@@ -455,7 +547,10 @@ async fn the_feedback_route_needs_the_api_role_only() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("Fixed.") && page.contains("Was this helpful?"), "{page}");
+    assert!(
+        page.contains("Fixed.") && page.contains("Was this helpful?"),
+        "{page}"
+    );
     let r = app
         .http
         .post(app.url(&format!("/ticket/{ticket}/feedback?token={token}")))
@@ -465,6 +560,10 @@ async fn the_feedback_route_needs_the_api_role_only() {
         .unwrap();
     assert_eq!(r.status(), 204);
     let events = feedback_events(&app, ticket).await;
-    assert_eq!(events[0].0["comment"], Value::Null, "a blank comment is none");
+    assert_eq!(
+        events[0].0["comment"],
+        Value::Null,
+        "a blank comment is none"
+    );
     app.stop().await;
 }

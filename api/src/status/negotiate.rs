@@ -48,7 +48,11 @@ fn parse(value: &str) -> Vec<(String, String, f32)> {
             for p in params {
                 if let Some((name, value)) = p.split_once('=') {
                     if name.trim().eq_ignore_ascii_case("q") {
-                        q = value.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q))?;
+                        q = value
+                            .trim()
+                            .parse::<f32>()
+                            .ok()
+                            .filter(|q| (0.0..=1.0).contains(q))?;
                     }
                 }
             }
@@ -106,7 +110,11 @@ mod tests {
         assert_eq!(with(&["text/html;q=0.5, application/json"]), Wanted::Json);
         assert_eq!(with(&["application/json;q=0.2, text/*"]), Wanted::Html);
         assert_eq!(with(&["text/html;q=0", "*/*"]), Wanted::Json);
-        assert_eq!(with(&["text/html;q=2"]), Wanted::Json, "an invalid q is ignored");
+        assert_eq!(
+            with(&["text/html;q=2"]),
+            Wanted::Json,
+            "an invalid q is ignored"
+        );
         assert_eq!(with(&["garbage"]), Wanted::Json);
     }
 }

@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use casebook_commands::feedback::MAX_COMMENT_CHARS;
 
-const CSS: &str = "body{font-family:system-ui,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}\
+const CSS: &str =
+    "body{font-family:system-ui,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}\
 main{max-width:44rem;margin:0 auto;padding:1.5rem}\
 h1{font-size:1.4rem}\
 .status{background:#fff;border-radius:8px;padding:1rem 1.25rem;border-left:6px solid #3867d6}\
@@ -290,7 +291,10 @@ mod tests {
         assert!(html.contains("Was this helpful?"));
         assert!(html.contains(&format!("<style>{CSS}</style>")));
         let csp = CSP.to_str().unwrap();
-        assert!(csp.starts_with("default-src 'none'; style-src 'sha256-"), "{csp}");
+        assert!(
+            csp.starts_with("default-src 'none'; style-src 'sha256-"),
+            "{csp}"
+        );
         assert!(!csp.contains("unsafe"), "{csp}");
     }
 
