@@ -24,6 +24,8 @@ run: build
 	@$(ENV); exec ./target/release/casebook serve
 
 test: stack-up
+	@# Headless Chromium for the status page's browser test (tests/it/status_page.rs).
+	@deploy/local/chromium.sh >/dev/null
 	@$(ENV); $(CARGO) build --workspace --all-targets --quiet
 	@rm -rf target/test-logs
 	@$(ENV); CASEBOOK_TEST_LOG_DIR=$$PWD/target/test-logs $(CARGO) test --workspace --quiet -- --test-threads $(TEST_THREADS)

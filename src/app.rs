@@ -390,7 +390,8 @@ pub async fn start(
                 providers(config)?,
                 config.support_signature.clone(),
             )
-            .with_auto_reply_cap(config.auto_reply_cap_per_hour),
+            .with_auto_reply_cap(config.auto_reply_cap_per_hour)
+            .with_public_url(config.public_url.clone()),
         );
         let worker = worker::spawn(
             &kafka,

@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
     let public = Router::new()
         .route("/support/tickets", post(webform::submit))
         .route("/ticket/{id}", get(status::show))
+        .route("/ticket/{id}/feedback", post(status::submit_feedback))
         .route("/confirm/{token}", get(confirm::confirm))
         .route("/me", get(session::me))
         .route_layer(from_fn_with_state(limiter, ratelimit::limit))

@@ -35,6 +35,7 @@ use tracing::Instrument;
 use casebook_domain::confidence::{draft_confidence, ConfidenceInputs, APPROVAL_THRESHOLD};
 use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
+use casebook_domain::status_link;
 use casebook_domain::ticket::{AutoReplyLimit, EscalationReason, KnowledgeHit, WithholdReason};
 use casebook_domain::{
     Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,
@@ -246,6 +247,8 @@ pub struct Agent {
     providers: Vec<Provider>,
     signature: String,
     auto_replies: AutoReplyLimit,
+    /// `CASEBOOK_PUBLIC_URL`: the first reply links to the status page.
+    public_url: Option<String>,
 }
 
 impl Agent {
@@ -266,7 +269,15 @@ impl Agent {
             auto_replies: AutoReplyLimit {
                 per_hour: DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
             },
+            public_url: None,
         }
+    }
+
+    /// The ticket's first reply carries the status link under `public_url`
+    /// (`casebook_domain::status_link`).
+    pub fn with_public_url(mut self, public_url: impl Into<String>) -> Self {
+        self.public_url = Some(public_url.into());
+        self
     }
 
     /// At most `per_hour` automatic replies per ticket in a rolling hour;
@@ -725,6 +736,12 @@ impl Agent {
             // Decided again on the ticket as it is now: replies sent while
             // the model worked count.
             let may_reply = ticket.may_reply_automatically(at, self.auto_replies);
+            let ctx = ctx.clone().with_status_link(
+                self.public_url
+                    .as_deref()
+                    .filter(|_| status_link::is_first_reply(ticket))
+                    .map(|url| status_link::status_link(url, run.ticket_id)),
+            );
             uow.execute::<Ticket>(
                 &ticket_key,
                 TicketCommand::RecordHistoryReview {

@@ -2,6 +2,7 @@
 //! (optionally edited), which sends the reply, or reject, which never does.
 
 use casebook_domain::formatting::{format_reply, ReplyContext};
+use casebook_domain::status_link;
 use casebook_domain::{
     Actor, ActorKind, Customer, EventMetadata, Ticket, TicketCommand, TicketError,
 };
@@ -14,6 +15,8 @@ use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 pub struct Approvals {
     store: EventStore,
     signature: String,
+    /// `CASEBOOK_PUBLIC_URL`: the first reply links to the status page.
+    public_url: Option<String>,
 }
 
 impl Approvals {
@@ -21,7 +24,15 @@ impl Approvals {
         Self {
             store,
             signature: signature.into(),
+            public_url: None,
         }
+    }
+
+    /// An approved draft that is the ticket's first reply carries the
+    /// status link under `public_url` (`casebook_domain::status_link`).
+    pub fn with_public_url(mut self, public_url: impl Into<String>) -> Self {
+        self.public_url = Some(public_url.into());
+        self
     }
 
     /// Approves a pending draft and sends it (or the agent's edit of it),
@@ -52,6 +63,11 @@ impl Approvals {
                     .ok_or(CommandError::Rejected(TicketError::UnknownApproval(
                         approval_id,
                     )))?;
+            let link = self
+                .public_url
+                .as_deref()
+                .filter(|_| status_link::is_first_reply(ticket))
+                .map(|url| status_link::status_link(url, ticket_id));
             let customer = self
                 .store
                 .load::<Customer>(&customer_id.to_string())
@@ -72,7 +88,8 @@ impl Approvals {
             let reply = format_reply(
                 channel,
                 &text,
-                &ReplyContext::new(customer.name, ticket_id, &self.signature),
+                &ReplyContext::new(customer.name, ticket_id, &self.signature)
+                    .with_status_link(link.clone()),
             );
             let response_id = Uuid::now_v7();
             uow.execute::<Ticket>(

@@ -67,14 +67,10 @@ impl LinkKeys {
         email_claim_id(&self.confirm_token(claim_id))
     }
 
-    /// The ticket status token, as `casebook_api::TokenKeys::status_token`
-    /// makes it (HMAC-SHA256 over `ticket-status:` and the ticket id, 24
-    /// bytes, base64url).
+    /// The ticket status token (`casebook_domain::status_link`), the one
+    /// the API hands out and checks.
     pub fn status_token(&self, ticket_id: Uuid) -> String {
-        let mut mac = self.mac();
-        mac.update(b"ticket-status:");
-        mac.update(ticket_id.as_bytes());
-        URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..24])
+        casebook_domain::status_link::status_token(&self.secret, ticket_id)
     }
 }
 

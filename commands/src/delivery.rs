@@ -31,6 +31,7 @@ use casebook_domain::identity::IdentityKind;
 use casebook_domain::masking::mask_pii;
 use casebook_domain::retry::Backoff;
 use casebook_domain::sanitize::single_line;
+use casebook_domain::status_link;
 use casebook_domain::ticket::{DeliveryStatus, EmailThread, EscalationReason};
 use casebook_domain::{
     Actor, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand, TicketError,
@@ -841,6 +842,19 @@ impl Delivery {
             return Ok(());
         }
         let parts = if parts.is_empty() { vec![body] } else { parts };
+        // The first reply's status link was recorded without its token:
+        // it is added now, so the store never holds one.
+        let parts: Vec<String> = match &self.acknowledgements.links {
+            Some((keys, public_url)) => {
+                let link = status_link::status_link(public_url, ticket_id);
+                let token = keys.status_token(ticket_id);
+                parts
+                    .iter()
+                    .map(|p| status_link::with_token(p, &link, &token))
+                    .collect()
+            }
+            None => parts,
+        };
         let meta = EventMetadata::new(envelope.correlation_id.clone(), Actor::system("delivery"))
             .caused_by(envelope.event_id.to_string())
             .on_channel(channel);

@@ -7,6 +7,7 @@ pub mod approvals;
 pub mod claims;
 pub mod delivery;
 pub mod embeddings;
+pub mod feedback;
 pub mod gmail;
 pub mod intake;
 pub mod kafka;

@@ -2,9 +2,12 @@
 //! ticket reference (at most 500 words); WhatsApp messages under 300
 //! characters each, split at sentence boundaries, in WhatsApp's markup; a
 //! semi-formal web form reply (at most 300 words), which is also sent by
-//! email.
+//! email. The ticket's first reply also carries the customer's status link
+//! (see `crate::status_link`), within the same bounds once delivery adds
+//! its token.
 
 use crate::guardrails::sentences;
+use crate::status_link::TOKEN_SUFFIX_LEN;
 use crate::ticket::EscalationReason;
 use crate::Channel;
 
@@ -26,6 +29,9 @@ pub struct ReplyContext {
     /// Shown to the customer: see [`ticket_reference`].
     pub ticket_reference: String,
     pub signature: String,
+    /// The status page's address (without its token), on the ticket's
+    /// first reply only.
+    pub status_link: Option<String>,
 }
 
 impl ReplyContext {
@@ -34,7 +40,14 @@ impl ReplyContext {
             customer_name,
             ticket_reference: ticket_reference(ticket_id),
             signature: signature.to_string(),
+            status_link: None,
         }
+    }
+
+    /// Puts the status link in the reply (see `crate::status_link`).
+    pub fn with_status_link(mut self, link: Option<String>) -> Self {
+        self.status_link = link;
+        self
     }
 
     fn first_name(&self) -> Option<&str> {
@@ -76,7 +89,10 @@ pub fn format_reply(channel: Channel, text: &str, ctx: &ReplyContext) -> Formatt
             letter(&greeting, &plain(text), &closing, ctx, WEBFORM_MAX_WORDS)
         }
         Channel::Whatsapp => {
-            let parts = split_for_whatsapp(&whatsapp_markup(text));
+            let mut parts = split_for_whatsapp(&whatsapp_markup(text));
+            if let Some(link) = &ctx.status_link {
+                append_whatsapp_link(&mut parts, link);
+            }
             FormattedReply {
                 body: parts.join("\n"),
                 parts,
@@ -97,9 +113,16 @@ fn letter(
     max_words: usize,
 ) -> FormattedReply {
     let reference = format!("Ticket reference: {}", ctx.ticket_reference);
-    let frame = word_count(greeting) + word_count(closing) + word_count(&reference);
+    // The link is one word, with or without its token.
+    let link = ctx
+        .status_link
+        .as_deref()
+        .map(|l| format!("\n\nYou can see where your request stands at any time: {l}"))
+        .unwrap_or_default();
+    let frame =
+        word_count(greeting) + word_count(closing) + word_count(&reference) + word_count(&link);
     let body = fit_words(text.trim(), max_words.saturating_sub(frame));
-    let full = format!("{greeting}\n\n{body}\n\n{closing}\n\n{reference}");
+    let full = format!("{greeting}\n\n{body}{link}\n\n{closing}\n\n{reference}");
     FormattedReply {
         parts: vec![full.clone()],
         body: full,
@@ -202,6 +225,26 @@ pub fn split_for_whatsapp(text: &str) -> Vec<String> {
     parts
 }
 
+/// Adds the status link to WhatsApp messages: at the end of the last one
+/// when it fits there, else as a message of its own, always with room for
+/// the token delivery adds. A link too long for any message (an absurd
+/// `CASEBOOK_PUBLIC_URL`) is left out rather than cut.
+fn append_whatsapp_link(parts: &mut Vec<String>, link: &str) {
+    let limit = WHATSAPP_MAX_CHARS - 1;
+    let line = format!("Follow your request here: {link} (or just reply in this chat).");
+    let needed = line.chars().count() + TOKEN_SUFFIX_LEN;
+    if needed > limit {
+        return;
+    }
+    match parts.last_mut() {
+        Some(last) if last.chars().count() + 2 + needed <= limit => {
+            last.push_str("\n\n");
+            last.push_str(&line);
+        }
+        _ => parts.push(line),
+    }
+}
+
 /// The short reply a customer gets when a human takes over.
 pub fn holding_reply(reason: EscalationReason) -> &'static str {
     match reason {
@@ -286,7 +329,71 @@ mod tests {
         }
     }
 
+    const LINK: &str = "https://help.example.com/ticket/0195f3a2-8c1e-7d40-9a4b-3c2d1e0f9a8b";
+
+    fn with_link() -> ReplyContext {
+        ctx().with_status_link(Some(LINK.into()))
+    }
+
+    /// What delivery sends: the link with its token.
+    fn delivered(part: &str) -> String {
+        crate::status_link::with_token(part, LINK, &"T".repeat(32))
+    }
+
+    #[test]
+    fn the_first_email_carries_the_link_above_the_signature() {
+        let r = format_reply(Channel::Email, "Open Settings, then Export.", &with_link());
+        assert!(r.body.contains(&format!(
+            "Open Settings, then Export.\n\nYou can see where your request stands at any time: {LINK}\n\nBest regards,"
+        )));
+        assert!(r
+            .body
+            .ends_with(&format!("Ticket reference: {}", ctx().ticket_reference)));
+        let plain = format_reply(Channel::Email, "Open Settings, then Export.", &ctx());
+        assert!(!plain.body.contains("/ticket/"));
+    }
+
+    #[test]
+    fn the_whatsapp_link_joins_the_last_message_or_gets_its_own() {
+        let short = format_reply(Channel::Whatsapp, "Open Settings.", &with_link());
+        assert_eq!(short.parts.len(), 1);
+        assert!(short.parts[0].starts_with("Open Settings.\n\nFollow your request here: "));
+        assert!(short.parts[0].ends_with('.'));
+        let full =
+            "Open the app and sign in with your work account, then choose Settings. ".repeat(4);
+        let long = format_reply(Channel::Whatsapp, full.trim(), &with_link());
+        let last = long.parts.last().unwrap();
+        assert!(last.starts_with("Follow your request here: "), "{last}");
+        for part in &long.parts {
+            assert!(delivered(part).chars().count() < WHATSAPP_MAX_CHARS);
+        }
+        // A link no message could hold is left out, not cut.
+        let absurd = ctx().with_status_link(Some(format!(
+            "https://{}.example/ticket/x",
+            "a".repeat(300)
+        )));
+        assert_eq!(
+            format_reply(Channel::Whatsapp, "Hi.", &absurd).parts,
+            vec!["Hi."]
+        );
+    }
+
     proptest! {
+        #[test]
+        fn with_the_link_and_its_token_every_bound_holds(text in "([a-zA-Z]{1,12}[ .!?\n]{1,2}){0,900}") {
+            for channel in [Channel::Email, Channel::Webform] {
+                let r = format_reply(channel, &text, &with_link());
+                let max = if channel == Channel::Email { EMAIL_MAX_WORDS } else { WEBFORM_MAX_WORDS };
+                prop_assert!(word_count(&delivered(&r.body)) <= max);
+                prop_assert!(r.body.contains(LINK));
+            }
+            let r = format_reply(Channel::Whatsapp, &text, &with_link());
+            prop_assert!(r.parts.iter().filter(|p| p.contains(LINK)).count() == 1);
+            for part in &r.parts {
+                prop_assert!(delivered(part).chars().count() < WHATSAPP_MAX_CHARS);
+            }
+        }
+
         #[test]
         fn no_email_exceeds_500_words(text in "([a-zA-Z]{1,12}[ .!?\n]{1,2}){0,900}") {
             let r = format_reply(Channel::Email, &text, &ctx());

@@ -21,6 +21,7 @@ pub mod retry;
 pub mod sanitize;
 pub mod sentiment;
 pub mod sla;
+pub mod status_link;
 pub mod ticket;
 pub mod topics;
 pub mod values;

@@ -20,5 +20,7 @@ mod relay;
 mod rls;
 mod sessions;
 mod sla;
+mod status_link;
+mod status_page;
 mod whatsapp;
 mod worker;

@@ -650,10 +650,10 @@ impl Ticket {
                 if self.feedback.is_some() {
                     return Err(TicketError::FeedbackAlreadyRecorded);
                 }
-                Ok(vec![E::FeedbackRecorded {
+                Ok(vec![E::FeedbackReceived {
                     helpful,
                     comment,
-                    recorded_at: at,
+                    received_at: at,
                 }])
             }
             C::RecordSlaBreach { kind, at } => {
@@ -927,7 +927,7 @@ impl Ticket {
             E::TicketResolved { .. } => self.status = TicketStatus::Resolved,
             E::TicketReopened { .. } => self.status = TicketStatus::Received,
             E::TicketClosed { .. } => self.status = TicketStatus::Closed,
-            E::FeedbackRecorded { helpful, .. } => self.feedback = Some(helpful),
+            E::FeedbackReceived { helpful, .. } => self.feedback = Some(helpful),
             E::SlaBreached { kind, .. } => {
                 self.sla_breaches.insert(kind.as_str().to_string());
             }

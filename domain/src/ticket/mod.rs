@@ -463,10 +463,16 @@ pub enum TicketEvent {
         closed_by: String,
         closed_at: DateTime<Utc>,
     },
-    FeedbackRecorded {
+    /// The customer said whether the answers helped (the status page's
+    /// "was this helpful?"). The actor of the event is the customer.
+    /// Called `FeedbackRecorded` before; nothing was stored under that name,
+    /// and the alias reads it all the same.
+    #[serde(alias = "FeedbackRecorded")]
+    FeedbackReceived {
         helpful: bool,
         comment: Option<String>,
-        recorded_at: DateTime<Utc>,
+        #[serde(alias = "recorded_at")]
+        received_at: DateTime<Utc>,
     },
     SlaBreached {
         kind: SlaKind,
@@ -520,8 +526,8 @@ impl TicketEvent {
                 reopened_at: at, ..
             }
             | TicketEvent::TicketClosed { closed_at: at, .. }
-            | TicketEvent::FeedbackRecorded {
-                recorded_at: at, ..
+            | TicketEvent::FeedbackReceived {
+                received_at: at, ..
             }
             | TicketEvent::SlaBreached {
                 breached_at: at, ..
@@ -548,7 +554,7 @@ impl TicketEvent {
             TicketEvent::TicketResolved { .. } => "TicketResolved",
             TicketEvent::TicketReopened { .. } => "TicketReopened",
             TicketEvent::TicketClosed { .. } => "TicketClosed",
-            TicketEvent::FeedbackRecorded { .. } => "FeedbackRecorded",
+            TicketEvent::FeedbackReceived { .. } => "FeedbackReceived",
             TicketEvent::SlaBreached { .. } => "SlaBreached",
         }
     }

@@ -610,10 +610,10 @@ fn feedback_needs_a_response_and_is_recorded_once() {
             opened(),
             received(1, "SM1"),
             sent(20, None),
-            TicketEvent::FeedbackRecorded {
+            TicketEvent::FeedbackReceived {
                 helpful: false,
                 comment: None,
-                recorded_at: t0(),
+                received_at: t0(),
             },
         ])
         .when(feedback)
@@ -1225,4 +1225,40 @@ fn events_and_state_stored_before_these_fields_still_read() {
     object.insert("searches_for_last_message".into(), 1.into());
     let back: Ticket = serde_json::from_value(stored).expect("old state reads");
     assert!(back.messages.is_empty());
+}
+
+#[test]
+fn feedback_on_an_answered_ticket_is_received_even_once_closed() {
+    let feedback = TicketCommand::RecordFeedback {
+        helpful: true,
+        comment: Some("Clear, thanks".into()),
+        at: t0(),
+    };
+    let expected = vec![TicketEvent::FeedbackReceived {
+        helpful: true,
+        comment: Some("Clear, thanks".into()),
+        received_at: t0(),
+    }];
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), sent(20, None)])
+        .when(feedback.clone())
+        .then_expect_events(expected.clone());
+    Given::with(())
+        .given(vec![opened(), received(1, "SM1"), sent(20, None), closed()])
+        .when(feedback)
+        .then_expect_events(expected);
+}
+
+#[test]
+fn feedback_stored_under_its_old_name_still_reads() {
+    let old = serde_json::json!({
+        "type": "FeedbackRecorded", "helpful": false, "comment": null,
+        "recorded_at": "2026-11-24T10:00:00Z"
+    });
+    let event: TicketEvent = serde_json::from_value(old).expect("the old name reads");
+    assert_eq!(event.name(), "FeedbackReceived");
+    assert_eq!(
+        state(vec![opened(), sent(20, None), event]).feedback,
+        Some(false)
+    );
 }
