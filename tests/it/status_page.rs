@@ -455,19 +455,28 @@ async fn json_feedback_takes_the_token_or_the_customers_own_bearer_only() {
     .await
     .unwrap();
     let keys = casebook_api::TokenKeys::new(JWT_SECRET);
-    let now = chrono::Utc::now().timestamp();
-    let own = keys
-        .issue(
-            casebook_api::Role::Customer,
-            "ada",
-            Some(customer),
-            600,
-            now,
-        )
-        .unwrap();
-    let agent = keys
-        .issue(casebook_api::Role::Agent, "grace", None, 600, now)
-        .unwrap();
+    let own = casebook_api::users::issue_token(
+        app.pool(),
+        &keys,
+        casebook_api::Role::Customer,
+        "ada",
+        Some(customer),
+        600,
+    )
+    .await
+    .unwrap()
+    .token;
+    let agent = casebook_api::users::issue_token(
+        app.pool(),
+        &keys,
+        casebook_api::Role::Agent,
+        "grace",
+        None,
+        600,
+    )
+    .await
+    .unwrap()
+    .token;
 
     let nobody = post(ticket, String::new(), None, json!({"helpful": true})).await;
     assert_eq!(nobody.status(), 401);
