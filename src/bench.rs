@@ -17,6 +17,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+mod graphql;
+
 use crate::app::{self, Role};
 use crate::config::Config;
 use crate::db;
@@ -34,6 +36,9 @@ pub enum BenchName {
     Agent,
     /// Knowledge base search latency and recall@10 on a generated corpus.
     Kb,
+    /// The staff API on a full store: a filtered page of 50 tickets with
+    /// customers under concurrent readers, and subscription delivery.
+    Graphql,
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +74,15 @@ pub struct BenchArgs {
     /// Chunks in the generated corpus (kb).
     #[arg(long, default_value_t = 100_000)]
     pub chunks: usize,
+    /// Tickets to generate through the command path (graphql).
+    #[arg(long, default_value_t = 200_000)]
+    pub tickets: usize,
+    /// Concurrent GraphQL readers (graphql).
+    #[arg(long, default_value_t = 32)]
+    pub readers: usize,
+    /// Open subscriptions, one per ticket (graphql).
+    #[arg(long, default_value_t = 1_000)]
+    pub subscriptions: usize,
     /// Commits per stream before a writer starts a new one (append); streams
     /// are loaded before every commit, so this sets how much is read.
     #[arg(long, default_value_t = 10)]
@@ -83,6 +97,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Append => append(&scratch, &args).await,
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
+        BenchName::Graphql => graphql::run(&scratch, &args).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -236,6 +251,25 @@ enum Report {
         query_embedding: Latency,
         index_build_seconds: f64,
     },
+    Graphql {
+        bench: &'static str,
+        tickets: usize,
+        events: i64,
+        generation_seconds: f64,
+        rebuild_seconds: f64,
+        readers: usize,
+        seconds: u64,
+        queries: usize,
+        errors: usize,
+        /// A filtered page of 50 tickets with their customers.
+        page: Latency,
+        subscriptions: usize,
+        subscriptions_open: usize,
+        messages_written: usize,
+        deliveries: usize,
+        /// From the command's commit to the subscriber.
+        delivery: Latency,
+    },
     Append {
         bench: &'static str,
         writers: usize,
@@ -271,6 +305,27 @@ impl Report {
             } => format!(
                 "intake: {clients} clients for {seconds:.1} s\n  accepted {accepted}, errors {errors}\n  {per_second:.0} submissions/s\n  latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n  baseline (durable single-row INSERT transactions, {clients} at once): {baseline_per_second:.0}/s\n  ratio {ratio:.2}\n",
                 latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms
+            ),
+            Report::Graphql {
+                tickets,
+                events,
+                generation_seconds,
+                rebuild_seconds,
+                readers,
+                seconds,
+                queries,
+                errors,
+                page,
+                subscriptions,
+                subscriptions_open,
+                messages_written,
+                deliveries,
+                delivery,
+                ..
+            } => format!(
+                "graphql: {tickets} tickets, {events} events (generated through intake in {generation_seconds:.0} s, read models rebuilt in {rebuild_seconds:.0} s)\n  filtered page of 50 with customers, {readers} readers for {seconds} s: {queries} pages, {errors} errors\n    p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n  {subscriptions} subscriptions ({subscriptions_open} open), {messages_written} messages written, {deliveries} delivered\n    commit to subscriber: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+                page.p50_ms, page.p95_ms, page.p99_ms, page.max_ms,
+                delivery.p50_ms, delivery.p95_ms, delivery.p99_ms, delivery.max_ms
             ),
             Report::Pipeline {
                 rate,
