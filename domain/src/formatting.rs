@@ -202,6 +202,11 @@ pub fn split_for_whatsapp(text: &str) -> Vec<String> {
     parts
 }
 
+/// The holding reply to a customer who writes while a person holds the
+/// ticket: sent at most once per hand-off (the ticket decides).
+pub const HUMAN_WILL_REPLY: &str =
+    "Thanks for your message. A member of our team has your conversation and will reply here shortly.";
+
 /// The short reply a customer gets when a human takes over.
 pub fn holding_reply(reason: EscalationReason) -> &'static str {
     match reason {
