@@ -372,7 +372,8 @@ pub async fn start(
                 providers(config)?,
                 config.support_signature.clone(),
             )
-            .with_auto_reply_cap(config.auto_reply_cap_per_hour),
+            .with_auto_reply_cap(config.auto_reply_cap_per_hour)
+            .with_followup_template(config.twilio_followup_content_sid.clone()),
         );
         let worker = worker::spawn(
             &kafka,
@@ -390,7 +391,22 @@ pub async fn start(
         let every = Duration::from_secs(config.sla_check_every_secs);
         tasks.push((
             "sla",
-            tokio::spawn(sla::run(store, pool.clone(), every, shutdown.clone())),
+            tokio::spawn(sla::run(
+                store.clone(),
+                pool.clone(),
+                every,
+                shutdown.clone(),
+            )),
+        ));
+        // Resolved tickets close after 7 quiet days; checked with the SLAs.
+        let staff = casebook_commands::staff::Staff::new(store, config.support_signature.clone());
+        tasks.push((
+            "auto-close",
+            tokio::spawn(casebook_commands::staff::run_auto_close(
+                staff,
+                every,
+                shutdown.clone(),
+            )),
         ));
     }
 

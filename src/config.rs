@@ -44,6 +44,9 @@ pub struct Config {
     pub twilio_auth_token: Option<String>,
     pub twilio_account_sid: Option<String>,
     pub twilio_whatsapp_from: Option<String>,
+    /// `TWILIO_FOLLOWUP_CONTENT_SID`: the approved WhatsApp template for
+    /// replies outside the 24-hour window (`HX` and 32 hex digits).
+    pub twilio_followup_content_sid: Option<String>,
     pub twilio_api_base: String,
     pub gmail_push_token: Option<String>,
     pub gmail_api_base: String,
@@ -278,6 +281,18 @@ impl Config {
             casebook_domain::identity::IdentityKey::whatsapp(from)
                 .map_err(|_| bad("TWILIO_WHATSAPP_FROM", "must be whatsapp:+<E.164 number>"))?;
         }
+        let twilio_followup_content_sid = src.var("TWILIO_FOLLOWUP_CONTENT_SID");
+        if let Some(sid) = &twilio_followup_content_sid {
+            let valid = sid.len() == 34
+                && sid.starts_with("HX")
+                && sid[2..].bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid {
+                return Err(bad(
+                    "TWILIO_FOLLOWUP_CONTENT_SID",
+                    "must be a Twilio content SID: HX and 32 hex digits",
+                ));
+            }
+        }
         let gmail_support_address = src.var("GMAIL_SUPPORT_ADDRESS");
         if let Some(address) = &gmail_support_address {
             casebook_domain::identity::normalize_email(address)
@@ -455,6 +470,7 @@ impl Config {
             twilio_auth_token: src.var("TWILIO_AUTH_TOKEN"),
             twilio_account_sid: src.var("TWILIO_ACCOUNT_SID"),
             twilio_whatsapp_from,
+            twilio_followup_content_sid,
             twilio_api_base,
             gmail_push_token: src.var("GMAIL_PUSH_TOKEN"),
             gmail_api_base,

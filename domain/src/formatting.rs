@@ -226,7 +226,8 @@ pub fn holding_reply(reason: EscalationReason) -> &'static str {
         | EscalationReason::ModelUnavailable
         | EscalationReason::Manual
         | EscalationReason::AutomatedMessage
-        | EscalationReason::AutoReplyLimit => {
+        | EscalationReason::AutoReplyLimit
+        | EscalationReason::WhatsappWindowClosed => {
             "Thanks for your message. A member of our team will look into it and get back to you shortly."
         }
     }

@@ -45,10 +45,14 @@ pub enum EscalationReason {
     /// The ticket used up its automatic replies for the hour: the agent
     /// stays silent so two helpdesks never answer each other forever.
     AutoReplyLimit,
+    /// The AI's answer would go out on WhatsApp more than 24 hours after
+    /// the customer's last message, and no approved template is
+    /// configured (`TWILIO_FOLLOWUP_CONTENT_SID`).
+    WhatsappWindowClosed,
 }
 
 impl EscalationReason {
-    pub const ALL: [EscalationReason; 11] = [
+    pub const ALL: [EscalationReason; 12] = [
         EscalationReason::PricingInquiry,
         EscalationReason::RefundRequest,
         EscalationReason::Legal,
@@ -60,6 +64,7 @@ impl EscalationReason {
         EscalationReason::Manual,
         EscalationReason::AutomatedMessage,
         EscalationReason::AutoReplyLimit,
+        EscalationReason::WhatsappWindowClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +80,7 @@ impl EscalationReason {
             EscalationReason::Manual => "manual",
             EscalationReason::AutomatedMessage => "automated_message",
             EscalationReason::AutoReplyLimit => "auto_reply_limit",
+            EscalationReason::WhatsappWindowClosed => "whatsapp_window_closed",
         }
     }
 }
@@ -782,4 +788,6 @@ pub enum TicketError {
     WhatsappWindowClosed,
     #[error("a template reply needs a content SID")]
     EmptyTemplate,
+    #[error("a reply is at most {max} characters")]
+    ResponseTooLong { max: usize },
 }
