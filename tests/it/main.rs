@@ -9,6 +9,7 @@ mod audit;
 mod common;
 mod delivery;
 mod gmail;
+mod handoff;
 mod identity;
 mod mailsync;
 mod ops;
