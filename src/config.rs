@@ -544,6 +544,11 @@ mod tests {
             ("CASEBOOK_WORKER_MAX_ATTEMPTS", "0"),
             ("CASEBOOK_WORKER_MAX_RETRY_SECS", "forever"),
             ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
+            ("TWILIO_FOLLOWUP_CONTENT_SID", "HX123"),
+            (
+                "TWILIO_FOLLOWUP_CONTENT_SID",
+                "SM0123456789abcdef0123456789abcdef",
+            ),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -576,6 +581,14 @@ mod tests {
         assert!(
             matches!(c.embeddings, EmbeddingsConfig::Local(ref p) if p.ends_with(".casebook/models/all-MiniLM-L6-v2"))
         );
+    }
+
+    #[test]
+    fn the_followup_template_is_a_content_sid() {
+        let sid = "HX0123456789abcdef0123456789abcdef";
+        let c = load(&[("TWILIO_FOLLOWUP_CONTENT_SID", sid)]).unwrap();
+        assert_eq!(c.twilio_followup_content_sid.as_deref(), Some(sid));
+        assert_eq!(load(&[]).unwrap().twilio_followup_content_sid, None);
     }
 
     #[test]

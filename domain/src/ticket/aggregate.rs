@@ -1071,10 +1071,13 @@ impl Ticket {
                 if !holding {
                     self.first_response_at.get_or_insert(sent_at);
                 }
-                if !matches!(
-                    self.status,
-                    TicketStatus::Escalated | TicketStatus::AwaitingApproval
-                ) {
+                // A holding reply answers nothing: the customer still waits.
+                if !holding
+                    && !matches!(
+                        self.status,
+                        TicketStatus::Escalated | TicketStatus::AwaitingApproval
+                    )
+                {
                     self.status = TicketStatus::Responded;
                 }
             }

@@ -354,6 +354,18 @@ fn a_holding_reply_is_not_a_first_response_but_a_persons_reply_is() {
     ];
     let ticket = state(events.clone());
     assert_eq!(ticket.first_response_at, None);
+    assert_eq!(ticket.status, TicketStatus::Escalated);
+    // On an assigned ticket the holding reply does not make it "responded".
+    let held = state(vec![
+        opened(),
+        received(1),
+        assigned("grace"),
+        received(2),
+        queued(2, Some("grace"), secs(30)),
+        ack_sent(2, secs(30)),
+    ]);
+    assert_ne!(held.status, TicketStatus::Responded);
+    assert_eq!(held.first_response_at, None);
     assert_eq!(
         ticket.unrecorded_sla_due(crate::sla::SlaKind::FirstResponse),
         Some(t0() + TimeDelta::minutes(2))
