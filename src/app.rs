@@ -17,6 +17,7 @@ use casebook_commands::embeddings::{Embedder, EmbeddingSource};
 use casebook_commands::gmail::{GmailClient, GmailSync};
 use casebook_commands::kafka::KafkaSettings;
 use casebook_commands::knowledge::KnowledgeBase;
+use casebook_commands::staff::Staff;
 use casebook_commands::limits::Limit;
 use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
 use casebook_commands::relay::{Relay, RelaySettings};
@@ -322,7 +323,7 @@ pub async fn start(
         let state = AppState(Arc::new(Inner {
             pool: pool.clone(),
             limits_pool,
-            store,
+            store: store.clone(),
             intake,
             gmail: Some(gmail),
             tokens: TokenKeys::new(secret),
@@ -347,6 +348,9 @@ pub async fn start(
                 config.kb_ef_search,
             )),
             live: Arc::new(LiveHub::new(pool.clone())),
+            staff: Staff::new(store.clone(), config.support_signature.clone())
+                .with_public_url(config.public_url.clone())
+                .with_followup_template(config.twilio_followup_content_sid.clone()),
         }));
         let listener = match listener {
             Some(l) => l,
@@ -391,7 +395,8 @@ pub async fn start(
                 config.support_signature.clone(),
             )
             .with_auto_reply_cap(config.auto_reply_cap_per_hour)
-            .with_public_url(config.public_url.clone()),
+            .with_public_url(config.public_url.clone())
+            .with_followup_template(config.twilio_followup_content_sid.clone()),
         );
         let worker = worker::spawn(
             &kafka,
@@ -409,7 +414,22 @@ pub async fn start(
         let every = Duration::from_secs(config.sla_check_every_secs);
         tasks.push((
             "sla",
-            tokio::spawn(sla::run(store, pool.clone(), every, shutdown.clone())),
+            tokio::spawn(sla::run(
+                store.clone(),
+                pool.clone(),
+                every,
+                shutdown.clone(),
+            )),
+        ));
+        // Resolved tickets close after 7 quiet days; checked with the SLAs.
+        let staff = Staff::new(store, config.support_signature.clone());
+        tasks.push((
+            "auto-close",
+            tokio::spawn(casebook_commands::staff::run_auto_close(
+                staff,
+                every,
+                shutdown.clone(),
+            )),
         ));
     }
 

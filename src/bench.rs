@@ -831,7 +831,7 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
             Outcome::Sent { .. } => answered += 1,
             Outcome::AwaitingApproval { .. } => approval += 1,
             Outcome::Escalated(_) | Outcome::Withheld(_) => escalated += 1,
-            Outcome::Skipped => {}
+            Outcome::Skipped | Outcome::QueuedForHuman { .. } => {}
         }
         let started = Instant::now();
         kb.search(

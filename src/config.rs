@@ -44,6 +44,9 @@ pub struct Config {
     pub twilio_auth_token: Option<String>,
     pub twilio_account_sid: Option<String>,
     pub twilio_whatsapp_from: Option<String>,
+    /// `TWILIO_FOLLOWUP_CONTENT_SID`: the approved WhatsApp template for
+    /// replies outside the 24-hour window (`HX` and 32 hex digits).
+    pub twilio_followup_content_sid: Option<String>,
     pub twilio_api_base: String,
     pub gmail_push_token: Option<String>,
     pub gmail_api_base: String,
@@ -281,6 +284,18 @@ impl Config {
             casebook_domain::identity::IdentityKey::whatsapp(from)
                 .map_err(|_| bad("TWILIO_WHATSAPP_FROM", "must be whatsapp:+<E.164 number>"))?;
         }
+        let twilio_followup_content_sid = src.var("TWILIO_FOLLOWUP_CONTENT_SID");
+        if let Some(sid) = &twilio_followup_content_sid {
+            let valid = sid.len() == 34
+                && sid.starts_with("HX")
+                && sid[2..].bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid {
+                return Err(bad(
+                    "TWILIO_FOLLOWUP_CONTENT_SID",
+                    "must be a Twilio content SID: HX and 32 hex digits",
+                ));
+            }
+        }
         let gmail_support_address = src.var("GMAIL_SUPPORT_ADDRESS");
         if let Some(address) = &gmail_support_address {
             casebook_domain::identity::normalize_email(address)
@@ -473,6 +488,7 @@ impl Config {
             twilio_auth_token: src.var("TWILIO_AUTH_TOKEN"),
             twilio_account_sid: src.var("TWILIO_ACCOUNT_SID"),
             twilio_whatsapp_from,
+            twilio_followup_content_sid,
             twilio_api_base,
             gmail_push_token: src.var("GMAIL_PUSH_TOKEN"),
             gmail_api_base,
@@ -550,6 +566,11 @@ mod tests {
             ("CASEBOOK_SESSION_IDLE_SECS", "59"),
             ("CASEBOOK_SESSION_IDLE_SECS", "604801"),
             ("CASEBOOK_SESSION_IDLE_SECS", "an hour"),
+            ("TWILIO_FOLLOWUP_CONTENT_SID", "HX123"),
+            (
+                "TWILIO_FOLLOWUP_CONTENT_SID",
+                "SM0123456789abcdef0123456789abcdef",
+            ),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -582,6 +603,14 @@ mod tests {
         assert!(
             matches!(c.embeddings, EmbeddingsConfig::Local(ref p) if p.ends_with(".casebook/models/all-MiniLM-L6-v2"))
         );
+    }
+
+    #[test]
+    fn the_followup_template_is_a_content_sid() {
+        let sid = "HX0123456789abcdef0123456789abcdef";
+        let c = load(&[("TWILIO_FOLLOWUP_CONTENT_SID", sid)]).unwrap();
+        assert_eq!(c.twilio_followup_content_sid.as_deref(), Some(sid));
+        assert_eq!(load(&[]).unwrap().twilio_followup_content_sid, None);
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use casebook_commands::claims::LinkKeys;
 use casebook_commands::gmail::GmailSync;
+use casebook_commands::staff::Staff;
 use casebook_commands::{EventStore, Intake};
 use sqlx::PgPool;
 
@@ -50,6 +51,8 @@ pub struct Inner {
     pub knowledge: Arc<LazyKnowledge>,
     /// Live updates for GraphQL subscriptions.
     pub live: Arc<LiveHub>,
+    /// What people do on tickets (the GraphQL mutations).
+    pub staff: Staff,
 }
 
 #[derive(Clone)]

@@ -11,6 +11,20 @@
 //! again after a crash is handled once (the ticket knows which messages it
 //! answered).
 //!
+//! Once a person holds the ticket (it was escalated or assigned), the
+//! agent does not answer at all: the message is queued for the person
+//! (`QueueForHuman`: the assignee's queue, or the unassigned one), and the
+//! ticket decides whether the customer gets the one short "a person will
+//! reply" holding reply of this hand-off. The ticket refuses AI drafts and
+//! answers while a person holds it, so a message that arrives while the
+//! model works is queued too. Only a person handing the ticket back (or
+//! resolving a ticket nobody is assigned to) lets the AI answer again.
+//!
+//! On WhatsApp, an answer more than 24 hours after the customer's last
+//! message goes as the approved template (`TWILIO_FOLLOWUP_CONTENT_SID`),
+//! or, without one, is not sent: the ticket is escalated with
+//! `whatsapp_window_closed`.
+//!
 //! Some messages get no answer at all: one a machine wrote (an auto-reply,
 //! a bounce, a mailing list, as intake marks it), and any past the ticket's
 //! automatic replies for the hour (`CASEBOOK_AUTO_REPLY_CAP_PER_HOUR`). The
@@ -33,10 +47,12 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use casebook_domain::confidence::{draft_confidence, ConfidenceInputs, APPROVAL_THRESHOLD};
-use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext};
+use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext, HUMAN_WILL_REPLY};
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
 use casebook_domain::status_link;
-use casebook_domain::ticket::{AutoReplyLimit, EscalationReason, KnowledgeHit, WithholdReason};
+use casebook_domain::ticket::{
+    AutoReplyLimit, EscalationReason, HoldingReply, KnowledgeHit, WithholdReason,
+};
 use casebook_domain::{
     Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,
     TicketError, TicketEvent,
@@ -174,6 +190,11 @@ pub enum Outcome {
     /// Deliberately not answered (a machine wrote it, or the ticket used up
     /// its automatic replies for the hour).
     Withheld(WithholdReason),
+    /// A person holds the ticket: the message waits in their queue; the
+    /// holding reply went out with it if the hand-off had none yet.
+    QueuedForHuman {
+        acknowledged: bool,
+    },
     /// Handled before (a redelivery), or no longer the agent's to handle.
     Skipped,
 }
@@ -186,6 +207,7 @@ impl Outcome {
             Outcome::AwaitingApproval { .. } => "awaiting_approval",
             Outcome::Escalated(_) => "escalated",
             Outcome::Withheld(_) => "withheld",
+            Outcome::QueuedForHuman { .. } => "queued_for_human",
             Outcome::Skipped => "skipped",
         }
     }
@@ -249,6 +271,7 @@ pub struct Agent {
     auto_replies: AutoReplyLimit,
     /// `CASEBOOK_PUBLIC_URL`: the first reply links to the status page.
     public_url: Option<String>,
+    followup_template: Option<String>,
 }
 
 impl Agent {
@@ -270,6 +293,7 @@ impl Agent {
                 per_hour: DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
             },
             public_url: None,
+            followup_template: None,
         }
     }
 
@@ -277,6 +301,13 @@ impl Agent {
     /// (`casebook_domain::status_link`).
     pub fn with_public_url(mut self, public_url: impl Into<String>) -> Self {
         self.public_url = Some(public_url.into());
+        self
+    }
+
+    /// The approved WhatsApp template answers go out as more than 24 hours
+    /// after the customer's last message (`TWILIO_FOLLOWUP_CONTENT_SID`).
+    pub fn with_followup_template(mut self, content_sid: Option<String>) -> Self {
+        self.followup_template = content_sid.filter(|s| !s.trim().is_empty());
         self
     }
 
@@ -322,6 +353,16 @@ impl Agent {
         )
         .caused_by(envelope.event_id.to_string())
         .on_channel(channel);
+        // A person holds the ticket: their queue, not the model.
+        if automated.is_none() && ticket.with_human() {
+            if let Some(outcome) = self
+                .queue_for_human(ticket_id, message_id, channel, customer_id, &meta)
+                .await?
+            {
+                tracing::info!(%ticket_id, %message_id, outcome = outcome.kind(), "customer message queued for a person");
+                return Ok(outcome);
+            }
+        }
         // Nobody to answer, or answered enough this hour: say nothing.
         let withhold = if automated.is_some() {
             Some(WithholdReason::AutomatedMessage)
@@ -376,7 +417,7 @@ impl Agent {
             } => (Some(*confidence), reasons.len(), None),
             Outcome::Escalated(reason) => (None, 0, Some(reason.as_str())),
             Outcome::Withheld(reason) => (None, 0, Some(reason.as_str())),
-            Outcome::Skipped => (None, 0, None),
+            Outcome::QueuedForHuman { .. } | Outcome::Skipped => (None, 0, None),
         };
         tracing::info!(
             %ticket_id,
@@ -422,6 +463,65 @@ impl Agent {
             .await?;
             match uow.commit().await {
                 Ok(_) => return Ok(Outcome::Withheld(reason)),
+                Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
+                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Queues the message for the person who holds the ticket, offering
+    /// the ticket the holding reply (it sends it once per hand-off).
+    /// `None` when no person holds the ticket (any more): the AI answers.
+    async fn queue_for_human(
+        &self,
+        ticket_id: Uuid,
+        message_id: Uuid,
+        channel: Channel,
+        customer_id: Uuid,
+        meta: &EventMetadata,
+    ) -> Result<Option<Outcome>, AgentError> {
+        let customer = self
+            .store
+            .load::<Customer>(&customer_id.to_string())
+            .await?
+            .aggregate;
+        let ctx = ReplyContext::new(customer.name, ticket_id, &self.signature);
+        let reply = format_reply(channel, HUMAN_WILL_REPLY, &ctx);
+        let key = ticket_id.to_string();
+        let response_id = Uuid::now_v7();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut uow = self.store.unit_of_work(meta.clone());
+            let ticket = uow.load::<Ticket>(&key).await?;
+            if ticket.is_handled(message_id) {
+                return Ok(Some(Outcome::Skipped));
+            }
+            if !ticket.with_human() {
+                return Ok(None);
+            }
+            let events = uow
+                .execute::<Ticket>(
+                    &key,
+                    TicketCommand::QueueForHuman {
+                        in_reply_to: message_id,
+                        acknowledgement: Some(HoldingReply {
+                            response_id,
+                            body: reply.body.clone(),
+                            parts: reply.parts.clone(),
+                        }),
+                        limit: self.auto_replies,
+                        at: Utc::now(),
+                    },
+                )
+                .await?;
+            let acknowledged = events
+                .iter()
+                .any(|e| matches!(e, TicketEvent::ResponseSent { .. }));
+            match uow.commit().await {
+                Ok(_) => return Ok(Some(Outcome::QueuedForHuman { acknowledged })),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
                     crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
@@ -733,6 +833,15 @@ impl Agent {
             if ticket.is_handled(run.message_id) {
                 return Ok(Outcome::Skipped);
             }
+            if ticket.with_human() {
+                // A person took the ticket while the model worked: what
+                // the model made is dropped, the message is theirs.
+                drop(uow);
+                return Ok(self
+                    .queue_for_human(run.ticket_id, run.message_id, channel, customer_id, meta)
+                    .await?
+                    .unwrap_or(Outcome::Skipped));
+            }
             // Decided again on the ticket as it is now: replies sent while
             // the model worked count.
             let may_reply = ticket.may_reply_automatically(at, self.auto_replies);
@@ -742,6 +851,9 @@ impl Agent {
                     .filter(|_| status_link::is_first_reply(ticket))
                     .map(|url| status_link::status_link(url, run.ticket_id)),
             );
+            let free_form = ticket.free_form_allowed(at);
+            let template =
+                crate::staff::reply_template(ticket, at, self.followup_template.as_deref());
             uow.execute::<Ticket>(
                 &ticket_key,
                 TicketCommand::RecordHistoryReview {
@@ -806,7 +918,24 @@ impl Agent {
                         },
                     )
                     .await?;
-                    if reasons.is_empty() {
+                    if reasons.is_empty() && template.is_err() {
+                        // WhatsApp takes no free-form answer this late, and
+                        // there is no template: a person decides.
+                        uow.execute::<Ticket>(
+                            &ticket_key,
+                            TicketCommand::Escalate {
+                                escalation_id: Uuid::now_v7(),
+                                in_reply_to: None,
+                                reason: EscalationReason::WhatsappWindowClosed,
+                                note: Some(
+                                    "the answer was drafted more than 24 hours after the customer's last message and TWILIO_FOLLOWUP_CONTENT_SID is not set; the draft was not sent".into(),
+                                ),
+                                at,
+                            },
+                        )
+                        .await?;
+                        Outcome::Escalated(EscalationReason::WhatsappWindowClosed)
+                    } else if reasons.is_empty() {
                         let reply = format_reply(channel, body, &ctx);
                         uow.execute::<Ticket>(
                             &ticket_key,
@@ -818,6 +947,8 @@ impl Agent {
                                 parts: reply.parts,
                                 in_reply_to: Some(run.message_id),
                                 automatic: Some(self.auto_replies),
+                                holding: false,
+                                template: template.clone().unwrap_or_default(),
                                 at,
                             },
                         )
@@ -858,7 +989,7 @@ impl Agent {
                             },
                         )
                         .await?;
-                    if may_reply {
+                    if may_reply && free_form {
                         let reply = format_reply(channel, holding_reply(*reason), &ctx);
                         uow.execute::<Ticket>(
                             &ticket_key,
@@ -870,6 +1001,9 @@ impl Agent {
                                 parts: reply.parts,
                                 in_reply_to: Some(run.message_id),
                                 automatic: Some(self.auto_replies),
+                                // Says a person will answer: not a response.
+                                holding: true,
+                                template: None,
                                 at,
                             },
                         )

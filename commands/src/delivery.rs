@@ -15,6 +15,15 @@
 //! number from ours and matching the body. If it still cannot be told, the
 //! part is not resent: the ticket is escalated with `delivery_failed`.
 //!
+//! A WhatsApp reply recorded with a `template` (outside WhatsApp's 24-hour
+//! window) goes out as one message of that approved template: Twilio's
+//! `ContentSid` and `ContentVariables` (`{"1": <status link>, "2": <ticket
+//! reference>}`, the link `CASEBOOK_PUBLIC_URL/ticket/<id>?token=<status
+//! token>`, made here from the secret and never stored) instead of `Body`;
+//! the customer reads the reply itself on the status page. Such a message
+//! cannot be found again by its body, so one whose fate is unknown is
+//! never resent: the ticket is escalated instead.
+//!
 //! A reply that cannot be delivered is recorded as failed, the ticket is
 //! escalated, and the message goes to the dead-letter topic (the worker
 //! writes it). Provider error bodies carry the customer's address or number:
@@ -217,6 +226,9 @@ enum Target<'a> {
         settings: &'a TwilioSettings,
         /// `whatsapp:+…`
         to: String,
+        /// An approved template instead of the body: its content SID and
+        /// variables (JSON).
+        template: Option<(String, String)>,
     },
     Gmail {
         settings: &'a GmailSendSettings,
@@ -434,12 +446,19 @@ impl Delivery {
         part: &str,
     ) -> Call {
         match target {
-            Target::Twilio { settings: t, to } => {
-                let mut form = vec![
-                    ("To", to.clone()),
-                    ("From", t.from.clone()),
-                    ("Body", part.to_string()),
-                ];
+            Target::Twilio {
+                settings: t,
+                to,
+                template,
+            } => {
+                let mut form = vec![("To", to.clone()), ("From", t.from.clone())];
+                match template {
+                    Some((sid, variables)) => {
+                        form.push(("ContentSid", sid.clone()));
+                        form.push(("ContentVariables", variables.clone()));
+                    }
+                    None => form.push(("Body", part.to_string())),
+                }
                 if let Some(cb) = &t.status_callback {
                     form.push(("StatusCallback", cb.clone()));
                 }
@@ -494,7 +513,14 @@ impl Delivery {
     ) -> Lookup {
         let started = Instant::now();
         let found = match target {
-            Target::Twilio { settings, to } => self.look_up_twilio(settings, to, part, since).await,
+            Target::Twilio {
+                template: Some(_), ..
+            } => {
+                Lookup::Unknown("a template message cannot be matched by its body at Twilio".into())
+            }
+            Target::Twilio { settings, to, .. } => {
+                self.look_up_twilio(settings, to, part, since).await
+            }
             Target::Gmail { settings, .. } => {
                 self.look_up_gmail(settings, &message_id(response_id, index, &settings.from))
                     .await
@@ -771,6 +797,7 @@ impl Delivery {
                 Ok(Target::Twilio {
                     settings,
                     to: format!("whatsapp:{number}"),
+                    template: None,
                 })
             }
             Channel::Email | Channel::Webform => {
@@ -811,6 +838,7 @@ impl Delivery {
             channel,
             body,
             parts,
+            template,
             ..
         }) = envelope.decode::<TicketEvent>()
         else {
@@ -841,7 +869,12 @@ impl Delivery {
             // Delivered before parts were tracked.
             return Ok(());
         }
-        let parts = if parts.is_empty() { vec![body] } else { parts };
+        // A template goes as one message, whatever the body's parts.
+        let parts = if parts.is_empty() || template.is_some() {
+            vec![body]
+        } else {
+            parts
+        };
         // The first reply's status link was recorded without its token:
         // it is added now, so the store never holds one.
         let parts: Vec<String> = match &self.acknowledgements.links {
@@ -877,10 +910,30 @@ impl Delivery {
             (Channel::Webform, None) => self.webform_thread(&ticket).await,
             _ => None,
         };
-        let target = match self.target(&ticket, &customer, channel, webform_thread) {
+        let mut target = match self.target(&ticket, &customer, channel, webform_thread) {
             Ok(t) => t,
             Err(e) => return self.give_up(ticket_id, response_id, &e, true, &meta).await,
         };
+        if let Some(sid) = template {
+            let variables = match (&mut target, &self.acknowledgements.links) {
+                (Target::Twilio { template, .. }, Some((keys, public_url))) => {
+                    let variables = followup_variables(
+                        public_url,
+                        ticket_id,
+                        &keys.status_token(ticket_id),
+                    );
+                    *template = Some((sid, variables));
+                    Ok(())
+                }
+                (Target::Twilio { .. }, None) => Err(
+                    "a template reply needs the status link: CASEBOOK_JWT_SECRET and CASEBOOK_PUBLIC_URL",
+                ),
+                _ => Err("only WhatsApp replies go as a template"),
+            };
+            if let Err(e) = variables {
+                return self.give_up(ticket_id, response_id, e, true, &meta).await;
+            }
+        }
         let status = match channel {
             Channel::Whatsapp => DeliveryStatus::Queued,
             _ => DeliveryStatus::Sent,
@@ -969,6 +1022,19 @@ impl Delivery {
         tracing::warn!(%ticket_id, %response_id, error = %error, "reply not delivered; ticket escalated");
         Err(HandlerError::Poison(error))
     }
+}
+
+/// The `ContentVariables` of the follow-up template: `{{1}}` the status
+/// link, `{{2}}` the ticket reference.
+pub fn followup_variables(public_url: &str, ticket_id: Uuid, status_token: &str) -> String {
+    serde_json::json!({
+        "1": format!(
+            "{}/ticket/{ticket_id}?token={status_token}",
+            public_url.trim_end_matches('/')
+        ),
+        "2": ticket_reference(ticket_id),
+    })
+    .to_string()
 }
 
 fn http_client(timeout: Duration) -> reqwest::Client {

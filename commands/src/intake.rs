@@ -406,6 +406,7 @@ impl Intake {
         // The ticket: the conversation's current one while it can take the
         // message, else a new one.
         let mut ticket_id = None;
+        let mut previous_ticket_id = None;
         if let Some(conversation_id) = &m.conversation_id {
             if let Some(current) = uow
                 .load::<Conversation>(conversation_id)
@@ -413,15 +414,18 @@ impl Intake {
                 .current_ticket
             {
                 let ticket = uow.load::<Ticket>(&current.to_string()).await?;
-                if continues(ticket.status, m.channel) {
+                if continues(ticket.status) {
                     ticket_id = Some(current);
+                } else {
+                    // Closed: a new ticket, linked to the one it follows.
+                    previous_ticket_id = Some(current);
                 }
             }
         }
         let new_ticket = ticket_id.is_none();
         let ticket_id = ticket_id.unwrap_or_else(Uuid::now_v7);
         if new_ticket {
-            open_ticket(&mut uow, m, ticket_id, customer_id).await?;
+            open_ticket(&mut uow, m, ticket_id, customer_id, previous_ticket_id).await?;
             if let Some(conversation_id) = &m.conversation_id {
                 uow.execute::<Conversation>(
                     conversation_id,
@@ -530,7 +534,7 @@ impl Intake {
         )
         .await?;
         let ticket_id = Uuid::now_v7();
-        open_ticket(&mut uow, m, ticket_id, customer_id).await?;
+        open_ticket(&mut uow, m, ticket_id, customer_id, None).await?;
         let message_id = record_message(&mut uow, m, key, ticket_id, customer_id).await?;
         let email = m
             .sender
@@ -649,15 +653,14 @@ impl Intake {
     }
 }
 
-/// Whether a new message on `channel` continues a ticket in `status`.
-/// A WhatsApp message starts a new ticket once the last one is resolved; an
-/// email reply in a resolved ticket's thread reopens it. Closed is final.
-/// Opens a new ticket for the message's sender.
+/// Opens a new ticket for the message's sender, linked to the closed
+/// ticket of the same conversation it follows, if any.
 async fn open_ticket(
     uow: &mut crate::store::UnitOfWork<'_>,
     m: &InboundMessage,
     ticket_id: Uuid,
     customer_id: Uuid,
+    previous_ticket_id: Option<Uuid>,
 ) -> Result<(), IntakeError> {
     let ticket_key = ticket_id.to_string();
     uow.create::<Ticket>(&ticket_key);
@@ -670,6 +673,7 @@ async fn open_ticket(
             subject: m.subject.clone(),
             category: m.category,
             priority: m.priority,
+            previous_ticket_id,
             at: m.received_at,
         },
     )
@@ -728,12 +732,15 @@ async fn record_message(
     Ok(message_id)
 }
 
-fn continues(status: TicketStatus, channel: Channel) -> bool {
-    match status {
-        TicketStatus::Closed => false,
-        TicketStatus::Resolved => channel == Channel::Email,
-        _ => true,
-    }
+/// Whether a new message continues the conversation's ticket in `status`.
+/// A message on a resolved ticket reopens it, on every channel (into its
+/// assignee's queue, if it has one); closed is final: the message opens a
+/// new ticket linked to the closed one (`previous_ticket_id`). An email
+/// reply in a closed ticket's thread is treated like a WhatsApp message
+/// after closure: the customer expects an answer, not silence, and the
+/// person who picks it up sees which ticket it follows.
+fn continues(status: TicketStatus) -> bool {
+    status != TicketStatus::Closed
 }
 
 #[cfg(test)]
@@ -741,11 +748,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conversations_continue_open_tickets_only() {
-        assert!(continues(TicketStatus::Responded, Channel::Whatsapp));
-        assert!(!continues(TicketStatus::Resolved, Channel::Whatsapp));
-        assert!(continues(TicketStatus::Resolved, Channel::Email));
-        assert!(!continues(TicketStatus::Closed, Channel::Email));
+    fn conversations_continue_until_the_ticket_is_closed() {
+        assert!(continues(TicketStatus::Responded));
+        assert!(continues(TicketStatus::Escalated));
+        // Resolved reopens, on WhatsApp as on email.
+        assert!(continues(TicketStatus::Resolved));
+        assert!(!continues(TicketStatus::Closed));
     }
 
     fn message() -> InboundMessage {

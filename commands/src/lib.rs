@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod relay;
 pub mod retry;
 pub mod sla;
+pub mod staff;
 pub mod store;
 pub mod worker;
 

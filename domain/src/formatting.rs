@@ -245,6 +245,11 @@ fn append_whatsapp_link(parts: &mut Vec<String>, link: &str) {
     }
 }
 
+/// The holding reply to a customer who writes while a person holds the
+/// ticket: sent at most once per hand-off (the ticket decides).
+pub const HUMAN_WILL_REPLY: &str =
+    "Thanks for your message. A member of our team has your conversation and will reply here shortly.";
+
 /// The short reply a customer gets when a human takes over.
 pub fn holding_reply(reason: EscalationReason) -> &'static str {
     match reason {
@@ -264,7 +269,8 @@ pub fn holding_reply(reason: EscalationReason) -> &'static str {
         | EscalationReason::ModelUnavailable
         | EscalationReason::Manual
         | EscalationReason::AutomatedMessage
-        | EscalationReason::AutoReplyLimit => {
+        | EscalationReason::AutoReplyLimit
+        | EscalationReason::WhatsappWindowClosed => {
             "Thanks for your message. A member of our team will look into it and get back to you shortly."
         }
     }

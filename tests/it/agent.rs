@@ -683,6 +683,7 @@ async fn an_sla_breach_is_recorded_once() {
                 category: Category::General,
                 priority: Priority::Medium,
                 at: chrono::Utc::now() - chrono::TimeDelta::minutes(10),
+                previous_ticket_id: None,
             },
             &EventMetadata::new("sla-test", Actor::system("test")),
         )

@@ -383,7 +383,12 @@ async fn assert_exactly(app: &TestApp, what: &str, message: Uuid, expected: &Exp
 async fn settled(app: &TestApp, message: Uuid) {
     eventually(&format!("an outcome for {message}"), WAIT, || async {
         let mut n = 0;
-        for event_type in ["ResponseSent", "TicketEscalated", "AutoReplyWithheld"] {
+        for event_type in [
+            "ResponseSent",
+            "TicketEscalated",
+            "AutoReplyWithheld",
+            "CustomerMessageQueuedForHuman",
+        ] {
             n += count_for(app, message, event_type).await;
         }
         let approval: i64 = sqlx::query_scalar(
@@ -579,7 +584,8 @@ async fn a_ticket_gets_at_most_its_automatic_replies_an_hour_then_the_agent_stay
         },
     )
     .await;
-    // ...and the next is only recorded: staff already have the ticket.
+    // ...and the next waits for that person: staff hold the ticket now,
+    // the AI stays silent, and no holding reply goes past the limit.
     assert_exactly(
         &app,
         "second past the limit",
@@ -589,10 +595,14 @@ async fn a_ticket_gets_at_most_its_automatic_replies_an_hour_then_the_agent_stay
             drafts: 0,
             approvals: 0,
             escalation: None,
-            withheld: 1,
+            withheld: 0,
         },
     )
     .await;
+    assert_eq!(
+        count_for(&app, messages[3].1, "CustomerMessageQueuedForHuman").await,
+        1
+    );
     let sent: Vec<Value> = sqlx::query_scalar(
         "SELECT payload FROM events WHERE aggregate_id = $1 AND event_type = 'ResponseSent'",
     )

@@ -299,6 +299,8 @@ async fn reply(app: &TestApp, ticket: Uuid, response_id: Uuid, channel: Channel,
                 in_reply_to: None,
                 automatic: None,
                 at: chrono::Utc::now(),
+                holding: false,
+                template: None,
             },
             &EventMetadata::new("delivery-test", Actor::system("test")),
         )

@@ -355,6 +355,15 @@ async fn a_web_form_naming_anothers_email_sees_none_of_their_history_until_the_l
     assert_eq!(again.status(), 409);
     assert_eq!(again.json::<Value>().await.unwrap()["error"], "conflict");
 
+    // The AI found nothing to answer Eve with and escalated; a person
+    // hands the ticket back, so the AI answers the next message.
+    casebook_commands::staff::Staff::new(
+        casebook_commands::EventStore::new(app.pool().clone()),
+        "The Support Team",
+    )
+    .hand_back_to_ai(ticket, "grace", "corr-hand-back")
+    .await
+    .unwrap();
     // Ada answers the acknowledgement by email: her reply continues the
     // web-form ticket, and now its history includes her earlier ticket.
     let thread = eventually("the acknowledgement's thread recorded", WAIT, || {

@@ -9,6 +9,8 @@ mod audit;
 mod common;
 mod delivery;
 mod gmail;
+mod graphql;
+mod handoff;
 mod identity;
 mod mailsync;
 mod ops;

@@ -37,6 +37,7 @@ async fn ticket_with_two_messages(store: &EventStore) -> Uuid {
                 category: Category::General,
                 priority: Priority::Low,
                 at,
+                previous_ticket_id: None,
             },
             &meta(),
         )

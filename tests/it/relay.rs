@@ -31,6 +31,7 @@ async fn open_ticket(store: &EventStore, id: Uuid) {
                 category: Category::General,
                 priority: Priority::Low,
                 at: chrono::Utc::now(),
+                previous_ticket_id: None,
             },
             &meta(),
         )

@@ -27,6 +27,7 @@ async fn open(store: &EventStore, ticket: Uuid, opened_ago: TimeDelta) {
                 category: Category::General,
                 priority: Priority::Medium,
                 at: Utc::now() - opened_ago,
+                previous_ticket_id: None,
             },
             &EventMetadata::new("sla-test", Actor::system("test")),
         )

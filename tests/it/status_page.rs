@@ -104,6 +104,8 @@ async fn reply(app: &TestApp, ticket: Uuid, text: &str) {
                 parts: vec![],
                 in_reply_to: None,
                 automatic: None,
+                holding: false,
+                template: None,
                 at: chrono::Utc::now(),
             },
             &EventMetadata::new("status-page-test", Actor::system("test")),

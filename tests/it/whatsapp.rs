@@ -138,8 +138,10 @@ async fn messages_from_a_number_continue_its_open_ticket() {
     let first = ticket_of(&app, "SM0010").await;
     assert_eq!(first, ticket_of(&app, "SM0011").await);
 
-    // Once resolved, the next message starts a new ticket for the same customer.
+    // Once resolved, the next message reopens it; once closed, the next
+    // message starts a new ticket for the same customer, linked to it.
     let store = EventStore::new(app.pool().clone());
+    let meta = EventMetadata::new("test", Actor::system("test"));
     store
         .execute::<Ticket>(
             &first.to_string(),
@@ -148,7 +150,21 @@ async fn messages_from_a_number_continue_its_open_ticket() {
                 resolution: None,
                 at: chrono::Utc::now(),
             },
-            &EventMetadata::new("test", Actor::system("test")),
+            &meta,
+        )
+        .await
+        .unwrap();
+    app.post_twilio("/webhooks/whatsapp", &message("SM0013", "again"), None)
+        .await;
+    assert_eq!(first, ticket_of(&app, "SM0013").await);
+    store
+        .execute::<Ticket>(
+            &first.to_string(),
+            TicketCommand::Close {
+                closed_by: "agent:grace".into(),
+                at: chrono::Utc::now(),
+            },
+            &meta,
         )
         .await
         .unwrap();
@@ -156,6 +172,14 @@ async fn messages_from_a_number_continue_its_open_ticket() {
         .await;
     let third = ticket_of(&app, "SM0012").await;
     assert_ne!(first, third);
+    let previous: Option<String> = sqlx::query_scalar(
+        "SELECT payload->>'previous_ticket_id' FROM events WHERE event_type = 'TicketOpened' AND aggregate_id = $1",
+    )
+    .bind(third.to_string())
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(previous, Some(first.to_string()));
     assert_eq!(
         app.count("SELECT count(*) FROM events WHERE event_type = 'CustomerRegistered'")
             .await,
@@ -203,6 +227,8 @@ async fn status_callbacks_become_delivery_events() {
                 parts: vec!["Settings > Security > Reset.".into()],
                 in_reply_to: None,
                 automatic: None,
+                holding: false,
+                template: None,
                 at: chrono::Utc::now(),
             },
             &meta,

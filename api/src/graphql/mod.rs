@@ -8,6 +8,7 @@ pub mod context;
 mod customers;
 pub mod knowledge;
 mod loaders;
+mod mutations;
 mod queues;
 pub mod subscriptions;
 mod tickets;
@@ -45,7 +46,7 @@ pub struct Query(
 );
 
 #[derive(MergedObject, Default)]
-pub struct Mutation(knowledge::KnowledgeMutation);
+pub struct Mutation(mutations::TicketMutation, knowledge::KnowledgeMutation);
 
 #[derive(MergedSubscription, Default)]
 pub struct Subscription(subscriptions::LiveSubscription);
@@ -161,7 +162,7 @@ fn request_data(app: &AppState, viewer: Viewer, correlation: String) -> (Data, D
     data.insert(Loaders::new(&db));
     data.insert(db.clone());
     data.insert(viewer);
-    let _ = correlation;
+    data.insert(mutations::Correlation(correlation));
     (data, db)
 }
 
@@ -176,8 +177,8 @@ fn with_request_data(
     let request = request
         .data(Loaders::new(&db))
         .data(db.clone())
-        .data(viewer);
-    let _ = correlation;
+        .data(viewer)
+        .data(mutations::Correlation(correlation));
     (request, db)
 }
 

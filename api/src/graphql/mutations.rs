@@ -169,7 +169,7 @@ impl TicketMutation {
         acted(
             app,
             app.staff
-                .assign(id, agent_id.as_deref(), &v.sub, correlation)
+                .assign(id, agent_id.as_ref().map(|a| a.as_str()), &v.sub, correlation)
                 .await,
         )
         .await

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
-    AutoReplyLimit, DeliveryStatus, EscalationReason, TicketCommand, TicketError, TicketEvent,
-    WithholdReason,
+    AutoReplyLimit, DeliveryStatus, EscalationReason, HoldingReply, TicketCommand, TicketError,
+    TicketEvent, WithholdReason,
 };
 use crate::sla::{SlaDeadlines, SlaKind};
 use crate::{Category, Channel, Priority, TicketStatus};
@@ -21,6 +21,41 @@ pub const AUTO_REPLY_WINDOW: TimeDelta = TimeDelta::hours(1);
 /// The highest automatic-reply limit a ticket can enforce: it remembers the
 /// times of this many automatic replies, no more.
 pub const MAX_AUTO_REPLIES_PER_HOUR: u32 = 50;
+
+/// WhatsApp's customer service window: a free-form reply is allowed only
+/// this long after the customer's last message; later, only an approved
+/// template.
+pub const WHATSAPP_WINDOW: TimeDelta = TimeDelta::hours(24);
+
+/// A ticket resolved this long without the customer writing again is
+/// closed by the periodic job.
+pub const AUTO_CLOSE_AFTER: TimeDelta = TimeDelta::days(7);
+
+/// Who answers the ticket's customer messages.
+///
+/// `Ai` until the ticket is escalated or assigned to a person; then
+/// `Human`, and the AI stays silent (the agent worker may only queue a
+/// message for the person, with at most one holding reply per hand-off)
+/// until a person hands it back (`HandBackToAi`) or resolves it. Resolving
+/// a ticket nobody is assigned to gives it back to the AI; resolving an
+/// assigned ticket keeps it with its assignee, so a customer who writes
+/// again reopens it into the same person's queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handler {
+    #[default]
+    Ai,
+    Human,
+}
+
+impl Handler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handler::Ai => "ai",
+            Handler::Human => "human",
+        }
+    }
+}
 
 /// The longest reason intake may give for a machine-written message.
 pub const MAX_AUTOMATED_REASON_LEN: usize = 64;
@@ -122,6 +157,17 @@ pub struct Ticket {
     pub handled_messages: BTreeSet<Uuid>,
     /// The email conversation replies join (Gmail thread), if any.
     pub email_thread: Option<super::EmailThread>,
+    /// Who answers customer messages: the AI or a person.
+    pub handler: Handler,
+    /// Whether the current hand-off to a person already sent its holding
+    /// reply (or a person replied): at most one per hand-off.
+    pub hand_off_acknowledged: bool,
+    /// When the customer last wrote (WhatsApp's 24-hour window).
+    pub last_customer_message_at: Option<DateTime<Utc>>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub closed_at: Option<DateTime<Utc>>,
+    /// The closed ticket this one follows on from.
+    pub previous_ticket_id: Option<Uuid>,
 }
 
 impl Ticket {
@@ -132,6 +178,29 @@ impl Ticket {
     /// The deadline that matters next (first response, then resolution).
     pub fn sla_due_at(&self) -> Option<DateTime<Utc>> {
         self.deadlines.map(|d| d.next_due(self.first_response_at))
+    }
+
+    /// Whether a person holds the ticket: the AI must stay silent.
+    pub fn with_human(&self) -> bool {
+        self.handler == Handler::Human
+    }
+
+    /// Whether a free-form reply at `at` is allowed by the channel: always,
+    /// except on WhatsApp more than [`WHATSAPP_WINDOW`] after the
+    /// customer's last message.
+    pub fn free_form_allowed(&self, at: DateTime<Utc>) -> bool {
+        self.channel != Some(Channel::Whatsapp)
+            || self
+                .last_customer_message_at
+                .is_none_or(|last| at - last <= WHATSAPP_WINDOW)
+    }
+
+    /// Whether the periodic job may close the ticket at `at`.
+    pub fn is_stale(&self, at: DateTime<Utc>) -> bool {
+        self.status == TicketStatus::Resolved
+            && self
+                .resolved_at
+                .is_some_and(|resolved| at - resolved >= AUTO_CLOSE_AFTER)
     }
 
     pub fn is_handled(&self, message_id: Uuid) -> bool {
@@ -196,6 +265,7 @@ impl Ticket {
             subject,
             category,
             priority,
+            previous_ticket_id,
             at,
         } = command
         {
@@ -213,6 +283,7 @@ impl Ticket {
                 opened_at: at,
                 first_response_due: deadlines.first_response_due,
                 resolution_due: deadlines.resolution_due,
+                previous_ticket_id,
             }]);
         }
         if !self.exists() {
@@ -328,6 +399,10 @@ impl Ticket {
                         return Err(TicketError::AlreadyHandled(m));
                     }
                 }
+                // The AI drafts only while it handles the ticket.
+                if self.with_human() {
+                    return Err(TicketError::WithHuman);
+                }
                 if self.drafts.contains_key(&draft_id) {
                     return Err(TicketError::DuplicateDraft(draft_id));
                 }
@@ -411,6 +486,8 @@ impl Ticket {
                 parts,
                 in_reply_to,
                 automatic,
+                holding,
+                template,
                 at,
             } => {
                 if self.responses.contains_key(&response_id) {
@@ -418,6 +495,25 @@ impl Ticket {
                 }
                 if body.trim().is_empty() {
                     return Err(TicketError::EmptyResponse);
+                }
+                if template.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                    return Err(TicketError::EmptyTemplate);
+                }
+                if holding {
+                    // A holding reply says a person will answer: only
+                    // while one holds the ticket, once per hand-off.
+                    if !self.with_human() {
+                        return Err(TicketError::NotWithHuman);
+                    }
+                    if self.hand_off_acknowledged {
+                        return Ok(vec![]);
+                    }
+                } else if automatic.is_some() && self.with_human() {
+                    // An AI answer on a ticket a person holds.
+                    return Err(TicketError::WithHuman);
+                }
+                if template.is_none() && !self.free_form_allowed(at) {
+                    return Err(TicketError::WhatsappWindowClosed);
                 }
                 let mut answers = self.message_for(in_reply_to)?;
                 if let Some(draft_id) = draft_id {
@@ -452,6 +548,8 @@ impl Ticket {
                     parts,
                     in_reply_to: answers,
                     automatic: automatic.is_some(),
+                    holding,
+                    template,
                     sent_at: at,
                 }])
             }
@@ -591,6 +689,84 @@ impl Ticket {
                     assigned_at: at,
                 }])
             }
+            C::Unassign { unassigned_by, at } => {
+                let agent_id = self.assigned_to.clone().ok_or(TicketError::NotAssigned)?;
+                Ok(vec![E::TicketUnassigned {
+                    agent_id,
+                    unassigned_by,
+                    unassigned_at: at,
+                }])
+            }
+            C::HandBackToAi { handed_back_by, at } => {
+                if !self.with_human() {
+                    return Err(TicketError::NotWithHuman);
+                }
+                let mut events: Vec<TicketEvent> = self
+                    .open_escalations()
+                    .map(|(id, _)| E::EscalationResolved {
+                        escalation_id: *id,
+                        resolved_by: handed_back_by.clone(),
+                        note: Some("handed back to the AI".into()),
+                        resolved_at: at,
+                    })
+                    .collect();
+                events.push(E::TicketHandedBackToAi {
+                    handed_back_by,
+                    previous_assignee: self.assigned_to.clone(),
+                    handed_back_at: at,
+                });
+                Ok(events)
+            }
+            C::QueueForHuman {
+                in_reply_to,
+                acknowledgement,
+                limit,
+                at,
+            } => {
+                if !self.messages.contains_key(&in_reply_to) {
+                    return Err(TicketError::UnknownMessage(in_reply_to));
+                }
+                if self.is_handled(in_reply_to) {
+                    return Err(TicketError::AlreadyHandled(in_reply_to));
+                }
+                if !self.with_human() {
+                    return Err(TicketError::NotWithHuman);
+                }
+                let mut events = vec![E::CustomerMessageQueuedForHuman {
+                    in_reply_to,
+                    assignee: self.assigned_to.clone(),
+                    queued_at: at,
+                }];
+                let acknowledge = !self.hand_off_acknowledged
+                    && self.may_reply_automatically(at, limit)
+                    && self.free_form_allowed(at);
+                if let Some(HoldingReply {
+                    response_id,
+                    body,
+                    parts,
+                }) = acknowledgement.filter(|_| acknowledge)
+                {
+                    if self.responses.contains_key(&response_id) {
+                        return Err(TicketError::DuplicateResponse(response_id));
+                    }
+                    if body.trim().is_empty() {
+                        return Err(TicketError::EmptyResponse);
+                    }
+                    events.push(E::ResponseSent {
+                        response_id,
+                        draft_id: None,
+                        channel: self.channel.expect("an opened ticket has a channel"),
+                        body,
+                        parts,
+                        in_reply_to: Some(in_reply_to),
+                        automatic: true,
+                        holding: true,
+                        template: None,
+                        sent_at: at,
+                    });
+                }
+                Ok(events)
+            }
             C::Resolve {
                 resolved_by,
                 resolution,
@@ -636,6 +812,19 @@ impl Ticket {
                 }
                 Ok(vec![E::TicketClosed {
                     closed_by,
+                    closed_at: at,
+                }])
+            }
+            C::CloseStale { at } => {
+                if self.status != TicketStatus::Resolved {
+                    return Err(TicketError::NotResolved);
+                }
+                let resolved_at = self.resolved_at.unwrap_or(at);
+                if !self.is_stale(at) {
+                    return Err(TicketError::NotStale { resolved_at });
+                }
+                Ok(vec![E::TicketClosed {
+                    closed_by: "system:auto-close".into(),
                     closed_at: at,
                 }])
             }
@@ -722,7 +911,9 @@ impl Ticket {
                 opened_at,
                 first_response_due,
                 resolution_due,
+                previous_ticket_id,
             } => {
+                self.previous_ticket_id = previous_ticket_id;
                 self.id = Some(ticket_id);
                 self.customer_id = Some(customer_id);
                 self.channel = Some(channel);
@@ -741,11 +932,13 @@ impl Ticket {
                 channel_message_id,
                 thread,
                 automated,
+                received_at,
                 ..
             } => {
                 if thread.is_some() {
                     self.email_thread = thread;
                 }
+                self.last_customer_message_at = Some(received_at);
                 self.channel_message_ids.insert(channel_message_id);
                 self.messages_count += 1;
                 self.last_message_id = Some(message_id);
@@ -846,9 +1039,14 @@ impl Ticket {
                 channel,
                 in_reply_to,
                 automatic,
+                holding,
                 sent_at,
                 ..
             } => {
+                if holding || !automatic {
+                    // The customer heard from (or of) a person.
+                    self.hand_off_acknowledged = true;
+                }
                 if let Some(m) = in_reply_to {
                     self.handled_messages.insert(m);
                     self.messages.entry(m).or_default().replies += 1;
@@ -869,11 +1067,17 @@ impl Ticket {
                     },
                 );
                 self.messages_count += 1;
-                self.first_response_at.get_or_insert(sent_at);
-                if !matches!(
-                    self.status,
-                    TicketStatus::Escalated | TicketStatus::AwaitingApproval
-                ) {
+                // A holding reply is not a response.
+                if !holding {
+                    self.first_response_at.get_or_insert(sent_at);
+                }
+                // A holding reply answers nothing: the customer still waits.
+                if !holding
+                    && !matches!(
+                        self.status,
+                        TicketStatus::Escalated | TicketStatus::AwaitingApproval
+                    )
+                {
                     self.status = TicketStatus::Responded;
                 }
             }
@@ -899,6 +1103,7 @@ impl Ticket {
                 self.escalations
                     .insert(escalation_id, Escalation { reason, open: true });
                 self.status = TicketStatus::Escalated;
+                self.hand_to_human();
             }
             E::AutoReplyWithheld {
                 in_reply_to,
@@ -920,17 +1125,56 @@ impl Ticket {
             }
             E::TicketAssigned { agent_id, .. } => {
                 self.assigned_to = Some(agent_id);
+                self.hand_to_human();
                 if self.status == TicketStatus::Received {
                     self.status = TicketStatus::InProgress;
                 }
             }
-            E::TicketResolved { .. } => self.status = TicketStatus::Resolved,
-            E::TicketReopened { .. } => self.status = TicketStatus::Received,
-            E::TicketClosed { .. } => self.status = TicketStatus::Closed,
+            E::TicketUnassigned { .. } => self.assigned_to = None,
+            E::TicketHandedBackToAi { .. } => {
+                self.assigned_to = None;
+                self.handler = Handler::Ai;
+                self.hand_off_acknowledged = false;
+            }
+            E::CustomerMessageQueuedForHuman { in_reply_to, .. } => {
+                self.handled_messages.insert(in_reply_to);
+            }
+            E::TicketResolved { resolved_at, .. } => {
+                self.status = TicketStatus::Resolved;
+                self.resolved_at = Some(resolved_at);
+                // Nobody holds it: the AI answers if the customer writes
+                // again. An assignee keeps it.
+                if self.assigned_to.is_none() {
+                    self.handler = Handler::Ai;
+                    self.hand_off_acknowledged = false;
+                }
+            }
+            E::TicketReopened { .. } => {
+                self.status = TicketStatus::Received;
+                self.resolved_at = None;
+                if self.assigned_to.is_some() {
+                    // Back into the same person's queue: a new hand-off.
+                    self.handler = Handler::Human;
+                    self.hand_off_acknowledged = false;
+                }
+            }
+            E::TicketClosed { closed_at, .. } => {
+                self.status = TicketStatus::Closed;
+                self.closed_at = Some(closed_at);
+            }
             E::FeedbackReceived { helpful, .. } => self.feedback = Some(helpful),
             E::SlaBreached { kind, .. } => {
                 self.sla_breaches.insert(kind.as_str().to_string());
             }
+        }
+    }
+
+    /// A person takes over (escalation or assignment); a new hand-off
+    /// when the AI had it.
+    fn hand_to_human(&mut self) {
+        if self.handler == Handler::Ai {
+            self.handler = Handler::Human;
+            self.hand_off_acknowledged = false;
         }
     }
 

@@ -7,6 +7,8 @@
 
 mod aggregate;
 #[cfg(test)]
+mod handoff_tests;
+#[cfg(test)]
 mod tests;
 
 use chrono::{DateTime, Utc};
@@ -15,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use aggregate::{
-    Approval, ApprovalState, Draft, Escalation, MessageWork, Response, Ticket, AUTO_REPLY_WINDOW,
-    MAX_AUTOMATED_REASON_LEN, MAX_AUTO_REPLIES_PER_HOUR, MAX_SEARCHES_PER_MESSAGE,
+    Approval, ApprovalState, Draft, Escalation, Handler, MessageWork, Response, Ticket,
+    AUTO_CLOSE_AFTER, AUTO_REPLY_WINDOW, MAX_AUTOMATED_REASON_LEN, MAX_AUTO_REPLIES_PER_HOUR,
+    MAX_SEARCHES_PER_MESSAGE, WHATSAPP_WINDOW,
 };
 
 use crate::sla::SlaKind;
@@ -42,10 +45,14 @@ pub enum EscalationReason {
     /// The ticket used up its automatic replies for the hour: the agent
     /// stays silent so two helpdesks never answer each other forever.
     AutoReplyLimit,
+    /// The AI's answer would go out on WhatsApp more than 24 hours after
+    /// the customer's last message, and no approved template is
+    /// configured (`TWILIO_FOLLOWUP_CONTENT_SID`).
+    WhatsappWindowClosed,
 }
 
 impl EscalationReason {
-    pub const ALL: [EscalationReason; 11] = [
+    pub const ALL: [EscalationReason; 12] = [
         EscalationReason::PricingInquiry,
         EscalationReason::RefundRequest,
         EscalationReason::Legal,
@@ -57,6 +64,7 @@ impl EscalationReason {
         EscalationReason::Manual,
         EscalationReason::AutomatedMessage,
         EscalationReason::AutoReplyLimit,
+        EscalationReason::WhatsappWindowClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +80,7 @@ impl EscalationReason {
             EscalationReason::Manual => "manual",
             EscalationReason::AutomatedMessage => "automated_message",
             EscalationReason::AutoReplyLimit => "auto_reply_limit",
+            EscalationReason::WhatsappWindowClosed => "whatsapp_window_closed",
         }
     }
 }
@@ -177,6 +186,14 @@ impl WithholdReason {
     }
 }
 
+/// A holding reply ready for the channel, offered to `QueueForHuman`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldingReply {
+    pub response_id: Uuid,
+    pub body: String,
+    pub parts: Vec<String>,
+}
+
 /// The most automatic replies (AI answers and holding replies) one ticket
 /// may send in a rolling hour. A reply sent under a limit counts against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +210,10 @@ pub enum TicketCommand {
         subject: Option<String>,
         category: Category,
         priority: Priority,
+        /// The closed ticket this one follows on from (a customer who wrote
+        /// again on the same conversation after it was closed).
+        #[serde(default)]
+        previous_ticket_id: Option<Uuid>,
         at: DateTime<Utc>,
     },
     /// A customer wrote. On a resolved ticket this reopens it first.
@@ -268,6 +289,15 @@ pub enum TicketCommand {
         /// one past it is refused.
         #[serde(default)]
         automatic: Option<AutoReplyLimit>,
+        /// A holding reply ("a person will reply"): not a response for the
+        /// first-response SLA, and at most one per hand-off to a person.
+        #[serde(default)]
+        holding: bool,
+        /// The approved WhatsApp template (Twilio content SID) the reply
+        /// goes out as: required on WhatsApp more than 24 hours after the
+        /// customer's last message.
+        #[serde(default)]
+        template: Option<String>,
         at: DateTime<Utc>,
     },
     RecordDeliveryStatus {
@@ -300,9 +330,34 @@ pub enum TicketCommand {
         note: Option<String>,
         at: DateTime<Utc>,
     },
+    /// A person takes the ticket (claims it, or is given it): from now on
+    /// the AI stays silent on it.
     Assign {
         agent_id: String,
         assigned_by: String,
+        at: DateTime<Utc>,
+    },
+    /// The ticket goes back to the unassigned human queue; the AI stays
+    /// silent. Refused with `NotAssigned` when nobody holds it.
+    Unassign {
+        unassigned_by: String,
+        at: DateTime<Utc>,
+    },
+    /// A person gives the ticket back to the AI: open escalations are
+    /// resolved, the assignment ends, the AI answers the next message.
+    HandBackToAi {
+        handed_back_by: String,
+        at: DateTime<Utc>,
+    },
+    /// The agent worker saw a customer message on a ticket a person holds:
+    /// it goes to the person's queue, not the model. `acknowledgement`
+    /// is the short "a person will reply" text, sent only if this
+    /// hand-off has not acknowledged one already (and the automatic reply
+    /// limit allows).
+    QueueForHuman {
+        in_reply_to: Uuid,
+        acknowledgement: Option<HoldingReply>,
+        limit: AutoReplyLimit,
         at: DateTime<Utc>,
     },
     Resolve {
@@ -317,6 +372,11 @@ pub enum TicketCommand {
     },
     Close {
         closed_by: String,
+        at: DateTime<Utc>,
+    },
+    /// The periodic job: a ticket resolved for `AUTO_CLOSE_AFTER` without
+    /// the customer writing again is closed.
+    CloseStale {
         at: DateTime<Utc>,
     },
     RecordFeedback {
@@ -343,6 +403,9 @@ pub enum TicketEvent {
         opened_at: DateTime<Utc>,
         first_response_due: DateTime<Utc>,
         resolution_due: DateTime<Utc>,
+        /// The closed ticket of the same conversation this one follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_ticket_id: Option<Uuid>,
     },
     CustomerMessageReceived {
         message_id: Uuid,
@@ -415,6 +478,15 @@ pub enum TicketEvent {
         /// automatic replies per hour.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         automatic: bool,
+        /// A holding reply: it does not stop the first-response SLA.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        holding: bool,
+        /// Sent as this approved WhatsApp template (Twilio content SID),
+        /// with the status link, instead of the free-form body (outside
+        /// WhatsApp's 24-hour window). The body stays the reply the
+        /// customer reads on the status page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
         sent_at: DateTime<Utc>,
     },
     DeliveryStatusChanged {
@@ -448,6 +520,25 @@ pub enum TicketEvent {
         agent_id: String,
         assigned_by: String,
         assigned_at: DateTime<Utc>,
+    },
+    TicketUnassigned {
+        /// Who held it.
+        agent_id: String,
+        unassigned_by: String,
+        unassigned_at: DateTime<Utc>,
+    },
+    TicketHandedBackToAi {
+        handed_back_by: String,
+        /// Who held it, if anyone.
+        previous_assignee: Option<String>,
+        handed_back_at: DateTime<Utc>,
+    },
+    /// A customer message on a ticket a person holds: it waits in their
+    /// queue (the assignee's, or the unassigned queue), the AI is silent.
+    CustomerMessageQueuedForHuman {
+        in_reply_to: Uuid,
+        assignee: Option<String>,
+        queued_at: DateTime<Utc>,
     },
     TicketResolved {
         resolved_by: String,
@@ -519,6 +610,13 @@ impl TicketEvent {
             | TicketEvent::TicketAssigned {
                 assigned_at: at, ..
             }
+            | TicketEvent::TicketUnassigned {
+                unassigned_at: at, ..
+            }
+            | TicketEvent::TicketHandedBackToAi {
+                handed_back_at: at, ..
+            }
+            | TicketEvent::CustomerMessageQueuedForHuman { queued_at: at, .. }
             | TicketEvent::TicketResolved {
                 resolved_at: at, ..
             }
@@ -551,6 +649,9 @@ impl TicketEvent {
             TicketEvent::AutoReplyWithheld { .. } => "AutoReplyWithheld",
             TicketEvent::EscalationResolved { .. } => "EscalationResolved",
             TicketEvent::TicketAssigned { .. } => "TicketAssigned",
+            TicketEvent::TicketUnassigned { .. } => "TicketUnassigned",
+            TicketEvent::TicketHandedBackToAi { .. } => "TicketHandedBackToAi",
+            TicketEvent::CustomerMessageQueuedForHuman { .. } => "CustomerMessageQueuedForHuman",
             TicketEvent::TicketResolved { .. } => "TicketResolved",
             TicketEvent::TicketReopened { .. } => "TicketReopened",
             TicketEvent::TicketClosed { .. } => "TicketClosed",
@@ -678,4 +779,21 @@ pub enum TicketError {
     SlaNotBreached(&'static str),
     #[error("the {0} SLA breach was already recorded")]
     SlaAlreadyBreached(&'static str),
+    #[error("a person holds this ticket: the AI stays silent until it is handed back or resolved")]
+    WithHuman,
+    #[error("the AI handles this ticket: no person holds it")]
+    NotWithHuman,
+    #[error("nobody is assigned to this ticket")]
+    NotAssigned,
+    #[error("the ticket was resolved less than 7 days ago (at {resolved_at})")]
+    NotStale { resolved_at: DateTime<Utc> },
+    #[error(
+        "WhatsApp allows no free-form reply more than 24 hours after the customer's last message; \
+         it must go as the approved template TWILIO_FOLLOWUP_CONTENT_SID, which is not configured"
+    )]
+    WhatsappWindowClosed,
+    #[error("a template reply needs a content SID")]
+    EmptyTemplate,
+    #[error("a reply is at most {max} characters")]
+    ResponseTooLong { max: usize },
 }

@@ -35,6 +35,7 @@ fn opened() -> TicketEvent {
         opened_at: t0(),
         first_response_due: t0() + TimeDelta::minutes(2),
         resolution_due: t0() + TimeDelta::hours(24),
+        previous_ticket_id: None,
     }
 }
 
@@ -97,6 +98,8 @@ fn send(response: u128, draft: Option<u128>) -> TicketCommand {
         in_reply_to: None,
         automatic: None,
         at: t0() + TimeDelta::seconds(30),
+        holding: false,
+        template: None,
     }
 }
 
@@ -110,6 +113,8 @@ fn sent(response: u128, draft: Option<u128>) -> TicketEvent {
         in_reply_to: Some(id(1)),
         automatic: false,
         sent_at: t0() + TimeDelta::seconds(30),
+        holding: false,
+        template: None,
     }
 }
 
@@ -148,6 +153,7 @@ fn a_ticket_opens_with_sla_deadlines_from_its_channel() {
             category: Category::General,
             priority: Priority::Medium,
             at: t0(),
+            previous_ticket_id: None,
         })
         .then_expect_events(vec![opened()]);
 }
@@ -164,6 +170,7 @@ fn a_ticket_opens_once() {
             category: Category::General,
             priority: Priority::Low,
             at: t0(),
+            previous_ticket_id: None,
         })
         .then_expect_error(TicketError::AlreadyOpened);
 }
@@ -835,6 +842,8 @@ fn auto_send(response: u128, m: u128, at: DateTime<Utc>) -> TicketCommand {
         in_reply_to: Some(id(m)),
         automatic: Some(LIMIT),
         at,
+        holding: false,
+        template: None,
     }
 }
 
@@ -848,6 +857,8 @@ fn auto_sent(response: u128, m: u128, at: DateTime<Utc>) -> TicketEvent {
         in_reply_to: Some(id(m)),
         automatic: true,
         sent_at: at,
+        holding: false,
+        template: None,
     }
 }
 
@@ -968,7 +979,7 @@ fn an_escalation_marks_the_message_it_answers_as_handled() {
 }
 
 #[test]
-fn a_holding_reply_marks_its_message_handled_when_the_reason_was_already_escalated() {
+fn a_second_message_on_an_escalated_ticket_goes_to_the_person_not_the_ai() {
     let given = vec![
         opened(),
         received(1, "SM1"),
@@ -986,15 +997,25 @@ fn a_holding_reply_marks_its_message_handled_when_the_reason_was_already_escalat
             at: t0(),
         })
         .then_expect_events(vec![]);
-    // ...and the holding reply is what answers the second message.
+    // ...and the AI may not answer the second message: a person holds it.
     let at = t0() + TimeDelta::seconds(5);
     Given::with(())
         .given(given.clone())
         .when(auto_send(20, 2, at))
-        .then_expect_events(vec![auto_sent(20, 2, at)]);
-    let mut events = given;
-    events.push(auto_sent(20, 2, at));
-    assert!(state(events).is_handled(id(2)));
+        .then_expect_error(TicketError::WithHuman);
+    Given::with(())
+        .given(given)
+        .when(TicketCommand::QueueForHuman {
+            in_reply_to: id(2),
+            acknowledgement: None,
+            limit: LIMIT,
+            at,
+        })
+        .then_expect_events(vec![TicketEvent::CustomerMessageQueuedForHuman {
+            in_reply_to: id(2),
+            assignee: None,
+            queued_at: at,
+        }]);
 }
 
 #[test]
@@ -1110,6 +1131,8 @@ fn automatic_replies_are_capped_per_rolling_hour_from_the_tickets_own_events() {
             in_reply_to: Some(id(4)),
             automatic: None,
             at: minutes(30),
+            holding: false,
+            template: None,
         })
         .then_expect_events(vec![TicketEvent::ResponseSent {
             response_id: id(31),
@@ -1120,6 +1143,8 @@ fn automatic_replies_are_capped_per_rolling_hour_from_the_tickets_own_events() {
             in_reply_to: Some(id(4)),
             automatic: false,
             sent_at: minutes(30),
+            holding: false,
+            template: None,
         }]);
     // Past the cap the agent withholds and staff hear of it once.
     Given::with(())
