@@ -28,8 +28,12 @@ pub struct Loaders {
 
 impl Loaders {
     pub fn new(db: &Db) -> Self {
+        // A batch waits a little for the rest of its page's keys (a page
+        // resolves its rows concurrently, but not all in one instant).
         fn loader<L: Loader<Uuid>>(l: L) -> DataLoader<L> {
             DataLoader::new(l, tokio::spawn)
+                .delay(std::time::Duration::from_millis(2))
+                .max_batch_size(500)
         }
         Self {
             tickets: loader(TicketsById(db.clone())),

@@ -203,6 +203,7 @@ async fn execute(
     let (request, db) =
         with_request_data(request.into_inner(), &app, viewer, correlation.0.clone());
     let mut response = schema.execute(request).await;
+    explain_limits(&mut response);
     // What the operation cost: read queries it ran (batched loaders make
     // this independent of the page size).
     response.extensions.insert(
@@ -210,6 +211,24 @@ async fn execute(
         async_graphql::Value::from_json(json!({"reads": db.reads()})).unwrap_or_default(),
     );
     GraphQLResponse::from(response).into_response()
+}
+
+/// Names the limit a refused query broke, with a code clients can test.
+fn explain_limits(response: &mut async_graphql::Response) {
+    for e in &mut response.errors {
+        let (code, limit) = match e.message.as_str() {
+            "Query is nested too deep." => ("QUERY_TOO_DEEP", format!("at most {MAX_DEPTH} levels")),
+            "Query is too complex." => (
+                "QUERY_TOO_COMPLEX",
+                format!("a complexity of at most {MAX_COMPLEXITY}; ask for smaller pages or fewer nested lists"),
+            ),
+            _ => continue,
+        };
+        e.message = format!("{} It was refused before running: {limit}.", e.message);
+        e.extensions
+            .get_or_insert_with(Default::default)
+            .set("code", code);
+    }
 }
 
 /// The bearer token of a `connection_init` payload: `Authorization`

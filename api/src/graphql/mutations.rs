@@ -74,7 +74,10 @@ fn row_of(t: &TicketState) -> Option<TicketRow> {
     })
 }
 
-async fn acted(app: &AppState, result: Result<Acted, CommandError<TicketError>>) -> async_graphql::Result<Ticket> {
+async fn acted(
+    app: &AppState,
+    result: Result<Acted, CommandError<TicketError>>,
+) -> async_graphql::Result<Ticket> {
     let acted = result.map_err(refused)?;
     ticket_after(app, acted.ticket_id).await
 }
@@ -87,7 +90,9 @@ async fn approval_after(
 ) -> async_graphql::Result<Approval> {
     let db = db(ctx)?;
     let mut tx = db.begin().await.map_err(internal)?;
-    let row = reads::approval(&mut tx, approval_id).await.map_err(internal)?;
+    let row = reads::approval(&mut tx, approval_id)
+        .await
+        .map_err(internal)?;
     tx.commit().await.map_err(internal)?;
     let mut row = row.ok_or_else(|| not_found("no such approval"))?;
     decide(&mut row);
@@ -118,7 +123,9 @@ impl TicketMutation {
             .approve(id, edited_body.as_deref(), &v.sub, correlation)
             .await
             .map_err(refused)?;
-        let edited = edited_body.map(|b| b.trim().to_string()).filter(|b| !b.is_empty());
+        let edited = edited_body
+            .map(|b| b.trim().to_string())
+            .filter(|b| !b.is_empty());
         let sub = v.sub.clone();
         approval_after(ctx, id, move |a| {
             a.status = "approved".into();
@@ -169,13 +176,22 @@ impl TicketMutation {
         acted(
             app,
             app.staff
-                .assign(id, agent_id.as_ref().map(|a| a.as_str()), &v.sub, correlation)
+                .assign(
+                    id,
+                    agent_id.as_ref().map(|a| a.as_str()),
+                    &v.sub,
+                    correlation,
+                )
                 .await,
         )
         .await
     }
 
-    async fn unassign_ticket(&self, ctx: &Context<'_>, ticket_id: ID) -> async_graphql::Result<Ticket> {
+    async fn unassign_ticket(
+        &self,
+        ctx: &Context<'_>,
+        ticket_id: ID,
+    ) -> async_graphql::Result<Ticket> {
         let v = require_actor(ctx, "unassign tickets")?;
         let app = ctx.data::<AppState>()?;
         let id = self::ticket_id(&ticket_id)?;
@@ -207,7 +223,11 @@ impl TicketMutation {
         let app = ctx.data::<AppState>()?;
         let id = self::ticket_id(&ticket_id)?;
         let correlation = &ctx.data::<Correlation>()?.0;
-        acted(app, app.staff.escalate(id, &reason, &v.sub, correlation).await).await
+        acted(
+            app,
+            app.staff.escalate(id, &reason, &v.sub, correlation).await,
+        )
+        .await
     }
 
     async fn resolve_escalation(
@@ -230,12 +250,20 @@ impl TicketMutation {
     }
 
     /// Ends the hand-off: the AI answers the customer's next message.
-    async fn hand_back_to_ai(&self, ctx: &Context<'_>, ticket_id: ID) -> async_graphql::Result<Ticket> {
+    async fn hand_back_to_ai(
+        &self,
+        ctx: &Context<'_>,
+        ticket_id: ID,
+    ) -> async_graphql::Result<Ticket> {
         let v = require_actor(ctx, "hand tickets back to the AI")?;
         let app = ctx.data::<AppState>()?;
         let id = self::ticket_id(&ticket_id)?;
         let correlation = &ctx.data::<Correlation>()?.0;
-        acted(app, app.staff.hand_back_to_ai(id, &v.sub, correlation).await).await
+        acted(
+            app,
+            app.staff.hand_back_to_ai(id, &v.sub, correlation).await,
+        )
+        .await
     }
 
     async fn resolve_ticket(
@@ -257,7 +285,11 @@ impl TicketMutation {
         .await
     }
 
-    async fn reopen_ticket(&self, ctx: &Context<'_>, ticket_id: ID) -> async_graphql::Result<Ticket> {
+    async fn reopen_ticket(
+        &self,
+        ctx: &Context<'_>,
+        ticket_id: ID,
+    ) -> async_graphql::Result<Ticket> {
         let v = require_actor(ctx, "reopen tickets")?;
         let app = ctx.data::<AppState>()?;
         let id = self::ticket_id(&ticket_id)?;
@@ -280,13 +312,20 @@ impl TicketMutation {
         let app = ctx.data::<AppState>()?;
         let id = self::ticket_id(&ticket_id)?;
         let correlation = &ctx.data::<Correlation>()?.0;
-        feedback::record(&app.store, id, Some(customer), helpful, comment.as_deref(), correlation)
-            .await
-            .map_err(|e| match e {
-                FeedbackError::NotFound => not_found("no such ticket"),
-                FeedbackError::Store(e) => internal(e),
-                other => bad_input(other.to_string()),
-            })?;
+        feedback::record(
+            &app.store,
+            id,
+            Some(customer),
+            helpful,
+            comment.as_deref(),
+            correlation,
+        )
+        .await
+        .map_err(|e| match e {
+            FeedbackError::NotFound => not_found("no such ticket"),
+            FeedbackError::Store(e) => internal(e),
+            other => bad_input(other.to_string()),
+        })?;
         ticket_after(app, id).await
     }
 }
