@@ -477,7 +477,7 @@ impl UnitOfWork<'_> {
                     .await?;
                 return Ok(Committed::Written(events.len()));
             };
-            let (allowed, retry_secs): (bool, Option<f64>) = sqlx::query_as(&gated_insert_sql())
+            let (allowed, retry_secs): (bool, Option<f64>) = sqlx::query_as(gated_insert_sql())
                 .bind(&columns.aggregate_type)
                 .bind(&columns.aggregate_id)
                 .bind(&columns.sequence)
