@@ -612,16 +612,48 @@ fn trace_ids(message: &Incoming) -> (String, String) {
 /// (`false`: it stays pending and is handled again after a restart).
 async fn process<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
     let (correlation_id, causation_id) = trace_ids(message);
-    let span = tracing::info_span!(
-        "message",
-        group = %shared.group,
-        topic = %message.topic,
-        partition = message.partition,
-        offset = message.offset,
+    // The trace's span of this handling: a child of the relay's publish,
+    // whose context came in the `traceparent` header. The log span below
+    // stays the innermost one, so log lines keep their ids.
+    let handling = tracing::info_span!(
+        target: casebook_telemetry::TARGET,
+        "worker.handle",
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = %shared.group,
+        messaging.destination.name = %message.topic,
+        messaging.destination.partition.id = message.partition,
+        messaging.kafka.offset = message.offset,
         correlation_id = %correlation_id,
-        causation_id = %causation_id,
     );
-    handle_bounded(shared, message).instrument(span).await
+    casebook_telemetry::continue_from(&handling, |key| {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    });
+    let span = handling.in_scope(|| {
+        tracing::info_span!(
+            "message",
+            group = %shared.group,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            correlation_id = %correlation_id,
+            causation_id = %causation_id,
+        )
+    });
+    let settled = handle_bounded(shared, message)
+        .instrument(span)
+        .instrument(handling.clone())
+        .await;
+    if !settled {
+        handling.record("otel.status_code", "ERROR");
+    }
+    settled
 }
 
 async fn handle_bounded<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
