@@ -202,8 +202,7 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             command: KbCommand::Ingest { paths },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let kb =
-                casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
+            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
             let (mut stored, mut unchanged) = (0, 0);
             for path in paths {
                 for (file, outcome) in kb.ingest_path(&path).await? {

@@ -99,13 +99,19 @@ fn traces_config(src: &Source<'_>) -> Result<Option<TracesConfig>, ConfigError> 
     let service_name = match src.var(NAME) {
         None => DEFAULT_SERVICE_NAME.to_string(),
         Some(v) if v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()) => v,
-        Some(_) => return Err(bad(NAME, "must be 1 to 128 printable characters, no spaces")),
+        Some(_) => {
+            return Err(bad(
+                NAME,
+                "must be 1 to 128 printable characters, no spaces",
+            ))
+        }
     };
     let Some(endpoint) = src.var("OTEL_EXPORTER_OTLP_ENDPOINT") else {
         return Ok(None);
     };
     let endpoint = http_url("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)?;
-    let parsed = Url::parse(&endpoint).map_err(|e| bad("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
+    let parsed =
+        Url::parse(&endpoint).map_err(|e| bad("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
     if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
         return Err(bad(
             "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -570,7 +576,10 @@ mod tests {
             ("CASEBOOK_PROVIDER_TIMEOUT_SECS", "0"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://collector:4317"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:pw@collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://user:pw@collector:4318",
+            ),
             ("OTEL_SERVICE_NAME", "two words"),
         ];
         for (name, value) in cases {

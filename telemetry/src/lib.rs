@@ -97,7 +97,6 @@ impl TraceHeaders {
         Extractor::get(self, key)
     }
 
-
     /// The present values, by their W3C names.
     pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [
@@ -164,7 +163,10 @@ mod tests {
             let out = headers_of(&span).expect("the span has a context");
             let traceparent = out.traceparent.unwrap();
             assert!(traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
-            assert!(!traceparent.contains("b7ad6b7169203331"), "a span id of its own");
+            assert!(
+                !traceparent.contains("b7ad6b7169203331"),
+                "a span id of its own"
+            );
             assert_eq!(out.tracestate.as_deref(), Some("vendor=x"));
         });
     }
@@ -178,7 +180,10 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n",
         ] {
-            assert!(remote_context(lookup(&[(TRACEPARENT, bad)])).is_none(), "{bad:?}");
+            assert!(
+                remote_context(lookup(&[(TRACEPARENT, bad)])).is_none(),
+                "{bad:?}"
+            );
         }
         let long = format!("{PARENT}-{}", "a".repeat(200));
         assert!(remote_context(lookup(&[(TRACEPARENT, long.as_str())])).is_none());

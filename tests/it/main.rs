@@ -18,5 +18,6 @@ mod projector;
 mod ratelimit;
 mod relay;
 mod sla;
+mod tracing;
 mod whatsapp;
 mod worker;
