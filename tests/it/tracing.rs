@@ -165,6 +165,9 @@ impl Service {
             // Spans leave only when the batch is full or at shutdown: the
             // test sees them only if SIGTERM flushes the queue.
             .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+            .env_remove("LLM_BASE_URL")
+            .env_remove("LLM_API_KEY")
+            .env_remove("LLM_FALLBACK_API_KEY")
             .env_remove("OTEL_SERVICE_NAME")
             .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -380,5 +383,35 @@ async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector() {
                 "a span quotes {written:?}: {exported}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_collector_endpoint_stops_the_service_at_start_by_name() {
+    for endpoint in ["otel-collector:4318", "grpc://otel-collector:4317"] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_casebook"))
+            .args(["serve", "--role", "api"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("CASEBOOK_JWT_SECRET", JWT_SECRET)
+            .env("CASEBOOK_HTTP_ADDR", "127.0.0.1:0")
+            .env("CASEBOOK_OPS_ADDR", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("the service gives up at once")
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{endpoint}: {stderr}");
+        assert!(
+            stderr.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "{endpoint}: {stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "nothing served: {:?}",
+            output.stdout
+        );
     }
 }
