@@ -234,7 +234,11 @@ fn trace_headers(message: &BorrowedMessage<'_>) -> Option<TraceHeaders> {
     let headers = message.headers()?;
     let mut found = TraceHeaders::default();
     for header in headers.iter() {
-        let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
+        // Hostile input: anything longer than W3C allows is not even copied.
+        let value = header
+            .value
+            .filter(|v| v.len() <= 512)
+            .and_then(|v| std::str::from_utf8(v).ok());
         match header.key {
             casebook_telemetry::TRACEPARENT => found.traceparent = value.map(str::to_string),
             casebook_telemetry::TRACESTATE => found.tracestate = value.map(str::to_string),
