@@ -1,6 +1,7 @@
 //! Traces (issue 11): one web form is one trace, from the HTTP request
 //! through the event store, the relay's publish and, across Kafka, a
-//! projector's handling, exported over OTLP/HTTP to a collector fake.
+//! projector's and a delivery worker's handling, exported over OTLP/HTTP to
+//! a collector fake.
 //!
 //! Tracing is set up once per process (a global subscriber), and this test
 //! binary runs many services side by side; so the service under test is
@@ -25,6 +26,8 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
@@ -143,6 +146,8 @@ impl Service {
                 "relay",
                 "--role",
                 "projector",
+                "--role",
+                "delivery",
             ])
             .env("DATABASE_URL", db_url)
             .env("KAFKA_BROKERS", kafka_brokers())
@@ -229,12 +234,57 @@ impl Service {
     }
 }
 
+/// Waits until the delivery workers' consumer group committed past the one
+/// message of the (fresh) web-form outbound topic, the acknowledgement
+/// with the confirmation link: its worker has handled it.
+async fn delivery_finished_the_acknowledgement(config: &casebook::config::Config) {
+    let kafka = app::kafka_settings(config);
+    let topic = kafka.topics.outbound(casebook_domain::Channel::Webform);
+    let group = kafka.topics.group("delivery");
+    let partitions = kafka.partitions;
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let mut tpl = TopicPartitionList::new();
+            for partition in 0..partitions {
+                tpl.add_partition(&topic, partition);
+            }
+            let done = consumer
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .map(|committed| {
+                    committed
+                        .elements()
+                        .iter()
+                        .any(|p| matches!(p.offset(), Offset::Offset(at) if at >= 1))
+                })
+                .unwrap_or(false);
+            if done {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivery worker never finished the acknowledgement"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .unwrap();
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector() {
+async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector_and_delivery() {
     let collector = Collector::start().await;
     let db = TestDb::create().await;
     let prefix = unique_prefix();
@@ -276,6 +326,7 @@ async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector() {
         }
     })
     .await;
+    delivery_finished_the_acknowledgement(&config).await;
     assert!(
         collector.spans().is_empty(),
         "nothing is exported before the batch is due or the service stops"
@@ -310,7 +361,7 @@ async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector() {
     );
     assert_eq!(
         resource.get("casebook.role").map(String::as_str),
-        Some("api+relay+projector")
+        Some("api+relay+projector+delivery")
     );
 
     let trace: Vec<&Span> = received
@@ -373,6 +424,24 @@ async fn one_web_form_is_one_trace_from_http_through_kafka_to_a_projector() {
             .map(|s| text(&s.attributes))
             .collect::<Vec<_>>()
     );
+
+    // The delivery worker's handling of the acknowledgement is a child of
+    // a publish too (the same hop, through a worker instead of a projector).
+    let workers = named("worker.handle");
+    assert!(
+        !workers.is_empty(),
+        "no worker handling in the trace: {names:?}"
+    );
+    for worker in &workers {
+        assert!(publish_ids.contains(&worker.parent_span_id), "{names:?}");
+        assert_eq!(worker.kind, SpanKind::Consumer as i32);
+        let attributes = text(&worker.attributes);
+        assert_eq!(attributes["correlation_id"], correlation_id);
+        assert!(
+            attributes["messaging.consumer.group.name"].ends_with("delivery"),
+            "{attributes:?}"
+        );
+    }
 
     // What the customer wrote never leaves in a span.
     for r in &received {
