@@ -166,7 +166,6 @@ enum AuditCommand {
 /// 1 failure explained on stderr, 2 bad usage).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init(matches!(cli.command, Command::Serve { .. }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,14 +187,45 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env()?;
+    // Logs (and, for the service, traces when OTEL_EXPORTER_OTLP_ENDPOINT is
+    // set) start once the configuration is known to be good.
+    let telemetry = match &cli.command {
+        Command::Serve { roles } => {
+            let roles = role_label(roles);
+            crate::logging::init(true, config.traces.as_ref().map(|t| (t, roles.as_str())))?
+        }
+        _ => crate::logging::init(false, None)?,
+    };
+    let outcome = command(&config, cli).await;
+    // Queued spans go out before the process ends (graceful shutdown).
+    telemetry.shutdown().await;
+    outcome
+}
+
+/// The roles a process runs, as the `casebook.role` resource attribute:
+/// `api`, `relay+projector`, `all`.
+fn role_label(roles: &[Role]) -> String {
+    use clap::ValueEnum;
+    let names: Vec<String> = roles
+        .iter()
+        .filter_map(|r| r.to_possible_value().map(|v| v.get_name().to_string()))
+        .collect();
+    if names.is_empty() {
+        "all".into()
+    } else {
+        names.join("+")
+    }
+}
+
+async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { roles } => {
-            app::serve(&config, &roles).await?;
+            app::serve(config, &roles).await?;
         }
         Command::Migrate => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
             db::migrate(&pool).await?;
-            let kafka = app::kafka_settings(&config);
+            let kafka = app::kafka_settings(config);
             tokio::time::timeout(Duration::from_secs(30), kafka.ensure_topics())
                 .await
                 .map_err(|_| anyhow!("KAFKA_BROKERS: no answer within 30 s while creating topics"))?
@@ -209,8 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: KbCommand::Ingest { paths },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let kb =
-                casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(&config)?);
+            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
             let (mut stored, mut unchanged) = (0, 0);
             for path in paths {
                 for (file, outcome) in kb.ingest_path(&path).await? {
@@ -371,7 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Bench(args) => bench::run(&config, args).await?,
+        Command::Bench(args) => bench::run(config, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

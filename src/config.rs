@@ -84,6 +84,50 @@ pub struct Config {
     /// `CASEBOOK_SESSION_IDLE_SECS`: a session unused this long is refused
     /// with `session_expired`.
     pub session_idle_secs: u64,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_SERVICE_NAME`): where the
+    /// service sends its traces; `None` turns export off.
+    pub traces: Option<TracesConfig>,
+}
+
+/// OpenTelemetry trace export over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracesConfig {
+    /// The collector's base URL, without a trailing slash; spans go to
+    /// `<endpoint>/v1/traces`.
+    pub endpoint: String,
+    pub service_name: String,
+}
+
+pub const DEFAULT_SERVICE_NAME: &str = "casebook";
+
+fn traces_config(src: &Source<'_>) -> Result<Option<TracesConfig>, ConfigError> {
+    const NAME: &str = "OTEL_SERVICE_NAME";
+    let service_name = match src.var(NAME) {
+        None => DEFAULT_SERVICE_NAME.to_string(),
+        Some(v) if v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()) => v,
+        Some(_) => {
+            return Err(bad(
+                NAME,
+                "must be 1 to 128 printable characters, no spaces",
+            ))
+        }
+    };
+    let Some(endpoint) = src.var("OTEL_EXPORTER_OTLP_ENDPOINT") else {
+        return Ok(None);
+    };
+    let endpoint = http_url("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)?;
+    let parsed =
+        Url::parse(&endpoint).map_err(|e| bad("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
+    if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
+        return Err(bad(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "must be the collector's base URL, without credentials, query or fragment",
+        ));
+    }
+    Ok(Some(TracesConfig {
+        endpoint,
+        service_name,
+    }))
 }
 
 /// A whole-number limit setting: `default` when unset, 0 to `max`.
@@ -448,8 +492,10 @@ impl Config {
                     )
                 })?,
         };
+        let traces = traces_config(src)?;
         Ok(Self {
             session_idle_secs,
+            traces,
             worker_max_attempts,
             worker_max_retry_secs,
             provider_timeout_secs,
@@ -571,6 +617,13 @@ mod tests {
                 "TWILIO_FOLLOWUP_CONTENT_SID",
                 "SM0123456789abcdef0123456789abcdef",
             ),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://collector:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://user:pw@collector:4318",
+            ),
+            ("OTEL_SERVICE_NAME", "two words"),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -579,6 +632,28 @@ mod tests {
                 "{name}={value}"
             );
         }
+    }
+
+    #[test]
+    fn traces_are_exported_only_when_an_endpoint_is_set() {
+        assert_eq!(load(&[]).unwrap().traces, None);
+        assert_eq!(load(&[("OTEL_SERVICE_NAME", "x")]).unwrap().traces, None);
+        let c = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
+        assert_eq!(
+            c.traces,
+            Some(TracesConfig {
+                endpoint: "http://collector:4318".into(),
+                service_name: DEFAULT_SERVICE_NAME.into(),
+            })
+        );
+        let c = load(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel.example/base"),
+            ("OTEL_SERVICE_NAME", "casebook-eu"),
+        ])
+        .unwrap();
+        let traces = c.traces.unwrap();
+        assert_eq!(traces.endpoint, "https://otel.example/base");
+        assert_eq!(traces.service_name, "casebook-eu");
     }
 
     #[test]

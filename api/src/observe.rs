@@ -64,7 +64,7 @@ pub async fn correlation(mut req: Request, next: Next) -> Response {
 }
 
 /// Records latency per matched route (never per raw path, which would make
-/// one series per ticket id).
+/// one series per ticket id), and runs the request in its trace span.
 pub async fn http_metrics(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let route = req
@@ -72,12 +72,47 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
+    let span = http_span(&req, &method, &route);
     let started = Instant::now();
-    let response = next.run(req).await;
+    let response = next.run(req).instrument(span.clone()).await;
     HTTP_DURATION
         .with_label_values(&[method.as_str(), route.as_str(), response.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
+    if !span.is_disabled() {
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     response
+}
+
+/// The trace's span of one request, named after the matched route (never
+/// the raw path, which holds ids). Only the OpenTelemetry layer sees it, so
+/// log lines keep the `request` span and its correlation id. It continues
+/// the caller's trace when the request carries a well-formed W3C
+/// `traceparent`.
+fn http_span(req: &Request, method: &str, route: &str) -> tracing::Span {
+    let correlation_id = req
+        .extensions()
+        .get::<CorrelationId>()
+        .map(|c| c.0.as_str())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        target: casebook_telemetry::TARGET,
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        correlation_id,
+    );
+    casebook_telemetry::continue_from(&span, |key| {
+        req.headers().get(key).and_then(|v| v.to_str().ok())
+    });
+    span
 }
 
 #[cfg(test)]

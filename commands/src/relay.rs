@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use casebook_domain::retry::Backoff;
 use casebook_domain::topics::Topics;
 use casebook_domain::{Channel, EventEnvelope, StoredEvent};
+use casebook_telemetry::TraceHeaders;
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -272,7 +273,7 @@ impl Relay {
                 Ok(set_aside) => {
                     let (tx, last) = batch
                         .last()
-                        .map(|(tx, e)| (*tx, e.position))
+                        .map(|(tx, e, _)| (*tx, e.position))
                         .expect("non-empty batch");
                     checkpoint = Checkpoint {
                         transaction_id: tx,
@@ -379,7 +380,7 @@ impl Relay {
         Ok(())
     }
 
-    async fn fetch(&self, c: Checkpoint) -> Result<Vec<(u64, EventEnvelope)>, RelayError> {
+    async fn fetch(&self, c: Checkpoint) -> Result<Vec<Fetched>, RelayError> {
         let rows = sqlx::query(
             "SELECT transaction_id::text AS tx, position, event_id, aggregate_type, aggregate_id, sequence,
                     event_type, event_version, occurred_at, payload, metadata, hash
@@ -394,8 +395,17 @@ impl Relay {
         .bind(self.settings.batch_size)
         .fetch_all(&self.pool)
         .await?;
+        let tracing = casebook_telemetry::enabled();
         rows.iter()
-            .map(|row| Ok((parse_xid(row.try_get("tx")?)?, stored_event(row)?.into())))
+            .map(|row| {
+                let stored = stored_event(row)?;
+                let trace = if tracing {
+                    stored_trace(&stored.metadata)
+                } else {
+                    None
+                };
+                Ok((parse_xid(row.try_get("tx")?)?, stored.into(), trace))
+            })
             .collect()
     }
 
@@ -440,11 +450,20 @@ impl Relay {
     async fn publish(
         &self,
         producer: &FutureProducer,
-        batch: &[(u64, EventEnvelope)],
+        batch: &[Fetched],
     ) -> Result<Vec<SetAside>, KafkaError> {
         let mut set_aside = Vec::new();
         let mut deliveries = Vec::with_capacity(batch.len() * 2);
-        for (_, envelope) in batch {
+        // One span per event, a child of the append that stored it, ended
+        // once the batch is acknowledged; its context goes with each copy of
+        // the event as the `traceparent` (and `tracestate`) header.
+        let mut spans = Vec::new();
+        for (_, envelope, stored_trace) in batch {
+            let span = publish_span(envelope, stored_trace.as_ref());
+            let trace = casebook_telemetry::headers_of(&span);
+            if !span.is_disabled() {
+                spans.push((span, envelope.position));
+            }
             let body = serde_json::to_vec(envelope).expect("an envelope serialises");
             for (topic, key) in routes(&self.kafka.topics, envelope) {
                 let aside = |error: String| SetAside {
@@ -463,7 +482,7 @@ impl Relay {
                     )));
                     continue;
                 }
-                let headers = OwnedHeaders::new()
+                let mut headers = OwnedHeaders::new()
                     .insert(Header {
                         key: "correlation_id",
                         value: Some(envelope.correlation_id.as_bytes()),
@@ -472,6 +491,12 @@ impl Relay {
                         key: "event_type",
                         value: Some(envelope.event_type.as_bytes()),
                     });
+                for (key, value) in trace.iter().flat_map(|t| t.pairs()) {
+                    headers = headers.insert(Header {
+                        key,
+                        value: Some(value.as_bytes()),
+                    });
+                }
                 let mut record = FutureRecord::to(&topic)
                     .key(key.as_bytes())
                     .payload(&body)
@@ -510,8 +535,49 @@ impl Relay {
                 Err(_) => return Err(KafkaError::Canceled),
             }
         }
+        for (span, position) in &spans {
+            if set_aside.iter().any(|s| s.position == *position) {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         Ok(set_aside)
     }
+}
+
+/// An event read for publishing: its transaction id, its envelope, and the
+/// trace context of the append that stored it (read only with tracing on).
+type Fetched = (u64, EventEnvelope, Option<TraceHeaders>);
+
+/// The W3C context the store kept in an event's metadata.
+fn stored_trace(metadata: &serde_json::Value) -> Option<TraceHeaders> {
+    let text = |key: &str| {
+        metadata
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+    };
+    Some(TraceHeaders {
+        traceparent: Some(text(casebook_telemetry::TRACEPARENT)?),
+        tracestate: text(casebook_telemetry::TRACESTATE),
+    })
+}
+
+/// The span of one event's publication, continuing the stored trace.
+fn publish_span(envelope: &EventEnvelope, stored: Option<&TraceHeaders>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: casebook_telemetry::TARGET,
+        "relay.publish",
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        event_type = %envelope.event_type,
+        correlation_id = %envelope.correlation_id,
+    );
+    if let Some(stored) = stored {
+        casebook_telemetry::continue_from(&span, |key| stored.value(key));
+    }
+    span
 }
 
 fn parse_xid(text: String) -> Result<u64, RelayError> {

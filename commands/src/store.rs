@@ -24,6 +24,7 @@ use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEve
 use cqrs_es::{Aggregate, DomainEvent};
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::limits::{self, Decision, Gate};
 use crate::metrics;
@@ -458,9 +459,22 @@ impl UnitOfWork<'_> {
         if events.is_empty() {
             return Ok(Committed::Written(0));
         }
+        // The append's span; with export on, its W3C context goes into every
+        // event's metadata so that the relay, which publishes later, can
+        // continue the trace across Kafka.
+        let span = tracing::info_span!(
+            target: casebook_telemetry::TARGET,
+            "event_store.append",
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "postgresql",
+            correlation_id = %self.meta.correlation_id,
+            events = events.len(),
+        );
+        let trace = casebook_telemetry::headers_of(&span);
         let mut columns = Columns::with_capacity(events.len());
         for e in &events {
-            columns.push(e);
+            columns.push(e, trace.as_ref());
         }
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
@@ -496,7 +510,12 @@ impl UnitOfWork<'_> {
                 Decision::Limited { retry_after } => Committed::Limited { retry_after },
             })
         })
-        .await?;
+        .instrument(span.clone())
+        .await;
+        if committed.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        let committed = committed?;
         if gate.is_some() {
             limits::sweep_now_and_then(&pool).await;
         }
@@ -560,13 +579,19 @@ impl Columns {
         }
     }
 
-    fn push(&mut self, e: &SerializedEvent) {
+    fn push(&mut self, e: &SerializedEvent, trace: Option<&casebook_telemetry::TraceHeaders>) {
         self.aggregate_type.push(e.aggregate_type.clone());
         self.aggregate_id.push(e.aggregate_id.clone());
         self.sequence.push(e.sequence as i64);
         self.event_type.push(e.event_type.clone());
         self.event_version.push(e.event_version.clone());
         self.payload.push(e.payload.clone());
-        self.metadata.push(e.metadata.clone());
+        let mut metadata = e.metadata.clone();
+        if let (Some(trace), Some(map)) = (trace, metadata.as_object_mut()) {
+            for (key, value) in trace.pairs() {
+                map.insert(key.to_string(), value.into());
+            }
+        }
+        self.metadata.push(metadata);
     }
 }

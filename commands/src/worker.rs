@@ -612,16 +612,48 @@ fn trace_ids(message: &Incoming) -> (String, String) {
 /// (`false`: it stays pending and is handled again after a restart).
 async fn process<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
     let (correlation_id, causation_id) = trace_ids(message);
-    let span = tracing::info_span!(
-        "message",
-        group = %shared.group,
-        topic = %message.topic,
-        partition = message.partition,
-        offset = message.offset,
+    // The trace's span of this handling: a child of the relay's publish,
+    // whose context came in the `traceparent` header. The log span below
+    // stays the innermost one, so log lines keep their ids.
+    let handling = tracing::info_span!(
+        target: casebook_telemetry::TARGET,
+        "worker.handle",
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = %shared.group,
+        messaging.destination.name = %message.topic,
+        messaging.destination.partition.id = message.partition,
+        messaging.kafka.offset = message.offset,
         correlation_id = %correlation_id,
-        causation_id = %causation_id,
     );
-    handle_bounded(shared, message).instrument(span).await
+    casebook_telemetry::continue_from(&handling, |key| {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    });
+    let span = handling.in_scope(|| {
+        tracing::info_span!(
+            "message",
+            group = %shared.group,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            correlation_id = %correlation_id,
+            causation_id = %causation_id,
+        )
+    });
+    let settled = handle_bounded(shared, message)
+        .instrument(span)
+        .instrument(handling.clone())
+        .await;
+    if !settled {
+        handling.record("otel.status_code", "ERROR");
+    }
+    settled
 }
 
 async fn handle_bounded<H: Handler>(shared: &Shared<H>, message: &Incoming) -> bool {
@@ -755,6 +787,105 @@ pub async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the handler saw: the trace its own span joined, and the span
+    /// log lines get.
+    #[derive(Default)]
+    struct Probe(Mutex<Option<(Option<String>, String)>>);
+
+    #[async_trait]
+    impl Handler for Probe {
+        async fn handle(&self, _message: &Incoming) -> Result<(), HandlerError> {
+            let own = tracing::info_span!(target: casebook_telemetry::TARGET, "probe");
+            let trace = casebook_telemetry::headers_of(&own).and_then(|h| h.traceparent);
+            let log_span = tracing::Span::current()
+                .metadata()
+                .map(|m| m.name().to_string())
+                .unwrap_or_default();
+            *self.0.lock().unwrap() = Some((trace, log_span));
+            Ok(())
+        }
+    }
+
+    async fn handled_with(headers: Vec<(String, String)>) -> (Option<String>, String) {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer as _;
+
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        // As the service sets it up: logs see every span but the trace's,
+        // the OpenTelemetry layer only the trace's.
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(
+                        Targets::new()
+                            .with_default(LevelFilter::INFO)
+                            .with_target(casebook_telemetry::TARGET, LevelFilter::OFF),
+                    ),
+            )
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer("test"))
+                    .with_filter(
+                        Targets::new().with_target(casebook_telemetry::TARGET, LevelFilter::INFO),
+                    ),
+            );
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let probe = Arc::new(Probe::default());
+        let shared = Shared {
+            handler: probe.clone(),
+            // Never used: the handler succeeds, nothing is dead-lettered.
+            producer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", "127.0.0.1:9")
+                .create()
+                .unwrap(),
+            dlq: "dlq".into(),
+            group: "t.agent".into(),
+            retry: RetryPolicy::default(),
+            lanes: Semaphore::new(1),
+            stop: CancellationToken::new(),
+        };
+        let message = Incoming {
+            topic: "t.tickets.incoming".into(),
+            partition: 0,
+            offset: 7,
+            key: "k".into(),
+            payload: b"{}".to_vec(),
+            headers,
+        };
+        assert!(process(&shared, &message).await);
+        let seen = probe.0.lock().unwrap().take();
+        seen.expect("handled")
+    }
+
+    // One thread: the handler runs under this test's subscriber.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_is_handled_in_the_trace_its_traceparent_names() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (trace, log_span) = handled_with(vec![
+            ("correlation_id".into(), "c-1".into()),
+            ("traceparent".into(), parent.into()),
+        ])
+        .await;
+        let trace = trace.expect("the handling is traced");
+        assert!(
+            trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{trace}"
+        );
+        assert!(
+            !trace.contains("00f067aa0ba902b7"),
+            "a span of its own: {trace}"
+        );
+        // Log lines still get the message's span (with its ids).
+        assert_eq!(log_span, "message");
+
+        let (trace, _) = handled_with(vec![("traceparent".into(), "00-bogus".into())]).await;
+        let trace = trace.expect("the handling is traced");
+        assert!(!trace.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
 
     fn tpl(parts: &[(&str, i32)]) -> TopicPartitionList {
         let mut t = TopicPartitionList::new();

@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 use casebook_domain::retry::Backoff;
 use casebook_domain::topics::Topics;
 use casebook_domain::EventEnvelope;
+use casebook_telemetry::TraceHeaders;
 use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -114,6 +115,9 @@ impl ProjectorRunner {
         let mut pending_commit = TopicPartitionList::new();
         while !shutdown.is_cancelled() {
             let mut batch: Vec<EventEnvelope> = Vec::new();
+            // With tracing on: each event's W3C context from its headers.
+            let tracing_on = casebook_telemetry::enabled();
+            let mut parents: Vec<Option<TraceHeaders>> = Vec::new();
             let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
             let mut timeout = self.settings.poll_timeout;
             while batch.len() < self.settings.batch_max {
@@ -132,7 +136,12 @@ impl ProjectorRunner {
                             .payload()
                             .map(serde_json::from_slice::<EventEnvelope>)
                         {
-                            Some(Ok(envelope)) => batch.push(envelope),
+                            Some(Ok(envelope)) => {
+                                if tracing_on {
+                                    parents.push(trace_headers(&message));
+                                }
+                                batch.push(envelope)
+                            }
                             other => {
                                 SKIPPED.with_label_values(&[name, "unreadable"]).inc();
                                 tracing::error!(projector = name, partition = message.partition(),
@@ -159,6 +168,7 @@ impl ProjectorRunner {
                     next_offset: *next,
                 })
                 .collect();
+            let spans = handling_spans(name, &batch, &parents);
             let mut attempt = 0;
             let applied = loop {
                 attempt += 1;
@@ -187,6 +197,12 @@ impl ProjectorRunner {
                     }
                 }
             };
+            if applied.is_none() {
+                for span in &spans {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            drop(spans);
             if applied.is_some() {
                 for c in &consumed {
                     let _ = pending_commit.add_partition_offset(
@@ -211,6 +227,55 @@ impl ProjectorRunner {
         tracing::info!(projector = name, "projector stopped");
         Ok(())
     }
+}
+
+/// The W3C trace context a message carries in its headers, if any.
+fn trace_headers(message: &BorrowedMessage<'_>) -> Option<TraceHeaders> {
+    let headers = message.headers()?;
+    let mut found = TraceHeaders::default();
+    for header in headers.iter() {
+        // Hostile input: anything longer than W3C allows is not even copied.
+        let value = header
+            .value
+            .filter(|v| v.len() <= 512)
+            .and_then(|v| std::str::from_utf8(v).ok());
+        match header.key {
+            casebook_telemetry::TRACEPARENT => found.traceparent = value.map(str::to_string),
+            casebook_telemetry::TRACESTATE => found.tracestate = value.map(str::to_string),
+            _ => {}
+        }
+    }
+    found.traceparent.is_some().then_some(found)
+}
+
+/// One span per event of the batch, each a child of the relay's publish of
+/// that event; they end once the batch is committed. None with tracing off.
+fn handling_spans(
+    projector: &'static str,
+    batch: &[EventEnvelope],
+    parents: &[Option<TraceHeaders>],
+) -> Vec<tracing::Span> {
+    batch
+        .iter()
+        .zip(parents)
+        .map(|(event, parent)| {
+            let span = tracing::info_span!(
+                target: casebook_telemetry::TARGET,
+                "projector.handle",
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "kafka",
+                messaging.operation.type = "process",
+                projector,
+                event_type = %event.event_type,
+                correlation_id = %event.correlation_id,
+            );
+            if let Some(parent) = parent {
+                casebook_telemetry::continue_from(&span, |key| parent.value(key));
+            }
+            span
+        })
+        .collect()
 }
 
 async fn observe_lag(pool: &PgPool, projector: &'static str) {

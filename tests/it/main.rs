@@ -24,5 +24,6 @@ mod sessions;
 mod sla;
 mod status_link;
 mod status_page;
+mod tracing;
 mod whatsapp;
 mod worker;
