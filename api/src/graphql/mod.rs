@@ -271,7 +271,9 @@ async fn websocket(
                     let viewer = authenticate(&app, &token).await.map_err(|r| {
                         async_graphql::Error::new(format!("{}: {}", r.code, r.message))
                     })?;
-                    Ok(request_data(&app, viewer, correlation.0).0)
+                    let mut data = request_data(&app, viewer, correlation.0).0;
+                    data.insert(subscriptions::SessionToken(token));
+                    Ok(data)
                 })
                 .serve()
         })

@@ -23,6 +23,36 @@ use super::tickets::Ticket;
 
 /// Events a slow subscriber may fall behind by before it skips some.
 const BACKLOG: usize = 4096;
+/// How often an open subscription checks its session again: a revoked,
+/// disabled or idle-expired session ends its subscriptions within this.
+const SESSION_RECHECK: Duration = Duration::from_secs(60);
+
+/// The bearer token a subscription connection was opened with.
+#[derive(Clone)]
+pub struct SessionToken(pub String);
+
+/// Ends `stream` once the connection's session is no longer valid.
+fn while_signed_in<S: Stream>(ctx: &Context<'_>, stream: S) -> impl Stream<Item = S::Item> {
+    let app = ctx.data::<crate::state::AppState>().ok().cloned();
+    let token = ctx.data::<SessionToken>().ok().cloned();
+    let revoked = async move {
+        match (app, token) {
+            (Some(app), Some(SessionToken(token))) => loop {
+                tokio::time::sleep(SESSION_RECHECK).await;
+                if let Err(e) = app.sessions.authenticate(&token).await {
+                    tracing::info!(
+                        code = e.code(),
+                        "subscription ended: the session is no longer valid"
+                    );
+                    break;
+                }
+            },
+            // Not a connection with a session (the schema run directly).
+            _ => futures::future::pending::<()>().await,
+        }
+    };
+    stream.take_until(Box::pin(revoked))
+}
 
 /// The process's one listener and its fan-out.
 pub struct LiveHub {
@@ -249,7 +279,7 @@ impl LiveSubscription {
         let receiver = hub.subscribe().await.map_err(internal)?;
         let key = id.to_string();
         let staff = v.is_staff();
-        Ok(events(receiver).filter_map(move |e| {
+        Ok(while_signed_in(ctx, events(receiver)).filter_map(move |e| {
             let item = (e.aggregate_type == "ticket" && e.aggregate_id == key)
                 .then(|| {
                     let payload = if staff {
@@ -273,7 +303,7 @@ impl LiveSubscription {
         require_staff(ctx, "follow the queues")?;
         let hub = ctx.data::<Arc<LiveHub>>()?;
         let receiver = hub.subscribe().await.map_err(internal)?;
-        Ok(events(receiver).filter_map(|e| {
+        Ok(while_signed_in(ctx, events(receiver)).filter_map(|e| {
             let item = (e.aggregate_type == "ticket" && changes_queues(&e.event_type))
                 .then(|| e.aggregate_id.parse().ok())
                 .flatten()
