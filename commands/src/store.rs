@@ -38,6 +38,20 @@ pub(crate) const CONFLICT_BACKOFF: Backoff =
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
+/// Binds the seven column arrays as $1–$7.
+macro_rules! bind_columns {
+    ($query:expr, $c:expr) => {
+        $query
+            .bind(&$c.aggregate_type)
+            .bind(&$c.aggregate_id)
+            .bind(&$c.sequence)
+            .bind(&$c.event_type)
+            .bind(&$c.event_version)
+            .bind(&$c.payload)
+            .bind(&$c.metadata)
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("another writer changed the stream first")]
@@ -479,32 +493,22 @@ impl UnitOfWork<'_> {
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
             let Some(gate) = gate else {
-                sqlx::query(&format!("{INSERT_EVENTS} ORDER BY t.n"))
-                    .bind(&columns.aggregate_type)
-                    .bind(&columns.aggregate_id)
-                    .bind(&columns.sequence)
-                    .bind(&columns.event_type)
-                    .bind(&columns.event_version)
-                    .bind(&columns.payload)
-                    .bind(&columns.metadata)
-                    .execute(&pool)
-                    .await?;
+                bind_columns!(
+                    sqlx::query(&format!("{INSERT_EVENTS} ORDER BY t.n")),
+                    columns
+                )
+                .execute(&pool)
+                .await?;
                 return Ok(Committed::Written(events.len()));
             };
-            let (allowed, retry_secs): (bool, Option<f64>) = sqlx::query_as(gated_insert_sql())
-                .bind(&columns.aggregate_type)
-                .bind(&columns.aggregate_id)
-                .bind(&columns.sequence)
-                .bind(&columns.event_type)
-                .bind(&columns.event_version)
-                .bind(&columns.payload)
-                .bind(&columns.metadata)
-                .bind(gate.scope)
-                .bind(&gate.key)
-                .bind(gate.window_secs())
-                .bind(i64::from(gate.limit.max))
-                .fetch_one(&pool)
-                .await?;
+            let (allowed, retry_secs): (bool, Option<f64>) =
+                bind_columns!(sqlx::query_as(gated_insert_sql()), columns)
+                    .bind(gate.scope)
+                    .bind(&gate.key)
+                    .bind(gate.window_secs())
+                    .bind(i64::from(gate.limit.max))
+                    .fetch_one(&pool)
+                    .await?;
             Ok(match gate.decision(allowed, retry_secs) {
                 Decision::Allowed => Committed::Written(events.len()),
                 Decision::Limited { retry_after } => Committed::Limited { retry_after },

@@ -166,22 +166,6 @@ fn request_data(app: &AppState, viewer: Viewer, correlation: String) -> (Data, D
     (data, db)
 }
 
-/// The same, on a request.
-fn with_request_data(
-    request: async_graphql::Request,
-    app: &AppState,
-    viewer: Viewer,
-    correlation: String,
-) -> (async_graphql::Request, Db) {
-    let db = Db::new(app.pool.clone(), viewer.clone());
-    let request = request
-        .data(Loaders::new(&db))
-        .data(db.clone())
-        .data(viewer)
-        .data(mutations::Correlation(correlation));
-    (request, db)
-}
-
 async fn execute(
     State(app): State<AppState>,
     Extension(schema): Extension<CasebookSchema>,
@@ -200,8 +184,9 @@ async fn execute(
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
-    let (request, db) =
-        with_request_data(request.into_inner(), &app, viewer, correlation.0.clone());
+    let (data, db) = request_data(&app, viewer, correlation.0.clone());
+    let mut request = request.into_inner();
+    request.data = data;
     let mut response = schema.execute(request).await;
     explain_limits(&mut response);
     // What the operation cost: read queries it ran (batched loaders make

@@ -99,6 +99,23 @@ async fn approval_after(
     Ok(Approval(row))
 }
 
+/// Who acts, on what service, under which correlation id.
+struct Act<'a> {
+    app: &'a AppState,
+    sub: &'a str,
+    correlation: &'a str,
+}
+
+/// The caller as an actor: agents and supervisors only.
+fn act<'a>(ctx: &'a Context<'_>, what: &str) -> async_graphql::Result<Act<'a>> {
+    let v = require_actor(ctx, what)?;
+    Ok(Act {
+        app: ctx.data::<AppState>()?,
+        sub: &v.sub,
+        correlation: &ctx.data::<Correlation>()?.0,
+    })
+}
+
 fn ticket_id(id: &ID) -> async_graphql::Result<Uuid> {
     uuid_arg(id, "ticketId")
 }
@@ -115,18 +132,17 @@ impl TicketMutation {
         approval_id: ID,
         edited_body: Option<String>,
     ) -> async_graphql::Result<Approval> {
-        let v = require_actor(ctx, "approve responses")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "approve responses")?;
         let id = uuid_arg(&approval_id, "approvalId")?;
-        let correlation = &ctx.data::<Correlation>()?.0;
-        app.staff
-            .approve(id, edited_body.as_deref(), &v.sub, correlation)
+        a.app
+            .staff
+            .approve(id, edited_body.as_deref(), a.sub, a.correlation)
             .await
             .map_err(refused)?;
         let edited = edited_body
             .map(|b| b.trim().to_string())
             .filter(|b| !b.is_empty());
-        let sub = v.sub.clone();
+        let sub = a.sub.to_string();
         approval_after(ctx, id, move |a| {
             a.status = "approved".into();
             a.edited_body = edited;
@@ -143,15 +159,14 @@ impl TicketMutation {
         approval_id: ID,
         reason: String,
     ) -> async_graphql::Result<Approval> {
-        let v = require_actor(ctx, "reject responses")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "reject responses")?;
         let id = uuid_arg(&approval_id, "approvalId")?;
-        let correlation = &ctx.data::<Correlation>()?.0;
-        app.staff
-            .reject(id, &reason, &v.sub, correlation)
+        a.app
+            .staff
+            .reject(id, &reason, a.sub, a.correlation)
             .await
             .map_err(refused)?;
-        let sub = v.sub.clone();
+        let sub = a.sub.to_string();
         approval_after(ctx, id, move |a| {
             a.status = "rejected".into();
             a.reason = Some(reason.trim().to_string());
@@ -169,18 +184,17 @@ impl TicketMutation {
         ticket_id: ID,
         agent_id: Option<ID>,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "assign tickets")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "assign tickets")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
         acted(
-            app,
-            app.staff
+            a.app,
+            a.app
+                .staff
                 .assign(
                     id,
-                    agent_id.as_ref().map(|a| a.as_str()),
-                    &v.sub,
-                    correlation,
+                    agent_id.as_ref().map(|agent| agent.as_str()),
+                    a.sub,
+                    a.correlation,
                 )
                 .await,
         )
@@ -192,11 +206,9 @@ impl TicketMutation {
         ctx: &Context<'_>,
         ticket_id: ID,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "unassign tickets")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "unassign tickets")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
-        acted(app, app.staff.unassign(id, &v.sub, correlation).await).await
+        acted(a.app, a.app.staff.unassign(id, a.sub, a.correlation).await).await
     }
 
     /// A person's reply, formatted for the ticket's channel and delivered.
@@ -206,11 +218,13 @@ impl TicketMutation {
         ticket_id: ID,
         body: String,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "reply to customers")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "reply to customers")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
-        acted(app, app.staff.reply(id, &body, &v.sub, correlation).await).await
+        acted(
+            a.app,
+            a.app.staff.reply(id, &body, a.sub, a.correlation).await,
+        )
+        .await
     }
 
     async fn escalate_ticket(
@@ -219,13 +233,14 @@ impl TicketMutation {
         ticket_id: ID,
         reason: String,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "escalate tickets")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "escalate tickets")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
         acted(
-            app,
-            app.staff.escalate(id, &reason, &v.sub, correlation).await,
+            a.app,
+            a.app
+                .staff
+                .escalate(id, &reason, a.sub, a.correlation)
+                .await,
         )
         .await
     }
@@ -236,14 +251,13 @@ impl TicketMutation {
         escalation_id: ID,
         note: Option<String>,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "resolve escalations")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "resolve escalations")?;
         let id = uuid_arg(&escalation_id, "escalationId")?;
-        let correlation = &ctx.data::<Correlation>()?.0;
         acted(
-            app,
-            app.staff
-                .resolve_escalation(id, note.as_deref(), &v.sub, correlation)
+            a.app,
+            a.app
+                .staff
+                .resolve_escalation(id, note.as_deref(), a.sub, a.correlation)
                 .await,
         )
         .await
@@ -255,13 +269,11 @@ impl TicketMutation {
         ctx: &Context<'_>,
         ticket_id: ID,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "hand tickets back to the AI")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "hand tickets back to the AI")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
         acted(
-            app,
-            app.staff.hand_back_to_ai(id, &v.sub, correlation).await,
+            a.app,
+            a.app.staff.hand_back_to_ai(id, a.sub, a.correlation).await,
         )
         .await
     }
@@ -272,14 +284,13 @@ impl TicketMutation {
         ticket_id: ID,
         note: Option<String>,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "resolve tickets")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "resolve tickets")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
         acted(
-            app,
-            app.staff
-                .resolve(id, note.as_deref(), &v.sub, correlation)
+            a.app,
+            a.app
+                .staff
+                .resolve(id, note.as_deref(), a.sub, a.correlation)
                 .await,
         )
         .await
@@ -290,11 +301,9 @@ impl TicketMutation {
         ctx: &Context<'_>,
         ticket_id: ID,
     ) -> async_graphql::Result<Ticket> {
-        let v = require_actor(ctx, "reopen tickets")?;
-        let app = ctx.data::<AppState>()?;
+        let a = act(ctx, "reopen tickets")?;
         let id = self::ticket_id(&ticket_id)?;
-        let correlation = &ctx.data::<Correlation>()?.0;
-        acted(app, app.staff.reopen(id, &v.sub, correlation).await).await
+        acted(a.app, a.app.staff.reopen(id, a.sub, a.correlation).await).await
     }
 
     /// "Was this helpful?": the ticket's customer only.
@@ -310,8 +319,8 @@ impl TicketMutation {
             return Err(super::context::forbidden("give a customer's feedback"));
         };
         let app = ctx.data::<AppState>()?;
-        let id = self::ticket_id(&ticket_id)?;
         let correlation = &ctx.data::<Correlation>()?.0;
+        let id = self::ticket_id(&ticket_id)?;
         feedback::record(
             &app.store,
             id,
