@@ -1,4 +1,8 @@
-//! Splitting knowledge base documents into overlapping chunks.
+//! Splitting knowledge base documents into chunks: by Markdown section
+//! ([`sections`], what the knowledge base stores) or by overlapping word
+//! windows ([`chunk`]); and fusing rankings ([`reciprocal_rank_fusion`]).
+
+use std::collections::HashMap;
 
 /// One chunk of a document: its text, prefixed with the document's title so
 /// that its embedding carries the topic.
@@ -65,9 +69,319 @@ fn flush<'a>(current: &mut Vec<&'a str>, chunks: &mut Vec<Vec<&'a str>>, overlap
     chunks.push(std::mem::replace(current, tail));
 }
 
+/// Separates the parts of a heading path.
+pub const HEADING_SEPARATOR: &str = " › ";
+/// A block (a paragraph, a whole list, a code block) longer than this many
+/// times the chunk size is split between its lines after all.
+const MAX_BLOCK_FACTOR: usize = 4;
+
+/// One section of an article, or a part of a long one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub ordinal: usize,
+    /// The heading path: "Title › Section › Subsection".
+    pub heading: String,
+    /// The section's Markdown, headings excluded; lists and code blocks
+    /// are never split (unless absurdly long).
+    pub text: String,
+}
+
+impl Section {
+    /// What is embedded: the heading path, then the text without Markdown.
+    pub fn embedding_text(&self) -> String {
+        format!(
+            "{}\n{}",
+            self.heading,
+            crate::markdown::to_plain(&self.text)
+        )
+    }
+}
+
+fn heading_of(line: &str) -> Option<(usize, &str)> {
+    let trimmed = line.trim_start();
+    if line.len() - trimmed.len() > 3 {
+        return None;
+    }
+    let level = trimmed.chars().take_while(|c| *c == '#').count();
+    if !(1..=6).contains(&level) {
+        return None;
+    }
+    let rest = &trimmed[level..];
+    if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    Some((level, rest.trim().trim_end_matches('#').trim()))
+}
+
+fn is_fence(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("```") || t.starts_with("~~~")
+}
+
+/// A line that belongs to the list before it (an item, or indented).
+fn continues_list(block: &str) -> bool {
+    let t = block.trim_start();
+    let indented = block.starts_with([' ', '\t']);
+    let bullet = t.starts_with("- ") || t.starts_with("* ") || t.starts_with("+ ");
+    let numbered = {
+        let digits = t.chars().take_while(char::is_ascii_digit).count();
+        digits > 0 && digits < 10 && t[digits..].starts_with(['.', ')'])
+    };
+    indented || bullet || numbered
+}
+
+/// Splits Markdown at its headings. `title` heads every path (a first `#`
+/// heading equal to it is not repeated). Text before the first heading is
+/// the title's own section. A section longer than `max_words` is cut
+/// between blocks; a list with its items, a code block or a paragraph
+/// stays whole.
+pub fn sections(title: &str, markdown: &str, max_words: usize) -> Vec<Section> {
+    let max_words = max_words.max(1);
+    let title = title.trim();
+    let mut path: Vec<(usize, String)> = Vec::new();
+    let mut raw: Vec<(String, Vec<String>)> = Vec::new();
+    let mut blocks: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut in_fence = false;
+    let heading_path = |path: &[(usize, String)]| {
+        std::iter::once(title.to_string())
+            .chain(path.iter().map(|(_, h)| h.clone()))
+            .collect::<Vec<_>>()
+            .join(HEADING_SEPARATOR)
+    };
+    let end_block = |current: &mut String, blocks: &mut Vec<String>| {
+        let block = std::mem::take(current);
+        if block.trim().is_empty() {
+            return;
+        }
+        // A list's items, or a paragraph inside a list, join the list.
+        match blocks.last_mut() {
+            Some(last) if continues_list(&block) && continues_list(last) => {
+                last.push_str("\n\n");
+                last.push_str(block.trim_end());
+            }
+            _ => blocks.push(block.trim_end().to_string()),
+        }
+    };
+    for line in markdown.lines() {
+        if in_fence {
+            current.push_str(line);
+            current.push('\n');
+            if is_fence(line) {
+                in_fence = false;
+            }
+            continue;
+        }
+        if is_fence(line) {
+            in_fence = true;
+            current.push_str(line);
+            current.push('\n');
+            continue;
+        }
+        if let Some((level, text)) = heading_of(line) {
+            end_block(&mut current, &mut blocks);
+            if !blocks.is_empty() {
+                raw.push((heading_path(&path), std::mem::take(&mut blocks)));
+            }
+            if level == 1 && raw.is_empty() && path.is_empty() && text == title {
+                continue;
+            }
+            path.retain(|(l, _)| *l < level);
+            if !text.is_empty() {
+                path.push((level, text.to_string()));
+            }
+            continue;
+        }
+        if line.trim().is_empty() {
+            end_block(&mut current, &mut blocks);
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    end_block(&mut current, &mut blocks);
+    if !blocks.is_empty() {
+        raw.push((heading_path(&path), blocks));
+    }
+    let mut out = Vec::new();
+    for (heading, blocks) in raw {
+        let mut part: Vec<String> = Vec::new();
+        let mut words = 0;
+        for block in blocks {
+            for piece in split_long_block(&block, max_words * MAX_BLOCK_FACTOR) {
+                let n = piece.split_whitespace().count();
+                if words > 0 && words + n > max_words {
+                    out.push((heading.clone(), part.join("\n\n")));
+                    part.clear();
+                    words = 0;
+                }
+                part.push(piece);
+                words += n;
+            }
+        }
+        if !part.is_empty() {
+            out.push((heading, part.join("\n\n")));
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(ordinal, (heading, text))| Section {
+            ordinal,
+            heading,
+            text,
+        })
+        .collect()
+}
+
+/// A block within `limit` words is one piece; a longer one is cut between
+/// lines (a single longer line between words).
+fn split_long_block(block: &str, limit: usize) -> Vec<String> {
+    if block.split_whitespace().count() <= limit {
+        return vec![block.to_string()];
+    }
+    let mut pieces = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    let mut words = 0;
+    for line in block.lines() {
+        let n = line.split_whitespace().count();
+        if n > limit {
+            if !current.is_empty() {
+                pieces.push(current.join("\n"));
+                current.clear();
+                words = 0;
+            }
+            let all: Vec<&str> = line.split_whitespace().collect();
+            pieces.extend(all.chunks(limit).map(|c| c.join(" ")));
+            continue;
+        }
+        if words + n > limit && !current.is_empty() {
+            pieces.push(current.join("\n"));
+            current.clear();
+            words = 0;
+        }
+        current.push(line);
+        words += n;
+    }
+    if !current.is_empty() {
+        pieces.push(current.join("\n"));
+    }
+    pieces
+}
+
+/// The constant of reciprocal rank fusion (Cormack et al.): a result's
+/// fused score is the sum over rankings of 1 / (k + rank), rank from 1.
+pub const RRF_K: f64 = 60.0;
+
+/// Fuses rankings (each best first) into one, best first; ties keep the
+/// order in which an id was first seen.
+pub fn reciprocal_rank_fusion<'a>(rankings: &[&'a [String]], k: f64) -> Vec<(&'a str, f64)> {
+    let mut scores: HashMap<&str, (f64, usize)> = HashMap::new();
+    let mut seen = 0;
+    for ranking in rankings {
+        let mut counted = std::collections::HashSet::new();
+        for (i, id) in ranking.iter().enumerate() {
+            if !counted.insert(id.as_str()) {
+                continue;
+            }
+            let entry = scores.entry(id.as_str()).or_insert_with(|| {
+                seen += 1;
+                (0.0, seen)
+            });
+            entry.0 += 1.0 / (k + (i + 1) as f64);
+        }
+    }
+    let mut fused: Vec<(&str, f64, usize)> =
+        scores.into_iter().map(|(id, (s, o))| (id, s, o)).collect();
+    fused.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
+    fused.into_iter().map(|(id, s, _)| (id, s)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EXPORT: &str = "# How do I export my project data?\n\nYou can export a project.\n\n## Export a project\n\n1. Open the project.\n2. Choose a format:\n   - **CSV**: one row per task.\n   - **JSON**: everything.\n3. Select **Start export**.\n\n## Errors\n\n### Export timed out\n\n```\n# not a heading\n```\n\nTry again.\n";
+
+    #[test]
+    fn sections_follow_the_headings_with_their_path() {
+        let s = sections("How do I export my project data?", EXPORT, 200);
+        let headings: Vec<&str> = s.iter().map(|s| s.heading.as_str()).collect();
+        assert_eq!(
+            headings,
+            [
+                "How do I export my project data?",
+                "How do I export my project data? › Export a project",
+                "How do I export my project data? › Errors › Export timed out",
+            ]
+        );
+        assert_eq!(s[0].text, "You can export a project.");
+        assert_eq!(
+            s[1].text,
+            "1. Open the project.\n2. Choose a format:\n   - **CSV**: one row per task.\n   - **JSON**: everything.\n3. Select **Start export**."
+        );
+        assert_eq!(s[2].text, "```\n# not a heading\n```\n\nTry again.");
+        assert_eq!(s.iter().map(|s| s.ordinal).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(s[1].embedding_text().starts_with(
+            "How do I export my project data? › Export a project\n1. Open the project."
+        ));
+    }
+
+    #[test]
+    fn a_long_section_is_cut_between_blocks_and_keeps_its_lists() {
+        let list: String = (1..=8)
+            .map(|i| format!("{i}. step number {i} of the list\n\n"))
+            .collect();
+        let para = "word ".repeat(30);
+        let body = format!("## Long\n\n{para}\n\n{list}{para}");
+        let s = sections("T", &body, 40);
+        assert!(s.len() >= 3, "{s:#?}");
+        for part in &s {
+            assert_eq!(part.heading, "T › Long");
+        }
+        let with_list: Vec<&Section> = s.iter().filter(|p| p.text.contains("1. step")).collect();
+        assert_eq!(with_list.len(), 1);
+        assert!(
+            with_list[0].text.contains("8. step number 8"),
+            "the list stays whole"
+        );
+        let all: usize = s.iter().map(|p| p.text.split_whitespace().count()).sum();
+        assert_eq!(
+            all,
+            body.split_whitespace().count() - 2,
+            "only the heading is left out"
+        );
+    }
+
+    #[test]
+    fn an_absurd_block_is_still_bounded() {
+        let body = "x ".repeat(10_000);
+        let s = sections("T", &body, 50);
+        assert!(s.iter().all(|p| p.text.split_whitespace().count() <= 200));
+        assert_eq!(
+            s.iter()
+                .map(|p| p.text.split_whitespace().count())
+                .sum::<usize>(),
+            10_000
+        );
+    }
+
+    #[test]
+    fn rank_fusion_rewards_agreement() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let vector = ids(&["a", "b", "c"]);
+        let text = ids(&["b", "d", "a"]);
+        let fused = reciprocal_rank_fusion(&[&vector, &text], RRF_K);
+        let order: Vec<&str> = fused.iter().map(|f| f.0).collect();
+        // b: second and first; a: first and third; d: second; c: third.
+        assert_eq!(order, ["b", "a", "d", "c"]);
+        assert!((fused[0].1 - (1.0 / 62.0 + 1.0 / 61.0)).abs() < 1e-12);
+        assert!((fused[3].1 - 1.0 / 63.0).abs() < 1e-12);
+        // One ranking alone keeps its order; duplicates count once.
+        let dup = ids(&["x", "x", "y"]);
+        let alone = reciprocal_rank_fusion(&[&dup], RRF_K);
+        assert_eq!(alone.iter().map(|f| f.0).collect::<Vec<_>>(), ["x", "y"]);
+        assert!(reciprocal_rank_fusion(&[], RRF_K).is_empty());
+    }
 
     #[test]
     fn a_short_document_is_one_chunk_with_its_title() {
