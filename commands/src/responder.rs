@@ -11,9 +11,10 @@ use casebook_domain::Channel;
 
 use crate::knowledge::Passage;
 
-/// How much more similar to the question the best section must be than the
-/// best one of another article before the responder picks it without
-/// asking.
+/// How much the similarities of the best section and of the best one of
+/// another article must differ before the responder picks the first
+/// without asking. (A rival ranked lower though more similar lost on the
+/// question's words: the ranking decided.)
 pub const AMBIGUITY_MARGIN: f64 = 0.01;
 
 /// Words of the section an answer carries at most, per channel.
@@ -96,7 +97,7 @@ pub fn respond(passages: &[&Passage], channel: Channel) -> Option<LocalAnswer> {
     let rival = passages
         .iter()
         .find(|p| p.document_id != best.document_id)
-        .filter(|p| p.score > best.score - AMBIGUITY_MARGIN);
+        .filter(|p| (p.score - best.score).abs() < AMBIGUITY_MARGIN);
     if let Some(rival) = rival {
         return Some(LocalAnswer::Clarify {
             body: format!(
@@ -179,6 +180,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A rival ranked lower though much more similar lost on words.
+        let far = passage("c", "Import", "Import from CSV", "Text.", 0.75);
+        assert!(matches!(
+            respond(&[&a, &far], Channel::Email),
+            Some(LocalAnswer::Answer { .. })
+        ));
         // Another section of the same article is no rival.
         assert!(matches!(
             respond(&[&a, &same], Channel::Whatsapp),

@@ -275,9 +275,19 @@ pub const RRF_K: f64 = 60.0;
 /// Fuses rankings (each best first) into one, best first; ties keep the
 /// order in which an id was first seen.
 pub fn reciprocal_rank_fusion<'a>(rankings: &[&'a [String]], k: f64) -> Vec<(&'a str, f64)> {
+    let weighted: Vec<(&[String], f64)> = rankings.iter().map(|r| (*r, 1.0)).collect();
+    weighted_reciprocal_rank_fusion(&weighted, k)
+}
+
+/// As [`reciprocal_rank_fusion`], each ranking's terms multiplied by its
+/// weight.
+pub fn weighted_reciprocal_rank_fusion<'a>(
+    rankings: &[(&'a [String], f64)],
+    k: f64,
+) -> Vec<(&'a str, f64)> {
     let mut scores: HashMap<&str, (f64, usize)> = HashMap::new();
     let mut seen = 0;
-    for ranking in rankings {
+    for (ranking, weight) in rankings {
         let mut counted = std::collections::HashSet::new();
         for (i, id) in ranking.iter().enumerate() {
             if !counted.insert(id.as_str()) {
@@ -287,7 +297,7 @@ pub fn reciprocal_rank_fusion<'a>(rankings: &[&'a [String]], k: f64) -> Vec<(&'a
                 seen += 1;
                 (0.0, seen)
             });
-            entry.0 += 1.0 / (k + (i + 1) as f64);
+            entry.0 += weight / (k + (i + 1) as f64);
         }
     }
     let mut fused: Vec<(&str, f64, usize)> =
@@ -296,9 +306,230 @@ pub fn reciprocal_rank_fusion<'a>(rankings: &[&'a [String]], k: f64) -> Vec<(&'a
     fused.into_iter().map(|(id, s, _)| (id, s)).collect()
 }
 
+/// One question of an evaluation set: which split it belongs to, the
+/// article that answers it (None: none does, it is a knowledge gap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalQuestion {
+    pub split: EvalSplit,
+    pub expected: Option<String>,
+    pub question: String,
+}
+
+/// Thresholds are tuned on one split, figures reported on the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSplit {
+    Tune,
+    Report,
+}
+
+/// Reads an evaluation set: lines `split<TAB>expected<TAB>question`
+/// (`expected` is a document id or `-`); `#` lines are comments. Bounded:
+/// at most 10,000 questions of at most 2,000 characters.
+pub fn parse_eval(text: &str) -> Result<Vec<EvalQuestion>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(3, '\t');
+        let (Some(split), Some(expected), Some(question)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(format!("line {}: expected three tab-separated fields", i + 1));
+        };
+        let split = match split {
+            "tune" => EvalSplit::Tune,
+            "report" => EvalSplit::Report,
+            other => return Err(format!("line {}: unknown split {other:?}", i + 1)),
+        };
+        let question = question.trim();
+        if question.is_empty() || question.chars().count() > 2_000 {
+            return Err(format!("line {}: a question of 1 to 2,000 characters", i + 1));
+        }
+        out.push(EvalQuestion {
+            split,
+            expected: Some(expected.trim())
+                .filter(|e| *e != "-" && !e.is_empty())
+                .map(str::to_string),
+            question: question.to_string(),
+        });
+        if out.len() > 10_000 {
+            return Err("more than 10,000 questions".into());
+        }
+    }
+    Ok(out)
+}
+
+/// What retrieval returned for one question: the documents of the ranked
+/// passages (best first, repeats allowed) and the best similarity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub expected: Option<String>,
+    pub ranked_documents: Vec<String>,
+    pub top_similarity: f64,
+}
+
+/// Retrieval figures at a relevance threshold. A question whose best
+/// similarity is under the threshold is called a knowledge gap (and is a
+/// miss for hit@k and MRR when it has an answer).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RetrievalScores {
+    pub questions: usize,
+    pub answerable: usize,
+    pub unanswerable: usize,
+    pub hit_at_1: f64,
+    pub hit_at_3: f64,
+    pub mrr: f64,
+    pub gap_precision: f64,
+    pub gap_recall: f64,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+pub fn retrieval_scores(judged: &[Judged], threshold: f64) -> RetrievalScores {
+    let (mut hit1, mut hit3, mut rr) = (0usize, 0usize, 0.0);
+    let (mut gaps_called, mut gaps_right) = (0usize, 0usize);
+    let answerable = judged.iter().filter(|j| j.expected.is_some()).count();
+    for j in judged {
+        let gap = j.top_similarity < threshold;
+        if gap {
+            gaps_called += 1;
+            gaps_right += usize::from(j.expected.is_none());
+        }
+        let Some(expected) = &j.expected else {
+            continue;
+        };
+        if gap {
+            continue;
+        }
+        let mut documents: Vec<&str> = Vec::new();
+        for d in &j.ranked_documents {
+            if !documents.contains(&d.as_str()) {
+                documents.push(d);
+            }
+        }
+        if let Some(rank) = documents.iter().position(|d| d == expected) {
+            hit1 += usize::from(rank == 0);
+            hit3 += usize::from(rank < 3);
+            rr += 1.0 / (rank + 1) as f64;
+        }
+    }
+    let unanswerable = judged.len() - answerable;
+    RetrievalScores {
+        questions: judged.len(),
+        answerable,
+        unanswerable,
+        hit_at_1: ratio(hit1, answerable),
+        hit_at_3: ratio(hit3, answerable),
+        mrr: if answerable == 0 { 0.0 } else { rr / answerable as f64 },
+        gap_precision: ratio(gaps_right, gaps_called),
+        gap_recall: ratio(gaps_right, unanswerable),
+    }
+}
+
+/// The relevance threshold that best separates answerable questions from
+/// gaps on `judged`: the best similarity of some question, maximising the
+/// mean of gap recall and the share of answerable questions kept (ties: the
+/// lower threshold, which answers more).
+pub fn calibrate_threshold(judged: &[Judged]) -> f64 {
+    let answerable = judged.iter().filter(|j| j.expected.is_some()).count();
+    let unanswerable = judged.len() - answerable;
+    let mut candidates: Vec<f64> = judged.iter().map(|j| j.top_similarity).collect();
+    candidates.sort_by(f64::total_cmp);
+    let mut best = (f64::MIN, 0.0);
+    for t in candidates {
+        let kept = judged
+            .iter()
+            .filter(|j| j.expected.is_some() && j.top_similarity >= t)
+            .count();
+        let gaps = judged
+            .iter()
+            .filter(|j| j.expected.is_none() && j.top_similarity < t)
+            .count();
+        let score = (ratio(kept, answerable) + ratio(gaps, unanswerable)) / 2.0;
+        if score > best.0 {
+            best = (score, t);
+        }
+    }
+    best.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn judged(expected: Option<&str>, ranked: &[&str], top: f64) -> Judged {
+        Judged {
+            expected: expected.map(str::to_string),
+            ranked_documents: ranked.iter().map(|s| s.to_string()).collect(),
+            top_similarity: top,
+        }
+    }
+
+    #[test]
+    fn retrieval_is_scored_by_document_rank_and_gaps() {
+        let set = [
+            judged(Some("a"), &["a", "b"], 0.7),
+            judged(Some("a"), &["b", "b", "c", "a"], 0.6), // a is third distinct
+            judged(Some("a"), &["a"], 0.3),                // under the line: a gap, a miss
+            judged(None, &["b"], 0.2),                     // a gap, rightly
+            judged(None, &["c"], 0.5),                     // answered wrongly
+        ];
+        let s = retrieval_scores(&set, 0.4);
+        assert_eq!((s.questions, s.answerable, s.unanswerable), (5, 3, 2));
+        assert!((s.hit_at_1 - 1.0 / 3.0).abs() < 1e-9);
+        assert!((s.hit_at_3 - 2.0 / 3.0).abs() < 1e-9);
+        assert!((s.mrr - (1.0 + 1.0 / 3.0) / 3.0).abs() < 1e-9);
+        assert!((s.gap_precision - 0.5).abs() < 1e-9);
+        assert!((s.gap_recall - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_threshold_is_calibrated_between_answers_and_gaps() {
+        let set = [
+            judged(Some("a"), &["a"], 0.62),
+            judged(Some("a"), &["a"], 0.48),
+            judged(None, &["a"], 0.41),
+            judged(None, &["a"], 0.2),
+        ];
+        assert_eq!(calibrate_threshold(&set), 0.48);
+    }
+
+    #[test]
+    fn the_eval_file_is_read_strictly() {
+        let set = parse_eval("# c\ntune\t15-export\tHow do I export?\nreport\t-\tWeather?\n").unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set[0].expected.as_deref(), Some("15-export"));
+        assert_eq!(set[1].split, EvalSplit::Report);
+        assert_eq!(set[1].expected, None);
+        assert!(parse_eval("train\t-\tq").is_err());
+        assert!(parse_eval("tune\t-").is_err());
+    }
+
+    #[test]
+    fn the_repository_eval_set_is_big_enough_and_names_real_articles() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = std::fs::read_to_string(root.join("kb/eval/questions.tsv")).unwrap();
+        let set = parse_eval(&text).unwrap();
+        let answerable = set.iter().filter(|q| q.expected.is_some()).count();
+        assert!(answerable >= 150, "{answerable}");
+        assert!(set.len() - answerable >= 30);
+        for split in [EvalSplit::Tune, EvalSplit::Report] {
+            assert!(set.iter().any(|q| q.split == split && q.expected.is_none()));
+        }
+        for q in &set {
+            if let Some(doc) = &q.expected {
+                assert!(root.join(format!("kb/demo/{doc}.md")).is_file(), "{doc}");
+            }
+        }
+    }
 
     const EXPORT: &str = "# How do I export my project data?\n\nYou can export a project.\n\n## Export a project\n\n1. Open the project.\n2. Choose a format:\n   - **CSV**: one row per task.\n   - **JSON**: everything.\n3. Select **Start export**.\n\n## Errors\n\n### Export timed out\n\n```\n# not a heading\n```\n\nTry again.\n";
 
@@ -381,6 +612,11 @@ mod tests {
         let alone = reciprocal_rank_fusion(&[&dup], RRF_K);
         assert_eq!(alone.iter().map(|f| f.0).collect::<Vec<_>>(), ["x", "y"]);
         assert!(reciprocal_rank_fusion(&[], RRF_K).is_empty());
+        // A heavier ranking wins a tie of ranks.
+        let (v, t) = (ids(&["a", "b"]), ids(&["b", "a"]));
+        let fused = weighted_reciprocal_rank_fusion(&[(&v, 1.0), (&t, 1.1)], RRF_K);
+        assert_eq!(fused[0].0, "b");
+        assert!((fused[0].1 - (1.0 / 62.0 + 1.1 / 61.0)).abs() < 1e-12);
     }
 
     #[test]
