@@ -26,11 +26,12 @@ pub const CHUNK_WORDS: usize = 180;
 /// Passages less similar than this to the question are not relevant: the
 /// knowledge-gap line, calibrated on the tuning split of `kb/eval`
 /// (`casebook bench answers`, docs/performance.md).
-pub const RELEVANCE_THRESHOLD: f64 = 0.49;
+pub const RELEVANCE_THRESHOLD: f64 = 0.47;
 /// The full-text ranking's weight in the fusion (the cosine ranking's is
-/// 1): chosen on the tuning split of `kb/eval`; above 1, the question's
-/// words settle what the embedding cannot tell apart ("export" and
-/// "import" are close in meaning, far apart in what the customer wants).
+/// 1): a little more, so that when the two rankings disagree symmetrically
+/// the question's words decide ("export" and "import" are close in
+/// meaning, far apart in what the customer wants). Checked on the tuning
+/// split of `kb/eval` (`casebook bench answers`, docs/performance.md).
 pub const FULL_TEXT_WEIGHT: f64 = 1.1;
 /// Candidates each ranking contributes to the fusion, at least.
 const MIN_CANDIDATES: usize = 20;
@@ -427,33 +428,21 @@ impl KnowledgeBase {
         let by_text: Vec<Row> = if text_query.is_empty() {
             Vec::new()
         } else {
-            // Chunks matching any word, ranked by the words they match,
-            // each weighted by its rarity among the model's chunks (idf)
-            // and doubled in the title or a heading.
+            // Chunks with any of the words; those with all of them (the
+            // question as websearch_to_tsquery reads it) first.
             sqlx::query_as(
-                "WITH terms AS (
-                     SELECT DISTINCT quote_literal(l)::tsquery AS anywhere,
-                            (quote_literal(l) || ':A')::tsquery AS heading
-                       FROM unnest(tsvector_to_array(to_tsvector('english', $2))) AS l),
-                 total AS (SELECT count(*)::float8 AS n FROM kb_chunks WHERE model = $3),
-                 weights AS (
-                     SELECT t.anywhere, t.heading,
-                            ln(1 + total.n / (1 + (SELECT count(*) FROM kb_chunks c
-                                                   WHERE c.model = $3 AND c.search_text @@ t.anywhere))) AS w
-                       FROM terms t, total)
-                 SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score
-                   FROM kb_chunks c
-                   CROSS JOIN LATERAL (
-                       SELECT sum(w.w * CASE WHEN c.search_text @@ w.heading THEN 2 ELSE 1 END) AS s
-                         FROM weights w WHERE c.search_text @@ w.anywhere) m
-                  WHERE c.model = $3 AND c.search_text @@ websearch_to_tsquery('english', $4)
-                  ORDER BY m.s DESC NULLS LAST, c.chunk_id LIMIT $5",
+                "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
+                   FROM kb_chunks, websearch_to_tsquery('english', $2) AS q,
+                        websearch_to_tsquery('english', $5) AS all_words
+                  WHERE model = $3 AND search_text @@ q
+                  ORDER BY search_text @@ all_words DESC, ts_rank_cd(search_text, q) DESC, chunk_id
+                  LIMIT $4",
             )
             .bind(&vector)
-            .bind(query.chars().take(2_000).collect::<String>())
-            .bind(model)
             .bind(&text_query)
+            .bind(model)
             .bind(candidates)
+            .bind(query.chars().take(2_000).collect::<String>())
             .fetch_all(&mut *tx)
             .await?
         };
