@@ -209,6 +209,6 @@ mod tests {
         }
         // One line longer than the budget is cut between words.
         let cut = trim_blocks(&"w ".repeat(500), 10);
-        assert_eq!(cut, format!("{}…", vec!["w"; 10].join(" ")));
+        assert_eq!(cut, format!("{}…", ["w"; 10].join(" ")));
     }
 }
