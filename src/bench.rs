@@ -1061,7 +1061,10 @@ pub async fn answer_through_agent(
                     (Some(title), Some(body)) => body.ends_with(&format!("More in \"{title}\".")),
                     _ => false,
                 };
-                if drafted.as_deref().is_some_and(|b| b.starts_with("Which do you mean:")) {
+                if drafted
+                    .as_deref()
+                    .is_some_and(|b| b.starts_with("Which do you mean:"))
+                {
                     e.clarified += 1;
                 }
                 match result {

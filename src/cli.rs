@@ -247,7 +247,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.chunks
             );
             if prune {
-                println!("{} chunks of other models removed", kb.prune_other_models().await?);
+                println!(
+                    "{} chunks of other models removed",
+                    kb.prune_other_models().await?
+                );
             }
         }
         Command::Token {

@@ -336,7 +336,10 @@ pub fn parse_eval(text: &str) -> Result<Vec<EvalQuestion>, String> {
         let (Some(split), Some(expected), Some(question)) =
             (fields.next(), fields.next(), fields.next())
         else {
-            return Err(format!("line {}: expected three tab-separated fields", i + 1));
+            return Err(format!(
+                "line {}: expected three tab-separated fields",
+                i + 1
+            ));
         };
         let split = match split {
             "tune" => EvalSplit::Tune,
@@ -345,7 +348,10 @@ pub fn parse_eval(text: &str) -> Result<Vec<EvalQuestion>, String> {
         };
         let question = question.trim();
         if question.is_empty() || question.chars().count() > 2_000 {
-            return Err(format!("line {}: a question of 1 to 2,000 characters", i + 1));
+            return Err(format!(
+                "line {}: a question of 1 to 2,000 characters",
+                i + 1
+            ));
         }
         out.push(EvalQuestion {
             split,
@@ -428,7 +434,11 @@ pub fn retrieval_scores(judged: &[Judged], threshold: f64) -> RetrievalScores {
         unanswerable,
         hit_at_1: ratio(hit1, answerable),
         hit_at_3: ratio(hit3, answerable),
-        mrr: if answerable == 0 { 0.0 } else { rr / answerable as f64 },
+        mrr: if answerable == 0 {
+            0.0
+        } else {
+            rr / answerable as f64
+        },
         gap_precision: ratio(gaps_right, gaps_called),
         gap_recall: ratio(gaps_right, unanswerable),
     }
@@ -504,7 +514,8 @@ mod tests {
 
     #[test]
     fn the_eval_file_is_read_strictly() {
-        let set = parse_eval("# c\ntune\t15-export\tHow do I export?\nreport\t-\tWeather?\n").unwrap();
+        let set =
+            parse_eval("# c\ntune\t15-export\tHow do I export?\nreport\t-\tWeather?\n").unwrap();
         assert_eq!(set.len(), 2);
         assert_eq!(set[0].expected.as_deref(), Some("15-export"));
         assert_eq!(set[1].split, EvalSplit::Report);
