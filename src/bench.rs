@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use casebook_commands::EventStore;
+use casebook_domain::knowledge::{EvalQuestion, Judged, RetrievalScores};
 use casebook_domain::{Actor, EventMetadata};
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
@@ -39,6 +40,10 @@ pub enum BenchName {
     /// The staff API on a full store: a filtered page of 50 tickets with
     /// customers under concurrent readers, and subscription delivery.
     Graphql,
+    /// Right answers on the evaluation set kb/eval over kb/demo: retrieval
+    /// hit@1, hit@3, MRR, the knowledge-gap decision, and end to end
+    /// through the agent with the built-in responder.
+    Answers,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +103,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
+        BenchName::Answers => answers(&scratch).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -279,6 +285,7 @@ enum Report {
         baseline_per_second: f64,
         ratio: f64,
     },
+    Answers(Box<AnswersReport>),
 }
 
 #[derive(Debug, Serialize)]
@@ -392,6 +399,7 @@ impl Report {
             } => format!(
                 "append: {events} events, {writers} writers, {per_commit} events per commit\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
             ),
+            Report::Answers(a) => a.text(),
         }
     }
 }
@@ -988,4 +996,252 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         query_embedding: Latency::of(&mut embedding),
         index_build_seconds,
     })
+}
+
+/// The evaluation set in the repository, read from the working directory
+/// (the repository root).
+pub fn load_eval(path: &std::path::Path) -> anyhow::Result<Vec<EvalQuestion>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: run from the repository root", path.display()))?;
+    casebook_domain::knowledge::parse_eval(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Passages per search when judging retrieval: as many as the agent gets.
+const JUDGED_PASSAGES: usize = 5;
+
+/// What retrieval returns for each question, as the agent's first search.
+pub async fn judge_retrieval(
+    kb: &casebook_commands::knowledge::KnowledgeBase,
+    questions: &[EvalQuestion],
+) -> anyhow::Result<Vec<Judged>> {
+    let mut out = Vec::with_capacity(questions.len());
+    for q in questions {
+        let passages = kb.search(&q.question, JUDGED_PASSAGES, -1.0).await?;
+        out.push(Judged {
+            expected: q.expected.clone(),
+            ranked_documents: passages.iter().map(|p| p.document_id.clone()).collect(),
+            top_similarity: passages.iter().map(|p| p.score).fold(-1.0, f64::max),
+        });
+    }
+    Ok(out)
+}
+
+/// Questions answered through the real agent, with no remote model (the
+/// built-in responder answers).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EndToEnd {
+    pub answerable: usize,
+    /// Replies sent to the customer from the expected article.
+    pub right_article: usize,
+    /// Drafts held for a human's approval.
+    pub held_for_approval: usize,
+    /// Replies asking which of two articles is meant.
+    pub clarified: usize,
+    pub unanswerable: usize,
+    /// Unanswerable questions escalated as knowledge gaps.
+    pub gaps_escalated: usize,
+    pub right_article_rate: f64,
+    pub held_for_approval_share: f64,
+    pub gap_escalation_rate: f64,
+}
+
+/// Runs each question through intake and the agent (WhatsApp, a customer
+/// of its own each) and checks what the agent drafted: a reply from the
+/// expected article ends with that article's title (`crate::responder`).
+pub async fn answer_through_agent(
+    pool: &PgPool,
+    kb: &casebook_commands::knowledge::KnowledgeBase,
+    questions: &[EvalQuestion],
+) -> anyhow::Result<EndToEnd> {
+    use casebook_commands::agent::{Agent, Outcome};
+    use casebook_commands::{InboundMessage, Intake, Sender};
+    use casebook_domain::identity::IdentityKey;
+    use casebook_domain::ticket::EscalationReason;
+    use casebook_domain::{Category, Channel, Priority};
+
+    let titles: HashMap<String, String> =
+        sqlx::query_as::<_, (String, String)>("SELECT document_id, title FROM kb_documents")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    let store = EventStore::new(pool.clone());
+    let intake = Intake::new(store.clone());
+    let agent = Agent::new(store, kb.clone(), Vec::new(), "The Support Team");
+    let mut e = EndToEnd::default();
+    for (i, q) in questions.iter().enumerate() {
+        let message = InboundMessage {
+            channel: Channel::Whatsapp,
+            channel_message_id: format!("SMeval{i}-{}", Uuid::new_v4().simple()),
+            sender: Sender {
+                identities: vec![IdentityKey::whatsapp(&format!(
+                    "whatsapp:+4477008{:05}",
+                    i % 100_000
+                ))?],
+                name: Some("Eval".into()),
+            },
+            conversation_id: None,
+            thread: None,
+            subject: None,
+            body: q.question.clone(),
+            attachments: 0,
+            category: Category::General,
+            priority: Priority::Medium,
+            received_at: Utc::now(),
+            automated: None,
+        };
+        let outcome = intake.receive(&message, "eval").await?;
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM events WHERE aggregate_id = $1 AND event_type = 'CustomerMessageReceived' ORDER BY sequence DESC LIMIT 1",
+            casebook_projections::store::EVENT_COLUMNS
+        ))
+        .bind(outcome.ticket_id.to_string())
+        .fetch_one(pool)
+        .await?;
+        let envelope: casebook_domain::EventEnvelope =
+            casebook_projections::store::stored_event(&row)?.into();
+        let result = agent.handle(&envelope).await?;
+        let drafted: Option<String> = sqlx::query_scalar(
+            "SELECT payload->>'body' FROM events WHERE aggregate_id = $1 AND event_type = 'ResponseDrafted' ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(outcome.ticket_id.to_string())
+        .fetch_optional(pool)
+        .await?
+        .flatten();
+        match &q.expected {
+            Some(expected) => {
+                e.answerable += 1;
+                let from_expected = match (titles.get(expected), &drafted) {
+                    (Some(title), Some(body)) => body.ends_with(&format!("More in \"{title}\".")),
+                    _ => false,
+                };
+                if drafted
+                    .as_deref()
+                    .is_some_and(|b| b.starts_with("Which do you mean:"))
+                {
+                    e.clarified += 1;
+                }
+                match result {
+                    Outcome::Sent { .. } if from_expected => e.right_article += 1,
+                    Outcome::AwaitingApproval { .. } => e.held_for_approval += 1,
+                    _ => {}
+                }
+            }
+            None => {
+                e.unanswerable += 1;
+                if matches!(result, Outcome::Escalated(EscalationReason::KnowledgeGap)) {
+                    e.gaps_escalated += 1;
+                }
+            }
+        }
+    }
+    let rate = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    e.right_article_rate = rate(e.right_article, e.answerable);
+    e.held_for_approval_share = rate(e.held_for_approval, e.answerable);
+    e.gap_escalation_rate = rate(e.gaps_escalated, e.unanswerable);
+    Ok(e)
+}
+
+#[derive(Debug, Serialize)]
+pub struct AnswersReport {
+    bench: &'static str,
+    /// The knowledge-gap line calibrated on the tuning split, and the one
+    /// the agent uses (`knowledge::RELEVANCE_THRESHOLD`).
+    calibrated_threshold: f64,
+    threshold_in_use: f64,
+    tune: RetrievalScores,
+    report: RetrievalScores,
+    end_to_end: EndToEnd,
+    search: Latency,
+    /// Report-split questions retrieval got wrong at the threshold in use.
+    misses: Vec<Miss>,
+}
+
+#[derive(Debug, Serialize)]
+struct Miss {
+    question: String,
+    expected: Option<String>,
+    found: Option<String>,
+    top_similarity: f64,
+}
+
+impl AnswersReport {
+    fn text(&self) -> String {
+        let line = |name: &str, s: &RetrievalScores| {
+            format!(
+                "  {name:<7} {} questions ({} unanswerable): hit@1 {:.3}  hit@3 {:.3}  MRR {:.3}  gap precision {:.3}  gap recall {:.3}\n",
+                s.questions, s.unanswerable, s.hit_at_1, s.hit_at_3, s.mrr, s.gap_precision, s.gap_recall
+            )
+        };
+        let e = &self.end_to_end;
+        format!(
+            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{})\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+            self.calibrated_threshold,
+            self.threshold_in_use,
+            line("tune", &self.tune),
+            line("report", &self.report),
+            e.right_article_rate,
+            e.right_article,
+            e.answerable,
+            e.held_for_approval_share,
+            e.clarified,
+            e.gap_escalation_rate,
+            e.gaps_escalated,
+            e.unanswerable,
+            self.search.p50_ms,
+            self.search.p95_ms,
+        )
+    }
+}
+
+async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
+    use casebook_commands::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+    use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores, EvalSplit};
+
+    let questions = load_eval(std::path::Path::new("kb/eval/questions.tsv"))?;
+    let kb = KnowledgeBase::new(scratch.pool.clone(), app::embedder(&scratch.config)?);
+    kb.ingest_path(std::path::Path::new("kb/demo")).await?;
+    let split = |s: EvalSplit| -> Vec<EvalQuestion> {
+        questions.iter().filter(|q| q.split == s).cloned().collect()
+    };
+    let (tune, report) = (split(EvalSplit::Tune), split(EvalSplit::Report));
+    let tune_judged = judge_retrieval(&kb, &tune).await?;
+    let threshold = calibrate_threshold(&tune_judged);
+    let mut latencies = Vec::with_capacity(report.len());
+    let mut report_judged = Vec::with_capacity(report.len());
+    for q in &report {
+        // A fresh wording, so that the embedding cache does not hide the
+        // model's time.
+        let started = Instant::now();
+        let judged = judge_retrieval(&kb, std::slice::from_ref(q)).await?;
+        latencies.push(started.elapsed());
+        report_judged.extend(judged);
+    }
+    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report).await?;
+    let misses = report
+        .iter()
+        .zip(&report_judged)
+        .filter_map(|(q, j)| {
+            let found = Some(j.ranked_documents.first().cloned())
+                .flatten()
+                .filter(|_| j.top_similarity >= RELEVANCE_THRESHOLD);
+            (found != q.expected).then(|| Miss {
+                question: q.question.clone(),
+                expected: q.expected.clone(),
+                found,
+                top_similarity: (j.top_similarity * 1000.0).round() / 1000.0,
+            })
+        })
+        .collect();
+    Ok(Report::Answers(Box::new(AnswersReport {
+        bench: "answers",
+        calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
+        threshold_in_use: RELEVANCE_THRESHOLD,
+        tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
+        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
+        end_to_end,
+        search: Latency::of(&mut latencies),
+        misses,
+    })))
 }

@@ -89,6 +89,14 @@ enum KbCommand {
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
     },
+    /// Re-embeds every document with the configured (active) model, beside
+    /// the old model's chunks: search keeps finding them meanwhile.
+    Reembed {
+        /// Then removes every other model's chunks (once every process
+        /// embeds questions with the active model).
+        #[arg(long)]
+        prune: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +261,25 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             println!("{stored} documents stored, {unchanged} unchanged");
+        }
+        Command::Kb {
+            command: KbCommand::Reembed { prune },
+        } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
+            let report = kb.reembed().await?;
+            println!(
+                "{} documents re-embedded with {} ({} chunks)",
+                report.documents,
+                kb.embedder().model_name(),
+                report.chunks
+            );
+            if prune {
+                println!(
+                    "{} chunks of other models removed",
+                    kb.prune_other_models().await?
+                );
+            }
         }
         Command::Token {
             command:

@@ -93,8 +93,14 @@ If the customer asks about pricing or refunds, threatens legal action, is angry,
 If the knowledge base has nothing relevant, call escalate with reason knowledge_gap. \
 When you can answer, call send_response with a concise, friendly answer and your confidence between 0 and 1.";
 
+/// Every tool's `channel` parameter: the channel of the conversation.
+fn channel_parameter() -> Value {
+    json!({"type": "string", "enum": ["email", "whatsapp", "webform"],
+           "description": "The channel the customer wrote on (given in their message)."})
+}
+
 fn tools() -> Vec<ToolSpec> {
-    vec![
+    let mut tools = vec![
         ToolSpec {
             name: "create_ticket",
             description: "Make sure the conversation has a ticket; returns its id and status.",
@@ -107,7 +113,7 @@ fn tools() -> Vec<ToolSpec> {
         },
         ToolSpec {
             name: "search_knowledge_base",
-            description: "Search the product knowledge base; returns the most relevant passages.",
+            description: "Search the product knowledge base; returns the most relevant sections, each with its article id, title and section heading to cite.",
             parameters: json!({"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
         },
         ToolSpec {
@@ -127,7 +133,11 @@ fn tools() -> Vec<ToolSpec> {
                 "note": {"type": "string"}
             }, "required": ["reason"]}),
         },
-    ]
+    ];
+    for tool in &mut tools {
+        tool.parameters["properties"]["channel"] = channel_parameter();
+    }
+    tools
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +246,8 @@ struct Run {
     ticket_id: Uuid,
     message_id: Uuid,
     text: String,
+    /// The channel the message came on, and the reply goes out on.
+    channel: Channel,
     searches: Vec<Search>,
     history: History,
 }
@@ -388,6 +400,7 @@ impl Agent {
             ticket_id,
             message_id,
             text: body.clone(),
+            channel,
             searches: Vec::new(),
             history,
         };
@@ -656,6 +669,14 @@ impl Agent {
         model: &str,
     ) -> Result<(Value, Option<Decision>), AgentError> {
         let args = &call.arguments;
+        if let Some(asked) = args["channel"].as_str() {
+            if asked != run.channel.as_str() {
+                return Ok((
+                    json!({"error": format!("this conversation is on {}", run.channel.as_str())}),
+                    None,
+                ));
+            }
+        }
         Ok(match call.name.as_str() {
             "create_ticket" => (json!({"ticket_id": run.ticket_id, "created": false}), None),
             "get_customer_history" => (
@@ -683,7 +704,8 @@ impl Agent {
                     let passages: Vec<Value> = search
                         .passages
                         .iter()
-                        .map(|p| json!({"title": p.title, "text": p.body, "score": (p.score * 1000.0).round() / 1000.0}))
+                        .map(|p| json!({"article_id": p.document_id, "title": p.title, "section": p.section,
+                                        "text": p.body, "score": (p.score * 1000.0).round() / 1000.0}))
                         .collect();
                     (json!({"passages": passages}), None)
                 }
@@ -752,7 +774,7 @@ impl Agent {
     }
 
     /// The built-in responder: search (the message, then its key words),
-    /// and answer with the passages' sentences that best match the question.
+    /// and answer from the best section (`crate::responder`).
     async fn local(&self, run: &mut Run) -> Result<Decision, AgentError> {
         while run.relevant().is_empty() && run.searches.len() < MAX_SEARCHES {
             let query = if run.searches.is_empty() {
@@ -762,7 +784,7 @@ impl Agent {
             };
             self.search(run, &query).await?;
         }
-        if run.relevant().is_empty() {
+        let Some(answer) = crate::responder::respond(&run.relevant(), run.channel) else {
             return Ok(Decision::Escalate {
                 reason: EscalationReason::KnowledgeGap,
                 note: Some(format!(
@@ -770,9 +792,9 @@ impl Agent {
                     run.searches.len()
                 )),
             });
-        }
+        };
         Ok(Decision::Draft {
-            body: extractive_answer(&run.text, &run.relevant()),
+            body: answer.body().to_string(),
             model_confidence: None,
             generated_by: "local".into(),
         })
@@ -793,7 +815,8 @@ impl Agent {
             .aggregate;
         let ctx = ReplyContext::new(customer.name.clone(), run.ticket_id, &self.signature);
         let relevant = run.relevant();
-        let passages: Vec<&str> = relevant.iter().map(|p| p.body.as_str()).collect();
+        let grounding: Vec<String> = relevant.iter().map(|p| p.grounding_text()).collect();
+        let passages: Vec<&str> = grounding.iter().map(String::as_str).collect();
         // 5. Judge the draft.
         let verdict = match &decision {
             Decision::Draft {
@@ -1137,6 +1160,7 @@ mod tests {
             title: "t".into(),
             body: body.into(),
             score,
+            section: None,
         }
     }
 

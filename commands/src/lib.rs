@@ -16,6 +16,7 @@ pub mod limits;
 pub mod llm;
 pub mod metrics;
 pub mod relay;
+pub mod responder;
 pub mod retry;
 pub mod sla;
 pub mod staff;

@@ -7,6 +7,7 @@
 //! its token.
 
 use crate::guardrails::sentences;
+use crate::markdown::{to_plain, to_whatsapp};
 use crate::status_link::TOKEN_SUFFIX_LEN;
 use crate::ticket::EscalationReason;
 use crate::Channel;
@@ -74,7 +75,7 @@ pub fn format_reply(channel: Channel, text: &str, ctx: &ReplyContext) -> Formatt
             };
             letter(
                 &greeting,
-                text,
+                &to_plain(text),
                 &format!("Best regards,\n{}", ctx.signature),
                 ctx,
                 EMAIL_MAX_WORDS,
@@ -86,7 +87,7 @@ pub fn format_reply(channel: Channel, text: &str, ctx: &ReplyContext) -> Formatt
                 None => "Hello,".to_string(),
             };
             let closing = format!("Kind regards,\n{}", ctx.signature);
-            letter(&greeting, &plain(text), &closing, ctx, WEBFORM_MAX_WORDS)
+            letter(&greeting, &to_plain(text), &closing, ctx, WEBFORM_MAX_WORDS)
         }
         Channel::Whatsapp => {
             let mut parts = split_for_whatsapp(&whatsapp_markup(text));
@@ -155,33 +156,42 @@ fn fit_words(text: &str, budget: usize) -> String {
     out
 }
 
-/// Markdown to plain text for the web form reply.
-fn plain(text: &str) -> String {
-    text.replace("**", "").replace("__", "")
-}
-
-/// Markdown-ish text to WhatsApp markup: `**bold**` → `*bold*`,
-/// `__italic__` → `_italic_`, headings lose their `#`, bullets become `•`.
+/// Markdown to WhatsApp's markup (`crate::markdown::to_whatsapp`):
+/// `**bold**` → `*bold*`, headings bold, lists as lines, code indented.
 pub fn whatsapp_markup(text: &str) -> String {
-    text.lines()
-        .map(|line| {
-            let trimmed = line.trim_start();
-            let line = trimmed.trim_start_matches('#').trim_start();
-            let line = match line.strip_prefix("- ").or_else(|| line.strip_prefix("* ")) {
-                Some(rest) => format!("• {rest}"),
-                None => line.to_string(),
-            };
-            line.replace("**", "*").replace("__", "_")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    to_whatsapp(text)
 }
 
-/// Packs sentences into messages under the limit; a sentence too long for
-/// one message is split between words, a word too long between characters.
+/// Packs sentences into messages under the limit, keeping the text's line
+/// breaks (a list's items stay on lines of their own); a sentence too long
+/// for one message is split between words, a word too long between
+/// characters.
 pub fn split_for_whatsapp(text: &str) -> Vec<String> {
     let limit = WHATSAPP_MAX_CHARS - 1;
-    let mut pieces: Vec<String> = Vec::new();
+    // Each piece, and whether it starts a line.
+    let mut pieces: Vec<(String, bool)> = Vec::new();
+    for line in text.lines() {
+        let mut line_pieces: Vec<String> = Vec::new();
+        split_line(line, limit, &mut line_pieces);
+        for (i, piece) in line_pieces.into_iter().enumerate() {
+            pieces.push((piece, i == 0));
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for (piece, new_line) in pieces {
+        match parts.last_mut() {
+            Some(last) if last.chars().count() + 1 + piece.chars().count() <= limit => {
+                last.push(if new_line { '\n' } else { ' ' });
+                last.push_str(&piece);
+            }
+            _ => parts.push(piece),
+        }
+    }
+    parts
+}
+
+/// One line's sentences, each within `limit` characters.
+fn split_line(text: &str, limit: usize, pieces: &mut Vec<String>) {
     for sentence in sentences(text) {
         if sentence.chars().count() <= limit {
             pieces.push(sentence);
@@ -212,17 +222,6 @@ pub fn split_for_whatsapp(text: &str) -> Vec<String> {
             pieces.push(current);
         }
     }
-    let mut parts: Vec<String> = Vec::new();
-    for piece in pieces {
-        match parts.last_mut() {
-            Some(last) if last.chars().count() + 1 + piece.chars().count() <= limit => {
-                last.push(' ');
-                last.push_str(&piece);
-            }
-            _ => parts.push(piece),
-        }
-    }
-    parts
 }
 
 /// Adds the status link to WhatsApp messages: at the end of the last one
@@ -316,8 +315,30 @@ mod tests {
     fn whatsapp_gets_whatsapp_markup() {
         assert_eq!(
             whatsapp_markup("## Steps\n- **Open** Settings"),
-            "Steps\n• *Open* Settings"
+            "*Steps*\n\n• *Open* Settings"
         );
+    }
+
+    #[test]
+    fn no_markdown_reaches_any_channel() {
+        let md = "## Export a project\n\n1. Open the project and choose **Export**.\n2. Select **Start export**.\n\n```\nEXP-123\n```";
+        let email = format_reply(Channel::Email, md, &ctx());
+        assert!(email.body.contains("Export a project\n\n1. Open the project and choose Export.\n2. Select Start export.\n\n    EXP-123"), "{}", email.body);
+        let form = format_reply(Channel::Webform, md, &ctx());
+        assert!(
+            form.body
+                .contains("1. Open the project and choose Export.\n2. Select Start export."),
+            "{}",
+            form.body
+        );
+        let whatsapp = format_reply(Channel::Whatsapp, md, &ctx());
+        assert_eq!(whatsapp.parts, vec!["*Export a project*\n1. Open the project and choose *Export*.\n2. Select *Start export*.\nEXP-123"]);
+        for body in [&email.body, &form.body, &whatsapp.body] {
+            assert!(
+                !body.contains("**") && !body.contains('#') && !body.contains("```"),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod formatting;
 pub mod guardrails;
 pub mod identity;
 pub mod knowledge;
+pub mod markdown;
 pub mod masking;
 pub mod metadata;
 pub mod retry;

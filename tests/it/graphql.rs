@@ -265,9 +265,9 @@ async fn a_held_draft_is_sent_as_edited_and_a_rejected_one_is_never_sent() {
         }
     };
     let held = pending(first).await;
-    assert_eq!(
+    assert!(
         held["draftBody"].as_str().unwrap().contains("Settings"),
-        true
+        "{held}"
     );
     assert!(held["confidence"].as_f64().unwrap() < 0.8);
     let other = pending(second).await;

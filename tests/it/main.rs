@@ -19,6 +19,7 @@ mod pipeline;
 mod projector;
 mod ratelimit;
 mod relay;
+mod retrieval;
 mod rls;
 mod sessions;
 mod sla;

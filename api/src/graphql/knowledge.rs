@@ -64,7 +64,8 @@ impl LazyKnowledge {
 pub struct Passage {
     pub document_id: ID,
     pub title: String,
-    /// The Markdown heading the passage sits under, when it has one.
+    /// Where in the article the passage sits: its heading path ("Title ›
+    /// Section"), when it has one.
     pub section: Option<String>,
     pub text: String,
     /// Cosine similarity to the query, 0–1.
@@ -75,7 +76,7 @@ impl From<KbPassage> for Passage {
     fn from(p: KbPassage) -> Self {
         Self {
             document_id: ID(p.document_id),
-            section: section_of(&p.body),
+            section: p.section.clone().or_else(|| section_of(&p.body)),
             title: p.title,
             text: p.body,
             score: p.score,
@@ -86,10 +87,10 @@ impl From<KbPassage> for Passage {
 /// The last Markdown heading in a passage's text.
 fn section_of(text: &str) -> Option<String> {
     text.lines()
+        .rev()
         .filter_map(|l| l.trim_start().strip_prefix('#'))
         .map(|h| h.trim_start_matches('#').trim().to_string())
-        .filter(|h| !h.is_empty())
-        .last()
+        .find(|h| !h.is_empty())
 }
 
 #[derive(SimpleObject, Clone, Debug)]

@@ -1,0 +1,271 @@
+//! Retrieval: section search over the demo knowledge base, the built-in
+//! responder through the real agent, a fixed subset of the evaluation set,
+//! and switching embedding models without a moment where search finds
+//! nothing.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use casebook::bench::{answer_through_agent, judge_retrieval, load_eval};
+use casebook_commands::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
+use casebook_commands::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+use casebook_domain::knowledge::{retrieval_scores, EvalQuestion, EvalSplit};
+use serde_json::{json, Value};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::common::TestDb;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn local_embedder() -> Embedder {
+    Embedder::new(&EmbeddingSource::Local(PathBuf::from(
+        crate::agent::model_dir(),
+    )))
+    .expect("the embedding model is installed (deploy/local/install.sh)")
+}
+
+async fn demo_kb(db: &TestDb) -> KnowledgeBase {
+    let kb = KnowledgeBase::new(db.pool.clone(), local_embedder());
+    kb.ingest_path(&root().join("kb/demo")).await.unwrap();
+    kb
+}
+
+fn has_markdown(text: &str) -> bool {
+    text.contains("**")
+        || text.contains("```")
+        || text
+            .lines()
+            .any(|l| l.trim_start().starts_with('#') || l.trim_start().starts_with("- "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_returns_sections_with_their_heading_path_by_meaning_and_by_words() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    let found = kb
+        .search(
+            "Where do I find the download link for a large export?",
+            5,
+            RELEVANCE_THRESHOLD,
+        )
+        .await
+        .unwrap();
+    assert_eq!(found[0].document_id, "15-export-project-data", "{found:#?}");
+    assert_eq!(
+        found[0].section.as_deref(),
+        Some("How do I export my project data? › Small and large exports"),
+        "{found:#?}"
+    );
+    // Words only the full-text side knows well: an error code.
+    let found = kb.search("Error 42", 5, 0.0).await.unwrap();
+    assert!(
+        found.iter().take(3).any(|p| p.section.as_deref()
+            == Some("How do I export my project data? › \"Error 42: export timed out\"")),
+        "{found:#?}"
+    );
+    // Every chunk records the model and its dimension.
+    let versions: Vec<(String, i32)> =
+        sqlx::query_as("SELECT DISTINCT model, dimensions FROM kb_chunks")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        versions,
+        vec![("all-MiniLM-L6-v2".to_string(), DIMENSIONS as i32)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_question_is_answered_from_the_export_article_in_plain_text() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    let question = EvalQuestion {
+        split: EvalSplit::Tune,
+        expected: Some("15-export-project-data".into()),
+        question: "I get \"Error 42: export timed out\" when exporting".into(),
+    };
+    let result = answer_through_agent(&db.pool, &kb, &[question])
+        .await
+        .unwrap();
+    assert_eq!(result.right_article, 1, "{result:?}");
+    let sent: String =
+        sqlx::query_scalar("SELECT payload->>'body' FROM events WHERE event_type = 'ResponseSent'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        sent.contains("More in \"How do I export my project data?\"."),
+        "{sent}"
+    );
+    // The section's steps, in order, as a numbered list of plain lines.
+    assert!(
+        sent.contains(
+            "1. Export projects one at a time instead of the whole workspace.\n2. Use a date range"
+        ),
+        "{sent}"
+    );
+    assert!(!sent.contains("Import"), "{sent}");
+    assert!(
+        !has_markdown(&sent),
+        "Markdown reached the customer: {sent}"
+    );
+}
+
+/// Every fourth question of the report split: answered right through
+/// retrieval and the agent (the full set is `casebook bench answers`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_subset_of_the_evaluation_set_is_answered() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    let all = load_eval(&root().join("kb/eval/questions.tsv")).unwrap();
+    let subset: Vec<EvalQuestion> = all
+        .into_iter()
+        .filter(|q| q.split == EvalSplit::Report)
+        .step_by(4)
+        .collect();
+    assert!(subset.iter().any(|q| q.expected.is_none()));
+    let judged = judge_retrieval(&kb, &subset).await.unwrap();
+    let scores = retrieval_scores(&judged, RELEVANCE_THRESHOLD);
+    assert!(scores.hit_at_3 >= 0.75, "{scores:?}");
+    assert!(scores.hit_at_1 >= 0.7, "{scores:?}");
+    assert!(scores.gap_recall >= 0.6, "{scores:?}");
+    let e2e = answer_through_agent(&db.pool, &kb, &subset).await.unwrap();
+    assert!(e2e.right_article_rate >= 0.55, "{e2e:?}");
+    assert!(e2e.held_for_approval_share <= 0.25, "{e2e:?}");
+    assert!(e2e.gap_escalation_rate >= 0.6, "{e2e:?}");
+    // Nothing sent carries Markdown.
+    let sent: Vec<String> =
+        sqlx::query_scalar("SELECT payload->>'body' FROM events WHERE event_type = 'ResponseSent'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(!sent.is_empty());
+    for body in &sent {
+        assert!(!has_markdown(body), "{body}");
+    }
+}
+
+/// A second embedding model: words hashed into the vector's dimensions
+/// (an honest bag-of-words model), served as an OpenAI-compatible API.
+struct BagOfWords;
+
+fn bag_of_words(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; DIMENSIONS];
+    for word in text
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() > 2)
+    {
+        let h = word.bytes().fold(1469598103934665603u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(1099511628211)
+        });
+        v[(h % DIMENSIONS as u64) as usize] += 1.0;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+    v.iter().map(|x| x / norm).collect()
+}
+
+impl Respond for BagOfWords {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        let data: Vec<Value> = body["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| json!({"index": i, "embedding": bag_of_words(t.as_str().unwrap())}))
+            .collect();
+        ResponseTemplate::new(200).set_body_json(json!({"data": data}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reembedding_switches_models_without_a_moment_where_search_finds_nothing() {
+    let db = TestDb::create().await;
+    let old = KnowledgeBase::new(db.pool.clone(), local_embedder());
+    for article in [
+        "15-export-project-data",
+        "16-import-from-csv-and-other-tools",
+        "02-log-in-and-reset-password",
+    ] {
+        old.ingest_path(&root().join(format!("kb/demo/{article}.md")))
+            .await
+            .unwrap();
+    }
+    let api = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/embeddings"))
+        .respond_with(BagOfWords)
+        .mount(&api)
+        .await;
+    let new = KnowledgeBase::new(
+        db.pool.clone(),
+        Embedder::new(&EmbeddingSource::OpenAi {
+            base_url: format!("{}/v1", api.uri()),
+            api_key: None,
+            model: "bag-of-words".into(),
+        })
+        .unwrap(),
+    );
+    // Before the re-embed the new model has no chunks of its own.
+    assert!(new.search("export csv", 3, 0.0).await.unwrap().is_empty());
+
+    // Searches with the old model run all through the switch.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (searches, empty) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let watcher = {
+        let (old, stop, searches, empty) =
+            (old.clone(), stop.clone(), searches.clone(), empty.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let found = old
+                    .search("How do I export my project?", 3, 0.0)
+                    .await
+                    .unwrap();
+                searches.fetch_add(1, Ordering::SeqCst);
+                if found.is_empty() {
+                    empty.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let report = new.reembed().await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    watcher.await.unwrap();
+    assert_eq!(report.documents, 3);
+    assert!(searches.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        empty.load(Ordering::SeqCst),
+        0,
+        "search found nothing during the switch"
+    );
+
+    // Both models' chunks are there, each recording its model.
+    let models: Vec<(String, i64)> =
+        sqlx::query_as("SELECT model, count(*) FROM kb_chunks GROUP BY model ORDER BY model")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(models.len(), 2, "{models:?}");
+    assert_eq!(models[0].1, models[1].1, "{models:?}");
+    let hit = new.search("export project data csv", 3, 0.0).await.unwrap();
+    assert_eq!(hit[0].document_id, "15-export-project-data", "{hit:#?}");
+    // Documents now record the new model: ingesting again changes nothing.
+    let again = new
+        .ingest_path(&root().join("kb/demo/15-export-project-data.md"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0].1,
+        casebook_commands::knowledge::IngestOutcome::Unchanged
+    );
+
+    // Once every process uses the new model, the old chunks go.
+    assert!(new.prune_other_models().await.unwrap() > 0);
+    assert!(old.search("export", 3, 0.0).await.unwrap().is_empty());
+    assert!(!new.search("export", 3, 0.0).await.unwrap().is_empty());
+}
