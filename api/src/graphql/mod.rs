@@ -289,8 +289,10 @@ mod tests {
     /// the file after a deliberate change.
     #[test]
     fn the_committed_sdl_is_the_schema() {
+        // A developer's switch for this test, not a setting of the service.
+        const WRITE: &str = "CASEBOOK_WRITE_SCHEMA";
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql");
-        if std::env::var_os("CASEBOOK_WRITE_SCHEMA").is_some() {
+        if std::env::var_os(WRITE).is_some() {
             std::fs::write(path, sdl()).unwrap();
         }
         let committed = std::fs::read_to_string(path).unwrap_or_default();
