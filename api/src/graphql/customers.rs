@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::context::{bad_input, db, internal, viewer};
-use super::loaders::Loaders;
+use super::loaders::loaders;
 use super::tickets::Ticket;
 use super::types::{shown_identifier, IdentifierKind};
 
@@ -22,7 +22,7 @@ impl Customer {
         email: bool,
     ) -> async_graphql::Result<Vec<String>> {
         let masked = viewer(ctx)?.masks_pii();
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .identifiers
             .load_one(self.0.customer_id)
@@ -64,7 +64,7 @@ impl Customer {
     /// latest 100).
     #[graphql(complexity = "10 * child_complexity")]
     async fn tickets(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Ticket>> {
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .customer_tickets
             .load_one(self.0.customer_id)
@@ -90,7 +90,7 @@ impl CustomerQuery {
         if !viewer(ctx)?.may_see_customer(id) {
             return Ok(None);
         }
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .customers
             .load_one(id)
@@ -134,7 +134,7 @@ impl CustomerQuery {
         let Some(id) = found.filter(|id| v.may_see_customer(*id)) else {
             return Ok(None);
         };
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .customers
             .load_one(id)

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_graphql::dataloader::{DataLoader, Loader};
+use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
+use async_graphql::Context;
 use casebook_projections::staff::{
     self, ApprovalRow, CustomerRow, EscalationRow, IdentifierRow, MessageRow, TicketRow,
 };
@@ -15,23 +16,52 @@ use super::context::Db;
 
 pub type LoadError = Arc<sqlx::Error>;
 
-/// The loaders of one request.
+type Cached<L> = DataLoader<L, HashMapCache>;
+
+/// The loaders of one request. They cache what they loaded for the
+/// request's lifetime, so a page can load its nested rows ahead in one read
+/// per kind (see `tickets`) and its resolvers find them there.
 pub struct Loaders {
-    pub tickets: DataLoader<TicketsById>,
-    pub customers: DataLoader<CustomersById>,
-    pub identifiers: DataLoader<IdentifiersOfCustomer>,
-    pub customer_tickets: DataLoader<TicketsOfCustomer>,
-    pub messages: DataLoader<MessagesOfTicket>,
-    pub escalations: DataLoader<EscalationsOfTicket>,
-    pub approvals: DataLoader<ApprovalsOfTicket>,
+    pub tickets: Cached<TicketsById>,
+    pub customers: Cached<CustomersById>,
+    pub identifiers: Cached<IdentifiersOfCustomer>,
+    pub customer_tickets: Cached<TicketsOfCustomer>,
+    pub messages: Cached<MessagesOfTicket>,
+    pub escalations: Cached<EscalationsOfTicket>,
+    pub approvals: Cached<ApprovalsOfTicket>,
+}
+
+/// The request's loaders; a subscription (which outlives any request, so
+/// must not read through a cache) gets fresh ones for each event.
+pub enum LoadersRef<'a> {
+    Shared(&'a Loaders),
+    Fresh(Box<Loaders>),
+}
+
+impl std::ops::Deref for LoadersRef<'_> {
+    type Target = Loaders;
+
+    fn deref(&self) -> &Loaders {
+        match self {
+            LoadersRef::Shared(l) => l,
+            LoadersRef::Fresh(l) => l,
+        }
+    }
+}
+
+pub fn loaders<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<LoadersRef<'a>> {
+    if let Ok(l) = ctx.data::<Loaders>() {
+        return Ok(LoadersRef::Shared(l));
+    }
+    Ok(LoadersRef::Fresh(Box::new(Loaders::new(ctx.data::<Db>()?))))
 }
 
 impl Loaders {
     pub fn new(db: &Db) -> Self {
         // A batch waits a little for the rest of its page's keys (a page
         // resolves its rows concurrently, but not all in one instant).
-        fn loader<L: Loader<Uuid>>(l: L) -> DataLoader<L> {
-            DataLoader::new(l, tokio::spawn)
+        fn loader<L: Loader<Uuid>>(l: L) -> Cached<L> {
+            DataLoader::with_cache(l, tokio::spawn, HashMapCache::default())
                 .delay(std::time::Duration::from_millis(2))
                 .max_batch_size(500)
         }
@@ -57,9 +87,10 @@ macro_rules! batched {
     }};
 }
 
-/// Groups rows by a key, keeping their order.
-fn grouped<R>(rows: Vec<R>, key: impl Fn(&R) -> Uuid) -> HashMap<Uuid, Vec<R>> {
-    let mut out: HashMap<Uuid, Vec<R>> = HashMap::new();
+/// Groups rows by a key, keeping their order; every asked key gets an
+/// entry (an empty list is an answer, and is cached as one).
+fn grouped<R>(keys: &[Uuid], rows: Vec<R>, key: impl Fn(&R) -> Uuid) -> HashMap<Uuid, Vec<R>> {
+    let mut out: HashMap<Uuid, Vec<R>> = keys.iter().map(|k| (*k, Vec::new())).collect();
     for r in rows {
         out.entry(key(&r)).or_default().push(r);
     }
@@ -98,7 +129,7 @@ impl Loader<Uuid> for IdentifiersOfCustomer {
 
     async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Vec<IdentifierRow>>, LoadError> {
         let rows = batched!(self.0, keys, staff::identifiers_of_customers);
-        Ok(grouped(rows, |r| r.customer_id))
+        Ok(grouped(keys, rows, |r| r.customer_id))
     }
 }
 
@@ -110,7 +141,7 @@ impl Loader<Uuid> for TicketsOfCustomer {
 
     async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Vec<TicketRow>>, LoadError> {
         let rows = batched!(self.0, keys, staff::tickets_of_customers);
-        Ok(grouped(rows, |r| r.customer_id))
+        Ok(grouped(keys, rows, |r| r.customer_id))
     }
 }
 
@@ -122,7 +153,7 @@ impl Loader<Uuid> for MessagesOfTicket {
 
     async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Vec<MessageRow>>, LoadError> {
         let rows = batched!(self.0, keys, staff::messages_for_tickets);
-        Ok(grouped(rows, |r| r.ticket_id))
+        Ok(grouped(keys, rows, |r| r.ticket_id))
     }
 }
 
@@ -134,7 +165,7 @@ impl Loader<Uuid> for EscalationsOfTicket {
 
     async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Vec<EscalationRow>>, LoadError> {
         let rows = batched!(self.0, keys, staff::escalations_for_tickets);
-        Ok(grouped(rows, |r| r.ticket_id))
+        Ok(grouped(keys, rows, |r| r.ticket_id))
     }
 }
 
@@ -146,6 +177,6 @@ impl Loader<Uuid> for ApprovalsOfTicket {
 
     async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Vec<ApprovalRow>>, LoadError> {
         let rows = batched!(self.0, keys, staff::approvals_for_tickets);
-        Ok(grouped(rows, |r| r.ticket_id))
+        Ok(grouped(keys, rows, |r| r.ticket_id))
     }
 }

@@ -155,11 +155,19 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Request data every operation gets: the viewer, their scoped reads and
-/// loaders, and the correlation id commands carry.
-fn request_data(app: &AppState, viewer: Viewer, correlation: String) -> (Data, Db) {
+/// (for a request, not a subscription connection) cached loaders, and the
+/// correlation id commands carry.
+fn request_data(
+    app: &AppState,
+    viewer: Viewer,
+    correlation: String,
+    cached_loaders: bool,
+) -> (Data, Db) {
     let db = Db::new(app.pool.clone(), viewer.clone());
     let mut data = Data::default();
-    data.insert(Loaders::new(&db));
+    if cached_loaders {
+        data.insert(Loaders::new(&db));
+    }
     data.insert(db.clone());
     data.insert(viewer);
     data.insert(mutations::Correlation(correlation));
@@ -184,7 +192,7 @@ async fn execute(
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
-    let (data, db) = request_data(&app, viewer, correlation.0.clone());
+    let (data, db) = request_data(&app, viewer, correlation.0.clone(), true);
     let mut request = request.into_inner();
     request.data = data;
     let mut response = schema.execute(request).await;
@@ -256,7 +264,7 @@ async fn websocket(
                     let viewer = authenticate(&app, &token).await.map_err(|r| {
                         async_graphql::Error::new(format!("{}: {}", r.code, r.message))
                     })?;
-                    let mut data = request_data(&app, viewer, correlation.0).0;
+                    let mut data = request_data(&app, viewer, correlation.0, false).0;
                     data.insert(subscriptions::SessionToken(token));
                     Ok(data)
                 })

@@ -5,7 +5,7 @@ use casebook_projections::staff::{self, ApprovalRow, EscalationRow};
 use chrono::{DateTime, Utc};
 
 use super::context::{db, internal, require_staff};
-use super::loaders::Loaders;
+use super::loaders::loaders;
 use super::tickets::Ticket;
 use super::types::{ApprovalStatus, EscalationStatus};
 
@@ -53,7 +53,7 @@ impl Escalation {
     }
 
     async fn ticket(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Ticket>> {
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .tickets
             .load_one(self.0.ticket_id)
@@ -109,7 +109,7 @@ impl Approval {
     }
 
     async fn ticket(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Ticket>> {
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .tickets
             .load_one(self.0.ticket_id)

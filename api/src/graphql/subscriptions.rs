@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, OnceCell};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::context::{internal, require_staff, uuid_arg, viewer, Db};
-use super::loaders::Loaders;
+use super::context::{internal, require_staff, uuid_arg, viewer};
+use super::loaders::loaders;
 use super::tickets::Ticket;
 
 /// Events a slow subscriber may fall behind by before it skips some.
@@ -239,10 +239,7 @@ impl QueueChange {
 
     /// The ticket as the read model has it now.
     async fn ticket(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Ticket>> {
-        // Subscriptions outlive a request: load fresh, not through a
-        // request's cache.
-        let db = ctx.data::<Db>()?;
-        let loaders = Loaders::new(db);
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .tickets
             .load_one(self.ticket_id)
@@ -268,8 +265,7 @@ impl LiveSubscription {
         let v = viewer(ctx)?.clone();
         let id = uuid_arg(&ticket_id, "ticketId")?;
         if !v.is_staff() {
-            let db = ctx.data::<Db>()?;
-            let loaders = Loaders::new(db);
+            let loaders = loaders(ctx)?;
             let row = loaders.tickets.load_one(id).await.map_err(internal)?;
             if !row.is_some_and(|r| v.may_see_customer(r.customer_id)) {
                 return Err(super::context::not_found("no such ticket"));

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::{bad_input, db, internal, require_staff, uuid_arg, viewer};
 use super::customers::Customer;
-use super::loaders::Loaders;
+use super::loaders::{loaders, Loaders};
 use super::queues::{Approval, Escalation};
 use super::types::{Category, Channel, Direction, PageInfo, Priority, TicketStatus};
 
@@ -92,7 +92,7 @@ impl Ticket {
     }
 
     async fn customer(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Customer>> {
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .customers
             .load_one(self.0.customer_id)
@@ -105,7 +105,7 @@ impl Ticket {
     #[graphql(complexity = "5 * child_complexity")]
     async fn messages(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Message>> {
         let masked = viewer(ctx)?.masks_pii();
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .messages
             .load_one(self.0.ticket_id)
@@ -118,7 +118,7 @@ impl Ticket {
     }
 
     async fn escalations(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Escalation>> {
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .escalations
             .load_one(self.0.ticket_id)
@@ -135,7 +135,7 @@ impl Ticket {
         if !viewer(ctx)?.is_staff() {
             return Ok(Vec::new());
         }
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         Ok(loaders
             .approvals
             .load_one(self.0.ticket_id)
@@ -305,6 +305,100 @@ impl TicketConnection {
     }
 }
 
+/// Loads what the query asks of a page's tickets, one read per kind for the
+/// whole page, into the request's loaders: the nested resolvers then find
+/// it there, however their execution interleaves.
+async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Result<()> {
+    let Ok(loaders) = ctx.data::<Loaders>() else {
+        return Ok(());
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let node = ctx.look_ahead().field("edges").field("node");
+    let nodes = ctx.look_ahead().field("nodes");
+    let asks = |f: &str| node.field(f).exists() || nodes.field(f).exists();
+    let asks_customer = |f: &str| {
+        node.field("customer").field(f).exists() || nodes.field("customer").field(f).exists()
+    };
+    let tickets: Vec<Uuid> = rows.iter().map(|r| r.ticket_id).collect();
+    let mut customers: Vec<Uuid> = rows.iter().map(|r| r.customer_id).collect();
+    customers.sort();
+    customers.dedup();
+    let (a, b, c, d, e, f) = futures::join!(
+        async {
+            if asks("customer") {
+                loaders
+                    .customers
+                    .load_many(customers.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if asks_customer("emails") || asks_customer("phones") {
+                loaders
+                    .identifiers
+                    .load_many(customers.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if asks_customer("tickets") {
+                loaders
+                    .customer_tickets
+                    .load_many(customers.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if asks("messages") {
+                loaders
+                    .messages
+                    .load_many(tickets.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if asks("escalations") {
+                loaders
+                    .escalations
+                    .load_many(tickets.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if asks("approvals") {
+                loaders
+                    .approvals
+                    .load_many(tickets.iter().copied())
+                    .await
+                    .map(drop)
+            } else {
+                Ok(())
+            }
+        },
+    );
+    for r in [a, b, c, d, e, f] {
+        r.map_err(internal)?;
+    }
+    Ok(())
+}
+
 pub fn encode_cursor(row: &TicketRow) -> String {
     URL_SAFE_NO_PAD.encode(format!(
         "{}|{}",
@@ -335,7 +429,7 @@ impl TicketQuery {
             return Ok(None);
         };
         let v = viewer(ctx)?;
-        let loaders = ctx.data::<Loaders>()?;
+        let loaders = loaders(ctx)?;
         let row = loaders.tickets.load_one(id).await.map_err(internal)?;
         Ok(row
             .filter(|r| v.may_see_customer(r.customer_id))
@@ -401,6 +495,7 @@ impl TicketQuery {
         };
         let has_next_page = rows.len() > first as usize;
         rows.truncate(first as usize);
+        prefetch(ctx, &rows).await?;
         let edges: Vec<TicketEdge> = rows
             .into_iter()
             .map(|r| TicketEdge {
