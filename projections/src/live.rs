@@ -68,27 +68,6 @@ pub async fn events_at(
         .collect()
 }
 
-/// The stored events of one aggregate, in order, up to `limit`.
-pub async fn events_of(
-    pool: &PgPool,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    limit: i64,
-) -> Result<Vec<EventEnvelope>, sqlx::Error> {
-    let rows: Vec<PgRow> = sqlx::query(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
-          ORDER BY sequence LIMIT $3"
-    ))
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| stored_event(r).map(EventEnvelope::from))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,22 +10,12 @@ use uuid::Uuid;
 
 use crate::auth::Role;
 
-/// The caller of one request (or one subscription connection).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Viewer {
-    /// The staff user's (or customer's) `sub`.
-    pub sub: String,
-    /// The user's role now (not when the token was issued).
-    pub role: Role,
-    /// A customer's own id.
-    pub customer_id: Option<Uuid>,
-}
+/// The caller of one request (or one subscription connection): the session
+/// check's answer, with the user's current role.
+pub use crate::session::Caller as Viewer;
 
+/// What the GraphQL layer asks of a caller.
 impl Viewer {
-    pub fn is_staff(&self) -> bool {
-        self.role != Role::Customer
-    }
-
     /// Agents and supervisors act on tickets; analysts and auditors only
     /// read.
     pub fn may_act(&self) -> bool {
@@ -37,15 +27,7 @@ impl Viewer {
         self.role == Role::Analyst
     }
 
-    /// What row-level security filters this viewer's reads by.
-    pub fn scope(&self) -> casebook_projections::access::ReadScope {
-        casebook_projections::access::ReadScope {
-            role: self.role.as_str().to_string(),
-            customer_id: self.customer_id,
-        }
-    }
-
-    /// Whether this viewer may see a row of `customer_id`.
+    /// Whether this caller may see a row of `customer_id`.
     pub fn may_see_customer(&self, customer_id: Uuid) -> bool {
         self.is_staff() || self.customer_id == Some(customer_id)
     }

@@ -23,37 +23,33 @@ const DOCUMENT_MAX: usize = 200_000;
 /// The knowledge base, with its embedding model loaded on first use (an
 /// API replica that never searches never loads it).
 pub struct LazyKnowledge {
-    /// How to load it: the pool, the model and the HNSW search breadth.
-    load: Option<(PgPool, EmbeddingSource, u32)>,
+    pool: PgPool,
+    source: EmbeddingSource,
+    ef_search: u32,
     kb: OnceCell<KnowledgeBase>,
 }
 
 impl LazyKnowledge {
     pub fn new(pool: PgPool, source: EmbeddingSource, ef_search: u32) -> Self {
         Self {
-            load: Some((pool, source, ef_search)),
+            pool,
+            source,
+            ef_search,
             kb: OnceCell::new(),
-        }
-    }
-
-    /// Shares a model already loaded (one process serving several roles).
-    pub fn loaded(kb: KnowledgeBase) -> Self {
-        Self {
-            load: None,
-            kb: OnceCell::new_with(Some(kb)),
         }
     }
 
     pub async fn get(&self) -> Result<&KnowledgeBase, String> {
         self.kb
             .get_or_try_init(|| async {
-                let (pool, source, ef_search) =
-                    self.load.clone().ok_or("no knowledge base configured")?;
+                let source = self.source.clone();
                 let embedder = tokio::task::spawn_blocking(move || Embedder::new(&source))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                Ok::<_, String>(KnowledgeBase::new(pool, embedder).with_ef_search(ef_search))
+                Ok::<_, String>(
+                    KnowledgeBase::new(self.pool.clone(), embedder).with_ef_search(self.ef_search),
+                )
             })
             .await
     }
@@ -76,21 +72,12 @@ impl From<KbPassage> for Passage {
     fn from(p: KbPassage) -> Self {
         Self {
             document_id: ID(p.document_id),
-            section: p.section.clone().or_else(|| section_of(&p.body)),
+            section: p.section.clone(),
             title: p.title,
             text: p.body,
             score: p.score,
         }
     }
-}
-
-/// The last Markdown heading in a passage's text.
-fn section_of(text: &str) -> Option<String> {
-    text.lines()
-        .rev()
-        .filter_map(|l| l.trim_start().strip_prefix('#'))
-        .map(|h| h.trim_start_matches('#').trim().to_string())
-        .find(|h| !h.is_empty())
 }
 
 #[derive(SimpleObject, Clone, Debug)]
@@ -189,20 +176,5 @@ impl KnowledgeMutation {
             },
             unchanged: outcome == IngestOutcome::Unchanged,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_passage_names_its_last_heading() {
-        assert_eq!(
-            section_of("# Billing\ntext\n## Refunds\nmore").as_deref(),
-            Some("Refunds")
-        );
-        assert_eq!(section_of("plain text"), None);
-        assert_eq!(section_of("#\n"), None);
     }
 }

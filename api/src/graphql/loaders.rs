@@ -16,7 +16,8 @@ use super::context::Db;
 
 pub type LoadError = Arc<sqlx::Error>;
 
-type Cached<L> = DataLoader<L, HashMapCache>;
+/// A loader that keeps what it loaded for the request.
+pub type Cached<L> = DataLoader<L, HashMapCache>;
 
 /// The loaders of one request. They cache what they loaded for the
 /// request's lifetime, so a page can load its nested rows ahead in one read

@@ -25,6 +25,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::observe::CorrelationId;
+use crate::session;
 use crate::state::AppState;
 use context::{Db, Viewer};
 use loaders::Loaders;
@@ -128,7 +129,7 @@ impl IntoResponse for Refusal {
 
 /// The caller behind a bearer token, checked against their session now.
 pub async fn authenticate(app: &AppState, token: &str) -> Result<Viewer, Refusal> {
-    let caller = app.sessions.authenticate(token).await.map_err(|e| {
+    app.sessions.authenticate(token).await.map_err(|e| {
         let code = e.code();
         let message = if code == "unavailable" {
             tracing::error!(error = %e, "session check failed");
@@ -137,21 +138,7 @@ pub async fn authenticate(app: &AppState, token: &str) -> Result<Viewer, Refusal
             e.to_string()
         };
         Refusal { code, message }
-    })?;
-    Ok(Viewer {
-        sub: caller.sub,
-        role: caller.role,
-        customer_id: caller.customer_id,
     })
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
 }
 
 /// Request data every operation gets: the viewer, their scoped reads and
@@ -181,7 +168,7 @@ async fn execute(
     headers: HeaderMap,
     request: GraphQLRequest,
 ) -> Response {
-    let Some(token) = bearer(&headers) else {
+    let Some(token) = session::bearer(&headers) else {
         return Refusal {
             code: "unauthorized",
             message: "an Authorization: Bearer token is required".into(),
@@ -232,13 +219,8 @@ fn init_token(payload: &serde_json::Value) -> Option<String> {
             k.eq_ignore_ascii_case("authorization")
                 .then(|| v.as_str())
                 .flatten()
-                .map(|s| {
-                    s.trim()
-                        .strip_prefix("Bearer ")
-                        .unwrap_or(s.trim())
-                        .trim()
-                        .to_string()
-                })
+                .and_then(session::bearer_value)
+                .map(str::to_string)
         })
     };
     find(payload).or_else(|| find(payload.get("headers")?))

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use super::context::{bad_input, db, internal, require_staff, uuid_arg, viewer};
 use super::customers::Customer;
-use super::loaders::{loaders, Loaders};
+use async_graphql::dataloader::Loader;
+
+use super::loaders::{loaders, Cached, LoadError, Loaders};
 use super::queues::{Approval, Escalation};
 use super::types::{Category, Channel, Direction, PageInfo, Priority, TicketStatus};
 
@@ -326,75 +328,34 @@ async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Resul
     customers.sort();
     customers.dedup();
     let (a, b, c, d, e, f) = futures::join!(
-        async {
-            if asks("customer") {
-                loaders
-                    .customers
-                    .load_many(customers.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
-        async {
-            if asks_customer("emails") || asks_customer("phones") {
-                loaders
-                    .identifiers
-                    .load_many(customers.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
-        async {
-            if asks_customer("tickets") {
-                loaders
-                    .customer_tickets
-                    .load_many(customers.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
-        async {
-            if asks("messages") {
-                loaders
-                    .messages
-                    .load_many(tickets.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
-        async {
-            if asks("escalations") {
-                loaders
-                    .escalations
-                    .load_many(tickets.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
-        async {
-            if asks("approvals") {
-                loaders
-                    .approvals
-                    .load_many(tickets.iter().copied())
-                    .await
-                    .map(drop)
-            } else {
-                Ok(())
-            }
-        },
+        ahead(asks("customer"), &loaders.customers, &customers),
+        ahead(
+            asks_customer("emails") || asks_customer("phones"),
+            &loaders.identifiers,
+            &customers
+        ),
+        ahead(
+            asks_customer("tickets"),
+            &loaders.customer_tickets,
+            &customers
+        ),
+        ahead(asks("messages"), &loaders.messages, &tickets),
+        ahead(asks("escalations"), &loaders.escalations, &tickets),
+        ahead(asks("approvals"), &loaders.approvals, &tickets),
     );
     for r in [a, b, c, d, e, f] {
         r.map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Loads `keys` into `loader`'s cache in one batch, when the query asks.
+async fn ahead<L>(wanted: bool, loader: &Cached<L>, keys: &[Uuid]) -> Result<(), LoadError>
+where
+    L: Loader<Uuid, Error = LoadError>,
+{
+    if wanted {
+        loader.load_many(keys.iter().copied()).await?;
     }
     Ok(())
 }

@@ -4,126 +4,59 @@
 use async_graphql::{Enum, SimpleObject};
 use casebook_domain::masking::{mask_email, mask_phone};
 
-/// A ticket's status.
-#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum TicketStatus {
-    Received,
-    InProgress,
-    AwaitingApproval,
-    Responded,
-    Escalated,
-    Resolved,
-    Closed,
-}
-
-impl TicketStatus {
-    pub fn as_db(self) -> &'static str {
-        self.domain().as_str()
-    }
-
-    fn domain(self) -> casebook_domain::TicketStatus {
-        use casebook_domain::TicketStatus as D;
-        match self {
-            TicketStatus::Received => D::Received,
-            TicketStatus::InProgress => D::InProgress,
-            TicketStatus::AwaitingApproval => D::AwaitingApproval,
-            TicketStatus::Responded => D::Responded,
-            TicketStatus::Escalated => D::Escalated,
-            TicketStatus::Resolved => D::Resolved,
-            TicketStatus::Closed => D::Closed,
+/// The schema's mirror of a domain enum, read from and written to the read
+/// models' text columns through the domain's own names.
+macro_rules! mirrored {
+    ($(#[$doc:meta])* $name:ident = $domain:path { $($variant:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
         }
-    }
 
-    pub fn from_db(s: &str) -> Option<Self> {
-        [
-            TicketStatus::Received,
-            TicketStatus::InProgress,
-            TicketStatus::AwaitingApproval,
-            TicketStatus::Responded,
-            TicketStatus::Escalated,
-            TicketStatus::Resolved,
-            TicketStatus::Closed,
-        ]
-        .into_iter()
-        .find(|v| v.as_db() == s)
-    }
-}
+        impl $name {
+            pub fn as_db(self) -> &'static str {
+                match self {
+                    $($name::$variant => <$domain>::$variant.as_str()),+
+                }
+            }
 
-/// A channel customers write in on.
-#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Channel {
-    Email,
-    Whatsapp,
-    Webform,
-}
-
-impl Channel {
-    pub fn as_db(self) -> &'static str {
-        match self {
-            Channel::Email => "email",
-            Channel::Whatsapp => "whatsapp",
-            Channel::Webform => "webform",
+            pub fn from_db(s: &str) -> Option<Self> {
+                match s.parse::<$domain>().ok()? {
+                    $(<$domain>::$variant => Some($name::$variant)),+
+                }
+            }
         }
-    }
-
-    pub fn from_db(s: &str) -> Option<Self> {
-        [Channel::Email, Channel::Whatsapp, Channel::Webform]
-            .into_iter()
-            .find(|v| v.as_db() == s)
-    }
+    };
 }
 
-#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Priority {
-    Low,
-    Medium,
-    High,
-    Urgent,
-}
-
-impl Priority {
-    pub fn as_db(self) -> &'static str {
-        match self {
-            Priority::Low => "low",
-            Priority::Medium => "medium",
-            Priority::High => "high",
-            Priority::Urgent => "urgent",
-        }
+mirrored!(
+    /// A ticket's status.
+    TicketStatus = casebook_domain::TicketStatus {
+        Received, InProgress, AwaitingApproval, Responded, Escalated, Resolved, Closed,
     }
-
-    pub fn from_db(s: &str) -> Option<Self> {
-        [
-            Priority::Low,
-            Priority::Medium,
-            Priority::High,
-            Priority::Urgent,
-        ]
-        .into_iter()
-        .find(|v| v.as_db() == s)
+);
+mirrored!(
+    /// A channel customers write in on.
+    Channel = casebook_domain::Channel { Email, Whatsapp, Webform }
+);
+mirrored!(
+    Priority = casebook_domain::Priority {
+        Low,
+        Medium,
+        High,
+        Urgent
     }
-}
-
-#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Category {
-    General,
-    Technical,
-    Billing,
-    Account,
-    Feedback,
-}
-
-impl Category {
-    pub fn from_db(s: &str) -> Option<Self> {
-        match s {
-            "general" => Some(Category::General),
-            "technical" => Some(Category::Technical),
-            "billing" => Some(Category::Billing),
-            "account" => Some(Category::Account),
-            "feedback" => Some(Category::Feedback),
-            _ => None,
-        }
+);
+mirrored!(
+    Category = casebook_domain::Category {
+        General,
+        Technical,
+        Billing,
+        Account,
+        Feedback
     }
-}
+);
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
 pub enum EscalationStatus {
