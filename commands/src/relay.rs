@@ -68,7 +68,7 @@ impl Default for RelaySettings {
         Self {
             batch_size: 1000,
             idle_poll: Duration::from_millis(20),
-            idle_poll_max: Duration::from_millis(200),
+            idle_poll_max: Duration::from_millis(50),
             pending_poll: Duration::from_millis(3),
             max_message_bytes: 1_000_000,
         }

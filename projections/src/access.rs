@@ -44,26 +44,59 @@ impl ReadScope {
 }
 
 /// Begins a transaction that reads as `casebook_api` within `scope`. Commit
-/// or drop it when done (it never writes: `casebook_api` has no write grant
-/// and the policies refuse its writes).
+/// or drop it when done (it never writes: it is `READ ONLY`, `casebook_api`
+/// has no write grant and the policies refuse its writes).
+///
+/// The `BEGIN` and the scope go in one round trip (one simple-protocol
+/// message), so a scoped read costs what an unscoped one does. A simple
+/// query takes no bound parameters, so the statement is built only from
+/// values that cannot carry SQL: the role must be one of the known role
+/// names (anything else becomes `none`, which the policies let read
+/// nothing) and the customer is a parsed UUID.
 pub async fn begin_scoped(
     pool: &PgPool,
     scope: &ReadScope,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    pool.begin_with(scope_statement(scope)).await
+}
+
+/// The roles whose names the policies know.
+const KNOWN_ROLES: [&str; 5] = ["customer", "agent", "supervisor", "analyst", "auditor"];
+
+fn scope_statement(scope: &ReadScope) -> String {
+    let role = KNOWN_ROLES
+        .iter()
+        .find(|r| **r == scope.role)
+        .copied()
+        .unwrap_or("none");
     // `set_config('role', …, true)` is `SET LOCAL ROLE` (same membership
-    // check), in the same round trip as the scope. The role is a fixed
-    // identifier; the caller's values are bound parameters, never part of
-    // the statement text.
-    let customer = scope.customer_id.map(|c| c.to_string()).unwrap_or_default();
-    sqlx::query(
-        "SELECT set_config('role', 'casebook_api', true),
-                set_config('casebook.role', $1, true),
-                set_config('casebook.customer_id', $2, true)",
+    // check).
+    let customer = scope
+        .customer_id
+        .map(|c| c.hyphenated().to_string())
+        .unwrap_or_default();
+    format!(
+        "BEGIN READ ONLY; SELECT set_config('role', 'casebook_api', true), \
+         set_config('casebook.role', '{role}', true), \
+         set_config('casebook.customer_id', '{customer}', true)"
     )
-    .bind(&scope.role)
-    .bind(customer)
-    .execute(&mut *tx)
-    .await?;
-    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scope_statement_carries_only_known_roles_and_uuids() {
+        let id = Uuid::parse_str("6f1c2a9e-0d4b-4c41-9d7e-2b8f3a1c5e70").unwrap();
+        let s = scope_statement(&ReadScope::customer(id));
+        assert!(s.contains("'casebook.role', 'customer'"));
+        assert!(s.contains("'casebook.customer_id', '6f1c2a9e-0d4b-4c41-9d7e-2b8f3a1c5e70'"));
+        let hostile = scope_statement(&ReadScope::staff("agent', true); DROP TABLE events; --"));
+        assert!(hostile.contains("'casebook.role', 'none'"));
+        assert!(!hostile.contains("DROP"));
+        assert!(
+            scope_statement(&ReadScope::staff("auditor")).contains("'casebook.customer_id', ''")
+        );
+    }
 }

@@ -3,6 +3,8 @@
 //! shows nothing, and that with FORCE the policies hold for the table owner
 //! too while unscoped writers (projectors) keep full access.
 
+use casebook_api::graphql::context::Db;
+use casebook_api::{Caller, Role};
 use casebook_projections::{begin_scoped, ReadScope};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -209,12 +211,26 @@ async fn casebook_api_without_a_scope_sees_nothing_and_never_writes() {
             "DELETE FROM crm_messages".to_string(),
             "DELETE FROM kb_documents".to_string(),
         ] {
+            // A scoped transaction is READ ONLY (25006)…
             let mut tx = begin_scoped(&db.pool, &scope).await.unwrap();
             let refused = sqlx::query(&sql).execute(&mut *tx).await;
             assert_eq!(
                 sql_state(refused).as_deref(),
-                Some("42501"),
+                Some("25006"),
                 "{sql} in {scope:?}"
+            );
+            drop(tx);
+            // …and without that, the role has no write grant (42501).
+            let mut tx = db.pool.begin().await.unwrap();
+            sqlx::query("SET LOCAL ROLE casebook_api")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let refused = sqlx::query(&sql).execute(&mut *tx).await;
+            assert_eq!(
+                sql_state(refused).as_deref(),
+                Some("42501"),
+                "{sql} as casebook_api"
             );
         }
     }
@@ -393,4 +409,73 @@ async fn protecting_a_table_is_idempotent_and_needs_a_customer_id() {
             .await
             .unwrap();
     assert_eq!(roles, 1);
+}
+
+/// Which transaction a read ran in (its backend and start time) and the
+/// scope it saw.
+async fn transaction_of(db: &Db) -> (i32, String, String, i64) {
+    let mut conn = db.begin().await.unwrap();
+    let (pid, started, role): (i32, String, String) =
+        sqlx::query_as("SELECT pg_backend_pid(), now()::text, current_setting('casebook.role')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let tickets = count(&mut conn, "crm_tickets", "").await;
+    conn.commit().await.unwrap();
+    (pid, started, role, tickets)
+}
+
+/// A GraphQL request's reads share one scoped transaction (one `BEGIN` and
+/// one `COMMIT` a request, however much it nests); a subscription
+/// connection's reads each take their own, so it never holds one open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_reads_share_one_scoped_transaction_and_a_connections_reads_do_not() {
+    let db = TestDb::create().await;
+    let (a, _) = seed(&db.pool).await;
+    let caller = |role, customer_id| Caller {
+        sub: "reader".into(),
+        role,
+        customer_id,
+        session_id: Uuid::new_v4(),
+        name: None,
+    };
+
+    let request = Db::for_request(db.pool.clone(), caller(Role::Customer, Some(a)));
+    let first = transaction_of(&request).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = transaction_of(&request).await;
+    assert_eq!(first, second, "one transaction for the whole request");
+    assert_eq!(
+        (first.2.as_str(), first.3),
+        ("customer", 1),
+        "in the customer's scope"
+    );
+    assert_eq!(request.reads(), 2, "each read is still counted");
+    request.finish().await;
+    let after = transaction_of(&request).await;
+    assert_ne!(
+        after.1, first.1,
+        "a finished request's next read begins anew"
+    );
+    request.finish().await;
+
+    let connection = Db::per_read(db.pool.clone(), caller(Role::Agent, None));
+    let first = transaction_of(&connection).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = transaction_of(&connection).await;
+    assert_ne!(first.1, second.1, "a transaction per read");
+    assert_eq!(
+        (second.2.as_str(), second.3),
+        ("agent", 2),
+        "staff read everything"
+    );
+    // Nothing is left open: every connection of the pool is idle.
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
 }

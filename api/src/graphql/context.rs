@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_graphql::{Context, Error, ErrorExtensions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::auth::Role;
@@ -33,22 +34,79 @@ impl Viewer {
     }
 }
 
-/// Reads for one viewer: each runs in its own transaction scoped to the
-/// viewer's role and customer (row-level security), and is counted, so a
-/// response can say what it cost.
+/// Reads for one viewer, scoped to the viewer's role and customer
+/// (row-level security) and counted, so a response can say what it cost.
+///
+/// A request's reads share one read-only transaction, opened by the first
+/// read and committed when the request is done ([`Db::finish`]): a page and
+/// its nested rows cost one `BEGIN` and one `COMMIT`, not one of each per
+/// kind. A read-only transaction takes no transaction id, so it does not
+/// hold the relay back. A subscription connection lives for hours and must
+/// not hold a transaction: its `Db` opens one per read.
 #[derive(Clone)]
 pub struct Db {
     pool: PgPool,
     viewer: Viewer,
     reads: Arc<AtomicUsize>,
+    shared: Option<Arc<Mutex<Option<Transaction<'static, Postgres>>>>>,
+}
+
+/// One read's connection: the request's shared transaction (held for the
+/// read), or a transaction of its own.
+pub enum Scoped {
+    Shared(OwnedMutexGuard<Option<Transaction<'static, Postgres>>>),
+    Own(Transaction<'static, Postgres>),
+}
+
+impl Scoped {
+    /// Ends the read: commits a transaction of its own; the shared one
+    /// stays open for the request's next read.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Scoped::Shared(_) => Ok(()),
+            Scoped::Own(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl std::ops::Deref for Scoped {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Scoped::Shared(guard) => guard.as_ref().expect("opened before it is handed out"),
+            Scoped::Own(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Scoped {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Scoped::Shared(guard) => guard.as_mut().expect("opened before it is handed out"),
+            Scoped::Own(tx) => tx,
+        }
+    }
 }
 
 impl Db {
-    pub fn new(pool: PgPool, viewer: Viewer) -> Self {
+    /// Reads for one request, sharing one transaction.
+    pub fn for_request(pool: PgPool, viewer: Viewer) -> Self {
         Self {
             pool,
             viewer,
             reads: Arc::new(AtomicUsize::new(0)),
+            shared: Some(Arc::new(Mutex::new(None))),
+        }
+    }
+
+    /// Reads for a long-lived connection: a transaction per read.
+    pub fn per_read(pool: PgPool, viewer: Viewer) -> Self {
+        Self {
+            pool,
+            viewer,
+            reads: Arc::new(AtomicUsize::new(0)),
+            shared: None,
         }
     }
 
@@ -56,10 +114,35 @@ impl Db {
         &self.viewer
     }
 
-    /// A read transaction scoped to the viewer. Each use is one read query.
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    /// A connection scoped to the viewer for one read query; end it with
+    /// [`Scoped::commit`].
+    pub async fn begin(&self) -> Result<Scoped, sqlx::Error> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        casebook_projections::access::begin_scoped(&self.pool, &self.viewer.scope()).await
+        let scope = self.viewer.scope();
+        match &self.shared {
+            None => Ok(Scoped::Own(
+                casebook_projections::access::begin_scoped(&self.pool, &scope).await?,
+            )),
+            Some(shared) => {
+                let mut guard = shared.clone().lock_owned().await;
+                if guard.is_none() {
+                    *guard =
+                        Some(casebook_projections::access::begin_scoped(&self.pool, &scope).await?);
+                }
+                Ok(Scoped::Shared(guard))
+            }
+        }
+    }
+
+    /// Ends the request's shared transaction, if a read opened one. (A
+    /// transaction that is dropped instead is rolled back; it only read.)
+    pub async fn finish(&self) {
+        let Some(shared) = &self.shared else { return };
+        if let Some(tx) = shared.lock().await.take() {
+            if let Err(e) = tx.commit().await {
+                tracing::warn!(error = %e, "graphql: ending the request's read transaction failed");
+            }
+        }
     }
 
     /// Read queries run so far.

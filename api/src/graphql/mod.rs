@@ -150,7 +150,11 @@ fn request_data(
     correlation: String,
     cached_loaders: bool,
 ) -> (Data, Db) {
-    let db = Db::new(app.pool.clone(), viewer.clone());
+    let db = if cached_loaders {
+        Db::for_request(app.pool.clone(), viewer.clone())
+    } else {
+        Db::per_read(app.pool.clone(), viewer.clone())
+    };
     let mut data = Data::default();
     if cached_loaders {
         data.insert(Loaders::new(&db));
@@ -183,6 +187,7 @@ async fn execute(
     let mut request = request.into_inner();
     request.data = data;
     let mut response = schema.execute(request).await;
+    db.finish().await;
     explain_limits(&mut response);
     // What the operation cost: read queries it ran (batched loaders make
     // this independent of the page size).

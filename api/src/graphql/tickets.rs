@@ -349,13 +349,16 @@ async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Resul
     Ok(())
 }
 
-/// Loads `keys` into `loader`'s cache in one batch, when the query asks.
+/// Loads `keys` into `loader`'s cache in one batch, when the query asks:
+/// straight through its loader, since the keys are all known (a data
+/// loader's batch would wait its delay for keys that are not coming).
 async fn ahead<L>(wanted: bool, loader: &Cached<L>, keys: &[Uuid]) -> Result<(), LoadError>
 where
     L: Loader<Uuid, Error = LoadError>,
 {
     if wanted {
-        loader.load_many(keys.iter().copied()).await?;
+        let found = loader.loader().load(keys).await?;
+        loader.feed_many(found).await;
     }
     Ok(())
 }
