@@ -793,3 +793,75 @@ async fn graphiql_is_served_to_browsers() {
     );
     app.stop().await;
 }
+
+fn refusal_code(message: &Value) -> &str {
+    let errors = if message["type"] == "error" {
+        &message["payload"]
+    } else {
+        &message["payload"]["errors"]
+    };
+    errors[0]["extensions"]["code"].as_str().unwrap_or_default()
+}
+
+/// Refusals of subscriptions that arrive on `ws` within `window`.
+async fn errors_within(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    window: Duration,
+) -> Vec<Value> {
+    let mut errors = Vec::new();
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, ws.next()).await {
+        if let WsMessage::Text(text) = message {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            // A refused subscription ends with a `next` carrying errors (an
+            // `error` message is for a request that is not valid at all).
+            if v["type"] == "error" || v["payload"]["errors"].is_array() {
+                errors.push(v);
+            }
+        }
+    }
+    errors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_holds_at_most_a_hundred_subscriptions_and_a_completed_one_frees_its_slot() {
+    let app = TestApp::spawn_with(&backbone(), &[]).await;
+    let agent = token(&app, TokenRole::Agent, "greedy", None).await;
+    let query = "subscription { queueChanged { ticketId } }";
+    let mut ws = subscribe(&app, &agent, "1", query, json!({})).await;
+    for id in 2..=101 {
+        let start = json!({"id": id.to_string(), "type": "subscribe", "payload": {"query": query}});
+        ws.send(WsMessage::text(start.to_string())).await.unwrap();
+    }
+    let errors = errors_within(&mut ws, Duration::from_secs(3)).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        refusal_code(&errors[0]),
+        "TOO_MANY_SUBSCRIPTIONS",
+        "{errors:?}"
+    );
+    let refused = errors[0]["id"].as_str().unwrap().to_string();
+
+    // Completing one frees one slot: of two more, exactly one is refused.
+    let done = if refused == "1" { "2" } else { "1" };
+    let complete = json!({"id": done, "type": "complete"});
+    ws.send(WsMessage::text(complete.to_string()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in ["x1", "x2"] {
+        let start = json!({"id": id, "type": "subscribe", "payload": {"query": query}});
+        ws.send(WsMessage::text(start.to_string())).await.unwrap();
+    }
+    let errors = errors_within(&mut ws, Duration::from_secs(3)).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(refusal_code(&errors[0]), "TOO_MANY_SUBSCRIPTIONS");
+
+    // Another connection has slots of its own.
+    let mut other = subscribe(&app, &agent, "1", query, json!({})).await;
+    assert!(errors_within(&mut other, Duration::from_secs(1))
+        .await
+        .is_empty());
+}

@@ -253,6 +253,7 @@ async fn websocket(
                     })?;
                     let mut data = request_data(&app, viewer, correlation.0, false).0;
                     data.insert(subscriptions::SessionToken(token));
+                    data.insert(subscriptions::Slots::default());
                     Ok(data)
                 })
                 .serve()

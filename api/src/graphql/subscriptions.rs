@@ -13,11 +13,11 @@ use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::{broadcast, OnceCell};
+use tokio::sync::{broadcast, OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::context::{internal, require_staff, uuid_arg, viewer};
+use super::context::{coded, internal, require_staff, uuid_arg, viewer};
 use super::loaders::loaders;
 use super::tickets::Ticket;
 
@@ -26,6 +26,42 @@ const BACKLOG: usize = 4096;
 /// How often an open subscription checks its session again: a revoked,
 /// disabled or idle-expired session ends its subscriptions within this.
 const SESSION_RECHECK: Duration = Duration::from_secs(60);
+
+/// Subscriptions one connection may hold at once: each costs a broadcast
+/// receiver and a filter of every projected event, so a client may not
+/// open them without end.
+pub const MAX_PER_CONNECTION: usize = 100;
+
+/// A connection's subscription slots.
+#[derive(Clone)]
+pub struct Slots(Arc<Semaphore>);
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(MAX_PER_CONNECTION)))
+    }
+}
+
+/// Takes one of the connection's slots for as long as `stream` lives, or
+/// refuses with `TOO_MANY_SUBSCRIPTIONS`.
+fn in_a_slot<S: Stream>(
+    ctx: &Context<'_>,
+    stream: S,
+) -> async_graphql::Result<impl Stream<Item = S::Item>> {
+    let permit = match ctx.data::<Slots>() {
+        Ok(Slots(slots)) => Some(slots.clone().try_acquire_owned().map_err(|_| {
+            coded(
+                format!("at most {MAX_PER_CONNECTION} subscriptions per connection"),
+                "TOO_MANY_SUBSCRIPTIONS",
+            )
+        })?),
+        Err(_) => None,
+    };
+    Ok(stream.map(move |item| {
+        let _held = &permit;
+        item
+    }))
+}
 
 /// The bearer token a subscription connection was opened with.
 #[derive(Clone)]
@@ -275,7 +311,8 @@ impl LiveSubscription {
         let receiver = hub.subscribe().await.map_err(internal)?;
         let key = id.to_string();
         let staff = v.is_staff();
-        Ok(while_signed_in(ctx, events(receiver)).filter_map(move |e| {
+        let live = in_a_slot(ctx, while_signed_in(ctx, events(receiver)))?;
+        Ok(live.filter_map(move |e| {
             let item = (e.aggregate_type == "ticket" && e.aggregate_id == key)
                 .then(|| {
                     let payload = if staff {
@@ -299,7 +336,8 @@ impl LiveSubscription {
         require_staff(ctx, "follow the queues")?;
         let hub = ctx.data::<Arc<LiveHub>>()?;
         let receiver = hub.subscribe().await.map_err(internal)?;
-        Ok(while_signed_in(ctx, events(receiver)).filter_map(|e| {
+        let live = in_a_slot(ctx, while_signed_in(ctx, events(receiver)))?;
+        Ok(live.filter_map(|e| {
             let item = (e.aggregate_type == "ticket" && changes_queues(&e.event_type))
                 .then(|| e.aggregate_id.parse().ok())
                 .flatten()
