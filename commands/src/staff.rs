@@ -52,6 +52,18 @@ use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 
 /// The longest text a person may send (or edit a draft to), in characters.
 pub const MAX_REPLY_CHARS: usize = 4000;
+/// The longest idempotency key a reply may carry.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+/// The id of the reply `actor` sends on `ticket_id` under `key`: the same
+/// for a retry, different for another ticket, person or key.
+pub fn reply_id_for(ticket_id: Uuid, actor: &str, key: &str) -> Uuid {
+    let name = format!("{ticket_id}\u{0}{actor}\u{0}{key}");
+    Uuid::new_v5(&REPLY_NAMESPACE, name.as_bytes())
+}
+
+/// The UUID namespace of idempotent replies.
+const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5c1b_7a42_9e0d_4f63_a8b1_2d7e_6c90_f3a5);
 /// The longest reason or note, in characters.
 pub const MAX_NOTE_CHARS: usize = 1000;
 /// Most tickets one auto-close pass closes; the rest wait for the next.
@@ -296,13 +308,40 @@ impl Staff {
         actor: &str,
         correlation_id: &str,
     ) -> Result<Acted, CommandError<TicketError>> {
+        self.reply_once(ticket_id, body, None, actor, correlation_id)
+            .await
+    }
+
+    /// A person's reply that is sent at most once per `idempotency_key`:
+    /// the key (with the ticket and the person) fixes the reply's id, so a
+    /// retried request whose first attempt was recorded finds that reply
+    /// and records, and sends, nothing more. Without a key every call is a
+    /// new reply.
+    pub async fn reply_once(
+        &self,
+        ticket_id: Uuid,
+        body: &str,
+        idempotency_key: Option<&str>,
+        actor: &str,
+        correlation_id: &str,
+    ) -> Result<Acted, CommandError<TicketError>> {
         bounded(body, MAX_REPLY_CHARS).map_err(CommandError::Rejected)?;
         if body.trim().is_empty() {
             return Err(CommandError::Rejected(TicketError::EmptyResponse));
         }
+        let response_id = match idempotency_key {
+            Some(key) => {
+                if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                    return Err(CommandError::Rejected(TicketError::InvalidIdempotencyKey {
+                        max: MAX_IDEMPOTENCY_KEY_BYTES,
+                    }));
+                }
+                reply_id_for(ticket_id, actor, key)
+            }
+            None => Uuid::now_v7(),
+        };
         let ctx = self.reply_context(ticket_id).await?;
-        let response_id = Uuid::now_v7();
-        let events = self
+        let result = self
             .act(ticket_id, &Self::meta(actor, correlation_id), |ticket| {
                 Ok(vec![self.send(
                     ticket,
@@ -313,7 +352,17 @@ impl Staff {
                     Utc::now(),
                 )?])
             })
-            .await?;
+            .await;
+        let events = match result {
+            Ok(events) => events,
+            // The same key again: the reply is already recorded.
+            Err(CommandError::Rejected(TicketError::DuplicateResponse(id)))
+                if idempotency_key.is_some() && id == response_id =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Acted {
             response_id: Some(response_id),
             ..Acted::on(ticket_id, &events)

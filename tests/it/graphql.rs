@@ -865,3 +865,61 @@ async fn a_connection_holds_at_most_a_hundred_subscriptions_and_a_completed_one_
         .await
         .is_empty());
 }
+
+/// A retried reply (the same idempotency key) is recorded, and so sent,
+/// once; another key is another reply; an over-long key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reply_retried_with_its_idempotency_key_is_recorded_once() {
+    let app = TestApp::spawn_with(&backbone(), &[]).await;
+    let (ticket, _) = ticket_from_form(&app, "kay@example.com", "Where is my export?").await;
+    let agent = token(&app, TokenRole::Agent, "grace", None).await;
+    let reply = "mutation($t: ID!, $b: String!, $k: String) { replyToTicket(ticketId: $t, body: $b, idempotencyKey: $k) { id } }";
+    let replies = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'ResponseSent'",
+        )
+        .bind(ticket.to_string())
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+    };
+    for _ in 0..3 {
+        let data = gql(
+            &app,
+            &agent,
+            reply,
+            json!({"t": ticket, "b": "It is on its way.", "k": "reply-7f3a"}),
+        )
+        .await;
+        assert_eq!(data["replyToTicket"]["id"], ticket.to_string());
+    }
+    assert_eq!(replies().await, 1, "three attempts, one reply");
+    gql(
+        &app,
+        &agent,
+        reply,
+        json!({"t": ticket, "b": "And one more thing.", "k": "reply-8b21"}),
+    )
+    .await;
+    assert_eq!(replies().await, 2, "another key is another reply");
+    // Another person with the same key is not a retry of Grace's reply.
+    let other = token(&app, TokenRole::Agent, "hopper", None).await;
+    gql(
+        &app,
+        &other,
+        reply,
+        json!({"t": ticket, "b": "Hopper here.", "k": "reply-7f3a"}),
+    )
+    .await;
+    assert_eq!(replies().await, 3);
+    let (_, refused) = gql_raw(
+        &app,
+        &agent,
+        reply,
+        json!({"t": ticket, "b": "x", "k": "k".repeat(201)}),
+    )
+    .await;
+    assert_eq!(error_code(&refused), "BAD_USER_INPUT", "{refused}");
+    assert_eq!(replies().await, 3);
+    app.stop().await;
+}

@@ -32,6 +32,7 @@ fn refused(e: CommandError<TicketError>) -> async_graphql::Error {
                 | TicketError::UnknownApproval(_)
                 | TicketError::UnknownEscalation(_) => "NOT_FOUND",
                 TicketError::WhatsappWindowClosed => "WHATSAPP_WINDOW_CLOSED",
+                TicketError::InvalidIdempotencyKey { .. } => "BAD_USER_INPUT",
                 _ => "REJECTED",
             };
             coded(e.to_string(), code)
@@ -212,17 +213,23 @@ impl TicketMutation {
     }
 
     /// A person's reply, formatted for the ticket's channel and delivered.
+    /// With an `idempotencyKey` (up to 200 bytes, unique per reply) a
+    /// retried request sends nothing more once the first was recorded.
     async fn reply_to_ticket(
         &self,
         ctx: &Context<'_>,
         ticket_id: ID,
         body: String,
+        idempotency_key: Option<String>,
     ) -> async_graphql::Result<Ticket> {
         let a = act(ctx, "reply to customers")?;
         let id = self::ticket_id(&ticket_id)?;
         acted(
             a.app,
-            a.app.staff.reply(id, &body, a.sub, a.correlation).await,
+            a.app
+                .staff
+                .reply_once(id, &body, idempotency_key.as_deref(), a.sub, a.correlation)
+                .await,
         )
         .await
     }

@@ -796,4 +796,6 @@ pub enum TicketError {
     EmptyTemplate,
     #[error("a reply is at most {max} characters")]
     ResponseTooLong { max: usize },
+    #[error("an idempotency key is 1 to {max} bytes")]
+    InvalidIdempotencyKey { max: usize },
 }
