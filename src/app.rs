@@ -5,20 +5,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use casebook_agent::embeddings::{Embedder, EmbeddingSource};
+use casebook_agent::knowledge::KnowledgeBase;
+use casebook_agent::llm::{Provider, ProviderKind, ProviderSettings};
+use casebook_agent::{Agent, AgentHandler};
 use casebook_api::graphql::knowledge::LazyKnowledge;
 use casebook_api::graphql::subscriptions::LiveHub;
 use casebook_api::{ApiSettings, AppState, Inner, OpsState, Readiness, Sessions, TokenKeys};
-use casebook_commands::agent::{Agent, AgentHandler};
 use casebook_commands::claims::LinkKeys;
 use casebook_commands::delivery::{
     AcknowledgementSettings, Delivery, DeliveryHandler, GmailSendSettings, TwilioSettings,
 };
-use casebook_commands::embeddings::{Embedder, EmbeddingSource};
 use casebook_commands::gmail::{GmailClient, GmailSync};
 use casebook_commands::kafka::KafkaSettings;
-use casebook_commands::knowledge::KnowledgeBase;
 use casebook_commands::limits::Limit;
-use casebook_commands::llm::{Provider, ProviderKind, ProviderSettings};
 use casebook_commands::relay::{Relay, RelaySettings};
 use casebook_commands::sla;
 use casebook_commands::staff::Staff;

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 300)]
     pub messages: usize,
     /// HNSW candidates per search (kb).
-    #[arg(long, default_value_t = casebook_commands::knowledge::EF_SEARCH)]
+    #[arg(long, default_value_t = casebook_agent::knowledge::EF_SEARCH)]
     pub ef_search: u32,
     /// Chunks in the generated corpus (kb).
     #[arg(long, default_value_t = 100_000)]
@@ -779,8 +779,8 @@ const QUESTIONS: &[&str] = &[
 ];
 
 async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
-    use casebook_commands::agent::{Agent, Outcome};
-    use casebook_commands::knowledge::KnowledgeBase;
+    use casebook_agent::knowledge::KnowledgeBase;
+    use casebook_agent::{Agent, Outcome};
     use casebook_commands::{InboundMessage, Intake, Sender};
     use casebook_domain::identity::IdentityKey;
     use casebook_domain::{Category, Channel, Priority};
@@ -845,7 +845,7 @@ async fn agent(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         kb.search(
             &format!("{text} again"),
             5,
-            casebook_commands::knowledge::RELEVANCE_THRESHOLD,
+            casebook_agent::knowledge::RELEVANCE_THRESHOLD,
         )
         .await?;
         searching.push(started.elapsed());
@@ -874,7 +874,7 @@ fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<
         let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
         (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
     };
-    let dims = casebook_commands::embeddings::DIMENSIONS;
+    let dims = casebook_agent::embeddings::DIMENSIONS;
     let centroids: Vec<Vec<f32>> = (0..topics)
         .map(|_| unit((0..dims).map(|_| gaussian(&mut rng)).collect()))
         .collect();
@@ -911,7 +911,7 @@ fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<
 }
 
 async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
-    use casebook_commands::knowledge::KnowledgeBase;
+    use casebook_agent::knowledge::KnowledgeBase;
     use pgvector::Vector;
 
     let (chunks, queries) = clustered_vectors(args.chunks, args.chunks / 100 + 1, 42);
@@ -1012,7 +1012,7 @@ const JUDGED_PASSAGES: usize = 5;
 
 /// What retrieval returns for each question, as the agent's first search.
 pub async fn judge_retrieval(
-    kb: &casebook_commands::knowledge::KnowledgeBase,
+    kb: &casebook_agent::knowledge::KnowledgeBase,
     questions: &[EvalQuestion],
 ) -> anyhow::Result<Vec<Judged>> {
     let mut out = Vec::with_capacity(questions.len());
@@ -1051,10 +1051,10 @@ pub struct EndToEnd {
 /// expected article ends with that article's title (`crate::responder`).
 pub async fn answer_through_agent(
     pool: &PgPool,
-    kb: &casebook_commands::knowledge::KnowledgeBase,
+    kb: &casebook_agent::knowledge::KnowledgeBase,
     questions: &[EvalQuestion],
 ) -> anyhow::Result<EndToEnd> {
-    use casebook_commands::agent::{Agent, Outcome};
+    use casebook_agent::{Agent, Outcome};
     use casebook_commands::{InboundMessage, Intake, Sender};
     use casebook_domain::identity::IdentityKey;
     use casebook_domain::ticket::EscalationReason;
@@ -1196,7 +1196,7 @@ impl AnswersReport {
 }
 
 async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
-    use casebook_commands::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+    use casebook_agent::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
     use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores, EvalSplit};
 
     let questions = load_eval(std::path::Path::new("kb/eval/questions.tsv"))?;

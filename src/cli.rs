@@ -247,13 +247,13 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             command: KbCommand::Ingest { paths },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
+            let kb = casebook_agent::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
             let (mut stored, mut unchanged) = (0, 0);
             for path in paths {
                 for (file, outcome) in kb.ingest_path(&path).await? {
                     match outcome {
-                        casebook_commands::knowledge::IngestOutcome::Unchanged => unchanged += 1,
-                        casebook_commands::knowledge::IngestOutcome::Stored { chunks } => {
+                        casebook_agent::knowledge::IngestOutcome::Unchanged => unchanged += 1,
+                        casebook_agent::knowledge::IngestOutcome::Stored { chunks } => {
                             stored += 1;
                             println!("{}: {chunks} chunks", file.display());
                         }
@@ -266,7 +266,7 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             command: KbCommand::Reembed { prune },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let kb = casebook_commands::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
+            let kb = casebook_agent::knowledge::KnowledgeBase::new(pool, app::embedder(config)?);
             let report = kb.reembed().await?;
             println!(
                 "{} documents re-embedded with {} ({} chunks)",

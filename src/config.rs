@@ -412,7 +412,7 @@ impl Config {
                 })?,
         };
         let kb_ef_search = match src.var("CASEBOOK_KB_EF_SEARCH") {
-            None => casebook_commands::knowledge::EF_SEARCH,
+            None => casebook_agent::knowledge::EF_SEARCH,
             Some(v) => v
                 .parse::<u32>()
                 .ok()
@@ -420,7 +420,7 @@ impl Config {
                 .ok_or_else(|| bad("CASEBOOK_KB_EF_SEARCH", "must be a number from 10 to 1000"))?,
         };
         let auto_reply_cap_per_hour = match src.var("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR") {
-            None => casebook_commands::agent::DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
+            None => casebook_agent::DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
             Some(v) => v
                 .parse::<u32>()
                 .ok()

@@ -2,21 +2,16 @@
 //! customer messages, the outbox relay to Kafka, and the channel API clients.
 //! Only this crate appends events.
 
-pub mod agent;
 pub mod approvals;
 pub mod claims;
 pub mod delivery;
-pub mod embeddings;
 pub mod feedback;
 pub mod gmail;
 pub mod intake;
 pub mod kafka;
-pub mod knowledge;
 pub mod limits;
-pub mod llm;
 pub mod metrics;
 pub mod relay;
-pub mod responder;
 pub mod retry;
 pub mod sla;
 pub mod staff;

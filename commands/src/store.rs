@@ -32,7 +32,7 @@ use crate::retry::sleep_backoff;
 
 /// How often a command is retried when another writer got to the stream
 /// first, and how long to wait in between.
-pub(crate) const CONFLICT_BACKOFF: Backoff =
+pub const CONFLICT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(5), Duration::from_millis(250), 25);
 /// Retries for transient database failures (connection loss, pool timeout).
 const TRANSIENT_BACKOFF: Backoff =

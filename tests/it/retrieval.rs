@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use casebook::bench::{answer_through_agent, judge_retrieval, load_eval};
-use casebook_commands::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
-use casebook_commands::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+use casebook_agent::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
+use casebook_agent::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
 use casebook_domain::knowledge::{retrieval_scores, EvalQuestion, EvalSplit};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -261,7 +261,7 @@ async fn reembedding_switches_models_without_a_moment_where_search_finds_nothing
         .unwrap();
     assert_eq!(
         again[0].1,
-        casebook_commands::knowledge::IngestOutcome::Unchanged
+        casebook_agent::knowledge::IngestOutcome::Unchanged
     );
 
     // Once every process uses the new model, the old chunks go.

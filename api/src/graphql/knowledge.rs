@@ -2,8 +2,8 @@
 //! embeddings, same relevance threshold), and adding a document.
 
 use async_graphql::{Context, Object, SimpleObject, ID};
-use casebook_commands::embeddings::{Embedder, EmbeddingSource};
-use casebook_commands::knowledge::{
+use casebook_agent::embeddings::{Embedder, EmbeddingSource};
+use casebook_agent::knowledge::{
     slug, IngestOutcome, KnowledgeBase, Passage as KbPassage, RELEVANCE_THRESHOLD,
 };
 use sqlx::PgPool;

@@ -64,7 +64,7 @@ use uuid::Uuid;
 
 use crate::knowledge::{KnowledgeBase, KnowledgeError, Passage, RELEVANCE_THRESHOLD};
 use crate::llm::{ChatMessage, ChatReply, LlmError, Provider, ToolCall, ToolSpec};
-use crate::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
+use casebook_commands::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 
 /// Most knowledge base searches per customer message.
 pub const MAX_SEARCHES: usize = 2;
@@ -477,7 +477,7 @@ impl Agent {
             match uow.commit().await {
                 Ok(_) => return Ok(Outcome::Withheld(reason)),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
-                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                    casebook_commands::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -536,7 +536,7 @@ impl Agent {
             match uow.commit().await {
                 Ok(_) => return Ok(Some(Outcome::QueuedForHuman { acknowledged })),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
-                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                    casebook_commands::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -546,8 +546,9 @@ impl Agent {
     async fn history(&self, customer_id: Uuid, ticket_id: Uuid) -> Result<History, AgentError> {
         // The CRM read models: eventually consistent, which is all context
         // needs.
-        // Only identities a channel proved share history (crate::claims).
-        let customers = crate::claims::history_customers(&self.store, customer_id).await?;
+        // Only identities a channel proved share history (casebook_commands::claims).
+        let customers =
+            casebook_commands::claims::history_customers(&self.store, customer_id).await?;
         let tickets: Vec<(Uuid, String)> =
             sqlx::query_as("SELECT ticket_id, channel FROM crm_tickets WHERE customer_id = ANY($1) ORDER BY created_at DESC LIMIT 50")
                 .bind(&customers)
@@ -875,8 +876,11 @@ impl Agent {
                     .map(|url| status_link::status_link(url, run.ticket_id)),
             );
             let free_form = ticket.free_form_allowed(at);
-            let template =
-                crate::staff::reply_template(ticket, at, self.followup_template.as_deref());
+            let template = casebook_commands::staff::reply_template(
+                ticket,
+                at,
+                self.followup_template.as_deref(),
+            );
             uow.execute::<Ticket>(
                 &ticket_key,
                 TicketCommand::RecordHistoryReview {
@@ -1050,7 +1054,7 @@ impl Agent {
             match uow.commit().await {
                 Ok(_) => return Ok(outcome),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
-                    crate::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                    casebook_commands::retry::sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1102,12 +1106,12 @@ pub fn extractive_answer(question: &str, passages: &[&Passage]) -> String {
 pub struct AgentHandler(pub std::sync::Arc<Agent>);
 
 #[async_trait::async_trait]
-impl crate::worker::Handler for AgentHandler {
+impl casebook_commands::worker::Handler for AgentHandler {
     async fn handle(
         &self,
-        message: &crate::worker::Incoming,
-    ) -> Result<(), crate::worker::HandlerError> {
-        use crate::worker::HandlerError;
+        message: &casebook_commands::worker::Incoming,
+    ) -> Result<(), casebook_commands::worker::HandlerError> {
+        use casebook_commands::worker::HandlerError;
         let envelope: EventEnvelope = serde_json::from_slice(&message.payload)
             .map_err(|e| HandlerError::Poison(format!("not an event envelope: {e}")))?;
         if envelope.event_type != "CustomerMessageReceived" {
@@ -1131,7 +1135,7 @@ impl crate::worker::Handler for AgentHandler {
             }
             Err(_) => "error",
         };
-        crate::metrics::AGENT_SECONDS
+        casebook_commands::metrics::AGENT_SECONDS
             .with_label_values(&[outcome])
             .observe(started.elapsed().as_secs_f64());
         match result {

@@ -13,8 +13,8 @@ use casebook_domain::retry::Backoff;
 use serde::Deserialize;
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
-use crate::metrics::EXTERNAL_CALLS;
-use crate::retry::retry;
+use casebook_commands::metrics::EXTERNAL_CALLS;
+use casebook_commands::retry::retry;
 
 pub const DIMENSIONS: usize = 384;
 /// The model's training length; longer inputs are truncated.

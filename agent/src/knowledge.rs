@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use crate::embeddings::{EmbedError, Embedder};
-use crate::metrics::KB_SEARCH;
+use casebook_commands::metrics::KB_SEARCH;
 
 /// Most words per section chunk (a longer section is cut between blocks).
 pub const CHUNK_WORDS: usize = 180;

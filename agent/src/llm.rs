@@ -10,8 +10,8 @@ use casebook_domain::retry::Backoff;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::metrics::LLM_CALLS;
-use crate::retry::retry;
+use casebook_commands::metrics::LLM_CALLS;
+use casebook_commands::retry::retry;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const LLM_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4), 3);
