@@ -26,5 +26,7 @@ mod sla;
 mod status_link;
 mod status_page;
 mod tracing;
+mod trail;
+mod upcast;
 mod whatsapp;
 mod worker;
