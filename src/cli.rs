@@ -398,10 +398,22 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect()
             };
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            for report in casebook_replay::rebuild(&pool, &chosen).await? {
+            let display = RebuildProgress::new();
+            let reports = casebook_replay::rebuild_with_progress(
+                &pool,
+                &chosen,
+                casebook_replay::rebuild::CHUNK,
+                &|p| display.show(p),
+            )
+            .await?;
+            for report in reports {
                 println!(
-                    "{}: {} events read, {} applied in {} ms",
-                    report.projector, report.events_read, report.events_applied, report.millis
+                    "{}: {} events read, {} applied ({} caught up in the swap) in {} ms",
+                    report.projector,
+                    report.events_read,
+                    report.events_applied,
+                    report.caught_up,
+                    report.millis
                 );
             }
         }
@@ -522,4 +534,78 @@ fn print_history(h: &casebook_replay::TicketHistory) {
         s.escalations.iter().filter(|e| e.open).count(),
         if h.chain_valid { "valid" } else { "BROKEN" }
     );
+}
+
+/// A rebuild's progress on stderr: a bar with rate and ETA on a terminal,
+/// a plain line at most every two seconds (and at each swap) otherwise.
+struct RebuildProgress {
+    bar: Option<indicatif::ProgressBar>,
+    current: std::sync::Mutex<(&'static str, std::time::Instant, std::time::Instant)>,
+}
+
+impl RebuildProgress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg:>20} [{bar:40}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        let now = std::time::Instant::now();
+        Self {
+            bar,
+            current: std::sync::Mutex::new(("", now, now)),
+        }
+    }
+
+    fn show(&self, p: casebook_replay::Progress) {
+        let Ok(mut current) = self.current.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if current.0 != p.projector {
+            *current = (p.projector, now, now);
+            if let Some(bar) = &self.bar {
+                bar.reset();
+                bar.set_message(p.projector);
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            if p.swapped {
+                bar.println(format!("{}: swapped in", p.projector));
+            }
+            return;
+        }
+        if !p.swapped && now.duration_since(current.2) < Duration::from_secs(2) {
+            return;
+        }
+        current.2 = now;
+        let secs = now.duration_since(current.1).as_secs_f64().max(0.001);
+        let rate = p.done as f64 / secs;
+        let left = p.total.saturating_sub(p.done) as f64;
+        let eta = if rate > 0.0 { left / rate } else { 0.0 };
+        eprintln!(
+            "{}: {}/{} events, {:.0} events/s, ETA {:.0} s{}",
+            p.projector,
+            p.done,
+            p.total,
+            rate,
+            eta,
+            if p.swapped { ", swapped in" } else { "" }
+        );
+    }
+}
+
+impl Drop for RebuildProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -7,4 +7,4 @@ pub mod rebuild;
 
 pub use audit::{verify_chains, VerifyReport};
 pub use history::{mask_identifiers, ticket_as_of, ticket_at, AsOf, TicketHistory, TicketView};
-pub use rebuild::{rebuild, rebuild_paged, RebuildReport};
+pub use rebuild::{rebuild, rebuild_paged, rebuild_with_progress, Progress, RebuildReport};

@@ -18,6 +18,7 @@ mod outage;
 mod pipeline;
 mod projector;
 mod ratelimit;
+mod rebuild;
 mod relay;
 mod retrieval;
 mod rls;
