@@ -5,7 +5,8 @@
 //!
 //! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
 //!    copies of the projector's tables and of `projector_streams` /
-//!    `projector_progress` (`LIKE … INCLUDING ALL`). The projector's own
+//!    `projector_progress` (`LIKE … INCLUDING ALL`, unlogged: they are
+//!    thrown away and rebuilt whole if anything happens). The projector's own
 //!    code fills them, unchanged: each page is applied in a short
 //!    transaction whose `search_path` puts the shadow schema first, so its
 //!    unqualified table names resolve to the copies (the event store stays
@@ -37,7 +38,7 @@ use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool, Row};
 
 /// Events read from the store per page (one short transaction each).
-pub const CHUNK: usize = 2000;
+pub const CHUNK: usize = 5000;
 /// The bookkeeping tables a projector writes besides its own.
 const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
 /// How often a swap that lost a deadlock is tried again.
@@ -145,7 +146,7 @@ async fn prepare_shadow(
     for table in projector.tables().iter().chain(BOOKKEEPING.iter()) {
         let table = table_ident(table)?;
         sqlx::query(&format!(
-            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
         ))
         .execute(&mut *tx)
         .await?;
@@ -155,11 +156,15 @@ async fn prepare_shadow(
 }
 
 /// Points the transaction's unqualified table names at the shadow schema.
+/// Shadow pages need not wait for their commit to reach the disk: the
+/// shadow is thrown away and rebuilt whole if anything is lost.
 async fn use_shadow(tx: &mut PgConnection, schema: &str) -> Result<(), ProjectionError> {
-    sqlx::query("SELECT set_config('search_path', $1, true)")
-        .bind(format!("{schema}, public"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "SELECT set_config('search_path', $1, true), set_config('synchronous_commit', 'off', true)",
+    )
+    .bind(format!("{schema}, public"))
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -362,6 +367,10 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     use_shadow(&mut tx, schema).await?;
+    // The swap changes the live read model: its commit is durable.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
     let (mut read, mut applied) = (0u64, 0u64);
     loop {
         let (r, a) = apply_page(&mut tx, projector, types, cursor, chunk_size).await?;
