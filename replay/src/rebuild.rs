@@ -12,7 +12,10 @@
 //!    unqualified table names resolve to the copies (the event store stays
 //!    `public.events`). Pages are read in `(transaction_id, position)`
 //!    order behind the snapshot's xmin, as the relay reads: nothing can
-//!    appear behind a page once it is read. Readers and the live consumer
+//!    appear behind a page once it is read, and the filling goes on until
+//!    every transaction that had begun when the rebuild did has finished,
+//!    so the shadow holds at least everything committed before the
+//!    rebuild started. Readers and the live consumer
 //!    carry on meanwhile; nothing holds the relay back.
 //! 2. **Swap.** One transaction takes the projector's advisory lock
 //!    exclusively (each live batch takes it shared, `projections::projector`,
@@ -41,6 +44,8 @@ use sqlx::{PgConnection, PgPool, Row};
 pub const CHUNK: usize = 5000;
 /// The bookkeeping tables a projector writes besides its own.
 const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
+/// How soon to look again while an older transaction holds events back.
+const PENDING_POLL: Duration = Duration::from_millis(10);
 /// How often a swap that lost a deadlock is tried again.
 const SWAP_ATTEMPTS: u32 = 5;
 
@@ -293,14 +298,43 @@ async fn shadow_and_swap(
         total,
         swapped: false,
     });
+    // Every transaction that had started when the rebuild did: the shadow
+    // takes all of their events, so a rebuild holds at least everything
+    // committed before it began (later ones come live, by sequence).
+    let started_xmax: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+            .fetch_one(pool)
+            .await?;
+    let mut waited = Duration::ZERO;
+    let mut next_report = Duration::from_secs(1);
     // 1. Fill the shadow, one short transaction per page.
     loop {
         let mut tx = pool.begin().await?;
         use_shadow(&mut tx, schema).await?;
+        let settled: bool =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8")
+                .bind(&started_xmax)
+                .fetch_one(&mut *tx)
+                .await?;
         let (r, a) = apply_page(&mut tx, projector, types, &mut cursor, chunk_size).await?;
         tx.commit().await?;
         if r == 0 {
-            break;
+            if settled {
+                break;
+            }
+            // An older transaction still runs: an empty page means "not
+            // yet", not "done".
+            if waited >= next_report {
+                tracing::info!(
+                    projector = name,
+                    waited_secs = waited.as_secs(),
+                    "rebuild waits for older transactions to finish"
+                );
+                next_report += Duration::from_secs(10);
+            }
+            tokio::time::sleep(PENDING_POLL).await;
+            waited += PENDING_POLL;
+            continue;
         }
         read += r;
         applied += a;
