@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 mod graphql;
+mod replay;
 
 use crate::app::{self, Role};
 use crate::config::Config;
@@ -44,6 +45,9 @@ pub enum BenchName {
     /// hit@1, hit@3, MRR, the knowledge-gap decision, and end to end
     /// through the agent with the built-in responder.
     Answers,
+    /// Rebuilding every read model from a full store (`--replay-events`,
+    /// default 1,000,000, generated through the command path).
+    Replay,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +96,9 @@ pub struct BenchArgs {
     /// are loaded before every commit, so this sets how much is read.
     #[arg(long, default_value_t = 10)]
     pub commits_per_stream: usize,
+    /// Events to generate before rebuilding every read model (replay).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub replay_events: usize,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -104,6 +111,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
         BenchName::Answers => answers(&scratch).await,
+        BenchName::Replay => replay::run(&scratch, &args).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -286,6 +294,7 @@ enum Report {
         ratio: f64,
     },
     Answers(Box<AnswersReport>),
+    Replay(replay::ReplayReport),
 }
 
 #[derive(Debug, Serialize)]
@@ -400,6 +409,7 @@ impl Report {
                 "append: {events} events, {writers} writers, {per_commit} events per commit\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
             ),
             Report::Answers(a) => a.text(),
+            Report::Replay(r) => r.text(),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use casebook_api::users::{self, UserError};
+use casebook_api::users::{self, Permission, UserError};
 use casebook_api::{Role as TokenRole, TokenKeys};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -115,6 +115,9 @@ enum TokenCommand {
         /// CASEBOOK_SESSION_IDLE_SECS is refused before that.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
+        /// Grants a permission beyond the role (repeatable): auditor_pii.
+        #[arg(long = "permission")]
+        permissions: Vec<Permission>,
     },
 }
 
@@ -130,7 +133,14 @@ enum UserCommand {
         /// Required with --role customer.
         #[arg(long)]
         customer_id: Option<Uuid>,
+        /// Grants a permission beyond the role (repeatable): auditor_pii.
+        #[arg(long = "permission")]
+        permissions: Vec<Permission>,
     },
+    /// Grants a permission (auditor_pii), from the user's next request on.
+    Grant { sub: String, permission: Permission },
+    /// Revokes a permission, from the user's next request on.
+    Revoke { sub: String, permission: Permission },
     /// Changes a user's role, from their next request on.
     SetRole {
         sub: String,
@@ -157,8 +167,12 @@ enum ReplayCommand {
     /// A ticket's events up to a moment and its state then.
     Ticket {
         ticket_id: Uuid,
+        /// Events that occurred at or before this moment (RFC 3339).
         #[arg(long)]
         as_of: Option<DateTime<Utc>>,
+        /// Events at or before this global position (with --as-of: both).
+        #[arg(long)]
+        as_of_position: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -288,6 +302,7 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     sub,
                     customer_id,
                     ttl_secs,
+                    permissions,
                 },
         } => {
             // Bad usage is told before anything is connected to.
@@ -305,7 +320,13 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             let keys = TokenKeys::new(config.jwt_secret()?);
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
             match users::issue_token(&pool, &keys, role, &sub, customer_id, ttl_secs).await {
-                Ok(issued) => println!("{}", issued.token),
+                Ok(issued) => {
+                    // Granted before the token is shown to anyone.
+                    for permission in &permissions {
+                        users::set_permission(&pool, &sub, *permission, true).await?;
+                    }
+                    println!("{}", issued.token)
+                }
                 Err(e) if e.is_usage() => return Ok(usage(e)),
                 Err(e) => return Err(e.into()),
             }
@@ -318,9 +339,26 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     role,
                     name,
                     customer_id,
-                } => users::add_user(&pool, &sub, role, name.as_deref(), customer_id)
-                    .await
-                    .map(|u| format!("user {:?} added as {}", u.sub, u.role)),
+                    permissions,
+                } => match users::add_user(&pool, &sub, role, name.as_deref(), customer_id).await {
+                    Ok(u) => {
+                        for permission in &permissions {
+                            users::set_permission(&pool, &sub, *permission, true).await?;
+                        }
+                        Ok(format!("user {:?} added as {}", u.sub, u.role))
+                    }
+                    Err(e) => Err(e),
+                },
+                UserCommand::Grant { sub, permission } => {
+                    users::set_permission(&pool, &sub, permission, true)
+                        .await
+                        .map(|p| format!("user {sub:?} now holds: {}", p.join(", ")))
+                }
+                UserCommand::Revoke { sub, permission } => {
+                    users::set_permission(&pool, &sub, permission, false)
+                        .await
+                        .map(|_| format!("user {sub:?} no longer holds {permission}"))
+                }
                 UserCommand::SetRole {
                     sub,
                     role,
@@ -360,10 +398,22 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect()
             };
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            for report in casebook_replay::rebuild(&pool, &chosen).await? {
+            let display = RebuildProgress::new();
+            let reports = casebook_replay::rebuild_with_progress(
+                &pool,
+                &chosen,
+                casebook_replay::rebuild::CHUNK,
+                &|p| display.show(p),
+            )
+            .await?;
+            for report in reports {
                 println!(
-                    "{}: {} events read, {} applied in {} ms",
-                    report.projector, report.events_read, report.events_applied, report.millis
+                    "{}: {} events read, {} applied ({} caught up in the swap) in {} ms",
+                    report.projector,
+                    report.events_read,
+                    report.events_applied,
+                    report.caught_up,
+                    report.millis
                 );
             }
         }
@@ -372,12 +422,16 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                 ReplayCommand::Ticket {
                     ticket_id,
                     as_of,
+                    as_of_position,
                     json,
                 },
         } => {
             let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let history =
-                casebook_replay::ticket_as_of(&pool, &ticket_id.to_string(), as_of).await?;
+            let moment = casebook_replay::AsOf {
+                time: as_of,
+                position: as_of_position,
+            };
+            let history = casebook_replay::ticket_at(&pool, &ticket_id.to_string(), moment).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
@@ -439,9 +493,15 @@ fn usage(e: UserError) -> ExitCode {
 }
 
 fn print_history(h: &casebook_replay::TicketHistory) {
-    match h.as_of {
-        Some(t) => println!("ticket {} as of {}", h.ticket_id, t.to_rfc3339()),
-        None => println!("ticket {} (all events)", h.ticket_id),
+    match (h.as_of, h.as_of_position) {
+        (Some(t), Some(p)) => println!(
+            "ticket {} as of {} and position {p}",
+            h.ticket_id,
+            t.to_rfc3339()
+        ),
+        (Some(t), None) => println!("ticket {} as of {}", h.ticket_id, t.to_rfc3339()),
+        (None, Some(p)) => println!("ticket {} as of position {p}", h.ticket_id),
+        (None, None) => println!("ticket {} (all events)", h.ticket_id),
     }
     for e in &h.events {
         println!(
@@ -456,13 +516,96 @@ fn print_history(h: &casebook_replay::TicketHistory) {
     }
     let s = &h.state;
     println!(
-        "state: status {}, channel {}, priority {}, {} messages, first response {}",
+        "state: status {}, channel {}, priority {}, {} messages, first response {}, assignee {}",
         s.status.as_str(),
         s.channel.map(|c| c.as_str()).unwrap_or("-"),
         s.priority.as_str(),
         s.messages_count,
         s.first_response_at
             .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "none".into())
+            .unwrap_or_else(|| "none".into()),
+        s.assignee.as_deref().unwrap_or("-"),
     );
+    println!(
+        "{} drafts, {} approvals, {} escalations ({} open); chain {}",
+        s.drafts.len(),
+        s.approvals.len(),
+        s.escalations.len(),
+        s.escalations.iter().filter(|e| e.open).count(),
+        if h.chain_valid { "valid" } else { "BROKEN" }
+    );
+}
+
+/// A rebuild's progress on stderr: a bar with rate and ETA on a terminal,
+/// a plain line at most every two seconds (and at each swap) otherwise.
+struct RebuildProgress {
+    bar: Option<indicatif::ProgressBar>,
+    current: std::sync::Mutex<(&'static str, std::time::Instant, std::time::Instant)>,
+}
+
+impl RebuildProgress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg:>20} [{bar:40}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        let now = std::time::Instant::now();
+        Self {
+            bar,
+            current: std::sync::Mutex::new(("", now, now)),
+        }
+    }
+
+    fn show(&self, p: casebook_replay::Progress) {
+        let Ok(mut current) = self.current.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if current.0 != p.projector {
+            *current = (p.projector, now, now);
+            if let Some(bar) = &self.bar {
+                bar.reset();
+                bar.set_message(p.projector);
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            if p.swapped {
+                bar.println(format!("{}: swapped in", p.projector));
+            }
+            return;
+        }
+        if !p.swapped && now.duration_since(current.2) < Duration::from_secs(2) {
+            return;
+        }
+        current.2 = now;
+        let secs = now.duration_since(current.1).as_secs_f64().max(0.001);
+        let rate = p.done as f64 / secs;
+        let left = p.total.saturating_sub(p.done) as f64;
+        let eta = if rate > 0.0 { left / rate } else { 0.0 };
+        eprintln!(
+            "{}: {}/{} events, {:.0} events/s, ETA {:.0} s{}",
+            p.projector,
+            p.done,
+            p.total,
+            rate,
+            eta,
+            if p.swapped { ", swapped in" } else { "" }
+        );
+    }
+}
+
+impl Drop for RebuildProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -50,9 +50,18 @@ pub struct Caller {
     pub customer_id: Option<Uuid>,
     pub session_id: Uuid,
     pub name: Option<String>,
+    /// Permissions beyond the role (`users.permissions`), as of this
+    /// request: `auditor_pii`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
 }
 
 impl Caller {
+    /// Whether the user holds `permission` (see [`crate::users::Permission`]).
+    pub fn has_permission(&self, permission: crate::users::Permission) -> bool {
+        self.permissions.iter().any(|p| p == permission.as_str())
+    }
+
     /// The row-level security scope of this caller's reads.
     pub fn scope(&self) -> ReadScope {
         ReadScope {
@@ -142,6 +151,7 @@ type SessionRow = (
     bool,
     bool,
     bool,
+    Vec<String>,
 );
 
 impl Sessions {
@@ -187,7 +197,8 @@ impl Sessions {
                     s.revoked_at IS NOT NULL,
                     s.expires_at <= now(),
                     s.last_seen_at < now() - make_interval(secs => $2),
-                    s.last_seen_at < now() - make_interval(secs => $3)
+                    s.last_seen_at < now() - make_interval(secs => $3),
+                    u.permissions
                FROM sessions s JOIN users u ON u.sub = s.sub
               WHERE s.session_id = $1",
         )
@@ -196,7 +207,18 @@ impl Sessions {
         .bind(self.touch_every.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
-        let Some((sub, role, customer_id, name, disabled, revoked, expired, idle, stale)) = row
+        let Some((
+            sub,
+            role,
+            customer_id,
+            name,
+            disabled,
+            revoked,
+            expired,
+            idle,
+            stale,
+            permissions,
+        )) = row
         else {
             return Err(SessionError::UnknownSession);
         };
@@ -234,6 +256,7 @@ impl Sessions {
             },
             session_id: claims.sid,
             name,
+            permissions,
         })
     }
 }
@@ -299,6 +322,7 @@ mod tests {
             customer_id: Some(id),
             session_id: Uuid::new_v4(),
             name: None,
+            permissions: Vec::new(),
         };
         assert_eq!(caller.scope(), ReadScope::customer(id));
         assert!(!caller.is_staff());

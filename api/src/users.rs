@@ -56,6 +56,68 @@ impl UserError {
     }
 }
 
+/// A permission a user may hold beyond their role (`users.permissions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// An auditor sees emails and phone numbers in audit trails unmasked.
+    AuditorPii,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::AuditorPii => "auditor_pii",
+        }
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Permission {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auditor_pii" => Ok(Permission::AuditorPii),
+            other => Err(format!(
+                "unknown permission {:?}: expected auditor_pii",
+                other.chars().take(40).collect::<String>()
+            )),
+        }
+    }
+}
+
+/// Grants (`granted`) or revokes a permission; it acts on the user's next
+/// request. Granting twice, or revoking what is not held, changes nothing.
+pub async fn set_permission(
+    pool: &PgPool,
+    sub: &str,
+    permission: Permission,
+    granted: bool,
+) -> Result<Vec<String>, UserError> {
+    check_sub(sub)?;
+    let row: Option<(Vec<String>,)> = sqlx::query_as(
+        "UPDATE users
+            SET permissions = CASE WHEN $3
+                                   THEN (SELECT array_agg(DISTINCT p ORDER BY p) FROM unnest(permissions || $2::text) p)
+                                   ELSE array_remove(permissions, $2::text) END,
+                updated_at = now()
+          WHERE sub = $1
+          RETURNING permissions",
+    )
+    .bind(sub)
+    .bind(permission.as_str())
+    .bind(granted)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|(p,)| p)
+        .ok_or_else(|| UserError::NotFound(sub.to_string()))
+}
+
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {

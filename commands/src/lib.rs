@@ -16,6 +16,7 @@ pub mod retry;
 pub mod sla;
 pub mod staff;
 pub mod store;
+pub mod trail;
 pub mod worker;
 
 pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, Sender};

@@ -23,6 +23,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use postgres_es::PostgresEventRepository;
+use serde::Deserialize;
 use sqlx::PgPool;
 use tracing::Instrument;
 
@@ -163,9 +164,8 @@ impl EventStore {
         events
             .into_iter()
             .map(|event| {
-                serde_json::from_value(event.payload)
+                decode_stored::<A>(id, &event.event_type, &event.event_version, &event.payload)
                     .map(|payload| (event.sequence, payload))
-                    .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))
             })
             .collect()
     }
@@ -220,15 +220,28 @@ impl EventStore {
     }
 }
 
-fn fold<A: Aggregate>(
+/// A stored payload as the aggregate's event, upcast from its stored
+/// version first (`casebook_domain::upcast`), as every reader does.
+fn decode_stored<A: Aggregate>(
     id: &str,
-    rows: Vec<(i64, serde_json::Value)>,
-) -> Result<Loaded<A>, StoreError> {
+    event_type: &str,
+    event_version: &str,
+    payload: &serde_json::Value,
+) -> Result<A::Event, StoreError> {
+    let payload = casebook_domain::upcast::upcast(A::TYPE, event_type, event_version, payload)
+        .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))?;
+    A::Event::deserialize(payload.as_ref())
+        .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))
+}
+
+/// A prefetched stored event: sequence, event type, version, payload.
+type PrefetchedRow = (i64, String, String, serde_json::Value);
+
+fn fold<A: Aggregate>(id: &str, rows: Vec<PrefetchedRow>) -> Result<Loaded<A>, StoreError> {
     let mut aggregate = A::default();
     let mut version = 0;
-    for (sequence, payload) in rows {
-        let event: A::Event = serde_json::from_value(payload)
-            .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))?;
+    for (sequence, event_type, event_version, payload) in rows {
+        let event = decode_stored::<A>(id, &event_type, &event_version, &payload)?;
         aggregate.apply(event);
         version = sequence as usize;
     }
@@ -305,8 +318,8 @@ pub struct UnitOfWork<'s> {
     store: &'s EventStore,
     meta: EventMetadata,
     streams: Vec<PendingStream>,
-    /// Streams read ahead in one query: (type, id) → (sequence, payload).
-    prefetched: HashMap<(String, String), Vec<(i64, serde_json::Value)>>,
+    /// Streams read ahead in one query: (type, id) → their events.
+    prefetched: HashMap<(String, String), Vec<PrefetchedRow>>,
 }
 
 impl UnitOfWork<'_> {
@@ -352,7 +365,7 @@ impl UnitOfWork<'_> {
             .map(|(t, id)| (t.to_string(), id.clone()))
             .unzip();
         let pool = self.store.pool.clone();
-        let rows: Vec<(String, String, i64, serde_json::Value)> = with_transient_retry(|| async {
+        let rows: Vec<(String, String, i64, String, String, serde_json::Value)> = with_transient_retry(|| async {
             Ok(sqlx::query_as(
                 "WITH wanted AS (
                      SELECT * FROM unnest($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id)
@@ -363,7 +376,7 @@ impl UnitOfWork<'_> {
                  ), streams AS (
                      SELECT * FROM wanted UNION SELECT * FROM owners
                  )
-                 SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.payload
+                 SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload
                    FROM streams s JOIN events e USING (aggregate_type, aggregate_id)
                   ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
             )
@@ -377,11 +390,13 @@ impl UnitOfWork<'_> {
         for key in types.into_iter().zip(ids) {
             self.prefetched.entry(key).or_default();
         }
-        for (t, id, sequence, payload) in rows {
-            self.prefetched
-                .entry((t, id))
-                .or_default()
-                .push((sequence, payload));
+        for (t, id, sequence, event_type, event_version, payload) in rows {
+            self.prefetched.entry((t, id)).or_default().push((
+                sequence,
+                event_type,
+                event_version,
+                payload,
+            ));
         }
         Ok(())
     }

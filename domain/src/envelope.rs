@@ -106,8 +106,16 @@ impl From<StoredEvent> for EventEnvelope {
 }
 
 impl EventEnvelope {
-    /// Decodes the payload as the event type of an aggregate.
+    /// Decodes the payload as the event type of an aggregate, upcast from
+    /// its stored version to the one this build reads (`crate::upcast`).
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        E::deserialize(&self.payload)
+        let payload = crate::upcast::upcast(
+            &self.aggregate_type,
+            &self.event_type,
+            &self.event_version,
+            &self.payload,
+        )
+        .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        E::deserialize(payload.as_ref())
     }
 }

@@ -25,6 +25,8 @@ pub mod sla;
 pub mod status_link;
 pub mod ticket;
 pub mod topics;
+pub mod trail;
+pub mod upcast;
 pub mod values;
 pub mod webform;
 

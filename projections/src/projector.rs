@@ -48,6 +48,13 @@ pub struct ConsumedOffset {
     pub next_offset: i64,
 }
 
+/// The advisory lock class (`pg_advisory_xact_lock(class, hashtext(name))`)
+/// of a projector's live batches: each takes it shared, and a rebuild's
+/// swap (`casebook_replay::rebuild`) takes it exclusively, so the swap
+/// never interleaves with a live batch. `REBUILD_LOCK_CLASS + 1` keeps
+/// two rebuilds of one projector apart.
+pub const REBUILD_LOCK_CLASS: i32 = 20_261_127;
+
 /// Applies `events` to the projector's read model in one transaction with
 /// the offsets consumed and the per-stream sequences reached. Events of
 /// other aggregate types, and copies of events already applied, are
@@ -59,6 +66,11 @@ pub async fn apply_batch(
     offsets: &[ConsumedOffset],
 ) -> Result<usize, ProjectionError> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, hashtext($2))")
+        .bind(REBUILD_LOCK_CLASS)
+        .bind(projector.name())
+        .execute(&mut *tx)
+        .await?;
     let applied = apply_batch_in(&mut tx, projector, events, offsets).await?;
     if projector.announces() {
         // Delivered to listeners only when (and if) the batch commits.

@@ -6,5 +6,5 @@ pub mod history;
 pub mod rebuild;
 
 pub use audit::{verify_chains, VerifyReport};
-pub use history::{ticket_as_of, TicketHistory};
-pub use rebuild::{rebuild, rebuild_paged, RebuildReport};
+pub use history::{mask_identifiers, ticket_as_of, ticket_at, AsOf, TicketHistory, TicketView};
+pub use rebuild::{rebuild, rebuild_paged, rebuild_with_progress, Progress, RebuildReport};

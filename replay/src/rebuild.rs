@@ -1,40 +1,80 @@
-//! `casebook replay projections`: rebuilds read models from the event store.
+//! `casebook replay projections`: rebuilds read models from the event store
+//! without taking them away from readers.
 //!
-//! Each projector is rebuilt in one transaction: its tables are emptied
-//! (which also holds off its live consumer until the rebuild commits), every
-//! stored event is applied in store order, and its per-stream sequences are
-//! recomputed. Its Kafka offsets stay: the live consumer carries on where it
-//! was and recognises what the rebuild already applied. While a rebuild
-//! runs, its long transaction holds the relay back; run it when that is
-//! acceptable.
+//! Per projector:
+//!
+//! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
+//!    copies of the projector's tables and of `projector_streams` /
+//!    `projector_progress` (`LIKE … INCLUDING ALL`, unlogged: they are
+//!    thrown away and rebuilt whole if anything happens). The projector's own
+//!    code fills them, unchanged: each page is applied in a short
+//!    transaction whose `search_path` puts the shadow schema first, so its
+//!    unqualified table names resolve to the copies (the event store stays
+//!    `public.events`). Pages are read in `(transaction_id, position)`
+//!    order behind the snapshot's xmin, as the relay reads: nothing can
+//!    appear behind a page once it is read, and the filling goes on until
+//!    every transaction that had begun when the rebuild did has finished,
+//!    so the shadow holds at least everything committed before the
+//!    rebuild started. Readers and the live consumer
+//!    carry on meanwhile; nothing holds the relay back.
+//! 2. **Swap.** One transaction takes the projector's advisory lock
+//!    exclusively (each live batch takes it shared, `projections::projector`,
+//!    so in-flight batches finish first and new ones wait), applies what was
+//!    stored since to the shadow, and replaces the live rows and the
+//!    projector's per-stream sequences with the shadow's. Readers see the
+//!    old rows until it commits and the new ones after: never an empty or
+//!    half-built read model (the rows are replaced with DELETE and INSERT,
+//!    not TRUNCATE, which would lock readers out).
+//! 3. **Resume.** The live consumer's Kafka offsets are left as they were.
+//!    Whatever it receives next that the shadow already had is recognised by
+//!    its stream sequence and skipped (no double); whatever the shadow did
+//!    not have has a higher sequence and is applied (no gap).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use casebook_domain::EventEnvelope;
+use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
 use casebook_projections::{apply_batch_in, ProjectionError, Projector};
 use futures::TryStreamExt;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
-/// Events read from the store per page.
-pub const CHUNK: usize = 1000;
+/// Events read from the store per page (one short transaction each).
+pub const CHUNK: usize = 5000;
+/// The bookkeeping tables a projector writes besides its own.
+const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
 /// How soon to look again while an older transaction holds events back.
 const PENDING_POLL: Duration = Duration::from_millis(10);
+/// How often a swap that lost a deadlock is tried again.
+const SWAP_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildReport {
     pub projector: &'static str,
     pub events_read: u64,
     pub events_applied: u64,
+    /// Of them, applied in the swap's transaction (stored during the rebuild).
+    pub caught_up: u64,
     pub millis: u128,
+}
+
+/// Where a rebuild stands, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub projector: &'static str,
+    /// Events of the projector's aggregate types read so far.
+    pub done: u64,
+    /// Events of its aggregate types stored when it started (more may come).
+    pub total: u64,
+    pub swapped: bool,
 }
 
 pub async fn rebuild(
     pool: &PgPool,
     projectors: &[Arc<dyn Projector>],
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
-    rebuild_paged(pool, projectors, CHUNK).await
+    rebuild_with_progress(pool, projectors, CHUNK, &|_| {}).await
 }
 
 /// [`rebuild`], reading `chunk` events per page.
@@ -43,85 +83,247 @@ pub async fn rebuild_paged(
     projectors: &[Arc<dyn Projector>],
     chunk: usize,
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
+    rebuild_with_progress(pool, projectors, chunk, &|_| {}).await
+}
+
+/// [`rebuild`], reading `chunk` events per page and telling `progress`
+/// after each.
+pub async fn rebuild_with_progress(
+    pool: &PgPool,
+    projectors: &[Arc<dyn Projector>],
+    chunk: usize,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let mut reports = Vec::with_capacity(projectors.len());
     for projector in projectors {
-        reports.push(rebuild_one(pool, projector.as_ref(), chunk.max(1)).await?);
+        reports
+            .push(rebuild_one(pool, projector.as_ref(), chunk.clamp(1, 50_000), progress).await?);
     }
     Ok(reports)
+}
+
+/// The shadow schema of a projector: its name is ASCII letters, digits and
+/// dashes (checked), so the identifier needs no quoting.
+fn shadow_schema(name: &str) -> Result<String, ProjectionError> {
+    if name.is_empty()
+        || name.len() > 40
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+            "projector name {name:?} cannot name a shadow schema"
+        ))));
+    }
+    Ok(format!("casebook_shadow_{}", name.replace('-', "_")))
+}
+
+/// A table name from a projector's static list, checked the same way.
+fn table_ident(name: &str) -> Result<&str, ProjectionError> {
+    if !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(name)
+    } else {
+        Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+            "table name {name:?} is not a plain identifier"
+        ))))
+    }
+}
+
+/// Empty copies of the projector's tables and bookkeeping in its shadow
+/// schema (a leftover of an interrupted rebuild is dropped first).
+async fn prepare_shadow(
+    pool: &PgPool,
+    schema: &str,
+    projector: &dyn Projector,
+) -> Result<(), ProjectionError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    for table in projector.tables().iter().chain(BOOKKEEPING.iter()) {
+        let table = table_ident(table)?;
+        sqlx::query(&format!(
+            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Points the transaction's unqualified table names at the shadow schema.
+/// Shadow pages need not wait for their commit to reach the disk: the
+/// shadow is thrown away and rebuilt whole if anything is lost.
+async fn use_shadow(tx: &mut PgConnection, schema: &str) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "SELECT set_config('search_path', $1, true), set_config('synchronous_commit', 'off', true)",
+    )
+    .bind(format!("{schema}, public"))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Where the paging reached: the last (transaction id, position) read.
+struct Cursor {
+    last_tx: String,
+    last_position: i64,
+}
+
+/// Reads the next page behind the xmin barrier and applies it in `tx`.
+/// Returns (read, applied); zero read means caught up with the barrier.
+async fn apply_page(
+    tx: &mut PgConnection,
+    projector: &dyn Projector,
+    types: &[String],
+    cursor: &mut Cursor,
+    chunk_size: usize,
+) -> Result<(u64, u64), ProjectionError> {
+    let rows = sqlx::query(&format!(
+        "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM public.events
+          WHERE (transaction_id, position) > ($1::text::xid8, $2)
+            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            AND aggregate_type = ANY($3)
+          ORDER BY transaction_id, position LIMIT $4"
+    ))
+    .bind(&cursor.last_tx)
+    .bind(cursor.last_position)
+    .bind(types)
+    .bind(chunk_size as i64)
+    .fetch(&mut *tx)
+    .map_ok(|row| {
+        (
+            row.try_get::<String, _>("tx"),
+            row.try_get::<i64, _>("position"),
+            stored_event(&row),
+        )
+    })
+    .try_collect::<Vec<_>>()
+    .await?;
+    if rows.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut chunk: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
+    for (txid, position, event) in rows {
+        cursor.last_tx = txid?;
+        cursor.last_position = position?;
+        chunk.push(event?.into());
+    }
+    let applied = apply_batch_in(&mut *tx, projector, &chunk, &[]).await?;
+    Ok((chunk.len() as u64, applied.len() as u64))
 }
 
 async fn rebuild_one(
     pool: &PgPool,
     projector: &dyn Projector,
     chunk_size: usize,
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let name = projector.name();
-    let mut tx = pool.begin().await?;
-    let tables = projector.tables().join(", ");
-    sqlx::query(&format!("TRUNCATE {tables}"))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM projector_streams WHERE projector = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    let schema = shadow_schema(name)?;
     let types: Vec<String> = projector
         .aggregate_types()
         .iter()
         .map(|t| t.to_string())
         .collect();
-    let mut read = 0u64;
-    let mut applied_total = 0u64;
-    // Paged in (transaction_id, position) order behind the snapshot's xmin,
-    // as the relay reads: a transaction that took its positions early and
-    // commits late is below the barrier only once it has finished, so no
-    // page can be passed by an event that becomes visible afterwards.
-    //
-    // The rebuild takes every event of a transaction older than its own
-    // (whose xid it got with the TRUNCATE): while one of those still runs,
-    // an empty page means "not yet", not "done", so it waits. Younger
-    // transactions cannot be published by the relay before this one ends
-    // (the relay's barrier is behind it), so the live consumer, held off by
-    // the TRUNCATE, applies them afterwards.
-    let own_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
-        .fetch_one(&mut *tx)
+    // One rebuild of a projector at a time: a second is refused, not mixed in.
+    let mut guard = pool.acquire().await?;
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(REBUILD_LOCK_CLASS + 1)
+        .bind(name)
+        .fetch_one(&mut *guard)
         .await?;
-    let mut last_tx = String::from("0");
-    let mut last_position = 0i64;
+    if !mine {
+        return Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+            "another rebuild of {name} is running"
+        ))));
+    }
+    let outcome = shadow_and_swap(pool, projector, &schema, &types, chunk_size, progress).await;
+    // Released whatever happened (the connection may go back to the pool).
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(REBUILD_LOCK_CLASS + 1)
+        .bind(name)
+        .execute(&mut *guard)
+        .await;
+    let (read, applied, caught_up) = outcome?;
+    tracing::info!(
+        projector = name,
+        events = applied,
+        caught_up,
+        "read model rebuilt and swapped in"
+    );
+    Ok(RebuildReport {
+        projector: name,
+        events_read: read,
+        events_applied: applied,
+        caught_up,
+        millis: started.elapsed().as_millis(),
+    })
+}
+
+async fn shadow_and_swap(
+    pool: &PgPool,
+    projector: &dyn Projector,
+    schema: &str,
+    types: &[String],
+    chunk_size: usize,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(u64, u64, u64), ProjectionError> {
+    let name = projector.name();
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = ANY($1)")
+            .bind(types)
+            .fetch_one(pool)
+            .await?;
+    let total = total as u64;
+    prepare_shadow(pool, schema, projector).await?;
+    let mut cursor = Cursor {
+        last_tx: "0".into(),
+        last_position: 0,
+    };
+    let (mut read, mut applied) = (0u64, 0u64);
+    progress(Progress {
+        projector: name,
+        done: 0,
+        total,
+        swapped: false,
+    });
+    // Every transaction that had started when the rebuild did: the shadow
+    // takes all of their events, so a rebuild holds at least everything
+    // committed before it began (later ones come live, by sequence).
+    let started_xmax: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+            .fetch_one(pool)
+            .await?;
     let mut waited = Duration::ZERO;
     let mut next_report = Duration::from_secs(1);
+    // 1. Fill the shadow, one short transaction per page.
     loop {
+        let mut tx = pool.begin().await?;
+        use_shadow(&mut tx, schema).await?;
         let settled: bool =
             sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8")
-                .bind(&own_xid)
+                .bind(&started_xmax)
                 .fetch_one(&mut *tx)
                 .await?;
-        let rows = sqlx::query(&format!(
-            "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM events
-              WHERE (transaction_id, position) > ($1::text::xid8, $2)
-                AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-                AND aggregate_type = ANY($3)
-              ORDER BY transaction_id, position LIMIT $4"
-        ))
-        .bind(&last_tx)
-        .bind(last_position)
-        .bind(&types)
-        .bind(chunk_size as i64)
-        .fetch(&mut *tx)
-        .map_ok(|row| {
-            (
-                row.try_get::<String, _>("tx"),
-                row.try_get::<i64, _>("position"),
-                stored_event(&row),
-            )
-        })
-        .try_collect::<Vec<_>>()
-        .await?;
-        if rows.is_empty() {
+        let (r, a) = apply_page(&mut tx, projector, types, &mut cursor, chunk_size).await?;
+        tx.commit().await?;
+        if r == 0 {
             if settled {
                 break;
             }
+            // An older transaction still runs: an empty page means "not
+            // yet", not "done".
             if waited >= next_report {
                 tracing::info!(
                     projector = name,
@@ -134,26 +336,117 @@ async fn rebuild_one(
             waited += PENDING_POLL;
             continue;
         }
-        let mut chunk: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
-        for (txid, position, event) in rows {
-            last_tx = txid?;
-            last_position = position?;
-            chunk.push(event?.into());
-        }
-        read += chunk.len() as u64;
-        let applied = apply_batch_in(&mut tx, projector, &chunk, &[]).await?;
-        applied_total += applied.len() as u64;
+        read += r;
+        applied += a;
+        progress(Progress {
+            projector: name,
+            done: read,
+            total: total.max(read),
+            swapped: false,
+        });
     }
-    tx.commit().await?;
-    tracing::info!(
-        projector = name,
-        events = applied_total,
-        "read model rebuilt"
-    );
-    Ok(RebuildReport {
+    // 2. Catch up and swap, holding live batches off.
+    let mut attempt = 0;
+    let caught_up = loop {
+        attempt += 1;
+        let mut page_cursor = Cursor {
+            last_tx: cursor.last_tx.clone(),
+            last_position: cursor.last_position,
+        };
+        match swap(pool, projector, schema, types, &mut page_cursor, chunk_size).await {
+            Ok((r, a)) => {
+                read += r;
+                applied += a;
+                break a;
+            }
+            Err(ProjectionError::Database(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("40P01") && attempt < SWAP_ATTEMPTS =>
+            {
+                tracing::warn!(
+                    projector = name,
+                    attempt,
+                    "swap lost a deadlock; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    progress(Progress {
         projector: name,
-        events_read: read,
-        events_applied: applied_total,
-        millis: started.elapsed().as_millis(),
-    })
+        done: read,
+        total: total.max(read),
+        swapped: true,
+    });
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(pool)
+        .await?;
+    Ok((read, applied, caught_up))
+}
+
+/// The swap's transaction; returns what it caught up (read, applied).
+async fn swap(
+    pool: &PgPool,
+    projector: &dyn Projector,
+    schema: &str,
+    types: &[String],
+    cursor: &mut Cursor,
+    chunk_size: usize,
+) -> Result<(u64, u64), ProjectionError> {
+    let name = projector.name();
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(REBUILD_LOCK_CLASS)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    use_shadow(&mut tx, schema).await?;
+    // The swap changes the live read model: its commit is durable.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
+    let (mut read, mut applied) = (0u64, 0u64);
+    loop {
+        let (r, a) = apply_page(&mut tx, projector, types, cursor, chunk_size).await?;
+        if r == 0 {
+            break;
+        }
+        read += r;
+        applied += a;
+    }
+    for table in projector.tables() {
+        let table = table_ident(table)?;
+        // Generated columns are computed again, not copied.
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT quote_ident(column_name) FROM information_schema.columns
+              WHERE table_schema = 'public' AND table_name = $1 AND is_generated = 'NEVER'
+              ORDER BY ordinal_position",
+        )
+        .bind(table)
+        .fetch_all(&mut *tx)
+        .await?;
+        let columns = columns.join(", ");
+        sqlx::query(&format!("DELETE FROM public.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO public.{table} ({columns}) SELECT {columns} FROM {schema}.{table}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM public.projector_streams WHERE projector = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
+         SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
+          WHERE projector = $1"
+    ))
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((read, applied))
 }

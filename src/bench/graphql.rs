@@ -44,7 +44,7 @@ const DELIVERY_RATE: u64 = 50;
 /// How many of them.
 const DELIVERIES: usize = 500;
 
-fn message(i: usize, follow_up: Option<usize>) -> InboundMessage {
+pub(super) fn message(i: usize, follow_up: Option<usize>) -> InboundMessage {
     let channel = match i % 3 {
         0 => Channel::Whatsapp,
         1 => Channel::Email,

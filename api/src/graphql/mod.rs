@@ -4,6 +4,7 @@
 //! transaction scoped to the caller (row-level security), every nested list
 //! through a data loader, and every mutation is a command on the ticket.
 
+mod audit;
 pub mod context;
 mod customers;
 pub mod knowledge;
@@ -44,6 +45,7 @@ pub struct Query(
     customers::CustomerQuery,
     queues::QueueQuery,
     knowledge::KnowledgeQuery,
+    audit::AuditQuery,
 );
 
 #[derive(MergedObject, Default)]

@@ -690,9 +690,9 @@ impl Ticket {
                 }])
             }
             C::Unassign { unassigned_by, at } => {
-                let agent_id = self.assigned_to.clone().ok_or(TicketError::NotAssigned)?;
+                let previous_assignee = self.assigned_to.clone().ok_or(TicketError::NotAssigned)?;
                 Ok(vec![E::TicketUnassigned {
-                    agent_id,
+                    previous_assignee,
                     unassigned_by,
                     unassigned_at: at,
                 }])

@@ -402,13 +402,13 @@ fn unassigning_needs_an_assignee_and_leaves_the_ticket_with_people() {
             at: secs(20),
         })
         .then_expect_events(vec![TicketEvent::TicketUnassigned {
-            agent_id: "grace".into(),
+            previous_assignee: "grace".into(),
             unassigned_by: "sam".into(),
             unassigned_at: secs(20),
         }]);
     let mut events = given;
     events.push(TicketEvent::TicketUnassigned {
-        agent_id: "grace".into(),
+        previous_assignee: "grace".into(),
         unassigned_by: "sam".into(),
         unassigned_at: secs(20),
     });

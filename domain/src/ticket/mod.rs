@@ -521,9 +521,12 @@ pub enum TicketEvent {
         assigned_by: String,
         assigned_at: DateTime<Utc>,
     },
+    /// Version 2: the person who held it is `previous_assignee` (as in
+    /// `TicketHandedBackToAi`); version 1 called it `agent_id`, and
+    /// `crate::upcast` reads those as version 2.
     TicketUnassigned {
         /// Who held it.
-        agent_id: String,
+        previous_assignee: String,
         unassigned_by: String,
         unassigned_at: DateTime<Utc>,
     },
@@ -667,7 +670,7 @@ impl DomainEvent for TicketEvent {
     }
 
     fn event_version(&self) -> String {
-        "1".to_string()
+        crate::upcast::current_version("ticket", self.name()).to_string()
     }
 }
 
