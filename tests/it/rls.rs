@@ -438,6 +438,7 @@ async fn a_requests_reads_share_one_scoped_transaction_and_a_connections_reads_d
         customer_id,
         session_id: Uuid::new_v4(),
         name: None,
+        permissions: Vec::new(),
     };
 
     let request = Db::for_request(db.pool.clone(), caller(Role::Customer, Some(a)));
