@@ -8,6 +8,7 @@ pub mod context;
 mod customers;
 pub mod knowledge;
 mod loaders;
+pub mod metrics;
 mod mutations;
 mod queues;
 pub mod subscriptions;
@@ -44,6 +45,7 @@ pub struct Query(
     customers::CustomerQuery,
     queues::QueueQuery,
     knowledge::KnowledgeQuery,
+    metrics::MetricsQuery,
 );
 
 #[derive(MergedObject, Default)]
