@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 mod graphql;
+mod metrics;
 
 use crate::app::{self, Role};
 use crate::config::Config;
@@ -44,6 +45,10 @@ pub enum BenchName {
     /// hit@1, hit@3, MRR, the knowledge-gap decision, and end to end
     /// through the agent with the built-in responder.
     Answers,
+    /// The metrics projection's throughput rebuilding from a full store
+    /// (`--events`), and `dashboard` and 30-day `metrics` latency under
+    /// `--readers` concurrent clients.
+    Metrics,
 }
 
 #[derive(Debug, Args)]
@@ -55,7 +60,7 @@ pub struct BenchArgs {
     /// How long to drive load (intake: 20, pipeline: 60).
     #[arg(long)]
     pub seconds: Option<u64>,
-    /// Concurrent clients (intake).
+    /// Concurrent clients (intake), or writers generating tickets (graphql, metrics).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
     /// Submissions per second (pipeline).
@@ -64,7 +69,7 @@ pub struct BenchArgs {
     /// Concurrent writers (append).
     #[arg(long, default_value_t = 32)]
     pub writers: usize,
-    /// Events to append in all (append).
+    /// Events to append in all (append), or to generate (metrics).
     #[arg(long, default_value_t = 64_000)]
     pub events: usize,
     /// Events per commit (append).
@@ -104,6 +109,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
         BenchName::Answers => answers(&scratch).await,
+        BenchName::Metrics => metrics::run(&scratch, &args).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -286,6 +292,7 @@ enum Report {
         ratio: f64,
     },
     Answers(Box<AnswersReport>),
+    Metrics(Box<metrics::MetricsReport>),
 }
 
 #[derive(Debug, Serialize)]
@@ -400,6 +407,7 @@ impl Report {
                 "append: {events} events, {writers} writers, {per_commit} events per commit\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
             ),
             Report::Answers(a) => a.text(),
+            Report::Metrics(m) => m.text(),
         }
     }
 }

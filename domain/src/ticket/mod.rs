@@ -10,6 +10,8 @@ mod aggregate;
 mod handoff_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod usage_tests;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
