@@ -114,7 +114,12 @@ fn usd_var(
             .parse::<f64>()
             .ok()
             .filter(|n| n.is_finite() && (0.0..=max).contains(n))
-            .ok_or_else(|| bad(name, format!("must be a number of US dollars from 0 to {max}"))),
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("must be a number of US dollars from 0 to {max}"),
+                )
+            }),
     }
 }
 
@@ -543,8 +548,7 @@ impl Config {
             None => None,
             Some(v)
                 if (1..=64).contains(&v.len())
-                    && v
-                        .chars()
+                    && v.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) =>
             {
                 Some(v)

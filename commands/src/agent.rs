@@ -337,7 +337,13 @@ pub struct Agent {
     /// `CASEBOOK_EXPERIMENT`: the label every response's configuration carries.
     experiment: Option<String>,
     prompt_version: String,
+    /// The knowledge base's version as last read, and when.
+    kb_version: std::sync::Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a read knowledge-base version is reused: a configuration tag
+/// may name the previous version for this long after an ingest.
+const KB_VERSION_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Agent {
     /// `providers` in the order they are tried (primary, fallback); the
@@ -361,6 +367,7 @@ impl Agent {
             followup_template: None,
             experiment: None,
             prompt_version: prompt_version(),
+            kb_version: std::sync::Mutex::new(None),
         }
     }
 
@@ -371,19 +378,28 @@ impl Agent {
     }
 
     /// The knowledge base's version: a digest of every document's content
-    /// hash, so an ingest that changed something is a new version.
+    /// hash, so an ingest that changed something is a new version (read
+    /// again at most every `KB_VERSION_TTL`).
     async fn kb_version(&self) -> String {
+        if let Some((at, v)) = self.kb_version.lock().expect("not poisoned").as_ref() {
+            if at.elapsed() < KB_VERSION_TTL {
+                return v.clone();
+            }
+        }
         let version: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
             "SELECT left(md5(string_agg(document_id || ':' || content_hash, ',' ORDER BY document_id)), 12)
                FROM kb_documents",
         )
         .fetch_one(&self.pool)
         .await;
-        match version {
+        let version = match version {
             Ok(Some(v)) => format!("kb-{v}"),
             Ok(None) => "kb-empty".into(),
-            Err(_) => "kb-unknown".into(),
-        }
+            // Not remembered: the next message reads it again.
+            Err(_) => return "kb-unknown".into(),
+        };
+        *self.kb_version.lock().expect("not poisoned") = Some((Instant::now(), version.clone()));
+        version
     }
 
     /// The ticket's first reply carries the status link under `public_url`

@@ -532,7 +532,10 @@ mod tests {
 
     #[test]
     fn usage_beyond_belief_or_absent_is_not_counted() {
-        assert_eq!(usage_of(&json!(null), "prompt_tokens", "completion_tokens"), None);
+        assert_eq!(
+            usage_of(&json!(null), "prompt_tokens", "completion_tokens"),
+            None
+        );
         assert_eq!(
             usage_of(
                 &json!({"prompt_tokens": -3, "completion_tokens": "7"}),

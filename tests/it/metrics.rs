@@ -70,10 +70,17 @@ impl Respond for MeteredModel {
 }
 
 async fn token(app: &TestApp, role: TokenRole, sub: &str) -> String {
-    users::issue_token(app.pool(), &TokenKeys::new(JWT_SECRET), role, sub, None, 3600)
-        .await
-        .unwrap()
-        .token
+    users::issue_token(
+        app.pool(),
+        &TokenKeys::new(JWT_SECRET),
+        role,
+        sub,
+        None,
+        3600,
+    )
+    .await
+    .unwrap()
+    .token
 }
 
 async fn gql_raw(app: &TestApp, token: &str, query: &str, variables: Value) -> Value {
@@ -112,8 +119,13 @@ async fn buckets(
     let query = format!(
         "query($from: DateTime!, $to: DateTime!, $ch: Channel) {{ metrics(from: $from, to: $to, bucket: {bucket}, channel: $ch) {{ {BUCKET_FIELDS} }} }}"
     );
-    gql(app, token, &query, json!({"from": from, "to": to, "ch": channel}))
-        .await["metrics"]
+    gql(
+        app,
+        token,
+        &query,
+        json!({"from": from, "to": to, "ch": channel}),
+    )
+    .await["metrics"]
         .as_array()
         .unwrap()
         .clone()
@@ -153,7 +165,10 @@ fn nearest_rank(sorted: &[u64], q: f64) -> u64 {
     bin_value(bin_of(sorted[rank - 1]))
 }
 
-async fn stored_buckets(app: &TestApp) -> Vec<(String, String, String, DateTime<Utc>, Value)> {
+/// (grain, channel, config, start, figures) of every stored bucket.
+type StoredBucket = (String, String, String, DateTime<Utc>, Value);
+
+async fn stored_buckets(app: &TestApp) -> Vec<StoredBucket> {
     sqlx::query_as(
         "SELECT grain, channel, config, start, figures FROM metrics_buckets ORDER BY grain, channel, config, start",
     )
@@ -268,14 +283,29 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
         .unwrap();
     let t1_id: Uuid = t1["ticket_id"].as_str().unwrap().parse().unwrap();
     // 2. A WhatsApp question the AI answers (two calls).
-    let t2 = whatsapp(&app, "whatsapp:+447700900801", "SMm1", "How do I export my project data?").await;
+    let t2 = whatsapp(
+        &app,
+        "whatsapp:+447700900801",
+        "SMm1",
+        "How do I export my project data?",
+    )
+    .await;
     // 3. A WhatsApp customer who wants a person: escalated by the input
     //    guardrail, a holding reply, no model call.
-    let t3 = whatsapp(&app, "whatsapp:+447700900802", "SMm2", "I want to talk to a human").await;
+    let t3 = whatsapp(
+        &app,
+        "whatsapp:+447700900802",
+        "SMm2",
+        "I want to talk to a human",
+    )
+    .await;
     // 4. A web form the model is unsure of (two calls): held, then approved
     //    with an edit by a supervisor.
     let t4: Value = app
-        .submit_form(form("four@example.com", "How do I export my project data quickly?"))
+        .submit_form(form(
+            "four@example.com",
+            "How do I export my project data quickly?",
+        ))
         .await
         .json()
         .await
@@ -286,7 +316,13 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     event_of(&app, t2, "ResponseSent").await;
     event_of(&app, t3, "TicketEscalated").await;
     let held = eventually("the held draft", WAIT, || async {
-        let data = gql(&app, &supervisor, "{ approvals(status: PENDING) { id ticket { id } } }", json!({})).await;
+        let data = gql(
+            &app,
+            &supervisor,
+            "{ approvals(status: PENDING) { id ticket { id } } }",
+            json!({}),
+        )
+        .await;
         data["approvals"]
             .as_array()
             .unwrap()
@@ -379,17 +415,55 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     assert!(busy(buckets(&app, &analyst, started, to, "DAY", Some("EMAIL")).await).is_empty());
     let w = &webform[0];
     assert_eq!(
-        (w["ticketsOpened"].clone(), w["responsesAi"].clone(), w["responsesHuman"].clone(),
-         w["holdingReplies"].clone(), w["escalations"].clone(), w["approvalsEdited"].clone(),
-         w["feedback"].clone(), w["helpfulRate"].clone(), w["modelCalls"].clone(), w["firstResponses"].clone()),
-        (json!(2), json!(1), json!(1), json!(0), json!(0), json!(1), json!(2), json!(0.5), json!(4), json!(2))
+        (
+            w["ticketsOpened"].clone(),
+            w["responsesAi"].clone(),
+            w["responsesHuman"].clone(),
+            w["holdingReplies"].clone(),
+            w["escalations"].clone(),
+            w["approvalsEdited"].clone(),
+            w["feedback"].clone(),
+            w["helpfulRate"].clone(),
+            w["modelCalls"].clone(),
+            w["firstResponses"].clone()
+        ),
+        (
+            json!(2),
+            json!(1),
+            json!(1),
+            json!(0),
+            json!(0),
+            json!(1),
+            json!(2),
+            json!(0.5),
+            json!(4),
+            json!(2)
+        )
     );
     let wa = &whatsapp_day[0];
     assert_eq!(
-        (wa["ticketsOpened"].clone(), wa["responsesAi"].clone(), wa["responsesHuman"].clone(),
-         wa["holdingReplies"].clone(), wa["escalations"].clone(), wa["escalationRate"].clone(),
-         wa["resolutions"].clone(), wa["modelCalls"].clone(), wa["firstResponses"].clone()),
-        (json!(2), json!(1), json!(0), json!(1), json!(1), json!(0.5), json!(1), json!(2), json!(1))
+        (
+            wa["ticketsOpened"].clone(),
+            wa["responsesAi"].clone(),
+            wa["responsesHuman"].clone(),
+            wa["holdingReplies"].clone(),
+            wa["escalations"].clone(),
+            wa["escalationRate"].clone(),
+            wa["resolutions"].clone(),
+            wa["modelCalls"].clone(),
+            wa["firstResponses"].clone()
+        ),
+        (
+            json!(2),
+            json!(1),
+            json!(0),
+            json!(1),
+            json!(1),
+            json!(0.5),
+            json!(1),
+            json!(2),
+            json!(1)
+        )
     );
 
     // The hours add up to the day, counters and percentiles alike: the
@@ -435,9 +509,17 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     assert_eq!(configs.len(), 2, "{configs:?}");
     let metered = configs
         .iter()
-        .find(|c| c["configuration"].as_str().unwrap().starts_with("scripted-gpt/p-"))
+        .find(|c| {
+            c["configuration"]
+                .as_str()
+                .unwrap()
+                .starts_with("scripted-gpt/p-")
+        })
         .expect("the metered model's configuration");
-    assert!(metered["configuration"].as_str().unwrap().ends_with("/exp-a"));
+    assert!(metered["configuration"]
+        .as_str()
+        .unwrap()
+        .ends_with("/exp-a"));
     assert!(metered["configuration"].as_str().unwrap().contains("/kb-"));
     assert_eq!(
         metered["totals"],
@@ -507,7 +589,10 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     .await["dashboard"]
         .clone();
     assert_eq!(dashboard["pendingApprovals"], 0);
-    assert_eq!(dashboard["openEscalations"], 0, "resolving the ticket resolved its escalation");
+    assert_eq!(
+        dashboard["openEscalations"], 0,
+        "resolving the ticket resolved its escalation"
+    );
     assert_eq!(dashboard["openTickets"], 3);
     assert_eq!(dashboard["today"]["ticketsOpened"], 4);
     assert_eq!(dashboard["modelSpendYtdUsd"], cost);
@@ -538,7 +623,8 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     let before = stored_buckets(&app).await;
     let reports = casebook_replay::rebuild::rebuild(
         app.pool(),
-        &[std::sync::Arc::new(MetricsProjector) as std::sync::Arc<dyn casebook_projections::Projector>],
+        &[std::sync::Arc::new(MetricsProjector)
+            as std::sync::Arc<dyn casebook_projections::Projector>],
     )
     .await
     .unwrap();
@@ -571,8 +657,13 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
     let opened_today = |token: String| {
         let app = &app;
         async move {
-            gql(app, &token, "{ dashboard { today { ticketsOpened } openTickets } }", json!({}))
-                .await["dashboard"]
+            gql(
+                app,
+                &token,
+                "{ dashboard { today { ticketsOpened } openTickets } }",
+                json!({}),
+            )
+            .await["dashboard"]
                 .clone()
         }
     };
@@ -597,7 +688,10 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
     }
 
     for reader in [&auditor, &supervisor] {
-        assert_eq!(opened_today(reader.clone()).await["today"]["ticketsOpened"], 1);
+        assert_eq!(
+            opened_today(reader.clone()).await["today"]["ticketsOpened"],
+            1
+        );
     }
     let now = Utc::now();
     for refused in [&agent, &customer] {
@@ -624,7 +718,10 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
         json!({"f": now - chrono::TimeDelta::days(365), "t": now}),
     )
     .await;
-    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{body}"
+    );
     let body = gql_raw(
         &app,
         &analyst,
@@ -632,7 +729,10 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
         json!({"f": now, "t": now - chrono::TimeDelta::days(1)}),
     )
     .await;
-    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{body}"
+    );
     // 30 days by day: 30 or 31 buckets (from's day counts), all but today empty.
     let month = gql(
         &app,
@@ -645,7 +745,10 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
         .unwrap()
         .clone();
     assert_eq!(month.len(), 31);
-    let total: u64 = month.iter().map(|b| b["ticketsOpened"].as_u64().unwrap()).sum();
+    let total: u64 = month
+        .iter()
+        .map(|b| b["ticketsOpened"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 1);
     app.stop().await;
 }

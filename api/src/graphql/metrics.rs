@@ -224,12 +224,7 @@ fn kpi(name: &str, value: Option<f64>, target: f64, above: bool) -> Kpi {
 /// The seed's KPIs for `f`, and the year's model spend against the budget.
 fn kpis_of(f: &Figures, spend_ytd_usd: f64, budget_usd: f64) -> Vec<Kpi> {
     vec![
-        kpi(
-            "helpful_rate",
-            f.helpful_rate(),
-            HELPFUL_RATE_TARGET,
-            true,
-        ),
+        kpi("helpful_rate", f.helpful_rate(), HELPFUL_RATE_TARGET, true),
         kpi(
             "escalation_rate",
             f.escalation_rate(),
@@ -393,20 +388,12 @@ impl MetricsQuery {
         let budget = budget(ctx)?;
         let now = Utc::now();
         let mut tx = db(ctx)?.begin().await.map_err(internal)?;
-        let work = queries::open_work(&mut tx, now, TimeDelta::minutes(SLA_RISK_WINDOW_MINUTES))
+        let d = queries::dashboard(&mut tx, now, TimeDelta::minutes(SLA_RISK_WINDOW_MINUTES))
             .await
             .map_err(internal)?;
-        let (hour_start, hour) = queries::bucket(&mut tx, Grain::Hour, now, ALL, ALL)
-            .await
-            .map_err(internal)?;
-        let (day_start, day) = queries::bucket(&mut tx, Grain::Day, now, ALL, ALL)
-            .await
-            .map_err(internal)?;
-        let spent = queries::model_cost_since(&mut tx, queries::year_start(now))
-            .await
-            .map_err(internal)? as f64
-            / 1_000_000.0;
         tx.commit().await.map_err(internal)?;
+        let (work, spent) = (d.work, d.model_cost_ytd_micro_usd as f64 / 1_000_000.0);
+        let (hour_start, hour, day_start, day) = (d.hour_start, d.hour, d.day_start, d.day);
         Ok(Dashboard {
             open_tickets: work.open_tickets,
             pending_approvals: work.pending_approvals,
@@ -471,11 +458,13 @@ impl MetricsQuery {
             .await
             .map_err(internal)?;
         tx.commit().await.map_err(internal)?;
-        Ok(usage.map(|(micro, tokens_in, tokens_out)| TicketModelUsage {
-            cost_usd: micro as f64 / 1_000_000.0,
-            tokens_in,
-            tokens_out,
-        }))
+        Ok(
+            usage.map(|(micro, tokens_in, tokens_out)| TicketModelUsage {
+                cost_usd: micro as f64 / 1_000_000.0,
+                tokens_in,
+                tokens_out,
+            }),
+        )
     }
 }
 

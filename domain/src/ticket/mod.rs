@@ -203,7 +203,6 @@ pub struct AutoReplyLimit {
     pub per_hour: u32,
 }
 
-
 /// What one model reported for the calls the agent made on one customer
 /// message: successful calls, tokens in and out, and their price.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -884,5 +883,8 @@ pub enum TicketError {
     #[error("a reply is at most {max} characters")]
     ResponseTooLong { max: usize },
     #[error("a model usage record names 1 to {max_entries} models with labels of 1 to {max_chars} characters")]
-    InvalidModelUsage { max_entries: usize, max_chars: usize },
+    InvalidModelUsage {
+        max_entries: usize,
+        max_chars: usize,
+    },
 }

@@ -138,10 +138,10 @@ fn a_price_per_million_tokens_is_a_micro_dollar_per_token() {
         usd_per_mtok_out: 0.6,
     };
     assert_eq!(cheap.cost_micro_usd(10, 1), 2);
-    assert_eq!(ModelPrice::default().cost_micro_usd(1_000_000, 1_000_000), 0);
     assert_eq!(
-        configuration(Some("exp-b")).tag(),
-        "gpt/p-1/kb-1/exp-b"
+        ModelPrice::default().cost_micro_usd(1_000_000, 1_000_000),
+        0
     );
+    assert_eq!(configuration(Some("exp-b")).tag(), "gpt/p-1/kb-1/exp-b");
     assert_eq!(configuration(None).tag(), "gpt/p-1/kb-1");
 }

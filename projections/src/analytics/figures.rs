@@ -93,7 +93,10 @@ impl Figures {
             Observation::Holding => self.holding_replies += 1,
             Observation::Escalated { reason, first } => {
                 self.escalations += 1;
-                *self.escalations_by_reason.entry(reason.clone()).or_insert(0) += 1;
+                *self
+                    .escalations_by_reason
+                    .entry(reason.clone())
+                    .or_insert(0) += 1;
                 if *first {
                     self.tickets_escalated += 1;
                 }
@@ -390,9 +393,9 @@ pub fn observe(
         TicketEvent::SlaBreached { kind, .. } => {
             out.push(Observation::SlaBreach(kind.as_str().to_string()))
         }
-        TicketEvent::FeedbackReceived { helpful, .. } => out.push(Observation::Feedback {
-            helpful: *helpful,
-        }),
+        TicketEvent::FeedbackReceived { helpful, .. } => {
+            out.push(Observation::Feedback { helpful: *helpful })
+        }
         TicketEvent::ApprovalRequested { .. } => out.push(Observation::ApprovalRequested),
         TicketEvent::ResponseApproved { edited_body, .. } => {
             t.human = true;
@@ -404,10 +407,8 @@ pub fn observe(
             t.human = true;
             out.push(Observation::Rejected)
         }
-        TicketEvent::DeliveryStatusChanged { status, .. } => {
-            if *status == DeliveryStatus::Failed {
-                out.push(Observation::DeliveryFailed)
-            }
+        TicketEvent::DeliveryStatusChanged { status, .. } if *status == DeliveryStatus::Failed => {
+            out.push(Observation::DeliveryFailed)
         }
         TicketEvent::ModelUsageRecorded {
             usage,

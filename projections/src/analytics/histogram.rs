@@ -104,14 +104,20 @@ mod tests {
         for ms in (0..5000u64).chain([65_535, 1 << 20, 86_400_000, u64::MAX / 3, u64::MAX]) {
             let bin = bin_of(ms);
             let (low, high) = bin_range(bin);
-            assert!(low <= ms && ms <= high, "{ms} in bin {bin} = {low}..={high}");
+            assert!(
+                low <= ms && ms <= high,
+                "{ms} in bin {bin} = {low}..={high}"
+            );
             assert!(bin >= last_bin || ms > 5000);
             last_bin = bin;
         }
         // Relative error at most 1/8 above the exact range.
         for ms in [16u64, 17, 100, 999, 3000, 123_456, 9_999_999] {
             let (low, high) = bin_range(bin_of(ms));
-            assert!((high - low) as f64 <= ms as f64 / 8.0, "{ms}: {low}..={high}");
+            assert!(
+                (high - low) as f64 <= ms as f64 / 8.0,
+                "{ms}: {low}..={high}"
+            );
         }
     }
 

@@ -36,7 +36,7 @@ use crate::projector::{ticket_events, ProjectionError, Projector};
 pub const NAME: &str = "metrics";
 /// Serialises metrics batches of projector replicas: every batch adds to
 /// the same "all" buckets.
-const LOCK_KEY: i64 = 0x6d65_7472_6963_73; // "metrics"
+const LOCK_KEY: i64 = 0x006d_6574_7269_6373; // "metrics"
 
 pub struct MetricsProjector;
 
@@ -71,11 +71,12 @@ impl Projector for MetricsProjector {
         let mut ids: Vec<Uuid> = decoded.iter().map(|(id, _, _)| *id).collect();
         ids.sort();
         ids.dedup();
-        let rows: Vec<(Uuid, sqlx::types::Json<TicketFacts>)> =
-            sqlx::query_as("SELECT ticket_id, facts FROM metrics_tickets WHERE ticket_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
+        let rows: Vec<(Uuid, sqlx::types::Json<TicketFacts>)> = sqlx::query_as(
+            "SELECT ticket_id, facts FROM metrics_tickets WHERE ticket_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut facts: HashMap<Uuid, Option<TicketFacts>> =
             rows.into_iter().map(|(id, f)| (id, Some(f.0))).collect();
 
@@ -139,7 +140,14 @@ async fn add_to_buckets(
         configs.push(key.config.clone());
         starts.push(key.start);
     }
-    let stored: Vec<(String, String, String, DateTime<Utc>, sqlx::types::Json<Figures>)> =
+    type Stored = (
+        String,
+        String,
+        String,
+        DateTime<Utc>,
+        sqlx::types::Json<Figures>,
+    );
+    let stored: Vec<Stored> =
         sqlx::query_as(
             "SELECT b.grain, b.channel, b.config, b.start, b.figures
                FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS k(grain, channel, config, start)
@@ -240,8 +248,7 @@ mod tests {
             for (event, actor) in events {
                 for c in observe(&mut facts, event, *actor) {
                     let channel = facts.as_ref().and_then(|t: &TicketFacts| t.channel);
-                    for key in keys_for(event.at(), channel, c.config.as_deref(), c.config_only)
-                    {
+                    for key in keys_for(event.at(), channel, c.config.as_deref(), c.config_only) {
                         buckets.entry(key).or_default().observe(&c.observation);
                     }
                 }
@@ -286,7 +293,10 @@ mod tests {
             vec![
                 (opened(Channel::Webform, at(9, 0, 0)), Customer),
                 (usage(1200), Ai),
-                (sent(at(9, 0, 1) + chrono::TimeDelta::milliseconds(500), false), Ai),
+                (
+                    sent(at(9, 0, 1) + chrono::TimeDelta::milliseconds(500), false),
+                    Ai,
+                ),
                 (
                     TicketEvent::TicketResolved {
                         resolved_by: "system".into(),

@@ -212,39 +212,84 @@ pub struct OpenWork {
 /// The most assignees the dashboard lists.
 pub const MAX_QUEUES: i64 = 200;
 
-pub async fn open_work(
+/// Everything the dashboard shows, in two statements: what is open now,
+/// the current hour's and day's buckets, and the year's model spend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DashboardFigures {
+    pub work: OpenWork,
+    pub hour_start: DateTime<Utc>,
+    pub hour: Figures,
+    pub day_start: DateTime<Utc>,
+    pub day: Figures,
+    pub model_cost_ytd_micro_usd: u64,
+}
+
+pub async fn dashboard(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
     risk_window: chrono::TimeDelta,
-) -> Result<OpenWork, sqlx::Error> {
-    let (open_tickets, sla_at_risk, pending_approvals, open_escalations): (i64, i64, i64, i64) =
+) -> Result<DashboardFigures, sqlx::Error> {
+    type Row = (
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<sqlx::types::Json<Figures>>,
+        Option<sqlx::types::Json<Figures>>,
+        i64,
+    );
+    let hour_start = Grain::Hour.start(now);
+    let day_start = Grain::Day.start(now);
+    let (open_tickets, sla_at_risk, pending_approvals, open_escalations, hour, day, cost): Row =
         sqlx::query_as(
             "SELECT
                (SELECT count(*) FROM crm_tickets WHERE status NOT IN ('resolved', 'closed')),
                (SELECT count(*) FROM crm_tickets WHERE status NOT IN ('resolved', 'closed')
                    AND sla_due_at > $1 AND sla_due_at <= $2),
                (SELECT count(*) FROM crm_approvals WHERE status = 'pending'),
-               (SELECT count(*) FROM crm_escalations WHERE status = 'open')",
+               (SELECT count(*) FROM crm_escalations WHERE status = 'open'),
+               (SELECT figures FROM metrics_buckets
+                 WHERE grain = 'hour' AND channel = $3 AND config = $3 AND start = $4),
+               (SELECT figures FROM metrics_buckets
+                 WHERE grain = 'day' AND channel = $3 AND config = $3 AND start = $5),
+               (SELECT coalesce(sum((figures->>'model_cost_micro_usd')::bigint), 0)::bigint FROM metrics_buckets
+                 WHERE grain = 'day' AND channel = $3 AND config = $3 AND start >= $6)",
         )
         .bind(now)
         .bind(now + risk_window)
+        .bind(ALL)
+        .bind(hour_start)
+        .bind(day_start)
+        .bind(year_start(now))
         .fetch_one(&mut *conn)
         .await?;
-    let queues: Vec<(Option<String>, i64)> = sqlx::query_as(
+    let queues = queues(conn).await?;
+    Ok(DashboardFigures {
+        work: OpenWork {
+            open_tickets,
+            pending_approvals,
+            open_escalations,
+            sla_at_risk,
+            queues,
+        },
+        hour_start,
+        hour: hour.map(|f| f.0).unwrap_or_default(),
+        day_start,
+        day: day.map(|f| f.0).unwrap_or_default(),
+        model_cost_ytd_micro_usd: cost.max(0) as u64,
+    })
+}
+
+/// Open tickets a person holds, per assignee (the unassigned queue too).
+async fn queues(conn: &mut PgConnection) -> Result<Vec<(Option<String>, i64)>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT assigned_to, count(*) FROM crm_tickets
           WHERE status NOT IN ('resolved', 'closed') AND handler = 'human'
           GROUP BY assigned_to ORDER BY count(*) DESC, assigned_to LIMIT $1",
     )
     .bind(MAX_QUEUES)
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(OpenWork {
-        open_tickets,
-        pending_approvals,
-        open_escalations,
-        sla_at_risk,
-        queues,
-    })
+    .await
 }
 
 #[cfg(test)]
@@ -262,6 +307,9 @@ mod tests {
             bucket_count(Grain::Day, t(0, 0), t(0, 0) + chrono::TimeDelta::days(30)),
             30
         );
-        assert_eq!(year_start(t(9, 0)), Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
+        assert_eq!(
+            year_start(t(9, 0)),
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+        );
     }
 }

@@ -76,7 +76,10 @@ fn since(now: &Figures, earlier: &Figures) -> Figures {
     fn minus(a: &Value, b: &Value) -> Value {
         match (a, b) {
             (Value::Number(x), Value::Number(y)) => {
-                json!(x.as_u64().unwrap_or(0).saturating_sub(y.as_u64().unwrap_or(0)))
+                json!(x
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(y.as_u64().unwrap_or(0)))
             }
             (Value::Object(x), Value::Object(y)) => Value::Object(
                 x.iter()
@@ -128,10 +131,7 @@ pub fn messages(
             ),
             ("resolution_p50_ms", json!(f.resolution_ms.quantile(0.5))),
             ("resolution_p95_ms", json!(f.resolution_ms.quantile(0.95))),
-            (
-                "sla_breaches",
-                json!(f.sla_breaches.values().sum::<u64>()),
-            ),
+            ("sla_breaches", json!(f.sla_breaches.values().sum::<u64>())),
             ("auto_resolved", json!(f.auto_resolved)),
             ("helpful_rate", json!(f.helpful_rate())),
             ("delivery_failures", json!(f.delivery_failures)),
@@ -225,7 +225,9 @@ async fn publish(
         let payload = doc.to_string();
         producer
             .send(
-                FutureRecord::to(&settings.topic).key(&name).payload(&payload),
+                FutureRecord::to(&settings.topic)
+                    .key(&name)
+                    .payload(&payload),
                 Duration::from_secs(10),
             )
             .await
@@ -275,8 +277,14 @@ mod tests {
             850.0,
             1000.0,
         );
-        let ytd = &msgs.iter().find(|(k, _)| k == "model_cost_ytd_usd").unwrap().1;
+        let ytd = &msgs
+            .iter()
+            .find(|(k, _)| k == "model_cost_ytd_usd")
+            .unwrap()
+            .1;
         assert_eq!(ytd["alert"], true);
-        assert!(msgs.iter().any(|(k, v)| k == "tickets_opened" && v["last_interval"] == 0));
+        assert!(msgs
+            .iter()
+            .any(|(k, v)| k == "tickets_opened" && v["last_interval"] == 0));
     }
 }
