@@ -105,12 +105,18 @@ pub fn embedding_source(config: &Config) -> anyhow::Result<EmbeddingSource> {
 /// The remote models, in the order they are tried.
 pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
     let mut providers = Vec::new();
-    for (kind, llm, name) in [
-        (ProviderKind::OpenAi, &config.llm, "LLM_BASE_URL"),
+    for (kind, llm, name, price) in [
+        (
+            ProviderKind::OpenAi,
+            &config.llm,
+            "LLM_BASE_URL",
+            config.llm_price,
+        ),
         (
             ProviderKind::Anthropic,
             &config.llm_fallback,
             "LLM_FALLBACK_BASE_URL",
+            config.llm_fallback_price,
         ),
     ] {
         if let Some(llm) = llm {
@@ -119,8 +125,11 @@ pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
                 api_key: llm.api_key.clone(),
                 model: llm.model.clone(),
             };
-            providers
-                .push(Provider::new(kind, settings).with_context(|| format!("{name}: client"))?);
+            providers.push(
+                Provider::new(kind, settings)
+                    .with_context(|| format!("{name}: client"))?
+                    .with_price(price),
+            );
         }
     }
     Ok(providers)
@@ -340,6 +349,7 @@ pub async fn start(
                 rate_limit_per_client: config.rate_limit_per_client,
                 trusted_proxies: config.trusted_proxies.clone(),
                 submissions_per_email_per_hour: config.webform_per_email_per_hour,
+                model_budget_usd_per_year: config.model_budget_usd_per_year,
             },
             readiness: readiness.clone(),
             knowledge: Arc::new(LazyKnowledge::new(
@@ -396,7 +406,8 @@ pub async fn start(
             )
             .with_auto_reply_cap(config.auto_reply_cap_per_hour)
             .with_public_url(config.public_url.clone())
-            .with_followup_template(config.twilio_followup_content_sid.clone()),
+            .with_followup_template(config.twilio_followup_content_sid.clone())
+            .with_experiment(config.experiment.clone()),
         );
         let worker = worker::spawn(
             &kafka,
@@ -453,6 +464,12 @@ pub async fn start(
         let token = shutdown.clone();
         let pool = pool.clone();
         let kafka = kafka.clone();
+        let snapshots = casebook_projections::analytics::snapshot::SnapshotSettings {
+            brokers: kafka.brokers.clone(),
+            topic: kafka.topics.metrics(),
+            every: Duration::from_secs(config.metrics_snapshot_secs),
+            budget_usd_per_year: config.model_budget_usd_per_year,
+        };
         tasks.push((
             "projector",
             tokio::spawn(async move {
@@ -460,12 +477,20 @@ pub async fn start(
                     return;
                 }
                 let settings = ConsumerSettings::new(kafka.brokers.clone(), kafka.topics.clone());
-                let runners: Vec<JoinHandle<()>> = casebook_projections::all_projectors()
+                let mut runners: Vec<JoinHandle<()>> = casebook_projections::all_projectors()
                     .into_iter()
                     .map(|p| {
                         ProjectorRunner::new(pool.clone(), settings.clone(), p).spawn(token.clone())
                     })
                     .collect();
+                // `<prefix>.metrics` snapshots and the model budget gauges.
+                runners.push(tokio::spawn(
+                    casebook_projections::analytics::snapshot::run(
+                        pool.clone(),
+                        snapshots,
+                        token.clone(),
+                    ),
+                ));
                 for runner in runners {
                     let _ = runner.await;
                 }

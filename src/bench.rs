@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 mod graphql;
+mod metrics;
 mod replay;
 
 use crate::app::{self, Role};
@@ -48,6 +49,10 @@ pub enum BenchName {
     /// Rebuilding every read model from a full store (`--replay-events`,
     /// default 1,000,000, generated through the command path).
     Replay,
+    /// The metrics projection's throughput rebuilding from a full store
+    /// (`--events`), and `dashboard` and 30-day `metrics` latency under
+    /// `--readers` concurrent clients.
+    Metrics,
 }
 
 #[derive(Debug, Args)]
@@ -59,7 +64,7 @@ pub struct BenchArgs {
     /// How long to drive load (intake: 20, pipeline: 60).
     #[arg(long)]
     pub seconds: Option<u64>,
-    /// Concurrent clients (intake).
+    /// Concurrent clients (intake), or writers generating tickets (graphql, metrics).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
     /// Submissions per second (pipeline).
@@ -68,7 +73,7 @@ pub struct BenchArgs {
     /// Concurrent writers (append).
     #[arg(long, default_value_t = 32)]
     pub writers: usize,
-    /// Events to append in all (append).
+    /// Events to append in all (append), or to generate (metrics).
     #[arg(long, default_value_t = 64_000)]
     pub events: usize,
     /// Events per commit (append).
@@ -112,6 +117,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Graphql => graphql::run(&scratch, &args).await,
         BenchName::Answers => answers(&scratch).await,
         BenchName::Replay => replay::run(&scratch, &args).await,
+        BenchName::Metrics => metrics::run(&scratch, &args).await,
     };
     scratch.drop_all().await;
     let report = result?;
@@ -295,6 +301,7 @@ enum Report {
     },
     Answers(Box<AnswersReport>),
     Replay(replay::ReplayReport),
+    Metrics(Box<metrics::MetricsReport>),
 }
 
 #[derive(Debug, Serialize)]
@@ -410,6 +417,7 @@ impl Report {
             ),
             Report::Answers(a) => a.text(),
             Report::Replay(r) => r.text(),
+            Report::Metrics(m) => m.text(),
         }
     }
 }

@@ -87,6 +87,40 @@ pub struct Config {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_SERVICE_NAME`): where the
     /// service sends its traces; `None` turns export off.
     pub traces: Option<TracesConfig>,
+    /// `LLM_PRICE_USD_PER_MTOK_IN`/`_OUT`: the primary model's prices.
+    pub llm_price: casebook_domain::ticket::ModelPrice,
+    /// `LLM_FALLBACK_PRICE_USD_PER_MTOK_IN`/`_OUT`: the fallback's prices.
+    pub llm_fallback_price: casebook_domain::ticket::ModelPrice,
+    /// `CASEBOOK_MODEL_BUDGET_USD_PER_YEAR`: the yearly model budget.
+    pub model_budget_usd_per_year: f64,
+    /// `CASEBOOK_EXPERIMENT`: the label recorded on every AI response.
+    pub experiment: Option<String>,
+    /// `CASEBOOK_METRICS_SNAPSHOT_SECS`: how often `<prefix>.metrics` gets
+    /// a snapshot (60 by default).
+    pub metrics_snapshot_secs: u64,
+}
+
+/// A non-negative amount of US dollars: `default` when unset.
+fn usd_var(
+    src: &Source<'_>,
+    name: &'static str,
+    default: f64,
+    max: f64,
+) -> Result<f64, ConfigError> {
+    match src.var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && (0.0..=max).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("must be a number of US dollars from 0 to {max}"),
+                )
+            }),
+    }
 }
 
 /// OpenTelemetry trace export over OTLP/HTTP (protobuf).
@@ -493,7 +527,59 @@ impl Config {
                 })?,
         };
         let traces = traces_config(src)?;
+        let price = |input: &'static str, output: &'static str| {
+            Ok::<_, ConfigError>(casebook_domain::ticket::ModelPrice {
+                usd_per_mtok_in: usd_var(src, input, 0.0, 100_000.0)?,
+                usd_per_mtok_out: usd_var(src, output, 0.0, 100_000.0)?,
+            })
+        };
+        let llm_price = price("LLM_PRICE_USD_PER_MTOK_IN", "LLM_PRICE_USD_PER_MTOK_OUT")?;
+        let llm_fallback_price = price(
+            "LLM_FALLBACK_PRICE_USD_PER_MTOK_IN",
+            "LLM_FALLBACK_PRICE_USD_PER_MTOK_OUT",
+        )?;
+        let model_budget_usd_per_year = usd_var(
+            src,
+            "CASEBOOK_MODEL_BUDGET_USD_PER_YEAR",
+            1000.0,
+            1_000_000_000.0,
+        )?;
+        let experiment = match src.var("CASEBOOK_EXPERIMENT") {
+            None => None,
+            Some(v)
+                if (1..=64).contains(&v.len())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) =>
+            {
+                Some(v)
+            }
+            Some(_) => {
+                return Err(bad(
+                    "CASEBOOK_EXPERIMENT",
+                    "must be 1 to 64 characters of a-z, A-Z, 0-9, '-', '_', '.', ':'",
+                ))
+            }
+        };
+        let metrics_snapshot_secs = match src.var("CASEBOOK_METRICS_SNAPSHOT_SECS") {
+            None => 60,
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=3600).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_METRICS_SNAPSHOT_SECS",
+                        "must be a number of seconds from 1 to 3600",
+                    )
+                })?,
+        };
         Ok(Self {
+            llm_price,
+            llm_fallback_price,
+            model_budget_usd_per_year,
+            experiment,
+            metrics_snapshot_secs,
             session_idle_secs,
             traces,
             worker_max_attempts,

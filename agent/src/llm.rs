@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use casebook_domain::retry::Backoff;
+use casebook_domain::ticket::ModelPrice;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -75,6 +76,32 @@ pub struct ToolSpec {
 pub struct ChatReply {
     pub text: Option<String>,
     pub tool_calls: Vec<ToolCall>,
+    /// The tokens the provider reported for this call, if it did.
+    pub usage: Option<TokenUsage>,
+}
+
+/// Tokens one call used, as the provider reported them (OpenAI
+/// `usage.prompt_tokens` / `completion_tokens`, Anthropic
+/// `usage.input_tokens` / `output_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenUsage {
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+}
+
+/// The most tokens one call is believed to report: a provider's number
+/// beyond it is treated as garbage, not billed.
+pub const MAX_TOKENS_PER_CALL: u64 = 10_000_000;
+
+fn usage_of(usage: &Value, input: &str, output: &str) -> Option<TokenUsage> {
+    let count = |key: &str| usage[key].as_u64().filter(|n| *n <= MAX_TOKENS_PER_CALL);
+    match (count(input), count(output)) {
+        (None, None) => None,
+        (i, o) => Some(TokenUsage {
+            tokens_in: i.unwrap_or(0),
+            tokens_out: o.unwrap_or(0),
+        }),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +124,7 @@ pub struct Provider {
     http: reqwest::Client,
     failures: AtomicU32,
     open_until: Mutex<Option<Instant>>,
+    price: ModelPrice,
 }
 
 impl Provider {
@@ -118,7 +146,19 @@ impl Provider {
             http,
             failures: AtomicU32::new(0),
             open_until: Mutex::new(None),
+            price: ModelPrice::default(),
         })
+    }
+
+    /// Prices its calls at `price` (`LLM_PRICE_USD_PER_MTOK_IN`/`_OUT`, or
+    /// the fallback's); unpriced, they cost nothing.
+    pub fn with_price(mut self, price: ModelPrice) -> Self {
+        self.price = price;
+        self
+    }
+
+    pub fn price(&self) -> ModelPrice {
+        self.price
     }
 
     pub fn name(&self) -> &'static str {
@@ -309,6 +349,7 @@ impl Provider {
                 .map(str::to_string)
                 .filter(|t| !t.trim().is_empty()),
             tool_calls,
+            usage: usage_of(&response["usage"], "prompt_tokens", "completion_tokens"),
         })
     }
 
@@ -391,6 +432,7 @@ impl Provider {
             }
         }
         reply.text = Some(text).filter(|t| !t.trim().is_empty());
+        reply.usage = usage_of(&response["usage"], "input_tokens", "output_tokens");
         Ok(reply)
     }
 }
@@ -420,7 +462,8 @@ mod tests {
                 "id": "c1", "object": "chat.completion",
                 "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
                   "tool_calls": [{"id": "call_1", "type": "function",
-                     "function": {"name": "search_knowledge_base", "arguments": "{\"query\":\"export csv\"}"}}]}}]
+                     "function": {"name": "search_knowledge_base", "arguments": "{\"query\":\"export csv\"}"}}]}}],
+                "usage": {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290}
             })))
             .mount(&server)
             .await;
@@ -439,6 +482,13 @@ mod tests {
             .unwrap();
         assert_eq!(reply.tool_calls[0].name, "search_knowledge_base");
         assert_eq!(reply.tool_calls[0].arguments["query"], "export csv");
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                tokens_in: 1234,
+                tokens_out: 56
+            })
+        );
     }
 
     #[tokio::test]
@@ -451,7 +501,8 @@ mod tests {
             .respond_with(ResponseTemplate::new(200).set_body_json(json!({
                 "id": "msg_1", "type": "message", "role": "assistant", "stop_reason": "tool_use",
                 "content": [{"type": "text", "text": "Searching."},
-                            {"type": "tool_use", "id": "toolu_1", "name": "search_knowledge_base", "input": {"query": "sso"}}]
+                            {"type": "tool_use", "id": "toolu_1", "name": "search_knowledge_base", "input": {"query": "sso"}}],
+                "usage": {"input_tokens": 900, "output_tokens": 40}
             })))
             .mount(&server)
             .await;
@@ -470,6 +521,40 @@ mod tests {
             .unwrap();
         assert_eq!(reply.text.as_deref(), Some("Searching."));
         assert_eq!(reply.tool_calls[0].arguments["query"], "sso");
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                tokens_in: 900,
+                tokens_out: 40
+            })
+        );
+    }
+
+    #[test]
+    fn usage_beyond_belief_or_absent_is_not_counted() {
+        assert_eq!(
+            usage_of(&json!(null), "prompt_tokens", "completion_tokens"),
+            None
+        );
+        assert_eq!(
+            usage_of(
+                &json!({"prompt_tokens": -3, "completion_tokens": "7"}),
+                "prompt_tokens",
+                "completion_tokens"
+            ),
+            None
+        );
+        assert_eq!(
+            usage_of(
+                &json!({"input_tokens": 20_000_000u64, "output_tokens": 5}),
+                "input_tokens",
+                "output_tokens"
+            ),
+            Some(TokenUsage {
+                tokens_in: 0,
+                tokens_out: 5
+            })
+        );
     }
 
     #[tokio::test]

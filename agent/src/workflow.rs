@@ -51,7 +51,8 @@ use casebook_domain::formatting::{format_reply, holding_reply, ReplyContext, HUM
 use casebook_domain::guardrails::{assess_input, content_words, review_draft, sentences, support};
 use casebook_domain::status_link;
 use casebook_domain::ticket::{
-    AutoReplyLimit, EscalationReason, HoldingReply, KnowledgeHit, WithholdReason,
+    AiConfiguration, AutoReplyLimit, EscalationReason, HoldingReply, KnowledgeHit, ModelPrice,
+    ModelUsage, WithholdReason,
 };
 use casebook_domain::{
     Actor, ActorKind, Channel, Customer, EventEnvelope, EventMetadata, Ticket, TicketCommand,
@@ -63,7 +64,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::knowledge::{KnowledgeBase, KnowledgeError, Passage, RELEVANCE_THRESHOLD};
-use crate::llm::{ChatMessage, ChatReply, LlmError, Provider, ToolCall, ToolSpec};
+use crate::llm::{ChatMessage, ChatReply, LlmError, Provider, TokenUsage, ToolCall, ToolSpec};
 use casebook_commands::store::{CommandError, EventStore, StoreError, CONFLICT_BACKOFF};
 
 /// Most knowledge base searches per customer message.
@@ -92,6 +93,17 @@ Never quote prices, never promise or process refunds, never name internal system
 If the customer asks about pricing or refunds, threatens legal action, is angry, or asks for a human, call escalate. \
 If the knowledge base has nothing relevant, call escalate with reason knowledge_gap. \
 When you can answer, call send_response with a concise, friendly answer and your confidence between 0 and 1.";
+
+/// The system prompt's version: the start of its SHA-256, so a changed
+/// prompt is a new version without anyone remembering to bump one.
+fn prompt_version() -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(SYSTEM_PROMPT.as_bytes());
+    format!("p-{}", hex::encode(&digest[..6]))
+}
+
+/// The configuration label a response with no model call carries.
+const NO_MODEL: &str = "none";
 
 /// Every tool's `channel` parameter: the channel of the conversation.
 fn channel_parameter() -> Value {
@@ -250,6 +262,44 @@ struct Run {
     channel: Channel,
     searches: Vec<Search>,
     history: History,
+    /// What the models called for this message reported, per provider.
+    usage: Vec<(ModelUsage, ModelPrice)>,
+    /// The model whose answer or escalation was taken (`local` for the
+    /// built-in responder).
+    decided_by: Option<String>,
+}
+
+impl Run {
+    fn count_call(&mut self, provider: &Provider, usage: Option<TokenUsage>) {
+        let usage = usage.unwrap_or_default();
+        let entry = match self
+            .usage
+            .iter_mut()
+            .position(|(u, _)| u.provider == provider.name() && u.model == provider.model())
+        {
+            Some(i) => &mut self.usage[i],
+            None => {
+                self.usage.push((
+                    ModelUsage {
+                        provider: provider.name().to_string(),
+                        model: provider.model().to_string(),
+                        calls: 0,
+                        tokens_in: 0,
+                        tokens_out: 0,
+                        cost_micro_usd: 0,
+                    },
+                    provider.price(),
+                ));
+                self.usage.last_mut().expect("just pushed")
+            }
+        };
+        let (u, price) = entry;
+        u.calls = u.calls.saturating_add(1);
+        u.tokens_in = u.tokens_in.saturating_add(usage.tokens_in);
+        u.tokens_out = u.tokens_out.saturating_add(usage.tokens_out);
+        // Priced on the totals, so rounding happens once per provider.
+        u.cost_micro_usd = price.cost_micro_usd(u.tokens_in, u.tokens_out);
+    }
 }
 
 impl Run {
@@ -284,7 +334,16 @@ pub struct Agent {
     /// `CASEBOOK_PUBLIC_URL`: the first reply links to the status page.
     public_url: Option<String>,
     followup_template: Option<String>,
+    /// `CASEBOOK_EXPERIMENT`: the label every response's configuration carries.
+    experiment: Option<String>,
+    prompt_version: String,
+    /// The knowledge base's version as last read, and when.
+    kb_version: std::sync::Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a read knowledge-base version is reused: a configuration tag
+/// may name the previous version for this long after an ingest.
+const KB_VERSION_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Agent {
     /// `providers` in the order they are tried (primary, fallback); the
@@ -306,7 +365,41 @@ impl Agent {
             },
             public_url: None,
             followup_template: None,
+            experiment: None,
+            prompt_version: prompt_version(),
+            kb_version: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Labels every response's configuration with `CASEBOOK_EXPERIMENT`.
+    pub fn with_experiment(mut self, experiment: Option<String>) -> Self {
+        self.experiment = experiment.filter(|e| !e.trim().is_empty());
+        self
+    }
+
+    /// The knowledge base's version: a digest of every document's content
+    /// hash, so an ingest that changed something is a new version (read
+    /// again at most every `KB_VERSION_TTL`).
+    async fn kb_version(&self) -> String {
+        if let Some((at, v)) = self.kb_version.lock().expect("not poisoned").as_ref() {
+            if at.elapsed() < KB_VERSION_TTL {
+                return v.clone();
+            }
+        }
+        let version: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT left(md5(string_agg(document_id || ':' || content_hash, ',' ORDER BY document_id)), 12)
+               FROM kb_documents",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        let version = match version {
+            Ok(Some(v)) => format!("kb-{v}"),
+            Ok(None) => "kb-empty".into(),
+            // Not remembered: the next message reads it again.
+            Err(_) => return "kb-unknown".into(),
+        };
+        *self.kb_version.lock().expect("not poisoned") = Some((Instant::now(), version.clone()));
+        version
     }
 
     /// The ticket's first reply carries the status link under `public_url`
@@ -403,6 +496,8 @@ impl Agent {
             channel,
             searches: Vec::new(),
             history,
+            usage: Vec::new(),
+            decided_by: None,
         };
         // 3. Input guardrails: some messages are never the AI's to answer.
         let assessment = assess_input(&body, channel);
@@ -586,7 +681,10 @@ impl Agent {
             while turns < MAX_TURNS {
                 turns += 1;
                 let reply = match provider.chat(SYSTEM_PROMPT, &messages, &tools).await {
-                    Ok(reply) => reply,
+                    Ok(reply) => {
+                        run.count_call(provider, reply.usage);
+                        reply
+                    }
                     Err(e) => {
                         tracing::warn!(
                             provider = provider.name(),
@@ -600,7 +698,10 @@ impl Agent {
                     .follow(run, reply, provider.model(), &mut messages)
                     .await
                 {
-                    Ok(Some(decision)) => return self.grounded(run, decision).await,
+                    Ok(Some(decision)) => {
+                        run.decided_by = Some(provider.model().to_string());
+                        return self.grounded(run, decision).await;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error_kind = e.kind(), "a tool failed; falling back");
@@ -609,6 +710,7 @@ impl Agent {
                 }
             }
         }
+        run.decided_by = Some("local".into());
         match self.local(run).await {
             Ok(decision) => decision,
             Err(e) => Decision::Escalate {
@@ -846,6 +948,13 @@ impl Agent {
             }
             Decision::Escalate { .. } => None,
         };
+        let configuration = AiConfiguration {
+            model: run.decided_by.clone().unwrap_or_else(|| NO_MODEL.into()),
+            prompt_version: self.prompt_version.clone(),
+            kb_version: self.kb_version().await,
+            experiment: self.experiment.clone(),
+        };
+        let usage: Vec<ModelUsage> = run.usage.iter().map(|(u, _)| u.clone()).collect();
         let at = Utc::now();
         let ticket_key = run.ticket_id.to_string();
         let draft_id = Uuid::now_v7();
@@ -912,6 +1021,16 @@ impl Agent {
                 )
                 .await?;
             }
+            uow.execute::<Ticket>(
+                &ticket_key,
+                TicketCommand::RecordModelUsage {
+                    in_reply_to: run.message_id,
+                    usage: usage.clone(),
+                    configuration: configuration.clone(),
+                    at,
+                },
+            )
+            .await?;
             let outcome = match (&decision, &verdict) {
                 (Decision::Draft { .. }, Some(_)) if !may_reply => {
                     uow.execute::<Ticket>(

@@ -30,6 +30,8 @@ pub struct ApiSettings {
     /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one
     /// address, an hour (0: off).
     pub submissions_per_email_per_hour: u32,
+    /// `CASEBOOK_MODEL_BUDGET_USD_PER_YEAR`: the dashboard's budget line.
+    pub model_budget_usd_per_year: f64,
 }
 
 pub struct Inner {

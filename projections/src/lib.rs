@@ -9,6 +9,7 @@
 //! rebuilding a read model straight from the event store.
 
 pub mod access;
+pub mod analytics;
 pub mod consumer;
 pub mod crm;
 pub mod live;
@@ -24,5 +25,7 @@ pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, ProjectionError
 
 /// Every projector this crate provides, by name.
 pub fn all_projectors() -> Vec<std::sync::Arc<dyn Projector>> {
-    crm::projectors()
+    let mut all = crm::projectors();
+    all.push(std::sync::Arc::new(analytics::MetricsProjector));
+    all
 }

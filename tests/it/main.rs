@@ -13,6 +13,7 @@ mod graphql;
 mod handoff;
 mod identity;
 mod mailsync;
+mod metrics;
 mod ops;
 mod outage;
 mod pipeline;

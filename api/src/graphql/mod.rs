@@ -9,6 +9,7 @@ pub mod context;
 mod customers;
 pub mod knowledge;
 mod loaders;
+pub mod metrics;
 mod mutations;
 mod queues;
 pub mod subscriptions;
@@ -46,6 +47,7 @@ pub struct Query(
     queues::QueueQuery,
     knowledge::KnowledgeQuery,
     audit::AuditQuery,
+    metrics::MetricsQuery,
 );
 
 #[derive(MergedObject, Default)]

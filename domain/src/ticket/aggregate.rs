@@ -845,6 +845,38 @@ impl Ticket {
                     received_at: at,
                 }])
             }
+            C::RecordModelUsage {
+                in_reply_to,
+                usage,
+                configuration,
+                at,
+            } => {
+                if !self.messages.contains_key(&in_reply_to) {
+                    return Err(TicketError::UnknownMessage(in_reply_to));
+                }
+                let label_ok = |s: &str| {
+                    !s.trim().is_empty() && s.chars().count() <= super::MAX_USAGE_LABEL_CHARS
+                };
+                let labels_ok = usage
+                    .iter()
+                    .all(|u| label_ok(&u.provider) && label_ok(&u.model))
+                    && label_ok(&configuration.model)
+                    && label_ok(&configuration.prompt_version)
+                    && label_ok(&configuration.kb_version)
+                    && configuration.experiment.as_deref().is_none_or(label_ok);
+                if usage.len() > super::MAX_USAGE_ENTRIES || !labels_ok {
+                    return Err(TicketError::InvalidModelUsage {
+                        max_entries: super::MAX_USAGE_ENTRIES,
+                        max_chars: super::MAX_USAGE_LABEL_CHARS,
+                    });
+                }
+                Ok(vec![E::ModelUsageRecorded {
+                    in_reply_to,
+                    usage,
+                    configuration,
+                    recorded_at: at,
+                }])
+            }
             C::RecordSlaBreach { kind, at } => {
                 let deadlines = self.deadlines.expect("an opened ticket has deadlines");
                 if self.sla_breaches.contains(kind.as_str()) {
@@ -1166,6 +1198,8 @@ impl Ticket {
             E::SlaBreached { kind, .. } => {
                 self.sla_breaches.insert(kind.as_str().to_string());
             }
+            // A record of cost and configuration: the ticket's state is unchanged.
+            E::ModelUsageRecorded { .. } => {}
         }
     }
 

@@ -10,6 +10,8 @@ mod aggregate;
 mod handoff_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod usage_tests;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
@@ -201,6 +203,70 @@ pub struct AutoReplyLimit {
     pub per_hour: u32,
 }
 
+/// What one model reported for the calls the agent made on one customer
+/// message: successful calls, tokens in and out, and their price.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// `openai` or `anthropic`.
+    pub provider: String,
+    pub model: String,
+    pub calls: u32,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// The cost in millionths of a US dollar, from the configured prices.
+    pub cost_micro_usd: u64,
+}
+
+/// The configuration an AI response was made with, so that two
+/// configurations can be compared on their outcomes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AiConfiguration {
+    /// The model that decided (`local` for the built-in responder).
+    pub model: String,
+    pub prompt_version: String,
+    pub kb_version: String,
+    /// `CASEBOOK_EXPERIMENT`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+}
+
+impl AiConfiguration {
+    /// The configuration as one label: `model/prompt/kb[/experiment]`.
+    pub fn tag(&self) -> String {
+        let mut tag = format!("{}/{}/{}", self.model, self.prompt_version, self.kb_version);
+        if let Some(e) = &self.experiment {
+            tag.push('/');
+            tag.push_str(e);
+        }
+        tag
+    }
+}
+
+/// A model's prices in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ModelPrice {
+    pub usd_per_mtok_in: f64,
+    pub usd_per_mtok_out: f64,
+}
+
+impl ModelPrice {
+    /// The price of `tokens_in` and `tokens_out` in millionths of a dollar
+    /// (a dollar per million tokens is a micro-dollar per token), rounded.
+    pub fn cost_micro_usd(&self, tokens_in: u64, tokens_out: u64) -> u64 {
+        let micro = tokens_in as f64 * self.usd_per_mtok_in.max(0.0)
+            + tokens_out as f64 * self.usd_per_mtok_out.max(0.0);
+        if micro.is_finite() {
+            micro.round().min(u64::MAX as f64) as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// Most providers one usage record names, and the longest name or label.
+pub const MAX_USAGE_ENTRIES: usize = 8;
+pub const MAX_USAGE_LABEL_CHARS: usize = 100;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TicketCommand {
     Open {
@@ -382,6 +448,14 @@ pub enum TicketCommand {
     RecordFeedback {
         helpful: bool,
         comment: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// The agent records what the models it called on a customer message
+    /// reported (tokens, price) and the configuration that answered.
+    RecordModelUsage {
+        in_reply_to: Uuid,
+        usage: Vec<ModelUsage>,
+        configuration: AiConfiguration,
         at: DateTime<Utc>,
     },
     RecordSlaBreach {
@@ -573,6 +647,14 @@ pub enum TicketEvent {
         due_at: DateTime<Utc>,
         breached_at: DateTime<Utc>,
     },
+    /// The models the agent called on a customer message, what they
+    /// reported using and cost, and the configuration that answered.
+    ModelUsageRecorded {
+        in_reply_to: Uuid,
+        usage: Vec<ModelUsage>,
+        configuration: AiConfiguration,
+        recorded_at: DateTime<Utc>,
+    },
 }
 
 impl TicketEvent {
@@ -632,6 +714,9 @@ impl TicketEvent {
             }
             | TicketEvent::SlaBreached {
                 breached_at: at, ..
+            }
+            | TicketEvent::ModelUsageRecorded {
+                recorded_at: at, ..
             } => *at,
         }
     }
@@ -660,6 +745,7 @@ impl TicketEvent {
             TicketEvent::TicketClosed { .. } => "TicketClosed",
             TicketEvent::FeedbackReceived { .. } => "FeedbackReceived",
             TicketEvent::SlaBreached { .. } => "SlaBreached",
+            TicketEvent::ModelUsageRecorded { .. } => "ModelUsageRecorded",
         }
     }
 }
@@ -801,4 +887,9 @@ pub enum TicketError {
     ResponseTooLong { max: usize },
     #[error("an idempotency key is 1 to {max} bytes")]
     InvalidIdempotencyKey { max: usize },
+    #[error("a model usage record names 1 to {max_entries} models with labels of 1 to {max_chars} characters")]
+    InvalidModelUsage {
+        max_entries: usize,
+        max_chars: usize,
+    },
 }
