@@ -1263,3 +1263,50 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         misses,
     })))
 }
+
+/// Runs `make(i)` for every `i` in `range`, from `clients` tasks at once,
+/// printing progress as `bench <what>: N tickets generated`; fails naming
+/// how many could not be made (the first three errors are printed).
+async fn generate<F, Fut, E>(
+    what: &'static str,
+    range: std::ops::Range<usize>,
+    clients: usize,
+    make: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = std::sync::Arc::new(AtomicUsize::new(range.start));
+    let failed = std::sync::Arc::new(AtomicUsize::new(0));
+    let step = (range.len() / 10).max(1);
+    let mut writers = Vec::new();
+    for _ in 0..clients.clamp(1, 256) {
+        let (make, next, failed, range) =
+            (make.clone(), next.clone(), failed.clone(), range.clone());
+        writers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= range.end {
+                    break;
+                }
+                if let Err(e) = make(i).await {
+                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("bench {what}: generating failed: {e}");
+                    }
+                }
+                if i > range.start && (i - range.start) % step == 0 {
+                    eprintln!("bench {what}: {} tickets generated", i - range.start);
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await?;
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} tickets could not be generated");
+    Ok(())
+}

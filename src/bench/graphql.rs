@@ -110,38 +110,12 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
     // 1. The store, through the command path.
     let started = Instant::now();
     let intake = Intake::new(EventStore::new(scratch.pool.clone()));
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut writers = Vec::new();
-    for _ in 0..args.clients.max(1) {
-        let intake = intake.clone();
-        let next = next.clone();
-        let failed = failed.clone();
-        writers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tickets {
-                    break;
-                }
-                if let Err(e) = intake.receive(&message(i, None), "bench").await {
-                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                        eprintln!("bench graphql: intake failed: {e}");
-                    }
-                }
-                if i > 0 && i % (tickets / 10).max(1) == 0 {
-                    eprintln!("bench graphql: {i} tickets generated");
-                }
-            }
-        }));
-    }
-    for w in writers {
-        w.await?;
-    }
-    anyhow::ensure!(
-        failed.load(Ordering::Relaxed) == 0,
-        "{} tickets could not be generated",
-        failed.load(Ordering::Relaxed)
-    );
+    let writer = intake.clone();
+    super::generate("graphql", 0..tickets, args.clients, move |i| {
+        let intake = writer.clone();
+        async move { intake.receive(&message(i, None), "bench").await.map(|_| ()) }
+    })
+    .await?;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&scratch.pool)
         .await?;

@@ -243,36 +243,12 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
     // 1. The store, through the command path.
     let started = Instant::now();
     let store = EventStore::new(scratch.pool.clone());
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut writers = Vec::new();
-    for _ in 0..args.clients.clamp(1, 64) {
-        let (store, next, failed) = (store.clone(), next.clone(), failed.clone());
-        writers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tickets {
-                    break;
-                }
-                if let Err(e) = ticket(&store, i, tickets).await {
-                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                        eprintln!("bench metrics: {e}");
-                    }
-                }
-                if i > 0 && i % (tickets / 10).max(1) == 0 {
-                    eprintln!("bench metrics: {i} tickets generated");
-                }
-            }
-        }));
-    }
-    for w in writers {
-        w.await?;
-    }
-    anyhow::ensure!(
-        failed.load(Ordering::Relaxed) == 0,
-        "{} tickets could not be generated",
-        failed.load(Ordering::Relaxed)
-    );
+    let writer = store.clone();
+    super::generate("metrics", 0..tickets, args.clients.clamp(1, 64), move |i| {
+        let store = writer.clone();
+        async move { ticket(&store, i, tickets).await.map(|_| ()) }
+    })
+    .await?;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&scratch.pool)
         .await?;

@@ -7,8 +7,6 @@
 //!    the swap) and reports events in the store per second of rebuild, and
 //!    each projector's own rate. Target: 50,000 events/s.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use casebook_commands::{EventStore, Intake};
@@ -72,34 +70,12 @@ async fn events(scratch: &Scratch) -> anyhow::Result<i64> {
 
 /// Tickets `from..to` through intake, `clients` at once.
 async fn generate(intake: &Intake, from: usize, to: usize, clients: usize) -> anyhow::Result<()> {
-    let next = Arc::new(AtomicUsize::new(from));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut writers = Vec::new();
-    for _ in 0..clients.clamp(1, 256) {
-        let (intake, next, failed) = (intake.clone(), next.clone(), failed.clone());
-        writers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= to {
-                    break;
-                }
-                if let Err(e) = intake.receive(&message(i, None), "bench").await {
-                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                        eprintln!("bench replay: intake failed: {e}");
-                    }
-                }
-                if i > from && i % 10_000 == 0 {
-                    eprintln!("bench replay: {i} tickets generated");
-                }
-            }
-        }));
-    }
-    for w in writers {
-        w.await?;
-    }
-    let failed = failed.load(Ordering::Relaxed);
-    anyhow::ensure!(failed == 0, "{failed} tickets could not be generated");
-    Ok(())
+    let intake = intake.clone();
+    super::generate("replay", from..to, clients, move |i| {
+        let intake = intake.clone();
+        async move { intake.receive(&message(i, None), "bench").await.map(|_| ()) }
+    })
+    .await
 }
 
 pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
