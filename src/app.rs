@@ -383,6 +383,24 @@ pub async fn start(
         tasks.push(("relay", tokio::spawn(relay.run(token))));
     }
 
+    // Signed audit checkpoints ride with the relay: one writer of the log's
+    // publication (an advisory lock keeps replicas from racing).
+    if roles.contains(&Role::Relay) {
+        match config.audit_signing_key() {
+            Ok(key) => tasks.push((
+                "audit-checkpoints",
+                tokio::spawn(crate::audit::run(
+                    pool.clone(),
+                    key,
+                    kafka.clone(),
+                    Duration::from_secs(config.checkpoint_secs),
+                    shutdown.clone(),
+                )),
+            )),
+            Err(e) => tracing::warn!(error = %e, "no audit checkpoints"),
+        }
+    }
+
     if roles.contains(&Role::Agent) {
         let kb =
             KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);

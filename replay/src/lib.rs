@@ -2,9 +2,10 @@
 //! as it stood at any moment, and verify that no stored event was altered.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod history;
 pub mod rebuild;
 
-pub use audit::{verify_chains, VerifyReport};
+pub use audit::{log_size, verify_chains, verify_log, Failure, VerifyError, VerifyReport};
 pub use history::{ticket_as_of, TicketHistory};
 pub use rebuild::{rebuild, rebuild_paged, RebuildReport};
