@@ -18,6 +18,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+mod audit;
 mod graphql;
 
 use crate::app::{self, Role};
@@ -30,9 +31,12 @@ pub enum BenchName {
     Intake,
     /// Submission to row in the tickets read model at a fixed rate.
     Pipeline,
-    /// Events/s through the event store (postgres-es loads, multi-row
-    /// appends, the hash-chain trigger) against plain multi-row INSERTs.
+    /// Events/s through the event store (stream loads, the writer's chain
+    /// hashes, multi-row appends) against plain multi-row INSERTs.
     Append,
+    /// `audit verify` (chains, Merkle tree, signed checkpoint) over a log
+    /// of `--events` generated events.
+    Verify,
     /// The agent's own processing time per message (no model latency).
     Agent,
     /// Knowledge base search latency and recall@10 on a generated corpus.
@@ -64,7 +68,7 @@ pub struct BenchArgs {
     /// Concurrent writers (append).
     #[arg(long, default_value_t = 32)]
     pub writers: usize,
-    /// Events to append in all (append).
+    /// Events to append in all (append, verify).
     #[arg(long, default_value_t = 64_000)]
     pub events: usize,
     /// Events per commit (append).
@@ -100,6 +104,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Intake => intake(&scratch, &args).await,
         BenchName::Pipeline => pipeline(&scratch, &args).await,
         BenchName::Append => append(&scratch, &args).await,
+        BenchName::Verify => audit::verify(&scratch, &args).await,
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
@@ -212,6 +217,7 @@ impl Latency {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum Report {
+    Verify(Box<audit::VerifyReport>),
     Intake {
         bench: &'static str,
         clients: usize,
@@ -400,6 +406,7 @@ impl Report {
                 "append: {events} events, {writers} writers, {per_commit} events per commit\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
             ),
             Report::Answers(a) => a.text(),
+            Report::Verify(v) => v.text(),
         }
     }
 }
