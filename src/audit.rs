@@ -13,6 +13,60 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// One retention pass, then its tombstones: one `TicketsPurged` event per
+/// archive file, appended through the event store.
+pub async fn archive_pass(
+    pool: &PgPool,
+    dir: &std::path::Path,
+    as_of: chrono::DateTime<chrono::Utc>,
+    key: &SigningKey,
+) -> anyhow::Result<casebook_replay::archive::PassReport> {
+    use casebook_domain::retention::{ArchiveCommand, ArchiveFile};
+    use casebook_domain::{Actor, EventMetadata};
+    let report = casebook_replay::archive::run_pass(pool, dir, as_of, key).await?;
+    let store = casebook_commands::EventStore::new(pool.clone());
+    let meta = EventMetadata::new("retention", Actor::system("retention"));
+    for record in &report.purged {
+        store
+            .execute::<ArchiveFile>(
+                &record.file,
+                ArchiveCommand::RecordPurge(record.clone()),
+                &meta,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording the purge of {}: {e}", record.file))?;
+    }
+    Ok(report)
+}
+
+/// `serve`'s daily retention pass, until `shutdown`.
+pub async fn run_retention(
+    pool: PgPool,
+    dir: std::path::PathBuf,
+    key: SigningKey,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(24 * 60 * 60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match archive_pass(&pool, &dir, chrono::Utc::now(), &key).await {
+            Ok(r) => tracing::info!(
+                files = r.purged.len(),
+                eligible = r.eligible,
+                held = r.held,
+                "retention pass done"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "retention pass failed, retrying tomorrow")
+            }
+        }
+    }
+}
+
 /// How long one publish may wait for the broker.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Retention: one year, then the archive.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCli,
+    },
     /// Mail intake.
     Mail {
         #[command(subcommand)]
@@ -187,6 +192,25 @@ enum AuditCommand {
         #[arg(long)]
         public_key: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ArchiveCli {
+    /// One retention pass: tickets resolved or closed more than 365 days
+    /// before --as-of (default now), unless held, go to CASEBOOK_ARCHIVE_DIR
+    /// and leave the hot tables.
+    Run {
+        #[arg(long)]
+        as_of: Option<DateTime<Utc>>,
+    },
+    /// Sets a legal hold on a ticket (never purged), or releases it.
+    Hold {
+        ticket_id: Uuid,
+        #[arg(long)]
+        release: bool,
+    },
+    /// Brings an archived ticket back, verified against the manifest.
+    Restore { ticket_id: Uuid },
 }
 
 /// Runs the command line; the exit code follows CONTRACT.md (0 success,
@@ -404,6 +428,7 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { command } => return audit(config, command).await,
+        Command::Archive { command } => archive(config, command).await?,
         Command::Mail {
             command: MailCommand::Refused { limit, json },
         } => {
@@ -429,6 +454,58 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(config, args).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn archive(config: &Config, command: ArchiveCli) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+    match command {
+        ArchiveCli::Run { as_of } => {
+            let key = config.audit_signing_key()?;
+            let report = crate::audit::archive_pass(
+                &pool,
+                &config.archive_dir,
+                as_of.unwrap_or_else(Utc::now),
+                &key,
+            )
+            .await?;
+            let tickets: usize = report.purged.iter().map(|p| p.tickets.len()).sum();
+            let events: u64 = report.purged.iter().map(|p| p.events).sum();
+            println!(
+                "archived {tickets} tickets ({events} events) in {} files; {} eligible, {} on legal hold",
+                report.purged.len(),
+                report.eligible,
+                report.held
+            );
+            for p in &report.purged {
+                println!(
+                    "  {}  sha256 {}  {} tickets",
+                    p.file,
+                    p.sha256,
+                    p.tickets.len()
+                );
+            }
+        }
+        ArchiveCli::Hold { ticket_id, release } => {
+            let changed =
+                casebook_replay::archive::hold(&pool, &ticket_id.to_string(), release).await?;
+            let what = if release { "released" } else { "on legal hold" };
+            if changed {
+                println!("ticket {ticket_id}: {what}");
+            } else {
+                println!("ticket {ticket_id}: already {what}");
+            }
+        }
+        ArchiveCli::Restore { ticket_id } => {
+            let n = casebook_replay::archive::restore(
+                &pool,
+                &config.archive_dir,
+                &ticket_id.to_string(),
+            )
+            .await?;
+            println!("ticket {ticket_id}: {n} events restored, verified against the manifest");
+        }
+    }
+    Ok(())
 }
 
 async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCode> {
@@ -468,6 +545,14 @@ async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCod
             .await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
+            }
+            if report.failure.is_none() && report.purged > 0 {
+                if let Err(e) =
+                    casebook_replay::archive::verify_purged(&pool, &config.archive_dir).await
+                {
+                    eprintln!("casebook: purged events do not match their archive: {e}");
+                    return Ok(ExitCode::from(1));
+                }
             }
             match report.failure {
                 None => println!(

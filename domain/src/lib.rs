@@ -20,6 +20,7 @@ pub mod markdown;
 pub mod masking;
 pub mod merkle;
 pub mod metadata;
+pub mod retention;
 pub mod retry;
 pub mod sanitize;
 pub mod sentiment;

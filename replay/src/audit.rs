@@ -134,7 +134,8 @@ pub async fn verify_log(
 /// How many events (hot and purged) the log holds: the progress bar's length.
 pub async fn log_size(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM events_purged)",
+        "SELECT (SELECT count(*) FROM events)
+              + (SELECT count(*) FROM events_purged p WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.position = p.position))",
     )
     .fetch_one(pool)
     .await?;
@@ -181,7 +182,8 @@ async fn verify(
          UNION ALL
          SELECT true, position, aggregate_type, aggregate_id, sequence, NULL, NULL, NULL, NULL, NULL, NULL, hash,
                 transaction_id
-           FROM events_purged
+           FROM events_purged p
+          WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.position = p.position)
           ORDER BY transaction_id, position",
     )
     .fetch(pool);

@@ -19,8 +19,10 @@ use sqlx::{PgPool, Row};
 
 /// Every event of the log, hot or purged, with what a leaf needs. Ordered
 /// by (transaction_id, position) by its readers.
+/// A restored ticket's events are in both tables: once is enough.
 pub(crate) const LOG_LEAVES: &str = "(SELECT transaction_id, position, hash FROM events
-     UNION ALL SELECT transaction_id, position, hash FROM events_purged) AS log";
+     UNION ALL SELECT p.transaction_id, p.position, p.hash FROM events_purged p
+                WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.position = p.position)) AS log";
 
 /// Serialises checkpoint writers (replicas of `serve`, the CLI).
 const CHECKPOINT_LOCK: i64 = 0x6361_7365_6b70_7431; // "casekpt1"

@@ -1,6 +1,7 @@
 //! Replay and audit: rebuild read models from the event store, show a ticket
 //! as it stood at any moment, and verify that no stored event was altered.
 
+pub mod archive;
 pub mod audit;
 pub mod checkpoint;
 pub mod history;
