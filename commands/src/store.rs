@@ -185,7 +185,7 @@ impl EventStore {
         &self,
         aggregate_type: &str,
         id: &str,
-    ) -> Result<Vec<(i64, serde_json::Value, String)>, StoreError> {
+    ) -> Result<Vec<StreamRow>, StoreError> {
         with_transient_retry(|| async {
             Ok(sqlx::query_as(
                 "SELECT sequence, payload, hash FROM events
@@ -249,13 +249,13 @@ impl EventStore {
     }
 }
 
+/// One stored event of a stream: sequence, payload, chain hash.
+type StreamRow = (i64, serde_json::Value, String);
+
 /// Folds a stream's rows (sequence, payload, hash); also returns the hash
 /// of its last event (`""` for an empty stream), the next event's
 /// predecessor in the chain.
-fn fold<A: Aggregate>(
-    id: &str,
-    rows: Vec<(i64, serde_json::Value, String)>,
-) -> Result<(Loaded<A>, String), StoreError> {
+fn fold<A: Aggregate>(id: &str, rows: Vec<StreamRow>) -> Result<(Loaded<A>, String), StoreError> {
     let mut aggregate = A::default();
     let mut version = 0;
     let mut head = String::new();
@@ -342,7 +342,7 @@ pub struct UnitOfWork<'s> {
     meta: EventMetadata,
     streams: Vec<PendingStream>,
     /// Streams read ahead in one query: (type, id) → (sequence, payload, hash).
-    prefetched: HashMap<(String, String), Vec<(i64, serde_json::Value, String)>>,
+    prefetched: HashMap<(String, String), Vec<StreamRow>>,
 }
 
 impl UnitOfWork<'_> {

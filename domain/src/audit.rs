@@ -31,10 +31,40 @@ pub struct ChainInput<'a> {
     pub metadata: &'a str,
 }
 
+/// `n` in decimal, without allocating (verification hashes millions).
+fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 fn field(hasher: &mut Sha256, value: &str) {
-    hasher.update(value.len().to_string().as_bytes());
+    let mut buf = [0u8; 20];
+    hasher.update(decimal(value.len() as u64, &mut buf));
     hasher.update(b":");
     hasher.update(value.as_bytes());
+    hasher.update(b";");
+}
+
+/// A signed number as a field, as `to_string` would print it.
+fn number_field(hasher: &mut Sha256, n: i64) {
+    let mut buf = [0u8; 20];
+    let digits = decimal(n.unsigned_abs(), &mut buf);
+    let len = digits.len() + usize::from(n < 0);
+    let mut len_buf = [0u8; 20];
+    hasher.update(decimal(len as u64, &mut len_buf));
+    hasher.update(b":");
+    if n < 0 {
+        hasher.update(b"-");
+    }
+    hasher.update(digits);
     hasher.update(b";");
 }
 
@@ -46,10 +76,10 @@ pub fn chain_hash(prev: &str, input: &ChainInput<'_>) -> String {
     field(&mut h, input.event_id);
     field(&mut h, input.aggregate_type);
     field(&mut h, input.aggregate_id);
-    field(&mut h, &input.sequence.to_string());
+    number_field(&mut h, input.sequence);
     field(&mut h, input.event_type);
     field(&mut h, input.event_version);
-    field(&mut h, &input.occurred_at_micros.to_string());
+    number_field(&mut h, input.occurred_at_micros);
     field(&mut h, input.payload);
     field(&mut h, input.metadata);
     hex::encode(h.finalize())
@@ -169,7 +199,6 @@ fn write_number(out: &mut String, n: &serde_json::Number) {
     }
     let whole = whole.trim_start_matches('0');
     let whole = if whole.is_empty() { "0" } else { whole };
-    let mut fraction = fraction;
     fraction.truncate(scale as usize);
     while (fraction.len() as i64) < scale {
         fraction.push('0');
@@ -289,6 +318,17 @@ mod tests {
         assert_eq!(jsonb_text(&serde_json::json!([])), "[]");
         assert_eq!(jsonb_text(&serde_json::json!(0.1)), "0.1");
         assert_eq!(jsonb_text(&serde_json::json!(-12.75e2)), "-1275.0");
+    }
+
+    #[test]
+    fn numbers_are_fields_as_printed() {
+        for n in [0i64, 7, -7, 10, 1_795_000_000_000_000, i64::MIN, i64::MAX] {
+            let mut a = Sha256::new();
+            number_field(&mut a, n);
+            let mut b = Sha256::new();
+            field(&mut b, &n.to_string());
+            assert_eq!(a.finalize(), b.finalize(), "{n}");
+        }
     }
 
     #[test]

@@ -193,7 +193,7 @@ async fn verify(
     let mut read = 0u64;
     while let Some(row) = rows.try_next().await? {
         read += 1;
-        if read % 10_000 == 0 {
+        if read.is_multiple_of(10_000) {
             progress(read);
         }
         let purged: bool = row.try_get("purged")?;
