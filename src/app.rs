@@ -393,6 +393,35 @@ pub async fn start(
         tasks.push(("relay", tokio::spawn(relay.run(token))));
     }
 
+    // Signed audit checkpoints and the daily retention pass ride with the
+    // relay (advisory locks keep replicas from racing).
+    if roles.contains(&Role::Relay) {
+        match config.audit_signing_key() {
+            Ok(key) => {
+                tasks.push((
+                    "retention",
+                    tokio::spawn(crate::audit::run_retention(
+                        pool.clone(),
+                        config.archive_dir.clone(),
+                        key.clone(),
+                        shutdown.clone(),
+                    )),
+                ));
+                tasks.push((
+                    "audit-checkpoints",
+                    tokio::spawn(crate::audit::run(
+                        pool.clone(),
+                        key,
+                        kafka.clone(),
+                        Duration::from_secs(config.checkpoint_secs),
+                        shutdown.clone(),
+                    )),
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "no audit checkpoints"),
+        }
+    }
+
     if roles.contains(&Role::Agent) {
         let kb =
             KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);

@@ -18,6 +18,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+mod audit;
 mod graphql;
 mod metrics;
 mod replay;
@@ -32,9 +33,12 @@ pub enum BenchName {
     Intake,
     /// Submission to row in the tickets read model at a fixed rate.
     Pipeline,
-    /// Events/s through the event store (postgres-es loads, multi-row
-    /// appends, the hash-chain trigger) against plain multi-row INSERTs.
+    /// Events/s through the event store (stream loads, the writer's chain
+    /// hashes, multi-row appends) against plain multi-row INSERTs.
     Append,
+    /// `audit verify` (chains, Merkle tree, signed checkpoint) over a log
+    /// of `--events` generated events.
+    Verify,
     /// The agent's own processing time per message (no model latency).
     Agent,
     /// Knowledge base search latency and recall@10 on a generated corpus.
@@ -73,7 +77,7 @@ pub struct BenchArgs {
     /// Concurrent writers (append).
     #[arg(long, default_value_t = 32)]
     pub writers: usize,
-    /// Events to append in all (append), or to generate (metrics).
+    /// Events to append in all (append, verify), or to generate (metrics).
     #[arg(long, default_value_t = 64_000)]
     pub events: usize,
     /// Events per commit (append).
@@ -112,6 +116,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Intake => intake(&scratch, &args).await,
         BenchName::Pipeline => pipeline(&scratch, &args).await,
         BenchName::Append => append(&scratch, &args).await,
+        BenchName::Verify => audit::verify(&scratch, &args).await,
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
@@ -226,6 +231,7 @@ impl Latency {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum Report {
+    Verify(Box<audit::VerifyReport>),
     Intake {
         bench: &'static str,
         clients: usize,
@@ -418,6 +424,7 @@ impl Report {
             Report::Answers(a) => a.text(),
             Report::Replay(r) => r.text(),
             Report::Metrics(m) => m.text(),
+            Report::Verify(v) => v.text(),
         }
     }
 }

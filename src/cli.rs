@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Retention: one year, then the archive.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCli,
+    },
     /// Mail intake.
     Mail {
         #[command(subcommand)]
@@ -180,8 +185,46 @@ enum ReplayCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Recomputes every stream's hash chain.
-    Verify,
+    /// Checks every stream's chain, the log's order and every signed
+    /// checkpoint; exit 1 naming the first failure.
+    Verify {
+        /// The trusted public key (hex); default: CASEBOOK_AUDIT_SIGNING_KEY's.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Writes a signed checkpoint of the whole log now and publishes it.
+    Checkpoint,
+    /// Prints a new Ed25519 key pair.
+    Keygen,
+    /// Prints an inclusion proof of one event in the latest checkpoint (JSON).
+    Prove { event_id: Uuid },
+    /// Checks an inclusion proof without the database.
+    VerifyProof {
+        /// The proof file (`audit prove`'s output); `-` for standard input.
+        file: std::path::PathBuf,
+        /// The trusted public key (hex); default: CASEBOOK_AUDIT_SIGNING_KEY's.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ArchiveCli {
+    /// One retention pass: tickets resolved or closed more than 365 days
+    /// before --as-of (default now), unless held, go to CASEBOOK_ARCHIVE_DIR
+    /// and leave the hot tables.
+    Run {
+        #[arg(long)]
+        as_of: Option<DateTime<Utc>>,
+    },
+    /// Sets a legal hold on a ticket (never purged), or releases it.
+    Hold {
+        ticket_id: Uuid,
+        #[arg(long)]
+        release: bool,
+    },
+    /// Brings an archived ticket back, verified against the manifest.
+    Restore { ticket_id: Uuid },
 }
 
 /// Runs the command line; the exit code follows CONTRACT.md (0 success,
@@ -438,27 +481,8 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                 print_history(&history);
             }
         }
-        Command::Audit {
-            command: AuditCommand::Verify,
-        } => {
-            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
-            let report = casebook_replay::verify_chains(&pool).await?;
-            match report.first_break {
-                None => println!(
-                    "intact: {} streams, {} events",
-                    report.streams, report.events
-                ),
-                Some(b) => {
-                    eprintln!(
-                        "casebook: hash chain broken in stream {}/{} at sequence {} (stored {}, recomputed {}); \
-                         {} events in {} streams verified before it",
-                        b.aggregate_type, b.aggregate_id, b.at.sequence, b.at.stored, b.at.expected, report.events,
-                        report.streams - 1
-                    );
-                    return Ok(ExitCode::from(1));
-                }
-            }
-        }
+        Command::Audit { command } => return audit(config, command).await,
+        Command::Archive { command } => archive(config, command).await?,
         Command::Mail {
             command: MailCommand::Refused { limit, json },
         } => {
@@ -482,6 +506,198 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Bench(args) => bench::run(config, args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn archive(config: &Config, command: ArchiveCli) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+    match command {
+        ArchiveCli::Run { as_of } => {
+            let key = config.audit_signing_key()?;
+            let report = crate::audit::archive_pass(
+                &pool,
+                &config.archive_dir,
+                as_of.unwrap_or_else(Utc::now),
+                &key,
+            )
+            .await?;
+            let tickets: usize = report.purged.iter().map(|p| p.tickets.len()).sum();
+            let events: u64 = report.purged.iter().map(|p| p.events).sum();
+            println!(
+                "archived {tickets} tickets ({events} events) in {} files; {} eligible, {} on legal hold",
+                report.purged.len(),
+                report.eligible,
+                report.held
+            );
+            for p in &report.purged {
+                println!(
+                    "  {}  sha256 {}  {} tickets",
+                    p.file,
+                    p.sha256,
+                    p.tickets.len()
+                );
+            }
+        }
+        ArchiveCli::Hold { ticket_id, release } => {
+            let changed =
+                casebook_replay::archive::hold(&pool, &ticket_id.to_string(), release).await?;
+            let what = if release { "released" } else { "on legal hold" };
+            if changed {
+                println!("ticket {ticket_id}: {what}");
+            } else {
+                println!("ticket {ticket_id}: already {what}");
+            }
+        }
+        ArchiveCli::Restore { ticket_id } => {
+            let n = casebook_replay::archive::restore(
+                &pool,
+                &config.archive_dir,
+                &ticket_id.to_string(),
+            )
+            .await?;
+            println!("ticket {ticket_id}: {n} events restored, verified against the manifest");
+        }
+    }
+    Ok(())
+}
+
+async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let trusted_key =
+        |given: Option<String>| -> anyhow::Result<Option<ed25519_dalek::VerifyingKey>> {
+            Ok(match given {
+                Some(hex) => Some(casebook_domain::checkpoint::public_key_from_hex(&hex)?),
+                None if config.has_audit_signing_key() => {
+                    Some(config.audit_signing_key()?.verifying_key())
+                }
+                None => None,
+            })
+        };
+    match command {
+        AuditCommand::Verify { public_key } => {
+            let key = trusted_key(public_key)?;
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let bar = if std::io::stderr().is_terminal() {
+                let total = casebook_replay::log_size(&pool).await?;
+                let bar = indicatif::ProgressBar::new(total);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:40} {pos}/{len} events  {per_sec}  eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                Some(bar)
+            } else {
+                None
+            };
+            let report = casebook_replay::verify_log(&pool, key.as_ref(), |n| {
+                if let Some(bar) = &bar {
+                    bar.set_position(n);
+                }
+            })
+            .await?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            if report.failure.is_none() && report.purged > 0 {
+                if let Err(e) =
+                    casebook_replay::archive::verify_purged(&pool, &config.archive_dir).await
+                {
+                    eprintln!("casebook: purged events do not match their archive: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            match report.failure {
+                None => println!(
+                    "intact: {} streams, {} events, {} purged, {} checkpoints",
+                    report.streams, report.events, report.purged, report.checkpoints
+                ),
+                Some(failure) => {
+                    eprintln!(
+                        "casebook: {failure}; {} events in {} streams verified before it",
+                        report.events, report.streams
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        AuditCommand::Checkpoint => {
+            let key = config.audit_signing_key()?;
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let kafka = app::kafka_settings(config);
+            let producer = kafka.producer().context("KAFKA_BROKERS")?;
+            tokio::time::timeout(Duration::from_secs(30), kafka.ensure_topics())
+                .await
+                .map_err(|_| anyhow!("KAFKA_BROKERS: no answer within 30 s while creating topics"))?
+                .context("KAFKA_BROKERS: creating topics")?;
+            use casebook_replay::checkpoint::Created;
+            match crate::audit::checkpoint_now(&pool, &key, &kafka, &producer).await? {
+                Created::New { checkpoint, added } => println!(
+                    "checkpoint {}: {} events (+{added}), last position {}, root {}",
+                    checkpoint.id,
+                    checkpoint.checkpoint.body.size,
+                    checkpoint.checkpoint.body.last_position,
+                    checkpoint.checkpoint.body.root
+                ),
+                Created::Unchanged(c) => println!(
+                    "checkpoint {} is current: {} events, root {}",
+                    c.id, c.checkpoint.body.size, c.checkpoint.body.root
+                ),
+                Created::Empty => println!("the log is empty: nothing to checkpoint"),
+            }
+        }
+        AuditCommand::Keygen => {
+            let seed: [u8; 32] = rand::random();
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            println!("CASEBOOK_AUDIT_SIGNING_KEY={}", hex::encode(seed));
+            println!(
+                "public key: {}",
+                hex::encode(key.verifying_key().as_bytes())
+            );
+        }
+        AuditCommand::Prove { event_id } => {
+            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            let proof = casebook_replay::checkpoint::prove(&pool, event_id).await?;
+            println!("{}", serde_json::to_string_pretty(&proof)?);
+        }
+        AuditCommand::VerifyProof { file, public_key } => {
+            let key = trusted_key(public_key)?.ok_or_else(|| {
+                anyhow!("no trusted key: pass --public-key or set CASEBOOK_AUDIT_SIGNING_KEY")
+            })?;
+            // A proof is a few kilobytes; refuse anything absurd.
+            const MAX_PROOF: u64 = 16 * 1024 * 1024;
+            let text = if file.as_os_str() == "-" {
+                use std::io::Read;
+                let mut text = String::new();
+                std::io::stdin().take(MAX_PROOF).read_to_string(&mut text)?;
+                text
+            } else {
+                let len = std::fs::metadata(&file)
+                    .with_context(|| format!("{}", file.display()))?
+                    .len();
+                if len > MAX_PROOF {
+                    return Err(anyhow!("{}: larger than a proof can be", file.display()));
+                }
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?
+            };
+            let proof: casebook_domain::checkpoint::InclusionProof =
+                serde_json::from_str(&text).context("not an inclusion proof")?;
+            match proof.verify(&key) {
+                Ok(()) => println!(
+                    "included: event {} (position {}) is leaf {} of checkpoint over {} events, root {}",
+                    proof.content.event_id,
+                    proof.position,
+                    proof.leaf_index,
+                    proof.checkpoint.body.size,
+                    proof.checkpoint.body.root
+                ),
+                Err(e) => {
+                    eprintln!("casebook: proof refused: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -98,6 +98,13 @@ pub struct Config {
     /// `CASEBOOK_METRICS_SNAPSHOT_SECS`: how often `<prefix>.metrics` gets
     /// a snapshot (60 by default).
     pub metrics_snapshot_secs: u64,
+    /// `CASEBOOK_AUDIT_SIGNING_KEY`: the Ed25519 seed (64 hex digits) that
+    /// signs audit checkpoints.
+    audit_signing_key: Option<String>,
+    /// `CASEBOOK_CHECKPOINT_SECS`: how often `serve` writes a checkpoint.
+    pub checkpoint_secs: u64,
+    /// `CASEBOOK_ARCHIVE_DIR`: where retention writes archives.
+    pub archive_dir: PathBuf,
 }
 
 /// A non-negative amount of US dollars: `default` when unset.
@@ -445,6 +452,28 @@ impl Config {
                     )
                 })?,
         };
+        let audit_signing_key = src.var("CASEBOOK_AUDIT_SIGNING_KEY");
+        if let Some(key) = &audit_signing_key {
+            casebook_domain::checkpoint::signing_key_from_hex(key)
+                .map_err(|e| bad("CASEBOOK_AUDIT_SIGNING_KEY", e.to_string()))?;
+        }
+        let checkpoint_secs = match src.var("CASEBOOK_CHECKPOINT_SECS") {
+            None => 60,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=86_400).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "CASEBOOK_CHECKPOINT_SECS",
+                        "must be a number of seconds from 1 to 86400",
+                    )
+                })?,
+        };
+        let archive_dir = src
+            .var("CASEBOOK_ARCHIVE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| src.root.join(".casebook/archive"));
         let kb_ef_search = match src.var("CASEBOOK_KB_EF_SEARCH") {
             None => casebook_agent::knowledge::EF_SEARCH,
             Some(v) => v
@@ -626,7 +655,27 @@ impl Config {
             gmail_api_base,
             gmail_access_token: src.var("GMAIL_ACCESS_TOKEN"),
             gmail_support_address,
+            audit_signing_key,
+            checkpoint_secs,
+            archive_dir,
         })
+    }
+
+    /// The checkpoint signing key; `audit checkpoint` and `serve`'s
+    /// checkpoints need it.
+    pub fn audit_signing_key(&self) -> Result<ed25519_dalek::SigningKey, ConfigError> {
+        let key = self.audit_signing_key.as_deref().ok_or_else(|| {
+            bad(
+                "CASEBOOK_AUDIT_SIGNING_KEY",
+                "is not set (`casebook audit keygen` prints a new key)",
+            )
+        })?;
+        casebook_domain::checkpoint::signing_key_from_hex(key)
+            .map_err(|e| bad("CASEBOOK_AUDIT_SIGNING_KEY", e.to_string()))
+    }
+
+    pub fn has_audit_signing_key(&self) -> bool {
+        self.audit_signing_key.is_some()
     }
 
     /// The token signing key; commands that issue or check tokens need it.

@@ -3,6 +3,7 @@
 //! [`app::start`].
 
 pub mod app;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -139,7 +139,20 @@ async fn status(
                 ticket.apply_event(e.clone());
             }
             events = Some(stored);
-            TicketSummary::from_state(&ticket).ok_or(NOT_FOUND)?
+            match TicketSummary::from_state(&ticket) {
+                Some(summary) => summary,
+                // Retention moved it to the archive: gone, and said so.
+                None if archived(state, ticket_id).await? => {
+                    let mut response = (
+                        StatusCode::GONE,
+                        Json(serde_json::json!({ "status": "archived" })),
+                    )
+                        .into_response();
+                    page::private(&mut response);
+                    return Ok(response);
+                }
+                None => return Err(NOT_FOUND),
+            }
         }
     };
 
@@ -207,6 +220,16 @@ async fn status(
             Ok(page::respond(StatusCode::OK, markup))
         }
     }
+}
+
+/// Whether retention archived the ticket (and no investigation restored it).
+async fn archived(state: &AppState, ticket_id: Uuid) -> Result<bool, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM archived_tickets WHERE ticket_id = $1 AND restored_at IS NULL)",
+    )
+    .bind(ticket_id.to_string())
+    .fetch_one(&state.pool)
+    .await?)
 }
 
 async fn feedback_given(state: &AppState, ticket_id: Uuid) -> Result<bool, ApiError> {

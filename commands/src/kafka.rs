@@ -54,22 +54,60 @@ impl KafkaSettings {
     }
 }
 
-/// Creates the named topics, treating "already exists" as success.
+/// How long topics keep messages: a year, as the event store's hot tables.
+pub const RETENTION_MS: &str = "31536000000";
+
+/// Creates the named topics with 365-day retention, treating "already
+/// exists" as success. A broker that refuses the retention setting gets the
+/// topic without it.
 pub async fn ensure_topics(settings: &KafkaSettings, names: &[String]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
-    let new_topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|name| {
-            NewTopic::new(
-                name,
-                settings.partitions,
-                TopicReplication::Fixed(settings.replication),
-            )
-        })
-        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics(&new_topics, &options).await?;
-    for result in results {
+    let create = |names: Vec<String>, with_retention: bool| {
+        let admin = &admin;
+        let options = &options;
+        async move {
+            let new_topics: Vec<NewTopic<'_>> = names
+                .iter()
+                .map(|name| {
+                    let topic = NewTopic::new(
+                        name,
+                        settings.partitions,
+                        TopicReplication::Fixed(settings.replication),
+                    );
+                    if with_retention {
+                        topic.set("retention.ms", RETENTION_MS)
+                    } else {
+                        topic
+                    }
+                })
+                .collect();
+            admin.create_topics(&new_topics, options).await
+        }
+    };
+    let mut refused_config = Vec::new();
+    for result in create(names.to_vec(), true).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((
+                topic,
+                RDKafkaErrorCode::InvalidConfig | RDKafkaErrorCode::UnsupportedVersion,
+            )) => refused_config.push(topic),
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, error = %code, "could not create topic");
+                })
+            }
+        }
+    }
+    if refused_config.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        topics = refused_config.len(),
+        "the broker refused retention.ms: topics created with its default retention"
+    );
+    for result in create(refused_config, false).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {

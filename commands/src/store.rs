@@ -11,12 +11,19 @@
 //! Commands run against the state loaded from the store; a concurrent writer
 //! that got there first turns into an optimistic-lock conflict, and the
 //! command is retried against the new state.
+//!
+//! The writer computes each event's chain hash (domain::audit): it loads the
+//! stream's head hash with the stream, and gives every event its id and time
+//! itself, so the database only stores what it is given. A writer that read
+//! a stale head loses the (type, id, sequence) key to the one that did not,
+//! and retries against the new head: a chain never forks.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use casebook_domain::audit::{chain_hash, jsonb_text, ChainInput};
 use casebook_domain::retry::Backoff;
 use casebook_domain::EventMetadata;
 use cqrs_es::event_sink::EventSink;
@@ -39,7 +46,7 @@ pub const CONFLICT_BACKOFF: Backoff =
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
-/// Binds the seven column arrays as $1–$7.
+/// Binds the ten column arrays as $1–$10.
 macro_rules! bind_columns {
     ($query:expr, $c:expr) => {
         $query
@@ -50,6 +57,9 @@ macro_rules! bind_columns {
             .bind(&$c.event_version)
             .bind(&$c.payload)
             .bind(&$c.metadata)
+            .bind(&$c.event_id)
+            .bind(&$c.occurred_at)
+            .bind(&$c.hash)
     };
 }
 
@@ -170,6 +180,26 @@ impl EventStore {
             .collect()
     }
 
+    /// A stream's rows (sequence, event type, version, payload, hash), in
+    /// order.
+    async fn stream_rows(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+    ) -> Result<Vec<StreamRow>, StoreError> {
+        with_transient_retry(|| async {
+            Ok(sqlx::query_as(
+                "SELECT sequence, event_type, event_version, payload, hash FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+            )
+            .bind(aggregate_type)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?)
+        })
+        .await
+    }
+
     /// The aggregate's current state, folded from its events.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
         let mut aggregate = A::default();
@@ -234,18 +264,24 @@ fn decode_stored<A: Aggregate>(
         .map_err(|e| StoreError::Corrupt(format!("{}/{id}: {e}", A::TYPE)))
 }
 
-/// A prefetched stored event: sequence, event type, version, payload.
-type PrefetchedRow = (i64, String, String, serde_json::Value);
+/// One stored event of a stream: sequence, event type, version, payload,
+/// chain hash.
+type StreamRow = (i64, String, String, serde_json::Value, String);
 
-fn fold<A: Aggregate>(id: &str, rows: Vec<PrefetchedRow>) -> Result<Loaded<A>, StoreError> {
+/// Folds a stream's rows, upcast as stored; also returns the hash of its
+/// last event (`""` for an empty stream), the next event's predecessor in
+/// the chain.
+fn fold<A: Aggregate>(id: &str, rows: Vec<StreamRow>) -> Result<(Loaded<A>, String), StoreError> {
     let mut aggregate = A::default();
     let mut version = 0;
-    for (sequence, event_type, event_version, payload) in rows {
+    let mut head = String::new();
+    for (sequence, event_type, event_version, payload, hash) in rows {
         let event = decode_stored::<A>(id, &event_type, &event_version, &payload)?;
         aggregate.apply(event);
         version = sequence as usize;
+        head = hash;
     }
-    Ok(Loaded { aggregate, version })
+    Ok((Loaded { aggregate, version }, head))
 }
 
 async fn decide<A: Aggregate<Services = ()>>(
@@ -306,6 +342,8 @@ struct PendingStream {
     aggregate_type: &'static str,
     aggregate_id: String,
     version: usize,
+    /// The stored head's chain hash (`""` for a new stream).
+    head: String,
     state: Box<dyn Any + Send + Sync>,
     events: Vec<SerializedEvent>,
 }
@@ -319,7 +357,7 @@ pub struct UnitOfWork<'s> {
     meta: EventMetadata,
     streams: Vec<PendingStream>,
     /// Streams read ahead in one query: (type, id) → their events.
-    prefetched: HashMap<(String, String), Vec<PrefetchedRow>>,
+    prefetched: HashMap<(String, String), Vec<StreamRow>>,
 }
 
 impl UnitOfWork<'_> {
@@ -334,17 +372,19 @@ impl UnitOfWork<'_> {
         {
             return Ok(i);
         }
-        let Loaded { aggregate, version } = match self
+        let rows = match self
             .prefetched
             .remove(&(A::TYPE.to_string(), id.to_string()))
         {
-            Some(rows) => fold::<A>(id, rows)?,
-            None => self.store.load::<A>(id).await?,
+            Some(rows) => rows,
+            None => self.store.stream_rows(A::TYPE, id).await?,
         };
+        let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
         self.streams.push(PendingStream {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
             version,
+            head,
             state: Box::new(aggregate),
             events: Vec::new(),
         });
@@ -365,7 +405,7 @@ impl UnitOfWork<'_> {
             .map(|(t, id)| (t.to_string(), id.clone()))
             .unzip();
         let pool = self.store.pool.clone();
-        let rows: Vec<(String, String, i64, String, String, serde_json::Value)> = with_transient_retry(|| async {
+        let rows: Vec<(String, String, i64, String, String, serde_json::Value, String)> = with_transient_retry(|| async {
             Ok(sqlx::query_as(
                 "WITH wanted AS (
                      SELECT * FROM unnest($1::text[], $2::text[]) AS s(aggregate_type, aggregate_id)
@@ -376,7 +416,7 @@ impl UnitOfWork<'_> {
                  ), streams AS (
                      SELECT * FROM wanted UNION SELECT * FROM owners
                  )
-                 SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload
+                 SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.hash
                    FROM streams s JOIN events e USING (aggregate_type, aggregate_id)
                   ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
             )
@@ -390,12 +430,13 @@ impl UnitOfWork<'_> {
         for key in types.into_iter().zip(ids) {
             self.prefetched.entry(key).or_default();
         }
-        for (t, id, sequence, event_type, event_version, payload) in rows {
+        for (t, id, sequence, event_type, event_version, payload, hash) in rows {
             self.prefetched.entry((t, id)).or_default().push((
                 sequence,
                 event_type,
                 event_version,
                 payload,
+                hash,
             ));
         }
         Ok(())
@@ -419,6 +460,7 @@ impl UnitOfWork<'_> {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
             version: 0,
+            head: String::new(),
             state: Box::new(A::default()),
             events: Vec::new(),
         });
@@ -483,9 +525,8 @@ impl UnitOfWork<'_> {
     /// stored (a duplicate, a conflict or a failure counts nothing), and
     /// nothing stored when limited.
     pub async fn commit_gated(self, gate: Option<&Gate>) -> Result<Committed, StoreError> {
-        let events: Vec<SerializedEvent> =
-            self.streams.into_iter().flat_map(|s| s.events).collect();
-        if events.is_empty() {
+        let n: usize = self.streams.iter().map(|s| s.events.len()).sum();
+        if n == 0 {
             return Ok(Committed::Written(0));
         }
         // The append's span; with export on, its W3C context goes into every
@@ -498,12 +539,20 @@ impl UnitOfWork<'_> {
             otel.status_code = tracing::field::Empty,
             db.system.name = "postgresql",
             correlation_id = %self.meta.correlation_id,
-            events = events.len(),
+            events = n,
         );
         let trace = casebook_telemetry::headers_of(&span);
-        let mut columns = Columns::with_capacity(events.len());
-        for e in &events {
-            columns.push(e, trace.as_ref());
+        let mut columns = Columns::with_capacity(n);
+        // One time for the commit, at the precision Postgres stores.
+        let now = chrono::Utc::now();
+        let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        let mut events: Vec<SerializedEvent> = Vec::with_capacity(n);
+        for stream in self.streams {
+            let mut prev = stream.head;
+            for e in stream.events {
+                prev = columns.push(&e, trace.as_ref(), &prev, now);
+                events.push(e);
+            }
         }
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
@@ -554,13 +603,13 @@ pub enum Committed {
     Limited { retry_after: Duration },
 }
 
-/// Appends the seven column arrays ($1–$7) as events, in array order.
-const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-     SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata
-       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, n)";
+/// Appends the ten column arrays ($1–$10) as events, in array order.
+const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
+     SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
+            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)";
 
-/// The rate limit's upsert ($8–$11) and the events' insert in one
+/// The rate limit's upsert ($11–$14) and the events' insert in one
 /// statement: the events go in only when the hit was allowed.
 fn gated_insert_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
@@ -569,7 +618,7 @@ fn gated_insert_sql() -> &'static str {
             "WITH gate AS ({}),
                   appended AS ({INSERT_EVENTS} WHERE (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
              SELECT gate.allowed, gate.retry_secs FROM gate",
-            limits::upsert_sql(8)
+            limits::upsert_sql(11)
         )
     })
 }
@@ -583,6 +632,9 @@ struct Columns {
     event_version: Vec<String>,
     payload: Vec<serde_json::Value>,
     metadata: Vec<serde_json::Value>,
+    event_id: Vec<uuid::Uuid>,
+    occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
+    hash: Vec<String>,
 }
 
 impl Columns {
@@ -595,10 +647,21 @@ impl Columns {
             event_version: Vec::with_capacity(n),
             payload: Vec::with_capacity(n),
             metadata: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            hash: Vec::with_capacity(n),
         }
     }
 
-    fn push(&mut self, e: &SerializedEvent, trace: Option<&casebook_telemetry::TraceHeaders>) {
+    /// Adds one event, whose stream's previous hash is `prev`; returns its
+    /// own hash.
+    fn push(
+        &mut self,
+        e: &SerializedEvent,
+        trace: Option<&casebook_telemetry::TraceHeaders>,
+        prev: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> String {
         self.aggregate_type.push(e.aggregate_type.clone());
         self.aggregate_id.push(e.aggregate_id.clone());
         self.sequence.push(e.sequence as i64);
@@ -611,6 +674,25 @@ impl Columns {
                 map.insert(key.to_string(), value.into());
             }
         }
+        let event_id = uuid::Uuid::new_v4();
+        let hash = chain_hash(
+            prev,
+            &ChainInput {
+                event_id: &event_id.to_string(),
+                aggregate_type: &e.aggregate_type,
+                aggregate_id: &e.aggregate_id,
+                sequence: e.sequence as i64,
+                event_type: &e.event_type,
+                event_version: &e.event_version,
+                occurred_at_micros: at.timestamp_micros(),
+                payload: &jsonb_text(&e.payload),
+                metadata: &jsonb_text(&metadata),
+            },
+        );
         self.metadata.push(metadata);
+        self.event_id.push(event_id);
+        self.occurred_at.push(at);
+        self.hash.push(hash.clone());
+        hash
     }
 }

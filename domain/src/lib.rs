@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod channel_message;
+pub mod checkpoint;
 pub mod confidence;
 pub mod conversation;
 pub mod customer;
@@ -17,7 +18,9 @@ pub mod identity;
 pub mod knowledge;
 pub mod markdown;
 pub mod masking;
+pub mod merkle;
 pub mod metadata;
+pub mod retention;
 pub mod retry;
 pub mod sanitize;
 pub mod sentiment;

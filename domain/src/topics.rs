@@ -53,6 +53,11 @@ impl Topics {
         self.name("dlq")
     }
 
+    /// Signed checkpoints of the whole log (key `checkpoint`).
+    pub fn audit(&self) -> String {
+        self.name("audit")
+    }
+
     /// Every topic of the deployment.
     pub fn all(&self) -> Vec<String> {
         let mut all = vec![
@@ -61,6 +66,7 @@ impl Topics {
             self.escalations(),
             self.metrics(),
             self.dlq(),
+            self.audit(),
         ];
         for channel in Channel::ALL {
             all.push(self.inbound(channel));
@@ -88,6 +94,6 @@ mod tests {
             "fte.channels.whatsapp.inbound"
         );
         assert_eq!(t.outbound(Channel::Email), "fte.channels.email.outbound");
-        assert_eq!(t.all().len(), 11);
+        assert_eq!(t.all().len(), 12);
     }
 }
