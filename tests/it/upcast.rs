@@ -89,7 +89,7 @@ async fn a_version_1_event_replays_after_its_payload_changed_shape() {
     });
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, hash)
-         VALUES ('ticket', $1, $2, 'TicketUnassigned', '1', $3, $4, '')",
+         VALUES ('ticket', $1, $2, 'TicketUnassigned', '1', $3, $4, NULL)",
     )
     .bind(&ticket)
     .bind(sequence)
@@ -183,7 +183,7 @@ async fn a_version_1_event_replays_after_its_payload_changed_shape() {
     // A version no build wrote is refused, not guessed at.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, hash)
-         VALUES ('ticket', $1, $2, 'TicketUnassigned', '9', $3, $4, '')",
+         VALUES ('ticket', $1, $2, 'TicketUnassigned', '9', $3, $4, NULL)",
     )
     .bind(&ticket)
     .bind(sequence + 3)
