@@ -21,7 +21,8 @@ build: stack-up
 run: build
 	@$(ENV); ./target/release/casebook migrate
 	@$(ENV); ./target/release/casebook kb ingest kb/demo
-	@$(ENV); exec ./target/release/casebook serve
+	@$(ENV); export CASEBOOK_AUDIT_SIGNING_KEY="$${CASEBOOK_AUDIT_SIGNING_KEY:-$$(deploy/local/audit-key.sh)}"; \
+		exec ./target/release/casebook serve
 
 test: stack-up
 	@# Headless Chromium for the status page's browser test (tests/it/status_page.rs).
