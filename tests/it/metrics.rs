@@ -819,3 +819,33 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
     assert_eq!(total, 2);
     app.stop().await;
 }
+
+/// Concurrent dashboards share one reading: of 16 asked at once, one reads
+/// Postgres and the rest are served that reading; half a second later the
+/// next one reads again, so a new ticket shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dashboards_share_one_reading_that_lasts_half_a_second() {
+    let app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
+    let analyst = token(&app, TokenRole::Analyst, "ana").await;
+    let query = "{ dashboard { openTickets } }";
+    let asks = (0..16).map(|_| gql_raw(&app, &analyst, query, json!({})));
+    let answers = futures::future::join_all(asks).await;
+    let reads: Vec<u64> = answers
+        .iter()
+        .map(|a| {
+            assert!(a.get("errors").is_none(), "{a}");
+            a["extensions"]["cost"]["reads"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(reads.iter().sum::<u64>(), 1, "{reads:?}");
+    assert_eq!(answers[0]["data"]["dashboard"]["openTickets"], 0);
+
+    let response = app.submit_form(form("dee@example.com", "Hello?")).await;
+    assert_eq!(response.status(), 202);
+    eventually("the new ticket on the dashboard", WAIT, || async {
+        let a = gql(&app, &analyst, query, json!({})).await;
+        (a["dashboard"]["openTickets"] == 1).then_some(())
+    })
+    .await;
+    app.stop().await;
+}

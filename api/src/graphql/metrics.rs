@@ -4,13 +4,16 @@
 //! read models. Analysts, supervisors and auditors read them; agents and
 //! customers are refused.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use async_graphql::{Context, Enum, Object, SimpleObject, ID};
-use casebook_projections::analytics::queries::{self, MAX_BUCKETS};
+use casebook_projections::analytics::queries::{self, DashboardFigures, MAX_BUCKETS};
 use casebook_projections::analytics::snapshot::budget_alert;
 use casebook_projections::analytics::{Figures, Grain, ALL};
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::context::{bad_input, db, forbidden, internal, uuid_arg, viewer};
+use super::context::{bad_input, db, forbidden, internal, uuid_arg, viewer, Db};
 use super::types::Channel;
 use crate::auth::Role;
 use crate::state::AppState;
@@ -304,6 +307,47 @@ fn budget(ctx: &Context<'_>) -> async_graphql::Result<f64> {
         .model_budget_usd_per_year)
 }
 
+/// How long one reading of the dashboard serves every reader. The
+/// dashboard must reflect an event within 2 s of its commit; the projector
+/// applies it within a fraction of that, and this adds at most half a
+/// second, while a wall of supervisors' screens polling it costs one
+/// reading per interval instead of one per screen.
+pub const DASHBOARD_TTL: Duration = Duration::from_millis(500);
+
+/// The dashboard as last read, shared by the process's readers. Every role
+/// that may read it (analyst, supervisor, auditor) sees the same figures (no
+/// row of it is per customer, and it names no customer), so one reading
+/// serves all of them; concurrent readers of an expired one wait for a
+/// single new reading rather than each running their own.
+#[derive(Default)]
+pub struct DashboardCache(tokio::sync::Mutex<Option<(Instant, Arc<DashboardFigures>)>>);
+
+impl DashboardCache {
+    async fn get(&self, db: &Db) -> Result<Arc<DashboardFigures>, sqlx::Error> {
+        let mut slot = self.0.lock().await;
+        if let Some((at, d)) = slot.as_ref() {
+            if at.elapsed() < DASHBOARD_TTL {
+                return Ok(d.clone());
+            }
+        }
+        let d = read_dashboard(db).await?;
+        *slot = Some((Instant::now(), d.clone()));
+        Ok(d)
+    }
+}
+
+async fn read_dashboard(db: &Db) -> Result<Arc<DashboardFigures>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let d = queries::dashboard(
+        &mut tx,
+        Utc::now(),
+        TimeDelta::minutes(SLA_RISK_WINDOW_MINUTES),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Arc::new(d))
+}
+
 #[derive(Default)]
 pub struct MetricsQuery;
 
@@ -386,12 +430,12 @@ impl MetricsQuery {
     async fn dashboard(&self, ctx: &Context<'_>) -> async_graphql::Result<Dashboard> {
         require_reader(ctx, "read the dashboard")?;
         let budget = budget(ctx)?;
-        let now = Utc::now();
-        let mut tx = db(ctx)?.begin().await.map_err(internal)?;
-        let d = queries::dashboard(&mut tx, now, TimeDelta::minutes(SLA_RISK_WINDOW_MINUTES))
-            .await
-            .map_err(internal)?;
-        tx.commit().await.map_err(internal)?;
+        let d = match ctx.data::<DashboardCache>() {
+            Ok(cache) => cache.get(db(ctx)?).await,
+            Err(_) => read_dashboard(db(ctx)?).await,
+        }
+        .map_err(internal)?;
+        let d = DashboardFigures::clone(&d);
         let (work, spent) = (d.work, d.model_cost_ytd_micro_usd as f64 / 1_000_000.0);
         let (hour_start, hour, day_start, day) = (d.hour_start, d.hour, d.day_start, d.day);
         Ok(Dashboard {

@@ -80,6 +80,7 @@ pub fn schema(state: &AppState) -> CasebookSchema {
         .data(state.clone())
         .data(state.knowledge.clone())
         .data(state.live.clone())
+        .data(metrics::DashboardCache::default())
         .finish()
 }
 
