@@ -821,10 +821,10 @@ async fn the_dashboard_is_fresh_within_two_seconds_and_only_analysts_supervisors
 }
 
 /// Concurrent dashboards share one reading: of 16 asked at once, one reads
-/// Postgres and the rest are served that reading; half a second later the
-/// next one reads again, so a new ticket shows.
+/// Postgres and the rest are served that reading; a new ticket still shows
+/// within the dashboard's freshness bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_dashboards_share_one_reading_that_lasts_half_a_second() {
+async fn concurrent_dashboards_share_one_reading_and_a_new_ticket_still_shows() {
     let app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
     let analyst = token(&app, TokenRole::Analyst, "ana").await;
     let query = "{ dashboard { openTickets } }";
@@ -847,5 +847,12 @@ async fn concurrent_dashboards_share_one_reading_that_lasts_half_a_second() {
         (a["dashboard"]["openTickets"] == 1).then_some(())
     })
     .await;
+    // Once it shows, it keeps showing: a reading is never served after a
+    // newer one.
+    for _ in 0..10 {
+        let a = gql(&app, &analyst, query, json!({})).await;
+        assert_eq!(a["dashboard"]["openTickets"], 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     app.stop().await;
 }
