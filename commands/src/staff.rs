@@ -170,6 +170,21 @@ impl Staff {
 
     /// Plans commands on the ticket as it is now and commits them, again
     /// on a conflict. Returns the events recorded.
+    /// [`Staff::act`] with one command whatever the ticket holds (the
+    /// ticket decides whether it applies), made afresh on each attempt.
+    async fn act_alone(
+        &self,
+        ticket_id: Uuid,
+        actor: &str,
+        correlation_id: &str,
+        command: impl Fn() -> TicketCommand,
+    ) -> Result<Vec<TicketEvent>, CommandError<TicketError>> {
+        self.act(ticket_id, &Self::meta(actor, correlation_id), |_| {
+            Ok(vec![command()])
+        })
+        .await
+    }
+
     async fn act<F>(
         &self,
         ticket_id: Uuid,
@@ -272,12 +287,10 @@ impl Staff {
     ) -> Result<Acted, CommandError<TicketError>> {
         let agent = agent_id.unwrap_or(actor).trim().to_string();
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::Assign {
-                    agent_id: agent.clone(),
-                    assigned_by: actor.to_string(),
-                    at: Utc::now(),
-                }])
+            .act_alone(ticket_id, actor, correlation_id, || TicketCommand::Assign {
+                agent_id: agent.clone(),
+                assigned_by: actor.to_string(),
+                at: Utc::now(),
             })
             .await?;
         Ok(Acted::on(ticket_id, &events))
@@ -290,11 +303,11 @@ impl Staff {
         correlation_id: &str,
     ) -> Result<Acted, CommandError<TicketError>> {
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::Unassign {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::Unassign {
                     unassigned_by: actor.to_string(),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted::on(ticket_id, &events))
@@ -459,13 +472,13 @@ impl Staff {
     ) -> Result<Acted, CommandError<TicketError>> {
         let reason = note(Some(reason)).ok_or(CommandError::Rejected(TicketError::EmptyReason))?;
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::RejectResponse {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::RejectResponse {
                     approval_id,
                     rejected_by: actor.to_string(),
                     reason: reason.clone(),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted {
@@ -485,14 +498,14 @@ impl Staff {
         let note = note(Some(reason)).ok_or(CommandError::Rejected(TicketError::EmptyReason))?;
         let escalation_id = Uuid::now_v7();
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::Escalate {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::Escalate {
                     escalation_id,
                     in_reply_to: None,
                     reason: EscalationReason::Manual,
                     note: Some(note.clone()),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted {
@@ -516,13 +529,13 @@ impl Staff {
                 )))?;
         let note = note(resolution_note);
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::ResolveEscalation {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::ResolveEscalation {
                     escalation_id,
                     resolved_by: actor.to_string(),
                     note: note.clone(),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted {
@@ -538,11 +551,11 @@ impl Staff {
         correlation_id: &str,
     ) -> Result<Acted, CommandError<TicketError>> {
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::HandBackToAi {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::HandBackToAi {
                     handed_back_by: actor.to_string(),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted::on(ticket_id, &events))
@@ -557,12 +570,12 @@ impl Staff {
     ) -> Result<Acted, CommandError<TicketError>> {
         let resolution = note(resolution);
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::Resolve {
+            .act_alone(ticket_id, actor, correlation_id, || {
+                TicketCommand::Resolve {
                     resolved_by: actor.to_string(),
                     resolution: resolution.clone(),
                     at: Utc::now(),
-                }])
+                }
             })
             .await?;
         Ok(Acted::on(ticket_id, &events))
@@ -575,12 +588,10 @@ impl Staff {
         correlation_id: &str,
     ) -> Result<Acted, CommandError<TicketError>> {
         let events = self
-            .act(ticket_id, &Self::meta(actor, correlation_id), |_| {
-                Ok(vec![TicketCommand::Reopen {
-                    reopened_by: actor.to_string(),
-                    reason: None,
-                    at: Utc::now(),
-                }])
+            .act_alone(ticket_id, actor, correlation_id, || TicketCommand::Reopen {
+                reopened_by: actor.to_string(),
+                reason: None,
+                at: Utc::now(),
             })
             .await?;
         Ok(Acted::on(ticket_id, &events))
