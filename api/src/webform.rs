@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use casebook_commands::claims::NewClaim;
 use casebook_commands::limits::{self, Gate, Limit};
-use casebook_commands::{InboundMessage, IntakeError, Sender};
+use casebook_commands::{InboundMessage, IntakeError, KeyOrigin, Sender};
 use casebook_domain::identity::IdentityKey;
 use casebook_domain::masking::mask_email;
 use casebook_domain::webform::RawWebForm;
@@ -55,14 +55,15 @@ fn raw_form(fields: BTreeMap<String, String>) -> RawWebForm {
 }
 
 /// The channel message id of a submission: a retry with the same
-/// `client_request_id` from the same address is the same message.
-fn submission_key(email: &str, client_request_id: Option<&str>) -> String {
+/// `client_request_id` from the same address is the same message; without
+/// one, the key is made up for this request.
+fn submission_key(email: &str, client_request_id: Option<&str>) -> (String, KeyOrigin) {
     match client_request_id {
         Some(id) => {
             let digest = Sha256::digest(format!("{email}\u{0}{id}").as_bytes());
-            format!("req-{}", &hex_prefix(&digest, 16))
+            (format!("req-{}", &hex_prefix(&digest, 16)), KeyOrigin::Client)
         }
-        None => Uuid::now_v7().to_string(),
+        None => (Uuid::now_v7().to_string(), KeyOrigin::Fresh),
     }
 }
 
@@ -99,9 +100,11 @@ pub async fn submit(
             "must be a valid email address".to_string(),
         )]))
     })?;
+    let (channel_message_id, origin) =
+        submission_key(&form.email, form.client_request_id.as_deref());
     let message = InboundMessage {
         channel: Channel::Webform,
-        channel_message_id: submission_key(&form.email, form.client_request_id.as_deref()),
+        channel_message_id,
         sender: Sender {
             identities: vec![identity],
             name: Some(form.name),
@@ -127,7 +130,7 @@ pub async fn submit(
     );
     let outcome = match state
         .intake
-        .receive_claimed(&message, &claim, gate.as_ref(), &correlation.0)
+        .receive_claimed(&message, &claim, gate.as_ref(), origin, &correlation.0)
         .await
     {
         Err(IntakeError::Limited { retry_after }) => {
@@ -157,10 +160,10 @@ mod tests {
     fn the_same_request_id_from_the_same_address_is_one_submission() {
         let a = submission_key("ada@example.com", Some("r-1"));
         assert_eq!(a, submission_key("ada@example.com", Some("r-1")));
-        assert_ne!(a, submission_key("bob@example.com", Some("r-1")));
-        assert_ne!(
-            submission_key("ada@example.com", None),
-            submission_key("ada@example.com", None)
-        );
+        assert_eq!(a.1, KeyOrigin::Client);
+        assert_ne!(a.0, submission_key("bob@example.com", Some("r-1")).0);
+        let fresh = submission_key("ada@example.com", None);
+        assert_eq!(fresh.1, KeyOrigin::Fresh);
+        assert_ne!(fresh.0, submission_key("ada@example.com", None).0);
     }
 }

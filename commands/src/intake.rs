@@ -192,6 +192,15 @@ async fn commit_gated(
     }
 }
 
+/// Where a web-form submission's channel key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Made up for this request (a fresh UUID): it names nothing stored.
+    Fresh,
+    /// Derived from the client's request id: a retry repeats it.
+    Client,
+}
+
 impl<E: std::error::Error> From<CommandError<E>> for IntakeError {
     fn from(err: CommandError<E>) -> Self {
         match err {
@@ -230,21 +239,26 @@ impl Intake {
     /// submission is stored only when the gate's rate limit has room, and
     /// its hit is counted in the same commit: a retry or a duplicate takes
     /// no hit, and a limited one stores nothing ([`IntakeError::Limited`]).
+    ///
+    /// A submission whose key was made up for this request
+    /// ([`KeyOrigin::Fresh`]) cannot have been seen before, so nothing is
+    /// read: its events are written in one round trip.
     pub async fn receive_claimed(
         &self,
         message: &InboundMessage,
         claim: &NewClaim,
         gate: Option<&Gate>,
+        origin: KeyOrigin,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
-        self.receive_inner(message, Some(claim), gate, correlation_id)
+        self.receive_inner(message, Some((claim, origin)), gate, correlation_id)
             .await
     }
 
     async fn receive_inner(
         &self,
         message: &InboundMessage,
-        claim: Option<&NewClaim>,
+        claim: Option<(&NewClaim, KeyOrigin)>,
         gate: Option<&Gate>,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
@@ -287,7 +301,7 @@ impl Intake {
     async fn try_receive(
         &self,
         m: &InboundMessage,
-        claim: Option<&NewClaim>,
+        claim: Option<(&NewClaim, KeyOrigin)>,
         gate: Option<&Gate>,
         correlation_id: &str,
     ) -> Result<IntakeOutcome, IntakeError> {
@@ -298,6 +312,14 @@ impl Intake {
         let mut meta =
             EventMetadata::new(correlation_id, Actor::system("intake")).on_channel(m.channel);
         let mut uow = self.store.unit_of_work(meta.clone());
+        let (claim, origin) = claim.unzip();
+        if !proven && origin == Some(KeyOrigin::Fresh) && m.conversation_id.is_none() {
+            // An unproven sender joins nothing, and a key made up for this
+            // request names no earlier message: there is nothing to read.
+            // Should the key exist after all, the commit is a conflict.
+            uow.create::<ChannelMessage>(&key);
+            return self.receive_unproven(uow, meta, m, &key, claim, gate).await;
+        }
         // Everything this message may touch that already exists, in one read.
         let mut wanted: Vec<(&str, String)> = vec![(ChannelMessage::TYPE, key.clone())];
         if proven {

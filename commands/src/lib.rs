@@ -19,5 +19,5 @@ pub mod store;
 pub mod trail;
 pub mod worker;
 
-pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, Sender};
+pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, KeyOrigin, Sender};
 pub use store::{CommandError, EventStore, StoreError};
