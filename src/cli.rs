@@ -1,7 +1,8 @@
 //! The `casebook` command line.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use casebook_api::users::{self, Permission, UserError};
@@ -440,7 +441,10 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|p| only.iter().any(|o| o == p.name()))
                     .collect()
             };
-            let pool = db::connect(&config.database_url, 2, db::Purpose::Maintenance).await?;
+            // Two connections per rebuild in flight, and one to spare.
+            let connections = (2 * casebook_replay::rebuild::CONCURRENT + 1) as u32;
+            let pool =
+                db::connect(&config.database_url, connections, db::Purpose::Maintenance).await?;
             let display = RebuildProgress::new();
             let reports = casebook_replay::rebuild_with_progress(
                 &pool,
@@ -752,57 +756,59 @@ fn print_history(h: &casebook_replay::TicketHistory) {
     );
 }
 
-/// A rebuild's progress on stderr: a bar with rate and ETA on a terminal,
-/// a plain line at most every two seconds (and at each swap) otherwise.
+/// A rebuild's progress on stderr: a bar per projector with rate and ETA
+/// on a terminal (several rebuild at once), a plain line per projector at
+/// most every two seconds (and at each swap) otherwise.
 struct RebuildProgress {
-    bar: Option<indicatif::ProgressBar>,
-    current: std::sync::Mutex<(&'static str, std::time::Instant, std::time::Instant)>,
+    bars: Option<indicatif::MultiProgress>,
+    /// Per projector: its bar (on a terminal), when it started and when it
+    /// last printed a line.
+    projectors:
+        std::sync::Mutex<HashMap<&'static str, (Option<indicatif::ProgressBar>, Instant, Instant)>>,
 }
 
 impl RebuildProgress {
     fn new() -> Self {
         use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{msg:>20} [{bar:40}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
-            ) {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar
-        });
-        let now = std::time::Instant::now();
         Self {
-            bar,
-            current: std::sync::Mutex::new(("", now, now)),
+            bars: std::io::stderr()
+                .is_terminal()
+                .then(indicatif::MultiProgress::new),
+            projectors: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     fn show(&self, p: casebook_replay::Progress) {
-        let Ok(mut current) = self.current.lock() else {
+        let Ok(mut projectors) = self.projectors.lock() else {
             return;
         };
-        let now = std::time::Instant::now();
-        if current.0 != p.projector {
-            *current = (p.projector, now, now);
-            if let Some(bar) = &self.bar {
-                bar.reset();
+        let now = Instant::now();
+        let (bar, started, printed) = projectors.entry(p.projector).or_insert_with(|| {
+            let bar = self.bars.as_ref().map(|bars| {
+                let bar = bars.add(indicatif::ProgressBar::new(p.total));
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{msg:>26} [{bar:40}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
                 bar.set_message(p.projector);
-            }
-        }
-        if let Some(bar) = &self.bar {
+                bar
+            });
+            (bar, now, now)
+        });
+        if let Some(bar) = bar {
             bar.set_length(p.total);
             bar.set_position(p.done);
             if p.swapped {
-                bar.println(format!("{}: swapped in", p.projector));
+                bar.finish_with_message(format!("{}: swapped in", p.projector));
             }
             return;
         }
-        if !p.swapped && now.duration_since(current.2) < Duration::from_secs(2) {
+        if !p.swapped && now.duration_since(*printed) < Duration::from_secs(2) {
             return;
         }
-        current.2 = now;
-        let secs = now.duration_since(current.1).as_secs_f64().max(0.001);
+        *printed = now;
+        let secs = now.duration_since(*started).as_secs_f64().max(0.001);
         let rate = p.done as f64 / secs;
         let left = p.total.saturating_sub(p.done) as f64;
         let eta = if rate > 0.0 { left / rate } else { 0.0 };
@@ -815,13 +821,5 @@ impl RebuildProgress {
             eta,
             if p.swapped { ", swapped in" } else { "" }
         );
-    }
-}
-
-impl Drop for RebuildProgress {
-    fn drop(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
     }
 }

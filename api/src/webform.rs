@@ -61,7 +61,10 @@ fn submission_key(email: &str, client_request_id: Option<&str>) -> (String, KeyO
     match client_request_id {
         Some(id) => {
             let digest = Sha256::digest(format!("{email}\u{0}{id}").as_bytes());
-            (format!("req-{}", &hex_prefix(&digest, 16)), KeyOrigin::Client)
+            (
+                format!("req-{}", &hex_prefix(&digest, 16)),
+                KeyOrigin::Client,
+            )
         }
         None => (Uuid::now_v7().to_string(), KeyOrigin::Fresh),
     }

@@ -37,11 +37,15 @@ use casebook_domain::EventEnvelope;
 use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
 use casebook_projections::{apply_batch_in, ProjectionError, Projector};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool, Row};
 
 /// Events read from the store per page (one short transaction each).
 pub const CHUNK: usize = 5000;
+/// Projectors rebuilt at once: the rebuild waits on Postgres more than on
+/// its own CPU, so a few in flight keep both of a small machine's cores
+/// busy. A pool needs two connections per rebuild in flight.
+pub const CONCURRENT: usize = 3;
 /// The bookkeeping tables a projector writes besides its own.
 const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
 /// How soon to look again while an older transaction holds events back.
@@ -87,19 +91,21 @@ pub async fn rebuild_paged(
 }
 
 /// [`rebuild`], reading `chunk` events per page and telling `progress`
-/// after each.
+/// after each. Up to [`CONCURRENT`] projectors rebuild at once (they share
+/// nothing but the event store they read); the reports come back in the
+/// order of `projectors`. Each rebuild holds two of `pool`'s connections.
 pub async fn rebuild_with_progress(
     pool: &PgPool,
     projectors: &[Arc<dyn Projector>],
     chunk: usize,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
-    let mut reports = Vec::with_capacity(projectors.len());
-    for projector in projectors {
-        reports
-            .push(rebuild_one(pool, projector.as_ref(), chunk.clamp(1, 50_000), progress).await?);
-    }
-    Ok(reports)
+    let chunk = chunk.clamp(1, 50_000);
+    futures::stream::iter(projectors)
+        .map(|projector| rebuild_one(pool, projector.as_ref(), chunk, progress))
+        .buffered(CONCURRENT)
+        .try_collect()
+        .await
 }
 
 /// The shadow schema of a projector: its name is ASCII letters, digits and

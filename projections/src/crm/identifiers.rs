@@ -11,23 +11,45 @@ use crate::projector::{decode_or_skip, ProjectionError, Projector};
 /// number or WhatsApp id belongs to.
 pub struct IdentifiersProjector;
 
-async fn link(
-    tx: &mut PgConnection,
-    customer_id: Uuid,
-    identity: &IdentityKey,
-    at: DateTime<Utc>,
-) -> Result<(), ProjectionError> {
-    sqlx::query(
-        "INSERT INTO crm_customer_identifiers (kind, value, customer_id, linked_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (kind, value) DO NOTHING",
-    )
-    .bind(identity.kind.as_str())
-    .bind(&identity.value)
-    .bind(customer_id)
-    .bind(at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+/// The identifiers of a batch, first link first: one statement for all.
+#[derive(Default)]
+struct Links {
+    kind: Vec<&'static str>,
+    value: Vec<String>,
+    customer_id: Vec<Uuid>,
+    linked_at: Vec<DateTime<Utc>>,
+}
+
+impl Links {
+    fn push(&mut self, customer_id: Uuid, identity: &IdentityKey, at: DateTime<Utc>) {
+        self.kind.push(identity.kind.as_str());
+        self.value.push(identity.value.clone());
+        self.customer_id.push(customer_id);
+        self.linked_at.push(at);
+    }
+
+    /// An identifier belongs to the customer it was first linked to: a
+    /// later link (in this batch or stored) changes nothing.
+    async fn insert(self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
+        if self.kind.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO crm_customer_identifiers (kind, value, customer_id, linked_at)
+             SELECT kind, value, customer_id, linked_at
+               FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[])
+                    WITH ORDINALITY AS t(kind, value, customer_id, linked_at, n)
+              ORDER BY n
+             ON CONFLICT (kind, value) DO NOTHING",
+        )
+        .bind(self.kind)
+        .bind(self.value)
+        .bind(self.customer_id)
+        .bind(self.linked_at)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -49,6 +71,7 @@ impl Projector for IdentifiersProjector {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
+        let mut links = Links::default();
         for e in events {
             match decode_or_skip::<CustomerEvent>(self.name(), e) {
                 Some(CustomerEvent::CustomerRegistered {
@@ -58,17 +81,17 @@ impl Projector for IdentifiersProjector {
                     ..
                 }) => {
                     for identity in &identities {
-                        link(tx, customer_id, identity, registered_at).await?;
+                        links.push(customer_id, identity, registered_at);
                     }
                 }
                 Some(CustomerEvent::IdentityLinked {
                     customer_id,
                     identity,
                     linked_at,
-                }) => link(tx, customer_id, &identity, linked_at).await?,
+                }) => links.push(customer_id, &identity, linked_at),
                 Some(CustomerEvent::CustomerNameUpdated { .. }) | None => {}
             }
         }
-        Ok(())
+        links.insert(tx).await
     }
 }
