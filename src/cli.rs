@@ -441,8 +441,7 @@ async fn command(config: &Config, cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|p| only.iter().any(|o| o == p.name()))
                     .collect()
             };
-            // Two connections per rebuild in flight, and one to spare.
-            let connections = (2 * casebook_replay::rebuild::CONCURRENT + 1) as u32;
+            let connections = casebook_replay::rebuild::connections_for(chosen.len());
             let pool =
                 db::connect(&config.database_url, connections, db::Purpose::Maintenance).await?;
             let display = RebuildProgress::new();

@@ -1,7 +1,8 @@
 //! `casebook replay projections`: rebuilds read models from the event store
 //! without taking them away from readers.
 //!
-//! Per projector:
+//! Per projector (the store is read once for all of them: each page goes
+//! to every projector being rebuilt, and each applies it at its own pace):
 //!
 //! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
 //!    copies of the projector's tables and of `projector_streams` /
@@ -37,15 +38,13 @@ use casebook_domain::EventEnvelope;
 use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
 use casebook_projections::{apply_batch_in, ProjectionError, Projector};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool, Row};
 
 /// Events read from the store per page (one short transaction each).
 pub const CHUNK: usize = 5000;
-/// Projectors rebuilt at once: the rebuild waits on Postgres more than on
-/// its own CPU, so a few in flight keep both of a small machine's cores
-/// busy. A pool needs two connections per rebuild in flight.
-pub const CONCURRENT: usize = 3;
+/// Pages a projector may fall behind the reader (the rest wait for it).
+pub const PAGES_AHEAD: usize = 4;
 /// The bookkeeping tables a projector writes besides its own.
 const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
 /// How soon to look again while an older transaction holds events back.
@@ -60,7 +59,12 @@ pub struct RebuildReport {
     pub events_applied: u64,
     /// Of them, applied in the swap's transaction (stored during the rebuild).
     pub caught_up: u64,
+    /// Time spent on this read model: applying its pages (the projectors
+    /// work side by side, so these overlap) and its swap.
     pub millis: u128,
+    /// Of `millis`, the swap's transaction (catching up and replacing the live
+    /// rows), during which the projector's live batches wait.
+    pub swap_millis: u128,
 }
 
 /// Where a rebuild stands, for progress displays.
@@ -91,9 +95,15 @@ pub async fn rebuild_paged(
 }
 
 /// [`rebuild`], reading `chunk` events per page and telling `progress`
-/// after each. Up to [`CONCURRENT`] projectors rebuild at once (they share
-/// nothing but the event store they read); the reports come back in the
-/// order of `projectors`. Each rebuild holds two of `pool`'s connections.
+/// after each.
+///
+/// The store is read once for all of `projectors`: one reader pages
+/// through the log and hands each page to every projector, each applying
+/// it to its own shadow in its own transactions, at its own pace (up to
+/// [`PAGES_AHEAD`] pages behind the reader). Then each swaps its shadow in.
+/// The reports come back in the order of `projectors`. The pool needs at
+/// least two connections; [`connections_for`] gives the number that keeps
+/// every projector busy.
 pub async fn rebuild_with_progress(
     pool: &PgPool,
     projectors: &[Arc<dyn Projector>],
@@ -101,11 +111,47 @@ pub async fn rebuild_with_progress(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
     let chunk = chunk.clamp(1, 50_000);
-    futures::stream::iter(projectors)
-        .map(|projector| rebuild_one(pool, projector.as_ref(), chunk, progress))
-        .buffered(CONCURRENT)
-        .try_collect()
-        .await
+    if projectors.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One rebuild of a projector at a time: a second is refused, not mixed
+    // in. The locks are the guard connection's session's.
+    let mut guard = pool.acquire().await?;
+    let mut locked: Vec<&'static str> = Vec::with_capacity(projectors.len());
+    let mut outcome = Ok(Vec::new());
+    for projector in projectors {
+        let name = projector.name();
+        let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(REBUILD_LOCK_CLASS + 1)
+            .bind(name)
+            .fetch_one(&mut *guard)
+            .await?;
+        if !mine {
+            outcome = Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+                "another rebuild of {name} is running"
+            ))));
+            break;
+        }
+        locked.push(name);
+    }
+    if outcome.is_ok() {
+        outcome = fill_and_swap(pool, projectors, chunk, progress).await;
+    }
+    // Released whatever happened (the connection may go back to the pool).
+    for name in locked {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(REBUILD_LOCK_CLASS + 1)
+            .bind(name)
+            .execute(&mut *guard)
+            .await;
+    }
+    outcome
+}
+
+/// Connections a pool needs for a rebuild of `projectors` read models to
+/// keep each busy: one per projector, the reader's and the guard's.
+pub fn connections_for(projectors: usize) -> u32 {
+    (projectors + 2).min(64) as u32
 }
 
 /// The shadow schema of a projector: its name is ASCII letters, digits and
@@ -185,15 +231,14 @@ struct Cursor {
     last_position: i64,
 }
 
-/// Reads the next page behind the xmin barrier and applies it in `tx`.
-/// Returns (read, applied); zero read means caught up with the barrier.
-async fn apply_page(
-    tx: &mut PgConnection,
-    projector: &dyn Projector,
+/// Reads the next page of events of `types` behind the xmin barrier,
+/// moving `cursor` past it. An empty page means caught up with the barrier.
+async fn read_page(
+    conn: &mut PgConnection,
     types: &[String],
     cursor: &mut Cursor,
     chunk_size: usize,
-) -> Result<(u64, u64), ProjectionError> {
+) -> Result<Vec<EventEnvelope>, ProjectionError> {
     let rows = sqlx::query(&format!(
         "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM public.events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
@@ -205,7 +250,7 @@ async fn apply_page(
     .bind(cursor.last_position)
     .bind(types)
     .bind(chunk_size as i64)
-    .fetch(&mut *tx)
+    .fetch(&mut *conn)
     .map_ok(|row| {
         (
             row.try_get::<String, _>("tx"),
@@ -215,124 +260,185 @@ async fn apply_page(
     })
     .try_collect::<Vec<_>>()
     .await?;
-    if rows.is_empty() {
-        return Ok((0, 0));
-    }
-    let mut chunk: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
+    let mut page: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
     for (txid, position, event) in rows {
         cursor.last_tx = txid?;
         cursor.last_position = position?;
-        chunk.push(event?.into());
+        page.push(event?.into());
     }
-    let applied = apply_batch_in(&mut *tx, projector, &chunk, &[]).await?;
-    Ok((chunk.len() as u64, applied.len() as u64))
+    Ok(page)
 }
 
-async fn rebuild_one(
-    pool: &PgPool,
+/// Reads the next page behind the xmin barrier and applies it in `tx`.
+/// Returns (read, applied); zero read means caught up with the barrier.
+async fn apply_page(
+    tx: &mut PgConnection,
     projector: &dyn Projector,
-    chunk_size: usize,
-    progress: &(dyn Fn(Progress) + Sync),
-) -> Result<RebuildReport, ProjectionError> {
-    let started = Instant::now();
-    let name = projector.name();
-    let schema = shadow_schema(name)?;
-    let types: Vec<String> = projector
-        .aggregate_types()
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    // One rebuild of a projector at a time: a second is refused, not mixed in.
-    let mut guard = pool.acquire().await?;
-    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-        .bind(REBUILD_LOCK_CLASS + 1)
-        .bind(name)
-        .fetch_one(&mut *guard)
-        .await?;
-    if !mine {
-        return Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
-            "another rebuild of {name} is running"
-        ))));
-    }
-    let outcome = shadow_and_swap(pool, projector, &schema, &types, chunk_size, progress).await;
-    // Released whatever happened (the connection may go back to the pool).
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
-        .bind(REBUILD_LOCK_CLASS + 1)
-        .bind(name)
-        .execute(&mut *guard)
-        .await;
-    let (read, applied, caught_up) = outcome?;
-    tracing::info!(
-        projector = name,
-        events = applied,
-        caught_up,
-        "read model rebuilt and swapped in"
-    );
-    Ok(RebuildReport {
-        projector: name,
-        events_read: read,
-        events_applied: applied,
-        caught_up,
-        millis: started.elapsed().as_millis(),
-    })
-}
-
-async fn shadow_and_swap(
-    pool: &PgPool,
-    projector: &dyn Projector,
-    schema: &str,
     types: &[String],
+    cursor: &mut Cursor,
+    chunk_size: usize,
+) -> Result<(u64, u64), ProjectionError> {
+    let page = read_page(&mut *tx, types, cursor, chunk_size).await?;
+    if page.is_empty() {
+        return Ok((0, 0));
+    }
+    let applied = apply_batch_in(&mut *tx, projector, &page, &[]).await?;
+    Ok((page.len() as u64, applied.len() as u64))
+}
+
+/// One projector's rebuild in progress.
+struct Lane<'a> {
+    projector: &'a dyn Projector,
+    schema: String,
+    types: Vec<String>,
+    total: u64,
+    read: u64,
+    applied: u64,
+    caught_up: u64,
+    /// Time spent applying its pages and swapping.
+    busy: Duration,
+    swap: Duration,
+}
+
+impl Lane<'_> {
+    fn progress(&self, swapped: bool) -> Progress {
+        Progress {
+            projector: self.projector.name(),
+            done: self.read,
+            total: self.total.max(self.read),
+            swapped,
+        }
+    }
+}
+
+async fn fill_and_swap(
+    pool: &PgPool,
+    projectors: &[Arc<dyn Projector>],
     chunk_size: usize,
     progress: &(dyn Fn(Progress) + Sync),
-) -> Result<(u64, u64, u64), ProjectionError> {
-    let name = projector.name();
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = ANY($1)")
-            .bind(types)
-            .fetch_one(pool)
-            .await?;
-    let total = total as u64;
-    prepare_shadow(pool, schema, projector).await?;
-    let mut cursor = Cursor {
-        last_tx: "0".into(),
-        last_position: 0,
-    };
-    let (mut read, mut applied) = (0u64, 0u64);
-    progress(Progress {
-        projector: name,
-        done: 0,
-        total,
-        swapped: false,
-    });
-    // Every transaction that had started when the rebuild did: the shadow
-    // takes all of their events, so a rebuild holds at least everything
+) -> Result<Vec<RebuildReport>, ProjectionError> {
+    let mut all_types: Vec<String> = projectors
+        .iter()
+        .flat_map(|p| p.aggregate_types().iter().map(|t| t.to_string()))
+        .collect();
+    all_types.sort();
+    all_types.dedup();
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_type, count(*) FROM events WHERE aggregate_type = ANY($1) GROUP BY aggregate_type",
+    )
+    .bind(&all_types)
+    .fetch_all(pool)
+    .await?;
+    let mut lanes = Vec::with_capacity(projectors.len());
+    for projector in projectors {
+        let types: Vec<String> = projector
+            .aggregate_types()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let total = counts
+            .iter()
+            .filter(|(t, _)| types.contains(t))
+            .map(|(_, n)| *n as u64)
+            .sum();
+        let schema = shadow_schema(projector.name())?;
+        prepare_shadow(pool, &schema, projector.as_ref()).await?;
+        lanes.push(Lane {
+            projector: projector.as_ref(),
+            schema,
+            types,
+            total,
+            read: 0,
+            applied: 0,
+            caught_up: 0,
+            busy: Duration::ZERO,
+            swap: Duration::ZERO,
+        });
+    }
+    for lane in &lanes {
+        progress(lane.progress(false));
+    }
+    // Every transaction that had started when the rebuild did: the shadows
+    // take all of their events, so a rebuild holds at least everything
     // committed before it began (later ones come live, by sequence).
     let started_xmax: String =
         sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
             .fetch_one(pool)
             .await?;
+
+    // 1. Fill the shadows: one reader, a lane per projector.
+    let mut senders = Vec::with_capacity(lanes.len());
+    let mut receivers = Vec::with_capacity(lanes.len());
+    for _ in &lanes {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Vec<EventEnvelope>>>(PAGES_AHEAD);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let reader = read_pages(pool, &all_types, &started_xmax, chunk_size, senders);
+    let appliers = lanes
+        .iter_mut()
+        .zip(receivers)
+        .map(|(lane, rx)| fill_lane(pool, lane, rx, progress));
+    let (cursor, _) = tokio::try_join!(reader, futures::future::try_join_all(appliers))?;
+
+    // 2. Catch up and swap, each holding its live batches off.
+    let swaps = lanes.iter_mut().map(|lane| {
+        let cursor = Cursor {
+            last_tx: cursor.last_tx.clone(),
+            last_position: cursor.last_position,
+        };
+        swap_lane(pool, lane, cursor, chunk_size, progress)
+    });
+    futures::future::try_join_all(swaps).await?;
+    Ok(lanes
+        .into_iter()
+        .map(|lane| RebuildReport {
+            projector: lane.projector.name(),
+            events_read: lane.read,
+            events_applied: lane.applied,
+            caught_up: lane.caught_up,
+            millis: lane.busy.as_millis(),
+            swap_millis: lane.swap.as_millis(),
+        })
+        .collect())
+}
+
+/// Pages through the store behind the xmin barrier until every transaction
+/// older than the rebuild has finished, handing each page to every lane.
+/// Returns where it stopped. A lane that stopped (it failed) is left out;
+/// its error is the rebuild's.
+async fn read_pages(
+    pool: &PgPool,
+    types: &[String],
+    started_xmax: &str,
+    chunk_size: usize,
+    senders: Vec<tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>>,
+) -> Result<Cursor, ProjectionError> {
+    let mut cursor = Cursor {
+        last_tx: "0".into(),
+        last_position: 0,
+    };
     let mut waited = Duration::ZERO;
     let mut next_report = Duration::from_secs(1);
-    // 1. Fill the shadow, one short transaction per page.
+    let mut senders = senders;
     loop {
-        let mut tx = pool.begin().await?;
-        use_shadow(&mut tx, schema).await?;
+        // A connection per page, so that lanes always find one.
+        let mut conn = pool.acquire().await?;
         let settled: bool =
             sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8")
-                .bind(&started_xmax)
-                .fetch_one(&mut *tx)
+                .bind(started_xmax)
+                .fetch_one(&mut *conn)
                 .await?;
-        let (r, a) = apply_page(&mut tx, projector, types, &mut cursor, chunk_size).await?;
-        tx.commit().await?;
-        if r == 0 {
+        let page = read_page(&mut conn, types, &mut cursor, chunk_size).await?;
+        drop(conn);
+        if page.is_empty() {
             if settled {
-                break;
+                return Ok(cursor);
             }
             // An older transaction still runs: an empty page means "not
             // yet", not "done".
             if waited >= next_report {
                 tracing::info!(
-                    projector = name,
                     waited_secs = waited.as_secs(),
                     "rebuild waits for older transactions to finish"
                 );
@@ -342,16 +448,60 @@ async fn shadow_and_swap(
             waited += PENDING_POLL;
             continue;
         }
-        read += r;
-        applied += a;
-        progress(Progress {
-            projector: name,
-            done: read,
-            total: total.max(read),
-            swapped: false,
-        });
+        let page = Arc::new(page);
+        let mut open = Vec::with_capacity(senders.len());
+        for sender in senders {
+            if sender.send(page.clone()).await.is_ok() {
+                open.push(sender);
+            }
+        }
+        senders = open;
+        if senders.is_empty() {
+            return Ok(cursor);
+        }
     }
-    // 2. Catch up and swap, holding live batches off.
+}
+
+/// Applies the pages a lane receives to its shadow, one short transaction
+/// each.
+async fn fill_lane(
+    pool: &PgPool,
+    lane: &mut Lane<'_>,
+    mut pages: tokio::sync::mpsc::Receiver<Arc<Vec<EventEnvelope>>>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(), ProjectionError> {
+    while let Some(page) = pages.recv().await {
+        let read = page
+            .iter()
+            .filter(|e| lane.types.contains(&e.aggregate_type))
+            .count() as u64;
+        if read == 0 {
+            continue;
+        }
+        let started = Instant::now();
+        let mut tx = pool.begin().await?;
+        use_shadow(&mut tx, &lane.schema).await?;
+        let applied = apply_batch_in(&mut tx, lane.projector, &page, &[]).await?;
+        tx.commit().await?;
+        lane.busy += started.elapsed();
+        lane.read += read;
+        lane.applied += applied.len() as u64;
+        progress(lane.progress(false));
+    }
+    Ok(())
+}
+
+/// Catches a lane up and swaps its shadow in (a swap that loses a deadlock
+/// is tried again), then drops the shadow.
+async fn swap_lane(
+    pool: &PgPool,
+    lane: &mut Lane<'_>,
+    cursor: Cursor,
+    chunk_size: usize,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(), ProjectionError> {
+    let started = Instant::now();
+    let name = lane.projector.name();
     let mut attempt = 0;
     let caught_up = loop {
         attempt += 1;
@@ -359,10 +509,19 @@ async fn shadow_and_swap(
             last_tx: cursor.last_tx.clone(),
             last_position: cursor.last_position,
         };
-        match swap(pool, projector, schema, types, &mut page_cursor, chunk_size).await {
+        match swap(
+            pool,
+            lane.projector,
+            &lane.schema,
+            &lane.types,
+            &mut page_cursor,
+            chunk_size,
+        )
+        .await
+        {
             Ok((r, a)) => {
-                read += r;
-                applied += a;
+                lane.read += r;
+                lane.applied += a;
                 break a;
             }
             Err(ProjectionError::Database(sqlx::Error::Database(e)))
@@ -378,16 +537,20 @@ async fn shadow_and_swap(
             Err(e) => return Err(e),
         }
     };
-    progress(Progress {
-        projector: name,
-        done: read,
-        total: total.max(read),
-        swapped: true,
-    });
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    lane.caught_up = caught_up;
+    lane.swap = started.elapsed();
+    lane.busy += lane.swap;
+    progress(lane.progress(true));
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", lane.schema))
         .execute(pool)
         .await?;
-    Ok((read, applied, caught_up))
+    tracing::info!(
+        projector = name,
+        events = lane.applied,
+        caught_up,
+        "read model rebuilt and swapped in"
+    );
+    Ok(())
 }
 
 /// The swap's transaction; returns what it caught up (read, applied).

@@ -24,6 +24,8 @@ pub struct ProjectorRate {
     pub events_read: u64,
     pub events_applied: u64,
     pub seconds: f64,
+    /// Of `seconds`, the swap's transaction.
+    pub swap_seconds: f64,
     pub events_per_second: f64,
 }
 
@@ -54,8 +56,8 @@ impl ReplayReport {
         );
         for p in &self.projectors {
             out.push_str(&format!(
-                "  {:<26} {:>9} events read in {:>6.1} s: {:.0} events/s\n",
-                p.projector, p.events_read, p.seconds, p.events_per_second
+                "  {:<26} {:>9} events read in {:>6.1} s (swap {:.1} s): {:.0} events/s\n",
+                p.projector, p.events_read, p.seconds, p.swap_seconds, p.events_per_second
             ));
         }
         out
@@ -125,6 +127,7 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
                 events_read: r.events_read,
                 events_applied: r.events_applied,
                 seconds,
+                swap_seconds: r.swap_millis as f64 / 1000.0,
                 events_per_second: r.events_read as f64 / seconds,
             }
         })
