@@ -1,5 +1,6 @@
 //! What a projector is, and the one transaction that applies a batch.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -86,13 +87,14 @@ pub async fn apply_batch(
 
 /// [`apply_batch`] inside a transaction the caller owns (rebuilds apply many
 /// batches in one). Returns the events applied; the caller reports them
-/// once committed.
-pub async fn apply_batch_in(
+/// once committed. When every event is the projector's and new (a rebuild's
+/// page, most live batches), that is `events` itself, not a copy.
+pub async fn apply_batch_in<'a>(
     tx: &mut PgConnection,
     projector: &dyn Projector,
-    events: &[EventEnvelope],
+    events: &'a [EventEnvelope],
     offsets: &[ConsumedOffset],
-) -> Result<Vec<EventEnvelope>, ProjectionError> {
+) -> Result<Cow<'a, [EventEnvelope]>, ProjectionError> {
     let name = projector.name();
     let types = projector.aggregate_types();
     let relevant: Vec<&EventEnvelope> = events
@@ -127,13 +129,16 @@ pub async fn apply_batch_in(
         }
     }
 
+    let all_relevant = relevant.len() == events.len();
     let mut fresh = Vec::with_capacity(relevant.len());
+    let mut copied = false;
     let mut touched: HashMap<(String, String), i64> = HashMap::new();
     for e in relevant {
         let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
         let seen = touched.get(&key).or(last.get(&key)).copied().unwrap_or(0);
         if e.sequence <= seen {
             SKIPPED.with_label_values(&[name, "duplicate"]).inc();
+            copied = true;
             continue;
         }
         if e.sequence > seen + 1 {
@@ -155,11 +160,18 @@ pub async fn apply_batch_in(
                 read_from_store = missing.len(),
                 "gap in stream; missing events read from the event store"
             );
-            fresh.extend(missing);
+            fresh.extend(missing.into_iter().map(Cow::Owned));
+            copied = true;
         }
         touched.insert(key, e.sequence);
-        fresh.push(e.clone());
+        fresh.push(Cow::Borrowed(e));
     }
+    // Every event, each once and in order: the batch as it came.
+    let fresh: Cow<'a, [EventEnvelope]> = if all_relevant && !copied {
+        Cow::Borrowed(events)
+    } else {
+        Cow::Owned(fresh.into_iter().map(Cow::into_owned).collect())
+    };
 
     if !fresh.is_empty() {
         projector.apply(&mut *tx, &fresh).await?;

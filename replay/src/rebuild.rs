@@ -31,6 +31,7 @@
 //!    its stream sequence and skipped (no double); whatever the shadow did
 //!    not have has a higher sequence and is applied (no gap).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -369,9 +370,9 @@ async fn fill_and_swap(
     // 1. Fill the shadows: one reader, a lane per projector.
     let mut senders = Vec::with_capacity(lanes.len());
     let mut receivers = Vec::with_capacity(lanes.len());
-    for _ in &lanes {
+    for lane in &lanes {
         let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Vec<EventEnvelope>>>(PAGES_AHEAD);
-        senders.push(tx);
+        senders.push((lane.types.clone(), tx));
         receivers.push(rx);
     }
     let reader = read_pages(pool, &all_types, &started_xmax, chunk_size, senders);
@@ -412,7 +413,10 @@ async fn read_pages(
     types: &[String],
     started_xmax: &str,
     chunk_size: usize,
-    senders: Vec<tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>>,
+    senders: Vec<(
+        Vec<String>,
+        tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>,
+    )>,
 ) -> Result<Cursor, ProjectionError> {
     let mut cursor = Cursor {
         last_tx: "0".into(),
@@ -448,11 +452,42 @@ async fn read_pages(
             waited += PENDING_POLL;
             continue;
         }
-        let page = Arc::new(page);
+        // Each lane gets the page's events of its aggregate types, in
+        // order; lanes of one type share one copy.
+        let mut by_type: HashMap<String, (Vec<usize>, Vec<EventEnvelope>)> = HashMap::new();
+        for (i, e) in page.into_iter().enumerate() {
+            let (order, events) = by_type.entry(e.aggregate_type.clone()).or_default();
+            order.push(i);
+            events.push(e);
+        }
+        let by_type: HashMap<String, (Vec<usize>, Arc<Vec<EventEnvelope>>)> = by_type
+            .into_iter()
+            .map(|(t, (order, events))| (t, (order, Arc::new(events))))
+            .collect();
         let mut open = Vec::with_capacity(senders.len());
-        for sender in senders {
-            if sender.send(page.clone()).await.is_ok() {
-                open.push(sender);
+        for (lane_types, sender) in senders {
+            let part = match lane_types.as_slice() {
+                [one] => by_type.get(one).map(|(_, events)| events.clone()),
+                several => {
+                    // In the page's order (commit order, not position).
+                    let mut merged: Vec<(usize, EventEnvelope)> = several
+                        .iter()
+                        .filter_map(|t| by_type.get(t))
+                        .flat_map(|(order, events)| {
+                            order.iter().copied().zip(events.iter().cloned())
+                        })
+                        .collect();
+                    merged.sort_by_key(|(i, _)| *i);
+                    (!merged.is_empty())
+                        .then(|| Arc::new(merged.into_iter().map(|(_, e)| e).collect()))
+                }
+            };
+            let sent = match part {
+                Some(part) => sender.send(part).await.is_ok(),
+                None => !sender.is_closed(),
+            };
+            if sent {
+                open.push((lane_types, sender));
             }
         }
         senders = open;
@@ -471,13 +506,7 @@ async fn fill_lane(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(), ProjectionError> {
     while let Some(page) = pages.recv().await {
-        let read = page
-            .iter()
-            .filter(|e| lane.types.contains(&e.aggregate_type))
-            .count() as u64;
-        if read == 0 {
-            continue;
-        }
+        let read = page.len() as u64;
         let started = Instant::now();
         let mut tx = pool.begin().await?;
         use_shadow(&mut tx, &lane.schema).await?;

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use casebook_domain::sla::SlaKind;
@@ -25,6 +25,21 @@ use crate::projector::{ticket_events, ProjectionError, Projector};
 /// carries the ticket's `customer_id`. Rows are written with upserts keyed
 /// by the event's ids, so a redelivered event changes nothing.
 pub struct TicketsProjector;
+
+/// Whether [`project_queues`] writes anything for `event`.
+fn touches_queues(event: &TicketEvent) -> bool {
+    matches!(
+        event,
+        TicketEvent::TicketEscalated { .. }
+            | TicketEvent::EscalationResolved { .. }
+            | TicketEvent::TicketAssigned { .. }
+            | TicketEvent::TicketUnassigned { .. }
+            | TicketEvent::TicketHandedBackToAi { .. }
+            | TicketEvent::ApprovalRequested { .. }
+            | TicketEvent::ResponseApproved { .. }
+            | TicketEvent::ResponseRejected { .. }
+    )
+}
 
 /// Writes the queue rows one event implies; `t` is the ticket's state
 /// with the event applied.
@@ -179,7 +194,8 @@ struct TicketRows {
     open_escalations: Vec<i32>,
     pending_approvals: Vec<i32>,
     feedback_helpful: Vec<Option<bool>>,
-    state: Vec<serde_json::Value>,
+    /// The ticket's state as JSON text (cast to jsonb by the statement).
+    state: Vec<String>,
     first_response_breach_due: Vec<Option<DateTime<Utc>>>,
     resolution_breach_due: Vec<Option<DateTime<Utc>>>,
     handler: Vec<&'static str>,
@@ -225,7 +241,7 @@ impl TicketRows {
         );
         self.feedback_helpful.push(t.feedback);
         self.state
-            .push(serde_json::to_value(t).expect("ticket state serialises"));
+            .push(serde_json::to_string(t).expect("ticket state serialises"));
         // What the SLA monitor looks for: deadlines whose breach is still
         // to be recorded (see migration 20261125000020).
         self.first_response_breach_due
@@ -253,7 +269,7 @@ impl TicketRows {
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                                   $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[],
                                   $12::timestamptz[], $13::timestamptz[], $14::timestamptz[], $15::bool[], $16::int4[],
-                                  $17::int4[], $18::int4[], $19::bool[], $20::jsonb[], $21::timestamptz[],
+                                  $17::int4[], $18::int4[], $19::bool[], $20::text[]::jsonb[], $21::timestamptz[],
                                   $22::timestamptz[], $23::text[], $24::timestamptz[], $25::timestamptz[], $26::uuid[],
                                   $27::timestamptz[])
              ON CONFLICT (ticket_id) DO UPDATE SET
@@ -350,11 +366,16 @@ impl Projector for TicketsProjector {
             }
         }
         let mut changed: Vec<Uuid> = Vec::new();
+        let mut seen: HashSet<Uuid> = HashSet::new();
         for (id, event, _) in ticket_events(self.name(), events) {
             let state = states.entry(id).or_default();
-            state.apply_event(event.clone());
-            project_queues(&mut *tx, id, state, &event).await?;
-            if !changed.contains(&id) {
+            if touches_queues(&event) {
+                state.apply_event(event.clone());
+                project_queues(&mut *tx, id, state, &event).await?;
+            } else {
+                state.apply_event(event);
+            }
+            if seen.insert(id) {
                 changed.push(id);
             }
         }
