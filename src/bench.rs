@@ -108,6 +108,10 @@ pub struct BenchArgs {
     /// Events to generate before rebuilding every read model (replay).
     #[arg(long, default_value_t = 1_000_000)]
     pub replay_events: usize,
+    /// Generated tickets to resolve, then archive a year and a day later
+    /// (replay).
+    #[arg(long, default_value_t = 100_000)]
+    pub archive_tickets: usize,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {

@@ -3,13 +3,20 @@
 //! 1. Generates tickets through the real command path (`Intake::receive`,
 //!    as the channel routes call it, `--clients` at once) until the store
 //!    holds `--replay-events` events (default 1,000,000).
+//!    Then resolves `--archive-tickets` of them (default 100,000, or all
+//!    there are), through the command path too.
 //! 2. Rebuilds all read models (`replay projections`: shadow tables, then
 //!    the swap) and reports events in the store per second of rebuild, and
 //!    each projector's own rate. Target: 50,000 events/s.
+//! 3. Takes a signed checkpoint and runs `audit verify` over the same log.
+//!    Target: 200,000 events/s.
+//! 4. Runs `archive run` a year and a day later (`--as-of`), which archives
+//!    and purges every resolved ticket, and checks that it did.
 
 use std::time::Instant;
 
 use casebook_commands::{EventStore, Intake};
+use casebook_domain::{Actor, EventMetadata, Ticket, TicketCommand};
 use serde::Serialize;
 
 use super::graphql::message;
@@ -17,6 +24,7 @@ use super::{BenchArgs, Report, Scratch};
 
 /// The rate the issue asks for.
 pub const TARGET_PER_SECOND: f64 = 50_000.0;
+pub const VERIFY_TARGET_PER_SECOND: f64 = 200_000.0;
 
 #[derive(Debug, Serialize)]
 pub struct ProjectorRate {
@@ -41,6 +49,30 @@ pub struct ReplayReport {
     pub events_per_second: f64,
     pub target_per_second: f64,
     pub projectors: Vec<ProjectorRate>,
+    /// `audit verify` over the same log, after the rebuild.
+    pub verify: VerifyRate,
+    /// `archive run` over the resolved tickets, a year and a day later.
+    pub archive: ArchiveRate,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyRate {
+    pub events: u64,
+    pub checkpoint_seconds: f64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub target_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArchiveRate {
+    pub eligible_tickets: usize,
+    pub archived_tickets: usize,
+    pub events_purged: u64,
+    pub files: usize,
+    pub archive_bytes: u64,
+    pub seconds: f64,
+    pub tickets_per_second: f64,
 }
 
 impl ReplayReport {
@@ -60,6 +92,21 @@ impl ReplayReport {
                 p.projector, p.events_read, p.seconds, p.swap_seconds, p.events_per_second
             ));
         }
+        let (v, a) = (&self.verify, &self.archive);
+        out.push_str(&format!(
+            "  audit verify: {} events in {:.1} s: {:.0} events/s (target {:.0}; checkpoint {:.1} s)\n",
+            v.events, v.seconds, v.events_per_second, v.target_per_second, v.checkpoint_seconds
+        ));
+        out.push_str(&format!(
+            "  archive run: {} of {} eligible tickets ({} events, {} files, {} bytes) in {:.1} s: {:.0} tickets/s\n",
+            a.archived_tickets,
+            a.eligible_tickets,
+            a.events_purged,
+            a.files,
+            a.archive_bytes,
+            a.seconds,
+            a.tickets_per_second
+        ));
         out
     }
 }
@@ -90,6 +137,7 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
     let per_ticket = (events(scratch).await? as f64 / sample as f64).max(1.0);
     let tickets = ((target as f64 / per_ticket).ceil() as usize).max(sample);
     generate(&intake, sample, tickets, args.clients).await?;
+    let resolved = resolve(scratch, args.archive_tickets.min(tickets), args.clients).await?;
     let events = events(scratch).await?;
     let generation_seconds = started.elapsed().as_secs_f64();
     sqlx::query("VACUUM ANALYZE").execute(&scratch.pool).await?;
@@ -118,6 +166,19 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
     )
     .await?;
     let rebuild_seconds = started.elapsed().as_secs_f64();
+    eprintln!("bench replay: rebuilt in {rebuild_seconds:.1} s; checkpoint and audit verify");
+    let seed: [u8; 32] = rand::random();
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let timed = super::audit::checkpoint_and_verify(scratch, &key).await?;
+    let verify = VerifyRate {
+        events: timed.events,
+        checkpoint_seconds: timed.checkpoint_seconds,
+        seconds: timed.verify_seconds,
+        events_per_second: timed.events as f64 / timed.verify_seconds,
+        target_per_second: VERIFY_TARGET_PER_SECOND,
+    };
+    eprintln!("bench replay: archive run over {resolved} resolved tickets");
+    let archive = archive(scratch, &key, resolved).await?;
     let projectors = reports
         .into_iter()
         .map(|r| {
@@ -141,5 +202,79 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
         events_per_second: events as f64 / rebuild_seconds.max(0.001),
         target_per_second: TARGET_PER_SECOND,
         projectors,
+        verify,
+        archive,
     }))
+}
+
+/// Resolves `n` of the generated tickets through the command path, `clients`
+/// at once. Returns how many.
+async fn resolve(scratch: &Scratch, n: usize, clients: usize) -> anyhow::Result<usize> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = 'ticket' ORDER BY 1 LIMIT $1",
+    )
+    .bind(n as i64)
+    .fetch_all(&scratch.pool)
+    .await?;
+    let count = ids.len();
+    let ids = std::sync::Arc::new(ids);
+    let store = EventStore::new(scratch.pool.clone());
+    super::generate("replay (resolving)", 0..count, clients, move |i| {
+        let (store, ids) = (store.clone(), ids.clone());
+        async move {
+            store
+                .execute::<Ticket>(
+                    &ids[i],
+                    TicketCommand::Resolve {
+                        resolved_by: "agent:bench".into(),
+                        resolution: Some("answered".into()),
+                        at: chrono::Utc::now(),
+                    },
+                    &EventMetadata::new("bench", Actor::system("bench")),
+                )
+                .await
+                .map(|_| ())
+        }
+    })
+    .await?;
+    Ok(count)
+}
+
+/// `archive run` a year and a day from now, into a directory of its own
+/// (removed afterwards); fails unless it archived every resolved ticket.
+async fn archive(
+    scratch: &Scratch,
+    key: &ed25519_dalek::SigningKey,
+    resolved: usize,
+) -> anyhow::Result<ArchiveRate> {
+    let dir = std::env::temp_dir().join(format!("casebook-bench-archive-{}", uuid::Uuid::new_v4()));
+    let as_of = chrono::Utc::now() + chrono::Duration::days(366);
+    let started = Instant::now();
+    let report = crate::audit::archive_pass(&scratch.pool, &dir, as_of, key).await;
+    let seconds = started.elapsed().as_secs_f64().max(0.001);
+    let archive_bytes = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    let archived: usize = report.purged.iter().map(|p| p.tickets.len()).sum();
+    anyhow::ensure!(
+        archived == resolved,
+        "archive run archived {archived} of {resolved} resolved tickets"
+    );
+    Ok(ArchiveRate {
+        eligible_tickets: report.eligible,
+        archived_tickets: archived,
+        events_purged: report.purged.iter().map(|p| p.events).sum(),
+        files: report.purged.len(),
+        archive_bytes,
+        seconds,
+        tickets_per_second: archived as f64 / seconds,
+    })
 }
