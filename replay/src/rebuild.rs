@@ -44,6 +44,9 @@ use sqlx::{PgConnection, PgPool, Row};
 
 /// Events read from the store per page (one short transaction each).
 pub const CHUNK: usize = 5000;
+/// Where the reader hands a lane its pages.
+type PageSender = tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>;
+
 /// Pages a projector may fall behind the reader (the rest wait for it).
 pub const PAGES_AHEAD: usize = 4;
 /// The bookkeeping tables a projector writes besides its own.
@@ -413,10 +416,7 @@ async fn read_pages(
     types: &[String],
     started_xmax: &str,
     chunk_size: usize,
-    senders: Vec<(
-        Vec<String>,
-        tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>,
-    )>,
+    senders: Vec<(Vec<String>, PageSender)>,
 ) -> Result<Cursor, ProjectionError> {
     let mut cursor = Cursor {
         last_tx: "0".into(),
