@@ -755,6 +755,10 @@ fn print_history(h: &casebook_replay::TicketHistory) {
     );
 }
 
+/// One projector's bar (on a terminal), when it started and when it last
+/// printed a line.
+type ProjectorProgress = (Option<indicatif::ProgressBar>, Instant, Instant);
+
 /// A rebuild's progress on stderr: a bar per projector with rate and ETA
 /// on a terminal (several rebuild at once), a plain line per projector at
 /// most every two seconds (and at each swap) otherwise.
@@ -762,8 +766,7 @@ struct RebuildProgress {
     bars: Option<indicatif::MultiProgress>,
     /// Per projector: its bar (on a terminal), when it started and when it
     /// last printed a line.
-    projectors:
-        std::sync::Mutex<HashMap<&'static str, (Option<indicatif::ProgressBar>, Instant, Instant)>>,
+    projectors: std::sync::Mutex<HashMap<&'static str, ProjectorProgress>>,
 }
 
 impl RebuildProgress {
