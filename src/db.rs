@@ -51,6 +51,11 @@ pub async fn connect(url: &str, max_connections: u32, purpose: Purpose) -> anyho
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1.min(max_connections))
+        // A served request does not pay a ping's round trip on every
+        // acquire: a connection that died while idle fails its first
+        // statement instead, is closed, and the pool opens another. The
+        // event store retries transient failures; a read fails once.
+        .test_before_acquire(purpose != Purpose::Serve)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(Duration::from_secs(300))
         .connect_with(options)
