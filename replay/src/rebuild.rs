@@ -582,6 +582,107 @@ async fn swap_lane(
     Ok(())
 }
 
+/// Makes the live `table` hold the shadow's rows, writing only what
+/// differs: rows the shadow lacks are deleted, new rows inserted, and a row
+/// whose columns changed is updated. A rebuild of a read model that was
+/// right (the usual case) then writes almost nothing, and the projector's
+/// live batches, which wait for the swap, wait for a comparison rather than
+/// a copy. Columns whose default is the clock (`projected_at`) are not
+/// compared, so an unchanged row keeps its own. A table without a primary
+/// key is replaced whole.
+async fn replace_rows(
+    tx: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<(), ProjectionError> {
+    // Generated columns are computed again, not copied.
+    let columns: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT quote_ident(column_name),
+                coalesce(column_default ~* '(clock_timestamp|now)\\(\\)', false)
+           FROM information_schema.columns
+          WHERE table_schema = 'public' AND table_name = $1 AND is_generated = 'NEVER'
+          ORDER BY ordinal_position",
+    )
+    .bind(table)
+    .fetch_all(&mut *tx)
+    .await?;
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(a.attname)
+           FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+          WHERE i.indrelid = format('public.%I', $1::text)::regclass AND i.indisprimary
+          ORDER BY array_position(i.indkey::int2[], a.attnum)",
+    )
+    .bind(table)
+    .fetch_all(&mut *tx)
+    .await?;
+    let all = columns
+        .iter()
+        .map(|(c, _)| c.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if key.is_empty() {
+        sqlx::query(&format!("DELETE FROM public.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO public.{table} ({all}) SELECT {all} FROM {schema}.{table}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        return Ok(());
+    }
+    let same_key = key
+        .iter()
+        .map(|k| format!("s.{k} = l.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    sqlx::query(&format!(
+        "DELETE FROM public.{table} l WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} s WHERE {same_key})"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let rest: Vec<&str> = columns
+        .iter()
+        .filter(|(c, _)| !key.contains(c))
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let compared: Vec<&str> = columns
+        .iter()
+        .filter(|(c, clock)| !clock && !key.contains(c))
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let on_conflict = if rest.is_empty() || compared.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!(
+            "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+            rest.iter()
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            compared
+                .iter()
+                .map(|c| format!("l.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            compared
+                .iter()
+                .map(|c| format!("EXCLUDED.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    sqlx::query(&format!(
+        "INSERT INTO public.{table} AS l ({all}) SELECT {all} FROM {schema}.{table}
+         ON CONFLICT ({}) {on_conflict}",
+        key.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// The swap's transaction; returns what it caught up (read, applied).
 async fn swap(
     pool: &PgPool,
@@ -613,25 +714,7 @@ async fn swap(
         applied += a;
     }
     for table in projector.tables() {
-        let table = table_ident(table)?;
-        // Generated columns are computed again, not copied.
-        let columns: Vec<String> = sqlx::query_scalar(
-            "SELECT quote_ident(column_name) FROM information_schema.columns
-              WHERE table_schema = 'public' AND table_name = $1 AND is_generated = 'NEVER'
-              ORDER BY ordinal_position",
-        )
-        .bind(table)
-        .fetch_all(&mut *tx)
-        .await?;
-        let columns = columns.join(", ");
-        sqlx::query(&format!("DELETE FROM public.{table}"))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO public.{table} ({columns}) SELECT {columns} FROM {schema}.{table}"
-        ))
-        .execute(&mut *tx)
-        .await?;
+        replace_rows(&mut tx, schema, table_ident(table)?).await?;
     }
     sqlx::query("DELETE FROM public.projector_streams WHERE projector = $1")
         .bind(name)
