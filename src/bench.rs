@@ -1181,6 +1181,9 @@ pub struct AnswersReport {
     search: Latency,
     /// Report-split questions retrieval got wrong at the threshold in use.
     misses: Vec<Miss>,
+    /// The same for the tuning split: what to study when tuning (the
+    /// report split's misses are for reporting, not for tuning).
+    tune_misses: Vec<Miss>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1231,6 +1234,9 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         questions.iter().filter(|q| q.split == s).cloned().collect()
     };
     let (tune, report) = (split(EvalSplit::Tune), split(EvalSplit::Report));
+    if std::env::var_os("CASEBOOK_BENCH_GRID").is_some() {
+        grid(&kb, &tune).await?;
+    }
     let tune_judged = judge_retrieval(&kb, &tune).await?;
     let threshold = calibrate_threshold(&tune_judged);
     let mut latencies = Vec::with_capacity(report.len());
@@ -1244,9 +1250,76 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         report_judged.extend(judged);
     }
     let end_to_end = answer_through_agent(&scratch.pool, &kb, &report).await?;
-    let misses = report
+    let misses = misses_of(&report, &report_judged);
+    let tune_misses = misses_of(&tune, &tune_judged);
+    Ok(Report::Answers(Box::new(AnswersReport {
+        bench: "answers",
+        calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
+        threshold_in_use: RELEVANCE_THRESHOLD,
+        tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
+        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
+        end_to_end,
+        search: Latency::of(&mut latencies),
+        misses,
+        tune_misses,
+    })))
+}
+
+/// Tuning aid (`CASEBOOK_BENCH_GRID=1 casebook bench answers`): the
+/// ranking's weights over a grid, judged on the tuning split only (each
+/// with the threshold calibrated for it), printed to stderr.
+async fn grid(
+    kb: &casebook_agent::knowledge::KnowledgeBase,
+    tune: &[EvalQuestion],
+) -> anyhow::Result<()> {
+    use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores};
+    use casebook_domain::retrieval::RankingParams;
+    let mut found = Vec::with_capacity(tune.len());
+    for q in tune {
+        found.push(kb.find(&q.question, JUDGED_PASSAGES).await?);
+    }
+    for lexical_weight in [0.0, 0.1, 0.15, 0.2, 0.3, 0.4] {
+        for body_weight in [0.5, 0.7, 1.0] {
+            for article_support in [0.0, 0.3, 0.6, 1.0, 1.5] {
+                let params = RankingParams {
+                    lexical_weight,
+                    body_weight,
+                    article_support,
+                };
+                let judged: Vec<Judged> = tune
+                    .iter()
+                    .zip(&found)
+                    .map(|(q, c)| {
+                        let passages = c.ranked(&params, JUDGED_PASSAGES, -1.0);
+                        Judged {
+                            expected: q.expected.clone(),
+                            ranked_documents: passages
+                                .iter()
+                                .map(|p| p.document_id.clone())
+                                .collect(),
+                            top_similarity: passages.iter().map(|p| p.score).fold(-1.0, f64::max),
+                        }
+                    })
+                    .collect();
+                let t = calibrate_threshold(&judged);
+                let s = retrieval_scores(&judged, t);
+                eprintln!(
+                    "grid lexical_weight={lexical_weight} body_weight={body_weight} article_support={article_support}: threshold {t:.3} hit@1 {:.3} hit@3 {:.3} gap precision {:.3} gap recall {:.3}",
+                    s.hit_at_1, s.hit_at_3, s.gap_precision, s.gap_recall
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The questions retrieval got wrong at the threshold in use: the wrong
+/// article first, or a gap called wrongly either way.
+fn misses_of(questions: &[EvalQuestion], judged: &[Judged]) -> Vec<Miss> {
+    use casebook_agent::knowledge::RELEVANCE_THRESHOLD;
+    questions
         .iter()
-        .zip(&report_judged)
+        .zip(judged)
         .filter_map(|(q, j)| {
             let found = Some(j.ranked_documents.first().cloned())
                 .flatten()
@@ -1258,17 +1331,7 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
                 top_similarity: (j.top_similarity * 1000.0).round() / 1000.0,
             })
         })
-        .collect();
-    Ok(Report::Answers(Box::new(AnswersReport {
-        bench: "answers",
-        calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
-        threshold_in_use: RELEVANCE_THRESHOLD,
-        tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
-        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
-        end_to_end,
-        search: Latency::of(&mut latencies),
-        misses,
-    })))
+        .collect()
 }
 
 /// Runs `make(i)` for every `i` in `range`, from `clients` tasks at once,
