@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use casebook_domain::knowledge::{sections, title_of};
-use casebook_domain::retrieval::{rank, strip_pleasantries, Candidate, CandidateSet, QueryTerm, RankingParams, TermMatch};
+use casebook_domain::retrieval::{rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm, RankingParams, TermMatch};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -31,11 +31,18 @@ pub const CHUNK_WORDS: usize = 180;
 /// knowledge-gap line, calibrated on the tuning split of `kb/eval` for the
 /// ranking's weights (`RankingParams::default`; `casebook bench answers`,
 /// docs/performance.md).
-pub const RELEVANCE_THRESHOLD: f64 = 0.6;
+pub const RELEVANCE_THRESHOLD: f64 = 0.59;
+/// How far under [`RELEVANCE_THRESHOLD`] (or the line a search asks for)
+/// passages still come with the best one, once that is over it: the other
+/// sections an answer may need. About the part the lexical evidence and
+/// the article's support add to a section of the right article.
+pub const CONTEXT_BAND: f64 = 0.12;
 /// Candidates each ranking contributes to the fusion, at least.
 const MIN_CANDIDATES: usize = 20;
 /// Words of a question used for full-text search.
 const MAX_QUERY_WORDS: usize = 32;
+/// Synonyms of a question's words searched for, at most.
+const MAX_SYNONYMS: usize = 16;
 /// Characters of a question read for its words.
 const MAX_QUERY_CHARS: usize = 2_000;
 /// What the chunking is: a change re-chunks unchanged documents.
@@ -96,12 +103,12 @@ pub struct Candidates {
 }
 
 impl Candidates {
-    /// The `limit` most relevant passages whose relevance is at least
-    /// `min_score`, best first; each passage's score is its relevance.
+    /// The `limit` most relevant passages, best first, when the best is at
+    /// least `min_score` relevant: it and those within [`CONTEXT_BAND`]
+    /// under that line. Each passage's score is its relevance.
     pub fn ranked(&self, params: &RankingParams, limit: usize, min_score: f64) -> Vec<Passage> {
-        rank(&self.set, params)
+        relevant(rank(&self.set, params), min_score, CONTEXT_BAND)
             .into_iter()
-            .filter(|r| r.relevance >= min_score)
             .take(limit)
             .map(|r| {
                 let mut row = self.rows[r.candidate].clone();
@@ -476,6 +483,36 @@ impl KnowledgeBase {
         .bind(MAX_QUERY_WORDS as i64)
         .fetch_all(&mut *tx)
         .await?;
+        // Their synonyms (`retrieval::synonyms`), stemmed alike: each
+        // stands for the question's word it was found for.
+        let pairs = synonyms(&query, MAX_SYNONYMS);
+        let (words, alternatives): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+        let stemmed: Vec<(String, String)> = if words.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT w.lexeme, a.lexeme
+                   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS p(word, alternative, i)
+                        CROSS JOIN LATERAL unnest(to_tsvector('english', p.word)) AS w
+                        CROSS JOIN LATERAL unnest(to_tsvector('english', p.alternative)) AS a
+                  ORDER BY p.i",
+            )
+            .bind(&words)
+            .bind(&alternatives)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        let mut stands_for: Vec<Option<usize>> = vec![None; terms.len()];
+        let mut terms = terms;
+        for (word, alternative) in stemmed {
+            let Some(i) = terms.iter().position(|t| *t == word) else {
+                continue;
+            };
+            if stands_for[i].is_none() && !terms.contains(&alternative) {
+                terms.push(alternative);
+                stands_for.push(Some(i));
+            }
+        }
         let (total, counts): (i64, Vec<i64>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM kb_chunks WHERE model = $1),
                     ARRAY(SELECT (SELECT count(*) FROM kb_chunks
@@ -559,9 +596,11 @@ impl KnowledgeBase {
             terms: terms
                 .iter()
                 .zip(counts.iter().chain(std::iter::repeat(&0)))
-                .map(|(lexeme, n)| QueryTerm {
+                .zip(&stands_for)
+                .map(|((lexeme, n), stands_for)| QueryTerm {
                     lexeme: lexeme.clone(),
                     sections_with: (*n).max(0) as u64,
+                    stands_for: *stands_for,
                 })
                 .collect(),
             candidates: rows

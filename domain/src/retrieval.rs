@@ -29,6 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 pub struct QueryTerm {
     pub lexeme: String,
     pub sections_with: u64,
+    /// None: a word of the question. Some(i): a synonym of term i
+    /// ([`synonyms`]), which matches for it.
+    pub stands_for: Option<usize>,
 }
 
 /// Where a candidate section holds a term of the question.
@@ -79,8 +82,8 @@ impl Default for RankingParams {
     fn default() -> Self {
         Self {
             lexical_weight: 0.2,
-            body_weight: 0.7,
-            article_support: 1.0,
+            body_weight: 1.0,
+            article_support: 0.6,
         }
     }
 }
@@ -104,20 +107,32 @@ pub fn idf(sections_with: u64, total_sections: u64) -> f64 {
     (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
 }
 
-/// The share (0 to 1) of the question's term weight a candidate holds.
+/// The share (0 to 1) of the question's term weight a candidate holds: each
+/// word of the question weighs its idf, and counts as held when the
+/// candidate holds it or one of its synonyms.
 pub fn lexical_share(set: &CandidateSet, candidate: &Candidate, params: &RankingParams) -> f64 {
-    let weights: Vec<f64> = set
-        .terms
-        .iter()
-        .map(|t| idf(t.sections_with, set.total_sections))
-        .collect();
-    let total: f64 = weights.iter().sum();
+    let word_of = |i: usize| -> Option<usize> {
+        let term = set.terms.get(i)?;
+        match term.stands_for {
+            None => Some(i),
+            Some(j) => set
+                .terms
+                .get(j)
+                .filter(|w| w.stands_for.is_none())
+                .map(|_| j),
+        }
+    };
+    let weight = |i: usize| idf(set.terms[i].sections_with, set.total_sections);
+    let total: f64 = (0..set.terms.len())
+        .filter(|i| set.terms[*i].stands_for.is_none())
+        .map(weight)
+        .sum();
     if total <= 0.0 {
         return 0.0;
     }
     let mut held: BTreeMap<usize, f64> = BTreeMap::new();
     for m in &candidate.matches {
-        let Some(w) = weights.get(m.term) else {
+        let Some(word) = word_of(m.term) else {
             continue;
         };
         let counts = if m.in_heading {
@@ -127,10 +142,62 @@ pub fn lexical_share(set: &CandidateSet, candidate: &Candidate, params: &Ranking
         } else {
             0.0
         };
-        let entry = held.entry(m.term).or_insert(0.0);
-        *entry = entry.max(w * counts);
+        let entry = held.entry(word).or_insert(0.0);
+        *entry = entry.max(weight(word) * counts);
     }
     (held.values().sum::<f64>() / total).clamp(0.0, 1.0)
+}
+
+/// Customers' words for what the knowledge base names otherwise, each with
+/// the words articles use: general support vocabulary (not drawn from any
+/// evaluation question). Single words; the store stems both sides.
+const SYNONYMS: &[(&[&str], &[&str])] = &[
+    (&["outage", "outages", "down", "downtime"], &["status", "incident"]),
+    (&["popup", "popups", "ping", "pings", "alert", "alerts"], &["notification"]),
+    (&["freelancer", "freelancers", "contractor", "contractors", "external"], &["guest"]),
+    (&["register", "registering", "registration", "signup"], &["sign", "account"]),
+    (&["login", "signin", "logon"], &["log"]),
+    (&["bill", "bills", "receipt", "receipts"], &["invoice", "billing"]),
+    (&["subscription", "price", "prices", "cost", "costs", "tier", "pricing"], &["plan"]),
+    (&["colleague", "colleagues", "coworker", "coworkers", "teammate", "teammates"], &["member"]),
+    (&["kanban", "cards"], &["board"]),
+    (&["gantt", "roadmap"], &["timeline"]),
+    (&["2fa", "mfa", "otp", "authenticator"], &["two-factor"]),
+    (&["okta", "sso"], &["saml", "sso"]),
+    (&["spreadsheet", "excel", "xlsx"], &["csv"]),
+    (&["backup", "backups"], &["export"]),
+    (&["upload", "uploads", "uploading"], &["attach", "file"]),
+    (&["repeat", "repeating", "recurrence"], &["recurring"]),
+    (&["todo", "tickbox", "tickboxes", "checkbox", "checkboxes"], &["checklist"]),
+    (&["quiet", "silence", "snooze"], &["mute", "disturb"]),
+    (&["hotkey", "hotkeys", "keybinding", "keybindings"], &["shortcut"]),
+    (&["ics", "icalendar"], &["ical"]),
+    (&["unarchive", "unarchiving"], &["archive", "restore"]),
+    (&["recover", "undelete"], &["restore", "trash"]),
+    (&["timesheet", "hours"], &["time"]),
+];
+
+/// The synonyms of the question's words ([`SYNONYMS`]): pairs of a word of
+/// the question and a word the articles use for it, at most `limit`.
+pub fn synonyms(question: &str, limit: usize) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for word in question
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let lower = word.to_lowercase();
+        for (words, alternatives) in SYNONYMS {
+            if words.contains(&lower.as_str()) {
+                for alternative in *alternatives {
+                    let pair = (lower.clone(), alternative.to_string());
+                    if !out.contains(&pair) && out.len() < limit {
+                        out.push(pair);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The candidates best first. Ties keep the candidates' order.
@@ -177,6 +244,20 @@ pub fn rank(set: &CandidateSet, params: &RankingParams) -> Vec<Ranked> {
             .then(a.candidate.cmp(&b.candidate))
     });
     ranked
+}
+
+/// The passages that count for a question whose line is `line`: none when
+/// the best is under it (a knowledge gap); otherwise the best and those
+/// within `band` under the line, which give an answer its context (the
+/// other sections of the article, mostly).
+pub fn relevant(ranked: Vec<Ranked>, line: f64, band: f64) -> Vec<Ranked> {
+    match ranked.first() {
+        Some(best) if best.relevance >= line => ranked
+            .into_iter()
+            .filter(|r| r.relevance >= line - band.max(0.0))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Words that greet, thank or sign off: they say nothing about what is
@@ -252,6 +333,7 @@ mod tests {
         QueryTerm {
             lexeme: lexeme.into(),
             sections_with,
+            stands_for: None,
         }
     }
 
@@ -411,5 +493,69 @@ mod tests {
         // Nothing but courtesy: kept, the knowledge base will not match it.
         assert_eq!(strip_pleasantries("Hi there! Thanks"), "Hi there! Thanks");
         assert_eq!(strip_pleasantries(""), "");
+    }
+
+    #[test]
+    fn a_synonym_holds_the_word_it_stands_for() {
+        let mut set = CandidateSet {
+            total_sections: 100,
+            terms: vec![term("outag", 0), term("now", 10)],
+            candidates: vec![],
+        };
+        set.terms.push(QueryTerm {
+            lexeme: "status".into(),
+            sections_with: 3,
+            stands_for: Some(0),
+        });
+        let p = RankingParams::default();
+        let (outage, now) = (idf(0, 100), idf(10, 100));
+        let status = candidate("s", "s", 0.4, vec![hit(2, true, true)]);
+        // Weighed as the question's word, not as the synonym.
+        assert!((lexical_share(&set, &status, &p) - outage / (outage + now)).abs() < 1e-12);
+        // The word and its synonym together count once.
+        let both = candidate("b", "b", 0.4, vec![hit(0, false, true), hit(2, true, false)]);
+        assert!((lexical_share(&set, &both, &p) - outage / (outage + now)).abs() < 1e-12);
+        // A synonym of a synonym (or of nothing) holds nothing.
+        set.terms.push(QueryTerm {
+            lexeme: "incid".into(),
+            sections_with: 2,
+            stands_for: Some(2),
+        });
+        let chained = candidate("c", "c", 0.4, vec![hit(3, true, true)]);
+        assert_eq!(lexical_share(&set, &chained, &p), 0.0);
+    }
+
+    #[test]
+    fn synonyms_map_customers_words_to_the_articles() {
+        assert_eq!(
+            synonyms("Is there an OUTAGE? my popups stopped", 10),
+            [
+                ("outage".to_string(), "status".to_string()),
+                ("outage".to_string(), "incident".to_string()),
+                ("popups".to_string(), "notification".to_string()),
+            ]
+        );
+        assert!(synonyms("how do I export a project", 10).is_empty());
+        assert_eq!(synonyms(&"outage ".repeat(50), 10).len(), 2, "each pair once");
+        assert_eq!(synonyms("outage popups kanban", 2).len(), 2, "bounded");
+    }
+
+    #[test]
+    fn the_line_decides_on_the_best_and_the_band_keeps_its_context() {
+        let r = |candidate: usize, relevance: f64| Ranked {
+            candidate,
+            own: relevance,
+            relevance,
+        };
+        let ranked = vec![r(0, 0.7), r(1, 0.58), r(2, 0.52), r(3, 0.49)];
+        let kept: Vec<usize> = relevant(ranked.clone(), 0.6, 0.1)
+            .iter()
+            .map(|r| r.candidate)
+            .collect();
+        assert_eq!(kept, [0, 1, 2]);
+        assert_eq!(relevant(ranked.clone(), 0.6, 0.0).len(), 1);
+        assert_eq!(relevant(ranked.clone(), 0.6, -1.0).len(), 1, "no negative band");
+        assert!(relevant(ranked, 0.71, 0.5).is_empty(), "a gap");
+        assert!(relevant(Vec::new(), 0.0, 0.1).is_empty());
     }
 }
