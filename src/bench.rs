@@ -1072,12 +1072,14 @@ pub struct EndToEnd {
 }
 
 /// Runs each question through intake and the agent (WhatsApp, a customer
-/// of its own each) and checks what the agent drafted: a reply from the
+/// of its own each: numbers from `numbers_from`, so that two sets do not
+/// share customers) and checks what the agent drafted: a reply from the
 /// expected article ends with that article's title (`crate::responder`).
 pub async fn answer_through_agent(
     pool: &PgPool,
     kb: &casebook_agent::knowledge::KnowledgeBase,
     questions: &[EvalQuestion],
+    numbers_from: usize,
 ) -> anyhow::Result<EndToEnd> {
     use casebook_agent::{Agent, Outcome};
     use casebook_commands::{InboundMessage, Intake, Sender};
@@ -1102,7 +1104,7 @@ pub async fn answer_through_agent(
             sender: Sender {
                 identities: vec![IdentityKey::whatsapp(&format!(
                     "whatsapp:+4477008{:05}",
-                    i % 100_000
+                    (numbers_from + i) % 100_000
                 ))?],
                 name: Some("Eval".into()),
             },
@@ -1178,6 +1180,8 @@ pub struct AnswersReport {
     tune: RetrievalScores,
     report: RetrievalScores,
     end_to_end: EndToEnd,
+    /// The same on the tuning split (what to tune the agent's side on).
+    tune_end_to_end: EndToEnd,
     search: Latency,
     /// Report-split questions retrieval got wrong at the threshold in use.
     misses: Vec<Miss>,
@@ -1204,7 +1208,7 @@ impl AnswersReport {
         };
         let e = &self.end_to_end;
         format!(
-            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{})\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{})\n  end to end (tune split): right article {:.3}, held for approval {:.3}, gaps escalated {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
             self.calibrated_threshold,
             self.threshold_in_use,
             line("tune", &self.tune),
@@ -1217,6 +1221,9 @@ impl AnswersReport {
             e.gap_escalation_rate,
             e.gaps_escalated,
             e.unanswerable,
+            self.tune_end_to_end.right_article_rate,
+            self.tune_end_to_end.held_for_approval_share,
+            self.tune_end_to_end.gap_escalation_rate,
             self.search.p50_ms,
             self.search.p95_ms,
         )
@@ -1249,7 +1256,8 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         latencies.push(started.elapsed());
         report_judged.extend(judged);
     }
-    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report).await?;
+    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report, 0).await?;
+    let tune_end_to_end = answer_through_agent(&scratch.pool, &kb, &tune, 50_000).await?;
     let misses = misses_of(&report, &report_judged);
     let tune_misses = misses_of(&tune, &tune_judged);
     Ok(Report::Answers(Box::new(AnswersReport {
@@ -1259,6 +1267,7 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
         report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
         end_to_end,
+        tune_end_to_end,
         search: Latency::of(&mut latencies),
         misses,
         tune_misses,

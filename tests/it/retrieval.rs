@@ -88,7 +88,7 @@ async fn an_export_question_is_answered_from_the_export_article_in_plain_text() 
         expected: Some("15-export-project-data".into()),
         question: "I get \"Error 42: export timed out\" when exporting".into(),
     };
-    let result = answer_through_agent(&db.pool, &kb, &[question])
+    let result = answer_through_agent(&db.pool, &kb, &[question], 0)
         .await
         .unwrap();
     assert_eq!(result.right_article, 1, "{result:?}");
@@ -133,7 +133,7 @@ async fn a_fixed_subset_of_the_evaluation_set_is_answered() {
     assert!(scores.hit_at_3 >= 0.75, "{scores:?}");
     assert!(scores.hit_at_1 >= 0.7, "{scores:?}");
     assert!(scores.gap_recall >= 0.6, "{scores:?}");
-    let e2e = answer_through_agent(&db.pool, &kb, &subset).await.unwrap();
+    let e2e = answer_through_agent(&db.pool, &kb, &subset, 0).await.unwrap();
     assert!(e2e.right_article_rate >= 0.55, "{e2e:?}");
     assert!(e2e.held_for_approval_share <= 0.25, "{e2e:?}");
     assert!(e2e.gap_escalation_rate >= 0.6, "{e2e:?}");
