@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use casebook_domain::knowledge::{sections, title_of};
-use casebook_domain::retrieval::{rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm, RankingParams, TermMatch};
+use casebook_domain::retrieval::{
+    rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
+    RankingParams, TermMatch,
+};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;

@@ -152,14 +152,56 @@ pub fn lexical_share(set: &CandidateSet, candidate: &Candidate, params: &Ranking
 /// the words articles use: general support vocabulary (not drawn from any
 /// evaluation question). Single words; the store stems both sides.
 const SYNONYMS: &[(&[&str], &[&str])] = &[
-    (&["outage", "outages", "down", "downtime"], &["status", "incident"]),
-    (&["popup", "popups", "ping", "pings", "alert", "alerts"], &["notification"]),
-    (&["freelancer", "freelancers", "contractor", "contractors", "external"], &["guest"]),
-    (&["register", "registering", "registration", "signup"], &["sign", "account"]),
+    (
+        &["outage", "outages", "down", "downtime"],
+        &["status", "incident"],
+    ),
+    (
+        &["popup", "popups", "ping", "pings", "alert", "alerts"],
+        &["notification"],
+    ),
+    (
+        &[
+            "freelancer",
+            "freelancers",
+            "contractor",
+            "contractors",
+            "external",
+        ],
+        &["guest"],
+    ),
+    (
+        &["register", "registering", "registration", "signup"],
+        &["sign", "account"],
+    ),
     (&["login", "signin", "logon"], &["log"]),
-    (&["bill", "bills", "receipt", "receipts"], &["invoice", "billing"]),
-    (&["subscription", "price", "prices", "cost", "costs", "tier", "pricing"], &["plan"]),
-    (&["colleague", "colleagues", "coworker", "coworkers", "teammate", "teammates"], &["member"]),
+    (
+        &["bill", "bills", "receipt", "receipts"],
+        &["invoice", "billing"],
+    ),
+    (
+        &[
+            "subscription",
+            "price",
+            "prices",
+            "cost",
+            "costs",
+            "tier",
+            "pricing",
+        ],
+        &["plan"],
+    ),
+    (
+        &[
+            "colleague",
+            "colleagues",
+            "coworker",
+            "coworkers",
+            "teammate",
+            "teammates",
+        ],
+        &["member"],
+    ),
     (&["kanban", "cards"], &["board"]),
     (&["gantt", "roadmap"], &["timeline"]),
     (&["2fa", "mfa", "otp", "authenticator"], &["two-factor"]),
@@ -168,9 +210,15 @@ const SYNONYMS: &[(&[&str], &[&str])] = &[
     (&["backup", "backups"], &["export"]),
     (&["upload", "uploads", "uploading"], &["attach", "file"]),
     (&["repeat", "repeating", "recurrence"], &["recurring"]),
-    (&["todo", "tickbox", "tickboxes", "checkbox", "checkboxes"], &["checklist"]),
+    (
+        &["todo", "tickbox", "tickboxes", "checkbox", "checkboxes"],
+        &["checklist"],
+    ),
     (&["quiet", "silence", "snooze"], &["mute", "disturb"]),
-    (&["hotkey", "hotkeys", "keybinding", "keybindings"], &["shortcut"]),
+    (
+        &["hotkey", "hotkeys", "keybinding", "keybindings"],
+        &["shortcut"],
+    ),
     (&["ics", "icalendar"], &["ical"]),
     (&["unarchive", "unarchiving"], &["archive", "restore"]),
     (&["recover", "undelete"], &["restore", "trash"]),
@@ -263,13 +311,46 @@ pub fn relevant(ranked: Vec<Ranked>, line: f64, band: f64) -> Vec<Ranked> {
 /// Words that greet, thank or sign off: they say nothing about what is
 /// asked.
 const PLEASANTRIES: &[&str] = &[
-    "hi", "hello", "hey", "hiya", "dear", "good", "morning", "afternoon", "evening", "there",
-    "team", "support", "thanks", "thank", "you", "thx", "cheers", "regards", "kind", "best",
-    "many", "sincerely", "greetings", "please", "all", "folks", "guys",
+    "hi",
+    "hello",
+    "hey",
+    "hiya",
+    "dear",
+    "good",
+    "morning",
+    "afternoon",
+    "evening",
+    "there",
+    "team",
+    "support",
+    "thanks",
+    "thank",
+    "you",
+    "thx",
+    "cheers",
+    "regards",
+    "kind",
+    "best",
+    "many",
+    "sincerely",
+    "greetings",
+    "please",
+    "all",
+    "folks",
+    "guys",
 ];
 /// Of those, the ones a name may follow ("Hi Ada", "Thanks Sam").
 const GREETINGS: &[&str] = &[
-    "hi", "hello", "hey", "hiya", "dear", "thanks", "thank", "thx", "cheers", "regards",
+    "hi",
+    "hello",
+    "hey",
+    "hiya",
+    "dear",
+    "thanks",
+    "thank",
+    "thx",
+    "cheers",
+    "regards",
     "greetings",
 ];
 
@@ -377,10 +458,14 @@ mod tests {
         assert!((lexical_share(&set, &heading, &p) - rare / (rare + common)).abs() < 1e-12);
         let body = candidate("b", "b", 0.5, vec![hit(0, false, true)]);
         assert!(
-            (lexical_share(&set, &body, &p) - p.body_weight * rare / (rare + common)).abs()
-                < 1e-12
+            (lexical_share(&set, &body, &p) - p.body_weight * rare / (rare + common)).abs() < 1e-12
         );
-        let both = candidate("c", "c", 0.5, vec![hit(0, true, false), hit(1, false, true)]);
+        let both = candidate(
+            "c",
+            "c",
+            0.5,
+            vec![hit(0, true, false), hit(1, false, true)],
+        );
         let expected = (rare + p.body_weight * common) / (rare + common);
         assert!((lexical_share(&set, &both, &p) - expected).abs() < 1e-12);
         // A repeated or out-of-range match counts once, or not at all.
@@ -403,8 +488,18 @@ mod tests {
             total_sections: 100,
             terms: vec![term("export", 4), term("task", 60), term("csv", 6)],
             candidates: vec![
-                candidate("import#1", "import", 0.77, vec![hit(1, true, true), hit(2, true, true)]),
-                candidate("export#1", "export", 0.72, vec![hit(0, true, true), hit(1, false, true), hit(2, false, true)]),
+                candidate(
+                    "import#1",
+                    "import",
+                    0.77,
+                    vec![hit(1, true, true), hit(2, true, true)],
+                ),
+                candidate(
+                    "export#1",
+                    "export",
+                    0.72,
+                    vec![hit(0, true, true), hit(1, false, true), hit(2, false, true)],
+                ),
             ],
         };
         let ranked = rank(&set, &RankingParams::default());
@@ -437,7 +532,8 @@ mod tests {
         let second = ranked.iter().find(|r| r.candidate == 2).unwrap();
         assert_eq!(second.relevance, second.own);
         let first = ranked[0];
-        let expected_gain = p.article_support * p.lexical_weight * lexical_share(&set, &set.candidates[2], &p);
+        let expected_gain =
+            p.article_support * p.lexical_weight * lexical_share(&set, &set.candidates[2], &p);
         assert!((first.relevance - first.own - expected_gain).abs() < 1e-12);
         // No support: the nearer article wins.
         let alone = RankingParams {
@@ -458,7 +554,10 @@ mod tests {
             ],
         };
         let ranked = rank(&set, &RankingParams::default());
-        assert_eq!(ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(), [1, 0]);
+        assert_eq!(
+            ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(),
+            [1, 0]
+        );
         assert_eq!(ranked[0].relevance, 0.43);
         assert!(rank(&CandidateSet::default(), &RankingParams::default()).is_empty());
     }
@@ -513,7 +612,12 @@ mod tests {
         // Weighed as the question's word, not as the synonym.
         assert!((lexical_share(&set, &status, &p) - outage / (outage + now)).abs() < 1e-12);
         // The word and its synonym together count once.
-        let both = candidate("b", "b", 0.4, vec![hit(0, false, true), hit(2, true, false)]);
+        let both = candidate(
+            "b",
+            "b",
+            0.4,
+            vec![hit(0, false, true), hit(2, true, false)],
+        );
         assert!((lexical_share(&set, &both, &p) - outage / (outage + now)).abs() < 1e-12);
         // A synonym of a synonym (or of nothing) holds nothing.
         set.terms.push(QueryTerm {
@@ -536,7 +640,11 @@ mod tests {
             ]
         );
         assert!(synonyms("how do I export a project", 10).is_empty());
-        assert_eq!(synonyms(&"outage ".repeat(50), 10).len(), 2, "each pair once");
+        assert_eq!(
+            synonyms(&"outage ".repeat(50), 10).len(),
+            2,
+            "each pair once"
+        );
         assert_eq!(synonyms("outage popups kanban", 2).len(), 2, "bounded");
     }
 
@@ -554,7 +662,11 @@ mod tests {
             .collect();
         assert_eq!(kept, [0, 1, 2]);
         assert_eq!(relevant(ranked.clone(), 0.6, 0.0).len(), 1);
-        assert_eq!(relevant(ranked.clone(), 0.6, -1.0).len(), 1, "no negative band");
+        assert_eq!(
+            relevant(ranked.clone(), 0.6, -1.0).len(),
+            1,
+            "no negative band"
+        );
         assert!(relevant(ranked, 0.71, 0.5).is_empty(), "a gap");
         assert!(relevant(Vec::new(), 0.0, 0.1).is_empty());
     }

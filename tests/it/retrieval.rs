@@ -124,10 +124,7 @@ async fn the_words_decide_between_near_articles_in_customers_words_too() {
     let db = TestDb::create().await;
     let kb = demo_kb(&db).await;
     for (question, expected) in [
-        (
-            "How do I export my tasks to CSV?",
-            "15-export-project-data",
-        ),
+        ("How do I export my tasks to CSV?", "15-export-project-data"),
         (
             "Hi team, how do I export my tasks to CSV? Thanks, Paul",
             "15-export-project-data",
@@ -145,7 +142,11 @@ async fn the_words_decide_between_near_articles_in_customers_words_too() {
         );
     }
     let none = kb
-        .search("Can you recommend a good pasta recipe?", 5, RELEVANCE_THRESHOLD)
+        .search(
+            "Can you recommend a good pasta recipe?",
+            5,
+            RELEVANCE_THRESHOLD,
+        )
         .await
         .unwrap();
     assert!(none.is_empty(), "{none:#?}");
@@ -170,7 +171,9 @@ async fn a_fixed_subset_of_the_evaluation_set_is_answered() {
     assert!(scores.hit_at_3 >= 0.85, "{scores:?}");
     assert!(scores.hit_at_1 >= 0.85, "{scores:?}");
     assert!(scores.gap_recall >= 0.8, "{scores:?}");
-    let e2e = answer_through_agent(&db.pool, &kb, &subset, 0).await.unwrap();
+    let e2e = answer_through_agent(&db.pool, &kb, &subset, 0)
+        .await
+        .unwrap();
     eprintln!("subset end to end: {e2e:?}");
     assert!(e2e.right_article_rate >= 0.8, "{e2e:?}");
     assert!(e2e.held_for_approval_share <= 0.1, "{e2e:?}");
