@@ -1066,9 +1066,13 @@ pub struct EndToEnd {
     pub unanswerable: usize,
     /// Unanswerable questions escalated as knowledge gaps.
     pub gaps_escalated: usize,
+    /// Unanswerable questions escalated for any reason (a pricing question
+    /// goes to a person as such before the knowledge base is asked).
+    pub unanswerable_escalated: usize,
     pub right_article_rate: f64,
     pub held_for_approval_share: f64,
     pub gap_escalation_rate: f64,
+    pub unanswerable_escalation_rate: f64,
 }
 
 /// Runs each question through intake and the agent (WhatsApp, a customer
@@ -1160,6 +1164,9 @@ pub async fn answer_through_agent(
                 if matches!(result, Outcome::Escalated(EscalationReason::KnowledgeGap)) {
                     e.gaps_escalated += 1;
                 }
+                if matches!(result, Outcome::Escalated(_)) {
+                    e.unanswerable_escalated += 1;
+                }
             }
         }
     }
@@ -1167,6 +1174,7 @@ pub async fn answer_through_agent(
     e.right_article_rate = rate(e.right_article, e.answerable);
     e.held_for_approval_share = rate(e.held_for_approval, e.answerable);
     e.gap_escalation_rate = rate(e.gaps_escalated, e.unanswerable);
+    e.unanswerable_escalation_rate = rate(e.unanswerable_escalated, e.unanswerable);
     Ok(e)
 }
 
@@ -1208,7 +1216,7 @@ impl AnswersReport {
         };
         let e = &self.end_to_end;
         format!(
-            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{})\n  end to end (tune split): right article {:.3}, held for approval {:.3}, gaps escalated {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{}), for any reason {:.3}\n  end to end (tune split): right article {:.3}, held for approval {:.3}, gaps escalated {:.3}, for any reason {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
             self.calibrated_threshold,
             self.threshold_in_use,
             line("tune", &self.tune),
@@ -1221,9 +1229,11 @@ impl AnswersReport {
             e.gap_escalation_rate,
             e.gaps_escalated,
             e.unanswerable,
+            e.unanswerable_escalation_rate,
             self.tune_end_to_end.right_article_rate,
             self.tune_end_to_end.held_for_approval_share,
             self.tune_end_to_end.gap_escalation_rate,
+            self.tune_end_to_end.unanswerable_escalation_rate,
             self.search.p50_ms,
             self.search.p95_ms,
         )
