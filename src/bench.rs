@@ -1070,18 +1070,24 @@ pub struct EndToEnd {
     pub unanswerable: usize,
     /// Unanswerable questions escalated as knowledge gaps.
     pub gaps_escalated: usize,
+    /// Unanswerable questions escalated for any reason (a pricing question
+    /// goes to a person as such before the knowledge base is asked).
+    pub unanswerable_escalated: usize,
     pub right_article_rate: f64,
     pub held_for_approval_share: f64,
     pub gap_escalation_rate: f64,
+    pub unanswerable_escalation_rate: f64,
 }
 
 /// Runs each question through intake and the agent (WhatsApp, a customer
-/// of its own each) and checks what the agent drafted: a reply from the
+/// of its own each: numbers from `numbers_from`, so that two sets do not
+/// share customers) and checks what the agent drafted: a reply from the
 /// expected article ends with that article's title (`crate::responder`).
 pub async fn answer_through_agent(
     pool: &PgPool,
     kb: &casebook_agent::knowledge::KnowledgeBase,
     questions: &[EvalQuestion],
+    numbers_from: usize,
 ) -> anyhow::Result<EndToEnd> {
     use casebook_agent::{Agent, Outcome};
     use casebook_commands::{InboundMessage, Intake, Sender};
@@ -1106,7 +1112,7 @@ pub async fn answer_through_agent(
             sender: Sender {
                 identities: vec![IdentityKey::whatsapp(&format!(
                     "whatsapp:+4477008{:05}",
-                    i % 100_000
+                    (numbers_from + i) % 100_000
                 ))?],
                 name: Some("Eval".into()),
             },
@@ -1162,6 +1168,9 @@ pub async fn answer_through_agent(
                 if matches!(result, Outcome::Escalated(EscalationReason::KnowledgeGap)) {
                     e.gaps_escalated += 1;
                 }
+                if matches!(result, Outcome::Escalated(_)) {
+                    e.unanswerable_escalated += 1;
+                }
             }
         }
     }
@@ -1169,6 +1178,7 @@ pub async fn answer_through_agent(
     e.right_article_rate = rate(e.right_article, e.answerable);
     e.held_for_approval_share = rate(e.held_for_approval, e.answerable);
     e.gap_escalation_rate = rate(e.gaps_escalated, e.unanswerable);
+    e.unanswerable_escalation_rate = rate(e.unanswerable_escalated, e.unanswerable);
     Ok(e)
 }
 
@@ -1182,9 +1192,14 @@ pub struct AnswersReport {
     tune: RetrievalScores,
     report: RetrievalScores,
     end_to_end: EndToEnd,
+    /// The same on the tuning split (what to tune the agent's side on).
+    tune_end_to_end: EndToEnd,
     search: Latency,
     /// Report-split questions retrieval got wrong at the threshold in use.
     misses: Vec<Miss>,
+    /// The same for the tuning split: what to study when tuning (the
+    /// report split's misses are for reporting, not for tuning).
+    tune_misses: Vec<Miss>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1205,7 +1220,7 @@ impl AnswersReport {
         };
         let e = &self.end_to_end;
         format!(
-            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{})\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{}), for any reason {:.3}\n  end to end (tune split): right article {:.3}, held for approval {:.3}, gaps escalated {:.3}, for any reason {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
             self.calibrated_threshold,
             self.threshold_in_use,
             line("tune", &self.tune),
@@ -1218,6 +1233,11 @@ impl AnswersReport {
             e.gap_escalation_rate,
             e.gaps_escalated,
             e.unanswerable,
+            e.unanswerable_escalation_rate,
+            self.tune_end_to_end.right_article_rate,
+            self.tune_end_to_end.held_for_approval_share,
+            self.tune_end_to_end.gap_escalation_rate,
+            self.tune_end_to_end.unanswerable_escalation_rate,
             self.search.p50_ms,
             self.search.p95_ms,
         )
@@ -1235,6 +1255,9 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         questions.iter().filter(|q| q.split == s).cloned().collect()
     };
     let (tune, report) = (split(EvalSplit::Tune), split(EvalSplit::Report));
+    if std::env::var_os("CASEBOOK_BENCH_GRID").is_some() {
+        grid(&kb, &tune).await?;
+    }
     let tune_judged = judge_retrieval(&kb, &tune).await?;
     let threshold = calibrate_threshold(&tune_judged);
     let mut latencies = Vec::with_capacity(report.len());
@@ -1247,10 +1270,79 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         latencies.push(started.elapsed());
         report_judged.extend(judged);
     }
-    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report).await?;
-    let misses = report
+    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report, 0).await?;
+    let tune_end_to_end = answer_through_agent(&scratch.pool, &kb, &tune, 50_000).await?;
+    let misses = misses_of(&report, &report_judged);
+    let tune_misses = misses_of(&tune, &tune_judged);
+    Ok(Report::Answers(Box::new(AnswersReport {
+        bench: "answers",
+        calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
+        threshold_in_use: RELEVANCE_THRESHOLD,
+        tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
+        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
+        end_to_end,
+        tune_end_to_end,
+        search: Latency::of(&mut latencies),
+        misses,
+        tune_misses,
+    })))
+}
+
+/// Tuning aid (`CASEBOOK_BENCH_GRID=1 casebook bench answers`): the
+/// ranking's weights over a grid, judged on the tuning split only (each
+/// with the threshold calibrated for it), printed to stderr.
+async fn grid(
+    kb: &casebook_agent::knowledge::KnowledgeBase,
+    tune: &[EvalQuestion],
+) -> anyhow::Result<()> {
+    use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores};
+    use casebook_domain::retrieval::RankingParams;
+    let mut found = Vec::with_capacity(tune.len());
+    for q in tune {
+        found.push(kb.find(&q.question, JUDGED_PASSAGES).await?);
+    }
+    for lexical_weight in [0.1, 0.2, 0.3, 0.4] {
+        for body_weight in [0.3, 0.5, 0.7, 1.0] {
+            for article_support in [0.0, 0.3, 0.6, 1.0, 1.5] {
+                let params = RankingParams {
+                    lexical_weight,
+                    body_weight,
+                    article_support,
+                };
+                let judged: Vec<Judged> = tune
+                    .iter()
+                    .zip(&found)
+                    .map(|(q, c)| {
+                        let passages = c.ranked(&params, JUDGED_PASSAGES, -1.0);
+                        Judged {
+                            expected: q.expected.clone(),
+                            ranked_documents: passages
+                                .iter()
+                                .map(|p| p.document_id.clone())
+                                .collect(),
+                            top_similarity: passages.iter().map(|p| p.score).fold(-1.0, f64::max),
+                        }
+                    })
+                    .collect();
+                let t = calibrate_threshold(&judged);
+                let s = retrieval_scores(&judged, t);
+                eprintln!(
+                    "grid {:.3} lexical_weight={lexical_weight} body_weight={body_weight} article_support={article_support}: threshold {t:.3} hit@1 {:.3} hit@3 {:.3} gap precision {:.3} gap recall {:.3}",
+                    s.hit_at_1.min(s.gap_recall), s.hit_at_1, s.hit_at_3, s.gap_precision, s.gap_recall
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The questions retrieval got wrong at the threshold in use: the wrong
+/// article first, or a gap called wrongly either way.
+fn misses_of(questions: &[EvalQuestion], judged: &[Judged]) -> Vec<Miss> {
+    use casebook_agent::knowledge::RELEVANCE_THRESHOLD;
+    questions
         .iter()
-        .zip(&report_judged)
+        .zip(judged)
         .filter_map(|(q, j)| {
             let found = Some(j.ranked_documents.first().cloned())
                 .flatten()
@@ -1262,17 +1354,7 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
                 top_similarity: (j.top_similarity * 1000.0).round() / 1000.0,
             })
         })
-        .collect();
-    Ok(Report::Answers(Box::new(AnswersReport {
-        bench: "answers",
-        calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
-        threshold_in_use: RELEVANCE_THRESHOLD,
-        tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
-        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
-        end_to_end,
-        search: Latency::of(&mut latencies),
-        misses,
-    })))
+        .collect()
 }
 
 /// Runs `make(i)` for every `i` in `range`, from `clients` tasks at once,

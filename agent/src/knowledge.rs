@@ -1,8 +1,11 @@
 //! The knowledge base: articles split into sections (each with its heading
 //! path), embedded, stored in pgvector with a weighted tsvector, and
-//! searched both ways: the cosine ranking and the full-text ranking are
-//! fused by reciprocal rank fusion, and a passage must be at least
-//! [`RELEVANCE_THRESHOLD`] similar to the question to count.
+//! searched both ways: the sections nearest the question's embedding and
+//! those sharing its words are the candidates, ranked by relevance (cosine
+//! similarity plus the idf-weighted share of the question's words each
+//! holds, in headings or text, plus its article's support:
+//! `casebook_domain::retrieval`); a passage must be at least
+//! [`RELEVANCE_THRESHOLD`] relevant to count.
 //!
 //! Every chunk records the model that embedded it (and the vector's
 //! dimension): search reads only the chunks of the model it embeds the
@@ -13,7 +16,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use casebook_domain::knowledge::{sections, title_of, weighted_reciprocal_rank_fusion, RRF_K};
+use casebook_domain::knowledge::{sections, title_of};
+use casebook_domain::retrieval::{
+    rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
+    RankingParams, TermMatch,
+};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -23,20 +30,24 @@ use casebook_commands::metrics::KB_SEARCH;
 
 /// Most words per section chunk (a longer section is cut between blocks).
 pub const CHUNK_WORDS: usize = 180;
-/// Passages less similar than this to the question are not relevant: the
-/// knowledge-gap line, calibrated on the tuning split of `kb/eval`
-/// (`casebook bench answers`, docs/performance.md).
-pub const RELEVANCE_THRESHOLD: f64 = 0.47;
-/// The full-text ranking's weight in the fusion (the cosine ranking's is
-/// 1): a little more, so that when the two rankings disagree symmetrically
-/// the question's words decide ("export" and "import" are close in
-/// meaning, far apart in what the customer wants). Checked on the tuning
-/// split of `kb/eval` (`casebook bench answers`, docs/performance.md).
-pub const FULL_TEXT_WEIGHT: f64 = 1.1;
+/// Passages less relevant than this to the question do not count: the
+/// knowledge-gap line, calibrated on the tuning split of `kb/eval` for the
+/// ranking's weights (`RankingParams::default`; `casebook bench answers`,
+/// docs/performance.md).
+pub const RELEVANCE_THRESHOLD: f64 = 0.59;
+/// How far under [`RELEVANCE_THRESHOLD`] (or the line a search asks for)
+/// passages still come with the best one, once that is over it: the other
+/// sections an answer may need. About the part the lexical evidence and
+/// the article's support add to a section of the right article.
+pub const CONTEXT_BAND: f64 = 0.12;
 /// Candidates each ranking contributes to the fusion, at least.
 const MIN_CANDIDATES: usize = 20;
 /// Words of a question used for full-text search.
 const MAX_QUERY_WORDS: usize = 32;
+/// Synonyms of a question's words searched for, at most.
+const MAX_SYNONYMS: usize = 16;
+/// Characters of a question read for its words.
+const MAX_QUERY_CHARS: usize = 2_000;
 /// What the chunking is: a change re-chunks unchanged documents.
 const CHUNKING: &str = "sections-v1";
 /// HNSW candidates examined per search: recall against latency. pgvector's
@@ -65,7 +76,9 @@ pub struct Passage {
     pub title: String,
     /// The section's Markdown.
     pub body: String,
-    /// Cosine similarity to the question.
+    /// How relevant the passage is to the question: its cosine similarity
+    /// plus its lexical evidence (`casebook_domain::retrieval`), on the
+    /// cosine's scale.
     pub score: f64,
     /// The heading path, "Title › Section" (None for chunks stored before
     /// sections).
@@ -84,26 +97,36 @@ impl Passage {
     }
 }
 
+/// The candidate sections for a question ([`KnowledgeBase::candidates`]),
+/// to rank.
+#[derive(Debug, Clone)]
+pub struct Candidates {
+    pub set: CandidateSet,
+    rows: Vec<Row>,
+}
+
+impl Candidates {
+    /// The `limit` most relevant passages, best first, when the best is at
+    /// least `min_score` relevant: it and those within [`CONTEXT_BAND`]
+    /// under that line. Each passage's score is its relevance.
+    pub fn ranked(&self, params: &RankingParams, limit: usize, min_score: f64) -> Vec<Passage> {
+        relevant(rank(&self.set, params), min_score, CONTEXT_BAND)
+            .into_iter()
+            .take(limit)
+            .map(|r| {
+                let mut row = self.rows[r.candidate].clone();
+                row.5 = r.relevance;
+                passage(row)
+            })
+            .collect()
+    }
+}
+
 /// What a re-embedding did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReembedReport {
     pub documents: usize,
     pub chunks: usize,
-}
-
-/// The full-text query for a question: its words, any of which may match
-/// (`websearch_to_tsquery` syntax; ranking favours chunks matching more,
-/// and in titles and headings).
-pub fn full_text_query(question: &str) -> String {
-    let mut seen = std::collections::BTreeSet::new();
-    question
-        .split(|c: char| !c.is_alphanumeric())
-        .map(str::to_lowercase)
-        .filter(|w| w.chars().count() > 1 && !matches!(w.as_str(), "or" | "and" | "not"))
-        .filter(|w| seen.insert(w.clone()))
-        .take(MAX_QUERY_WORDS)
-        .collect::<Vec<_>>()
-        .join(" or ")
 }
 
 fn content_hash(model: &str, title: &str, body: &str) -> String {
@@ -136,6 +159,7 @@ pub struct KnowledgeBase {
     pool: PgPool,
     embedder: Embedder,
     ef_search: u32,
+    ranking: RankingParams,
 }
 
 /// A document id from a title or file name: lower-case words joined by '-'.
@@ -157,12 +181,19 @@ impl KnowledgeBase {
             pool,
             embedder,
             ef_search: EF_SEARCH,
+            ranking: RankingParams::default(),
         }
     }
 
     /// Candidates the HNSW search examines (more: better recall, slower).
     pub fn with_ef_search(mut self, ef_search: u32) -> Self {
         self.ef_search = ef_search.clamp(1, 1000);
+        self
+    }
+
+    /// Ranks with other weights (for tuning them: `casebook bench answers`).
+    pub fn with_ranking(mut self, ranking: RankingParams) -> Self {
+        self.ranking = ranking;
         self
     }
 
@@ -379,7 +410,7 @@ impl KnowledgeBase {
     }
 
     /// The passages for `query`, best first (the cosine and full-text
-    /// rankings fused), at least `min_score` similar to it.
+    /// candidates ranked by relevance), at least `min_score` relevant.
     pub async fn search(
         &self,
         query: &str,
@@ -388,8 +419,8 @@ impl KnowledgeBase {
     ) -> Result<Vec<Passage>, KnowledgeError> {
         let started = Instant::now();
         let result = async {
-            let vector = self.embedder.embed_query(query).await?;
-            self.search_hybrid(query, &vector, limit, min_score).await
+            let found = self.find(query, limit).await?;
+            Ok(found.ranked(&self.ranking, limit.clamp(1, 100), min_score))
         }
         .await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -399,7 +430,18 @@ impl KnowledgeBase {
         result
     }
 
-    /// Hybrid search with the question's embedding already made.
+    /// The candidates for a customer's question: its greetings and
+    /// signature left out (`retrieval::strip_pleasantries`), embedded, and
+    /// looked up both ways.
+    pub async fn find(&self, question: &str, limit: usize) -> Result<Candidates, KnowledgeError> {
+        let query = strip_pleasantries(question);
+        let vector = self.embedder.embed_query(&query).await?;
+        self.candidates(&query, &vector, limit).await
+    }
+
+    /// Hybrid search with the question's embedding already made: the
+    /// candidates ([`KnowledgeBase::candidates`]) ranked by relevance
+    /// (`casebook_domain::retrieval`).
     pub async fn search_hybrid(
         &self,
         query: &str,
@@ -408,63 +450,173 @@ impl KnowledgeBase {
         min_score: f64,
     ) -> Result<Vec<Passage>, KnowledgeError> {
         let limit = limit.clamp(1, 100);
-        let candidates = (limit * 4).max(MIN_CANDIDATES) as i64;
+        let found = self.candidates(query, vector, limit).await?;
+        Ok(found.ranked(&self.ranking, limit, min_score))
+    }
+
+    /// The sections worth ranking for a question: the nearest by embedding
+    /// and those sharing most of its words (at least [`MIN_CANDIDATES`]
+    /// each), with which of the question's terms each holds and where, and
+    /// how many sections hold each term.
+    pub async fn candidates(
+        &self,
+        query: &str,
+        vector: &[f32],
+        limit: usize,
+    ) -> Result<Candidates, KnowledgeError> {
+        let per_ranking = (limit.clamp(1, 100) * 4).max(MIN_CANDIDATES) as i64;
         let model = self.embedder.model_name();
         let vector = Vector::from(vector.to_vec());
+        let query: String = query.chars().take(MAX_QUERY_CHARS).collect();
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!("SET LOCAL hnsw.ef_search = {}", self.ef_search))
             .execute(&mut *tx)
             .await?;
+        // The question's terms as the index has them (stemmed, without
+        // stop words), in the order they come.
+        let terms: Vec<String> = sqlx::query_scalar(
+            "SELECT lexeme FROM (
+                 SELECT lexeme, min(position) AS first
+                   FROM unnest(to_tsvector('english', $1)) AS t(lexeme, positions, weights),
+                        unnest(positions) AS position
+                  GROUP BY lexeme) AS words
+              ORDER BY first, lexeme LIMIT $2",
+        )
+        .bind(&query)
+        .bind(MAX_QUERY_WORDS as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Their synonyms (`retrieval::synonyms`), stemmed alike: each
+        // stands for the question's word it was found for.
+        let pairs = synonyms(&query, MAX_SYNONYMS);
+        let (words, alternatives): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+        let stemmed: Vec<(String, String)> = if words.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT w.lexeme, a.lexeme
+                   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS p(word, alternative, i)
+                        CROSS JOIN LATERAL unnest(to_tsvector('english', p.word)) AS w
+                        CROSS JOIN LATERAL unnest(to_tsvector('english', p.alternative)) AS a
+                  ORDER BY p.i",
+            )
+            .bind(&words)
+            .bind(&alternatives)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        let mut stands_for: Vec<Option<usize>> = vec![None; terms.len()];
+        let mut terms = terms;
+        for (word, alternative) in stemmed {
+            let Some(i) = terms.iter().position(|t| *t == word) else {
+                continue;
+            };
+            if stands_for[i].is_none() && !terms.contains(&alternative) {
+                terms.push(alternative);
+                stands_for.push(Some(i));
+            }
+        }
+        let (total, counts): (i64, Vec<i64>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM kb_chunks WHERE model = $1),
+                    ARRAY(SELECT (SELECT count(*) FROM kb_chunks
+                                   WHERE model = $1 AND search_text @@ quote_literal(l)::tsquery)
+                            FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i) ORDER BY i)",
+        )
+        .bind(model)
+        .bind(&terms)
+        .fetch_one(&mut *tx)
+        .await?;
         let by_vector: Vec<Row> = sqlx::query_as(
             "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
                FROM kb_chunks WHERE model = $2 ORDER BY embedding <=> $1 LIMIT $3",
         )
         .bind(&vector)
         .bind(model)
-        .bind(candidates)
+        .bind(per_ranking)
         .fetch_all(&mut *tx)
         .await?;
-        let text_query = full_text_query(query);
-        let by_text: Vec<Row> = if text_query.is_empty() {
+        let by_text: Vec<Row> = if terms.is_empty() {
             Vec::new()
         } else {
-            // Chunks with any of the words; those with all of them (the
-            // question as websearch_to_tsquery reads it) first.
+            // Sections with any of the terms, those with the most (in
+            // headings first) ranked first.
             sqlx::query_as(
                 "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
-                   FROM kb_chunks, websearch_to_tsquery('english', $2) AS q,
-                        websearch_to_tsquery('english', $5) AS all_words
+                   FROM kb_chunks,
+                        CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($2::text[]) AS l), ' | ') AS tsquery) AS q
                   WHERE model = $3 AND search_text @@ q
-                  ORDER BY search_text @@ all_words DESC, ts_rank_cd(search_text, q) DESC, chunk_id
+                  ORDER BY ts_rank(search_text, q) DESC, chunk_id
                   LIMIT $4",
             )
             .bind(&vector)
-            .bind(&text_query)
+            .bind(&terms)
             .bind(model)
-            .bind(candidates)
-            .bind(query.chars().take(2_000).collect::<String>())
+            .bind(per_ranking)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
+        let mut seen = std::collections::HashSet::new();
+        for r in by_vector.into_iter().chain(by_text) {
+            if seen.insert(r.0.clone()) {
+                rows.push(r);
+            }
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let matches: Vec<(String, String, bool, bool)> = if terms.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT c.chunk_id, u.lexeme, 'A' = ANY(u.weights), 'D' = ANY(u.weights)
+                   FROM kb_chunks c CROSS JOIN LATERAL unnest(c.search_text) AS u
+                  WHERE c.model = $1 AND c.chunk_id = ANY($2) AND u.lexeme = ANY($3)",
+            )
+            .bind(model)
+            .bind(&ids)
+            .bind(&terms)
             .fetch_all(&mut *tx)
             .await?
         };
         tx.commit().await?;
-        let vector_ids: Vec<String> = by_vector.iter().map(|r| r.0.clone()).collect();
-        let text_ids: Vec<String> = by_text.iter().map(|r| r.0.clone()).collect();
-        let fused = weighted_reciprocal_rank_fusion(
-            &[(&vector_ids, 1.0), (&text_ids, FULL_TEXT_WEIGHT)],
-            RRF_K,
-        );
-        let mut rows: std::collections::HashMap<String, Row> = by_vector
-            .into_iter()
-            .chain(by_text)
-            .map(|r| (r.0.clone(), r))
+        let term_index: std::collections::HashMap<&str, usize> = terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
             .collect();
-        Ok(fused
-            .into_iter()
-            .filter_map(|(id, _)| rows.remove(id))
-            .filter(|r| r.5 >= min_score)
-            .take(limit)
-            .map(passage)
-            .collect())
+        let mut held: std::collections::HashMap<&str, Vec<TermMatch>> =
+            std::collections::HashMap::new();
+        for (chunk_id, lexeme, in_heading, in_body) in &matches {
+            if let Some(term) = term_index.get(lexeme.as_str()) {
+                held.entry(chunk_id.as_str()).or_default().push(TermMatch {
+                    term: *term,
+                    in_heading: *in_heading,
+                    in_body: *in_body,
+                });
+            }
+        }
+        let set = CandidateSet {
+            total_sections: total.max(0) as u64,
+            terms: terms
+                .iter()
+                .zip(counts.iter().chain(std::iter::repeat(&0)))
+                .zip(&stands_for)
+                .map(|((lexeme, n), stands_for)| QueryTerm {
+                    lexeme: lexeme.clone(),
+                    sections_with: (*n).max(0) as u64,
+                    stands_for: *stands_for,
+                })
+                .collect(),
+            candidates: rows
+                .iter()
+                .map(|r| Candidate {
+                    id: r.0.clone(),
+                    document: r.1.clone(),
+                    cosine: r.5,
+                    matches: held.remove(r.0.as_str()).unwrap_or_default(),
+                })
+                .collect(),
+        };
+        Ok(Candidates { set, rows })
     }
 
     /// Approximate nearest neighbours of an embedding (HNSW), among the
@@ -505,20 +657,5 @@ mod tests {
     fn slugs_are_stable_ids() {
         assert_eq!(slug("15-Export project DATA"), "15-export-project-data");
         assert_eq!(slug("  How do I export?  "), "how-do-i-export");
-    }
-
-    #[test]
-    fn the_full_text_query_is_any_of_the_words() {
-        assert_eq!(
-            full_text_query("How do I export my tasks to CSV? Export!"),
-            "how or do or export or my or tasks or to or csv"
-        );
-        assert_eq!(full_text_query("or AND not -- ?"), "");
-        assert_eq!(full_text_query(&"word ".repeat(100)), "word");
-        let many: String = (0..100).map(|i| format!("w{i} ")).collect();
-        assert_eq!(
-            full_text_query(&many).split(" or ").count(),
-            MAX_QUERY_WORDS
-        );
     }
 }

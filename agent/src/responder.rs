@@ -11,10 +11,10 @@ use casebook_domain::Channel;
 
 use crate::knowledge::Passage;
 
-/// How much the similarities of the best section and of the best one of
+/// How much the relevance of the best section and of the best one of
 /// another article must differ before the responder picks the first
-/// without asking. (A rival ranked lower though more similar lost on the
-/// question's words: the ranking decided.)
+/// without asking (`knowledge::Passage::score`). (A rival ranked lower
+/// though scored higher lost in the ranking: the ranking decided.)
 pub const AMBIGUITY_MARGIN: f64 = 0.01;
 
 /// Words of the section an answer carries at most, per channel.

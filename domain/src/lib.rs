@@ -21,6 +21,7 @@ pub mod masking;
 pub mod merkle;
 pub mod metadata;
 pub mod retention;
+pub mod retrieval;
 pub mod retry;
 pub mod sanitize;
 pub mod sentiment;

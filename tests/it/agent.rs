@@ -313,7 +313,7 @@ async fn a_long_answer_is_split_into_whatsapp_messages_at_sentences() {
         Exports are available in CSV and JSON on all plans. Open the project and choose the project menu, then Export. \
         Choose a format: CSV gives one row per task, easy to open in a spreadsheet, and JSON gives the full structure. \
         Larger exports are processed in the background and we email you a download link, valid for 7 days. \
-        An export stops if it takes longer than 30 minutes to prepare; export projects one at a time instead.";
+        Only one workspace export can run at a time; you can find recent exports and their export IDs in Settings.";
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
         .respond_with(ScriptedOpenAi {

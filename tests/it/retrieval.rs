@@ -88,7 +88,7 @@ async fn an_export_question_is_answered_from_the_export_article_in_plain_text() 
         expected: Some("15-export-project-data".into()),
         question: "I get \"Error 42: export timed out\" when exporting".into(),
     };
-    let result = answer_through_agent(&db.pool, &kb, &[question])
+    let result = answer_through_agent(&db.pool, &kb, &[question], 0)
         .await
         .unwrap();
     assert_eq!(result.right_article, 1, "{result:?}");
@@ -115,6 +115,43 @@ async fn an_export_question_is_answered_from_the_export_article_in_plain_text() 
     );
 }
 
+/// The question's words decide between two articles near in meaning
+/// (the embedding puts "import" first for an export question), customers'
+/// words find the articles' ones, greetings do not count, and a question
+/// the articles do not answer finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_words_decide_between_near_articles_in_customers_words_too() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    for (question, expected) in [
+        ("How do I export my tasks to CSV?", "15-export-project-data"),
+        (
+            "Hi team, how do I export my tasks to CSV? Thanks, Paul",
+            "15-export-project-data",
+        ),
+        (
+            "is there an outage right now?",
+            "31-troubleshooting-sync-and-status-page",
+        ),
+    ] {
+        let found = kb.search(question, 5, RELEVANCE_THRESHOLD).await.unwrap();
+        assert_eq!(
+            found.first().map(|p| p.document_id.as_str()),
+            Some(expected),
+            "{question}: {found:#?}"
+        );
+    }
+    let none = kb
+        .search(
+            "Can you recommend a good pasta recipe?",
+            5,
+            RELEVANCE_THRESHOLD,
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:#?}");
+}
+
 /// Every fourth question of the report split: answered right through
 /// retrieval and the agent (the full set is `casebook bench answers`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,12 +167,16 @@ async fn a_fixed_subset_of_the_evaluation_set_is_answered() {
     assert!(subset.iter().any(|q| q.expected.is_none()));
     let judged = judge_retrieval(&kb, &subset).await.unwrap();
     let scores = retrieval_scores(&judged, RELEVANCE_THRESHOLD);
-    assert!(scores.hit_at_3 >= 0.75, "{scores:?}");
-    assert!(scores.hit_at_1 >= 0.7, "{scores:?}");
-    assert!(scores.gap_recall >= 0.6, "{scores:?}");
-    let e2e = answer_through_agent(&db.pool, &kb, &subset).await.unwrap();
-    assert!(e2e.right_article_rate >= 0.55, "{e2e:?}");
-    assert!(e2e.held_for_approval_share <= 0.25, "{e2e:?}");
+    eprintln!("subset retrieval: {scores:?}");
+    assert!(scores.hit_at_3 >= 0.85, "{scores:?}");
+    assert!(scores.hit_at_1 >= 0.85, "{scores:?}");
+    assert!(scores.gap_recall >= 0.8, "{scores:?}");
+    let e2e = answer_through_agent(&db.pool, &kb, &subset, 0)
+        .await
+        .unwrap();
+    eprintln!("subset end to end: {e2e:?}");
+    assert!(e2e.right_article_rate >= 0.8, "{e2e:?}");
+    assert!(e2e.held_for_approval_share <= 0.1, "{e2e:?}");
     assert!(e2e.gap_escalation_rate >= 0.6, "{e2e:?}");
     // Nothing sent carries Markdown.
     let sent: Vec<String> =

@@ -64,7 +64,9 @@ pub struct Passage {
     /// Section"), when it has one.
     pub section: Option<String>,
     pub text: String,
-    /// Cosine similarity to the query, 0–1.
+    /// How relevant the passage is to the query: its cosine similarity
+    /// plus its lexical evidence (on the cosine's scale; above 1 for a
+    /// close match in both words and meaning).
     pub score: f64,
 }
 
