@@ -583,8 +583,8 @@ async fn swap_lane(
 }
 
 /// Makes the live `table` hold the shadow's rows, writing only what
-/// differs: rows the shadow lacks are deleted, new rows inserted, and a row
-/// whose columns changed is updated. A rebuild of a read model that was
+/// differs: rows the shadow lacks are deleted, a row whose columns changed
+/// is updated, and new rows are inserted. A rebuild of a read model that was
 /// right (the usual case) then writes almost nothing, and the projector's
 /// live batches, which wait for the swap, wait for a comparison rather than
 /// a copy. Columns whose default is the clock (`projected_at`) are not
@@ -637,6 +637,8 @@ async fn replace_rows(
         .map(|k| format!("s.{k} = l.{k}"))
         .collect::<Vec<_>>()
         .join(" AND ");
+    // Three statements, each touching only the rows it changes (an upsert
+    // would lock every conflicting row, changed or not).
     sqlx::query(&format!(
         "DELETE FROM public.{table} l WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} s WHERE {same_key})"
     ))
@@ -652,31 +654,30 @@ async fn replace_rows(
         .filter(|(c, clock)| !clock && !key.contains(c))
         .map(|(c, _)| c.as_str())
         .collect();
-    let on_conflict = if rest.is_empty() || compared.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        format!(
-            "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+    if !rest.is_empty() && !compared.is_empty() {
+        let list = |prefix: &str, columns: &[&str]| {
+            columns
+                .iter()
+                .map(|c| format!("{prefix}{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        sqlx::query(&format!(
+            "UPDATE public.{table} l SET {} FROM {schema}.{table} s
+              WHERE {same_key} AND ({}) IS DISTINCT FROM ({})",
             rest.iter()
-                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .map(|c| format!("{c} = s.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            compared
-                .iter()
-                .map(|c| format!("l.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            compared
-                .iter()
-                .map(|c| format!("EXCLUDED.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
-    };
+            list("l.", &compared),
+            list("s.", &compared),
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(&format!(
-        "INSERT INTO public.{table} AS l ({all}) SELECT {all} FROM {schema}.{table}
-         ON CONFLICT ({}) {on_conflict}",
-        key.join(", ")
+        "INSERT INTO public.{table} ({all}) SELECT {all} FROM {schema}.{table} s
+          WHERE NOT EXISTS (SELECT 1 FROM public.{table} l WHERE {same_key})"
     ))
     .execute(&mut *tx)
     .await?;
@@ -716,14 +717,34 @@ async fn swap(
     for table in projector.tables() {
         replace_rows(&mut tx, schema, table_ident(table)?).await?;
     }
-    sqlx::query("DELETE FROM public.projector_streams WHERE projector = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    // The per-stream sequences the live consumer goes on from: the same
+    // three steps, for this projector's rows only.
+    sqlx::query(&format!(
+        "DELETE FROM public.projector_streams l
+          WHERE l.projector = $1
+            AND NOT EXISTS (SELECT 1 FROM {schema}.projector_streams s
+                             WHERE s.projector = l.projector AND s.aggregate_type = l.aggregate_type
+                               AND s.aggregate_id = l.aggregate_id)"
+    ))
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "UPDATE public.projector_streams l SET last_sequence = s.last_sequence
+           FROM {schema}.projector_streams s
+          WHERE l.projector = $1 AND s.projector = l.projector AND s.aggregate_type = l.aggregate_type
+            AND s.aggregate_id = l.aggregate_id AND s.last_sequence <> l.last_sequence"
+    ))
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(&format!(
         "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
-         SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
-          WHERE projector = $1"
+         SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams s
+          WHERE s.projector = $1
+            AND NOT EXISTS (SELECT 1 FROM public.projector_streams l
+                             WHERE l.projector = s.projector AND l.aggregate_type = s.aggregate_type
+                               AND l.aggregate_id = s.aggregate_id)"
     ))
     .bind(name)
     .execute(&mut *tx)

@@ -12,6 +12,7 @@ use casebook_domain::{Actor, EventMetadata, Ticket, TicketCommand};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::audit::assert_succeeded;
 use crate::common::{eventually, form, TestApp};
 
 const KEY: &str = "3333333333333333333333333333333333333333333333333333333333333333";
@@ -30,12 +31,7 @@ fn casebook(app: &TestApp, dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(out: &std::process::Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 

@@ -22,6 +22,16 @@ pub fn casebook(app: &TestApp, args: &[&str]) -> std::process::Output {
         .expect("the casebook binary runs")
 }
 
+/// Fails the test, with the command's stderr, unless it exited 0.
+pub fn assert_succeeded(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_passes_on_an_intact_store_and_names_the_first_altered_event() {
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
@@ -36,12 +46,7 @@ async fn verification_passes_on_an_intact_store_and_names_the_first_altered_even
         app.count("SELECT count(*) FROM events").await as u64
     );
     let ok = casebook(&app, &["audit", "verify"]);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_succeeded(&ok);
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("intact"));
 
     // Updates are refused outright...
@@ -132,12 +137,7 @@ async fn a_ticket_replays_as_it_stood_at_a_moment() {
         &app,
         &["replay", "ticket", &ticket_id, "--as-of", &as_of, "--json"],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["state"]["status"], "received");
     assert_eq!(json["events"].as_array().unwrap().len(), 2);
@@ -189,12 +189,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         .await
         .unwrap();
     let out = casebook(&app, &["replay", "projections"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("crm-tickets"));
     let after: String = sqlx::query_scalar(snapshot)
         .fetch_one(app.pool())
@@ -237,12 +232,7 @@ async fn checkpoint_everything(app: &TestApp) {
         Duration::from_secs(60),
         || async move {
             let out = casebook_keyed(app_ref, &["audit", "checkpoint"]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_succeeded(&out);
             let size = app_ref
                 .count("SELECT coalesce(max(size), 0) FROM audit_checkpoints")
                 .await;
@@ -265,12 +255,7 @@ async fn anchored_app() -> TestApp {
     }
     checkpoint_everything(&app).await;
     let ok = casebook_keyed(&app, &["audit", "verify"]);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_succeeded(&ok);
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(
         stdout.starts_with("intact") && stdout.contains("1 checkpoints"),
@@ -425,12 +410,7 @@ async fn checkpoints_are_signed_published_and_prove_inclusion_offline() {
     .await
     .unwrap();
     let out = casebook_keyed(&app, &["audit", "prove", &event_id.to_string()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let dir = std::env::temp_dir().join(format!("casebook-proof-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("proof.json");
@@ -449,12 +429,7 @@ async fn checkpoints_are_signed_published_and_prove_inclusion_offline() {
             .unwrap()
     };
     let ok = offline(&file, &test_public_key());
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_succeeded(&ok);
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("included"));
 
     // Another key, or an edited event, is refused.

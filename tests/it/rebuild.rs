@@ -11,7 +11,7 @@ use casebook::app::Role;
 use casebook_api::auth::Role as TokenRole;
 use serde_json::json;
 
-use crate::audit::casebook;
+use crate::audit::{assert_succeeded, casebook};
 use crate::common::{eventually, form, TestApp};
 use crate::trail::{gql, token};
 
@@ -128,12 +128,7 @@ async fn a_rebuild_while_queries_and_the_live_consumer_run_loses_nothing_and_dou
             .await
             .unwrap()
     };
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     for name in ["crm-customers", "crm-tickets", "crm-messages"] {
         assert!(stdout.contains(name), "{stdout}");
@@ -239,12 +234,7 @@ async fn a_rebuild_repairs_a_wrong_read_model_and_leaves_right_rows_untouched() 
             .unwrap();
     }
     let out = casebook(&app, &["replay", "projections"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let repaired: String = sqlx::query_scalar(SNAPSHOT)
         .fetch_one(app.pool())
         .await

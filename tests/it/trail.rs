@@ -15,7 +15,7 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::audit::casebook;
+use crate::audit::{assert_succeeded, casebook};
 use crate::common::{form, TestApp, JWT_SECRET};
 
 pub async fn token(app: &TestApp, role: TokenRole, sub: &str) -> String {
@@ -195,12 +195,7 @@ async fn an_auditor_sees_a_ticket_as_it_stood_between_two_events_masked_and_reco
             "--json",
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli["state"], unmasked["state"]);
     assert_eq!(cli["chain_valid"], true);

@@ -12,7 +12,7 @@ use casebook_domain::{Ticket, TicketCommand};
 use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use crate::audit::casebook;
+use crate::audit::{assert_succeeded, casebook};
 use crate::common::{eventually, form, TestApp};
 use crate::trail::{gql, ticket_command, token, TRAIL};
 
@@ -104,12 +104,7 @@ async fn a_version_1_event_replays_after_its_payload_changed_shape() {
 
     // A rebuild of the read model reads it.
     let out = casebook(&app, &["replay", "projections", "--only", "crm-tickets"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let (assignee, state_assignee): (Option<String>, Option<String>) = sqlx::query_as(
         "SELECT assigned_to, state->>'assigned_to' FROM crm_tickets WHERE ticket_id = $1::uuid",
     )
