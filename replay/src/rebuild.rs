@@ -531,6 +531,16 @@ async fn swap_lane(
 ) -> Result<(), ProjectionError> {
     let started = Instant::now();
     let name = lane.projector.name();
+    // The swap compares the shadow with the live rows: the planner needs
+    // both tables' sizes as they are now (the shadow was never analysed,
+    // and the live tables may have changed a lot since autovacuum last
+    // looked), or it joins them row by row.
+    for table in lane.projector.tables().iter().chain(BOOKKEEPING.iter()) {
+        let table = table_ident(table)?;
+        sqlx::query(&format!("ANALYZE {}.{table}, public.{table}", lane.schema))
+            .execute(pool)
+            .await?;
+    }
     let mut attempt = 0;
     let caught_up = loop {
         attempt += 1;
@@ -638,7 +648,7 @@ async fn replace_rows(
         .collect::<Vec<_>>()
         .join(" AND ");
     // Three statements, each touching only the rows it changes (an upsert
-    // would lock every conflicting row, changed or not).
+    // that updates would lock every conflicting row, changed or not).
     sqlx::query(&format!(
         "DELETE FROM public.{table} l WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} s WHERE {same_key})"
     ))
@@ -675,9 +685,12 @@ async fn replace_rows(
         .execute(&mut *tx)
         .await?;
     }
+    // New rows: the others are there now, equal to the shadow's. (An
+    // anti-join here may scan the table it inserts into once per row.)
     sqlx::query(&format!(
-        "INSERT INTO public.{table} ({all}) SELECT {all} FROM {schema}.{table} s
-          WHERE NOT EXISTS (SELECT 1 FROM public.{table} l WHERE {same_key})"
+        "INSERT INTO public.{table} ({all}) SELECT {all} FROM {schema}.{table}
+         ON CONFLICT ({}) DO NOTHING",
+        key.join(", ")
     ))
     .execute(&mut *tx)
     .await?;
@@ -740,11 +753,9 @@ async fn swap(
     .await?;
     sqlx::query(&format!(
         "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
-         SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams s
-          WHERE s.projector = $1
-            AND NOT EXISTS (SELECT 1 FROM public.projector_streams l
-                             WHERE l.projector = s.projector AND l.aggregate_type = s.aggregate_type
-                               AND l.aggregate_id = s.aggregate_id)"
+         SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
+          WHERE projector = $1
+         ON CONFLICT (projector, aggregate_type, aggregate_id) DO NOTHING"
     ))
     .bind(name)
     .execute(&mut *tx)
