@@ -31,7 +31,7 @@ fn casebook(app: &TestApp, dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(out: &std::process::Output) -> String {
-    assert_succeeded(&out);
+    assert_succeeded(out);
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
