@@ -112,6 +112,10 @@ pub struct BenchArgs {
     /// (replay).
     #[arg(long, default_value_t = 100_000)]
     pub archive_tickets: usize,
+    /// Tuning aid (answers): first print retrieval on the tuning split over
+    /// a grid of ranking weights.
+    #[arg(long)]
+    pub grid: bool,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -124,7 +128,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
-        BenchName::Answers => answers(&scratch).await,
+        BenchName::Answers => answers(&scratch, args.grid).await,
         BenchName::Replay => replay::run(&scratch, &args).await,
         BenchName::Metrics => metrics::run(&scratch, &args).await,
     };
@@ -1244,7 +1248,7 @@ impl AnswersReport {
     }
 }
 
-async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
+async fn answers(scratch: &Scratch, grid_search: bool) -> anyhow::Result<Report> {
     use casebook_agent::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
     use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores, EvalSplit};
 
@@ -1255,7 +1259,7 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
         questions.iter().filter(|q| q.split == s).cloned().collect()
     };
     let (tune, report) = (split(EvalSplit::Tune), split(EvalSplit::Report));
-    if std::env::var_os("CASEBOOK_BENCH_GRID").is_some() {
+    if grid_search {
         grid(&kb, &tune).await?;
     }
     let tune_judged = judge_retrieval(&kb, &tune).await?;
@@ -1288,7 +1292,7 @@ async fn answers(scratch: &Scratch) -> anyhow::Result<Report> {
     })))
 }
 
-/// Tuning aid (`CASEBOOK_BENCH_GRID=1 casebook bench answers`): the
+/// Tuning aid (`casebook bench answers --grid`): the
 /// ranking's weights over a grid, judged on the tuning split only (each
 /// with the threshold calibrated for it), printed to stderr.
 async fn grid(
