@@ -107,27 +107,44 @@ pub struct Config {
     pub archive_dir: PathBuf,
 }
 
-/// A non-negative amount of US dollars: `default` when unset.
+/// A number setting within `range`: `default` when unset. `what` names it
+/// in the message ("number of seconds"). Every numeric setting goes
+/// through here, so each is bounded.
+fn number_var<T>(
+    src: &Source<'_>,
+    name: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    match src.var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<T>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("must be a {what} from {} to {}", range.start(), range.end()),
+                )
+            }),
+    }
+}
+
+/// A non-negative amount of US dollars: `default` when unset. (NaN and
+/// infinity are outside every range.)
 fn usd_var(
     src: &Source<'_>,
     name: &'static str,
     default: f64,
     max: f64,
 ) -> Result<f64, ConfigError> {
-    match src.var(name) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|n| n.is_finite() && (0.0..=max).contains(n))
-            .ok_or_else(|| {
-                bad(
-                    name,
-                    format!("must be a number of US dollars from 0 to {max}"),
-                )
-            }),
-    }
+    number_var(src, name, default, 0.0..=max, "number of US dollars")
 }
 
 /// OpenTelemetry trace export over OTLP/HTTP (protobuf).
@@ -171,22 +188,14 @@ fn traces_config(src: &Source<'_>) -> Result<Option<TracesConfig>, ConfigError> 
     }))
 }
 
-/// A whole-number limit setting: `default` when unset, 0 to `max`.
+/// A whole-number limit setting: `default` when unset, 0 (off) to `max`.
 fn limit_var(
     src: &Source<'_>,
     name: &'static str,
     default: u32,
     max: u32,
 ) -> Result<u32, ConfigError> {
-    match src.var(name) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n <= max)
-            .ok_or_else(|| bad(name, format!("must be a number from 0 (off) to {max}"))),
-    }
+    number_var(src, name, default, 0..=max, "number (0 turns it off)")
 }
 
 /// A language model endpoint.
@@ -269,19 +278,8 @@ impl Config {
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
         }
-        let db_max_connections = match src.var("CASEBOOK_DB_MAX_CONNECTIONS") {
-            None => 32,
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (2..=1000).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_DB_MAX_CONNECTIONS",
-                        "must be a number from 2 to 1000",
-                    )
-                })?,
-        };
+        let db_max_connections =
+            number_var(src, "CASEBOOK_DB_MAX_CONNECTIONS", 32, 2..=1000, "number")?;
         let kafka_brokers = src
             .var("KAFKA_BROKERS")
             .unwrap_or_else(|| DEFAULT_KAFKA_BROKERS.into());
@@ -301,19 +299,7 @@ impl Config {
                 "must be up to 100 of A-Z a-z 0-9 . _ -",
             ));
         }
-        let kafka_partitions = match src.var("CASEBOOK_KAFKA_PARTITIONS") {
-            None => 3,
-            Some(v) => v
-                .parse::<i32>()
-                .ok()
-                .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_KAFKA_PARTITIONS",
-                        "must be a number from 1 to 1000",
-                    )
-                })?,
-        };
+        let kafka_partitions = number_var(src, "CASEBOOK_KAFKA_PARTITIONS", 3, 1..=1000, "number")?;
         let http_addr = src
             .var("CASEBOOK_HTTP_ADDR")
             .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into())
@@ -439,122 +425,70 @@ impl Config {
                 }
             },
         };
-        let sla_check_every_secs = match src.var("CASEBOOK_SLA_CHECK_SECS") {
-            None => 15,
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=3600).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_SLA_CHECK_SECS",
-                        "must be a number of seconds from 1 to 3600",
-                    )
-                })?,
-        };
+        let sla_check_every_secs = number_var(
+            src,
+            "CASEBOOK_SLA_CHECK_SECS",
+            15,
+            1..=3600,
+            "number of seconds",
+        )?;
         let audit_signing_key = src.var("CASEBOOK_AUDIT_SIGNING_KEY");
         if let Some(key) = &audit_signing_key {
             casebook_domain::checkpoint::signing_key_from_hex(key)
                 .map_err(|e| bad("CASEBOOK_AUDIT_SIGNING_KEY", e.to_string()))?;
         }
-        let checkpoint_secs = match src.var("CASEBOOK_CHECKPOINT_SECS") {
-            None => 60,
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=86_400).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_CHECKPOINT_SECS",
-                        "must be a number of seconds from 1 to 86400",
-                    )
-                })?,
-        };
+        let checkpoint_secs = number_var(
+            src,
+            "CASEBOOK_CHECKPOINT_SECS",
+            60,
+            1..=86_400,
+            "number of seconds",
+        )?;
         let archive_dir = src
             .var("CASEBOOK_ARCHIVE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| src.root.join(".casebook/archive"));
-        let kb_ef_search = match src.var("CASEBOOK_KB_EF_SEARCH") {
-            None => casebook_agent::knowledge::EF_SEARCH,
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (10..=1000).contains(n))
-                .ok_or_else(|| bad("CASEBOOK_KB_EF_SEARCH", "must be a number from 10 to 1000"))?,
-        };
-        let auto_reply_cap_per_hour = match src.var("CASEBOOK_AUTO_REPLY_CAP_PER_HOUR") {
-            None => casebook_agent::DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_AUTO_REPLY_CAP_PER_HOUR",
-                        format!(
-                            "must be a number from 1 to {}",
-                            casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR
-                        ),
-                    )
-                })?,
-        };
+        let kb_ef_search = number_var(
+            src,
+            "CASEBOOK_KB_EF_SEARCH",
+            casebook_agent::knowledge::EF_SEARCH,
+            10..=1000,
+            "number",
+        )?;
+        let auto_reply_cap_per_hour = number_var(
+            src,
+            "CASEBOOK_AUTO_REPLY_CAP_PER_HOUR",
+            casebook_agent::DEFAULT_AUTO_REPLY_CAP_PER_HOUR,
+            1..=casebook_domain::ticket::MAX_AUTO_REPLIES_PER_HOUR,
+            "number",
+        )?;
         let trusted_proxies = casebook_api::ratelimit::TrustedProxies::parse(
             &src.var("CASEBOOK_TRUSTED_PROXIES").unwrap_or_default(),
         )
         .map_err(|e| bad("CASEBOOK_TRUSTED_PROXIES", e))?;
-        let worker_max_attempts = match src.var("CASEBOOK_WORKER_MAX_ATTEMPTS") {
-            None => 8,
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=100).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_WORKER_MAX_ATTEMPTS",
-                        "must be a number from 1 to 100",
-                    )
-                })?,
-        };
-        let worker_max_retry_secs = match src.var("CASEBOOK_WORKER_MAX_RETRY_SECS") {
-            None => 300,
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=86_400).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_WORKER_MAX_RETRY_SECS",
-                        "must be a number of seconds from 1 to 86400",
-                    )
-                })?,
-        };
-        let provider_timeout_secs = match src.var("CASEBOOK_PROVIDER_TIMEOUT_SECS") {
-            None => 15,
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=120).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_PROVIDER_TIMEOUT_SECS",
-                        "must be a number of seconds from 1 to 120",
-                    )
-                })?,
-        };
-        let session_idle_secs = match src.var("CASEBOOK_SESSION_IDLE_SECS") {
-            None => 3600,
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (60..=604_800).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_SESSION_IDLE_SECS",
-                        "must be a number of seconds from 60 to 604800",
-                    )
-                })?,
-        };
+        let worker_max_attempts =
+            number_var(src, "CASEBOOK_WORKER_MAX_ATTEMPTS", 8, 1..=100, "number")?;
+        let worker_max_retry_secs = number_var(
+            src,
+            "CASEBOOK_WORKER_MAX_RETRY_SECS",
+            300,
+            1..=86_400,
+            "number of seconds",
+        )?;
+        let provider_timeout_secs = number_var(
+            src,
+            "CASEBOOK_PROVIDER_TIMEOUT_SECS",
+            15,
+            1..=120,
+            "number of seconds",
+        )?;
+        let session_idle_secs = number_var(
+            src,
+            "CASEBOOK_SESSION_IDLE_SECS",
+            3600,
+            60..=604_800,
+            "number of seconds",
+        )?;
         let traces = traces_config(src)?;
         let price = |input: &'static str, output: &'static str| {
             Ok::<_, ConfigError>(casebook_domain::ticket::ModelPrice {
@@ -589,20 +523,13 @@ impl Config {
                 ))
             }
         };
-        let metrics_snapshot_secs = match src.var("CASEBOOK_METRICS_SNAPSHOT_SECS") {
-            None => 60,
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=3600).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "CASEBOOK_METRICS_SNAPSHOT_SECS",
-                        "must be a number of seconds from 1 to 3600",
-                    )
-                })?,
-        };
+        let metrics_snapshot_secs = number_var(
+            src,
+            "CASEBOOK_METRICS_SNAPSHOT_SECS",
+            60,
+            1..=3600,
+            "number of seconds",
+        )?;
         Ok(Self {
             llm_price,
             llm_fallback_price,
