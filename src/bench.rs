@@ -703,19 +703,21 @@ impl BenchStream {
 
 casebook_domain::impl_aggregate!(BenchStream, "bench_stream", AppendBench, BenchEvent, Never);
 
-async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
-    let commits_per_writer = args.events / args.per_commit / args.writers;
-    let events = commits_per_writer * args.per_commit * args.writers;
-    let meta = EventMetadata::new("bench", Actor::system("bench"));
-
-    let store = EventStore::new(scratch.pool.clone());
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..args.writers {
-        let store = store.clone();
-        let meta = meta.clone();
-        let per_commit = args.per_commit;
-        let per_stream = args.commits_per_stream.max(1);
+/// The event store's side of `bench append` (and `bench verify`'s log):
+/// `writers` tasks each append `commits_per_writer` commits of `per_commit`
+/// events through the command path, on streams of `per_stream` commits.
+async fn append_streams(
+    store: &EventStore,
+    meta: &EventMetadata,
+    writers: usize,
+    commits_per_writer: usize,
+    per_commit: usize,
+    per_stream: usize,
+) -> anyhow::Result<()> {
+    let per_stream = per_stream.max(1);
+    let mut tasks = Vec::with_capacity(writers);
+    for w in 0..writers {
+        let (store, meta) = (store.clone(), meta.clone());
         tasks.push(tokio::spawn(async move {
             for c in 0..commits_per_writer {
                 let id = format!("w{w}-s{}", c / per_stream);
@@ -730,6 +732,25 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     for t in tasks {
         t.await??;
     }
+    Ok(())
+}
+
+async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    let commits_per_writer = args.events / args.per_commit / args.writers;
+    let events = commits_per_writer * args.per_commit * args.writers;
+    let meta = EventMetadata::new("bench", Actor::system("bench"));
+
+    let store = EventStore::new(scratch.pool.clone());
+    let started = Instant::now();
+    append_streams(
+        &store,
+        &meta,
+        args.writers,
+        commits_per_writer,
+        args.per_commit,
+        args.commits_per_stream,
+    )
+    .await?;
     let es_secs = started.elapsed().as_secs_f64();
 
     // The same rows, by plain multi-row INSERT, one statement per commit.
@@ -1359,6 +1380,23 @@ fn misses_of(questions: &[EvalQuestion], judged: &[Judged]) -> Vec<Miss> {
             })
         })
         .collect()
+}
+
+/// Starts the relay's checkpoint after the last stored event: the read
+/// models were rebuilt from the store, so the live pipeline carries on from
+/// there instead of publishing the whole generated log.
+async fn relay_after_last_event(scratch: &Scratch) -> anyhow::Result<()> {
+    let kafka = app::kafka_settings(&scratch.config);
+    sqlx::query(
+        "INSERT INTO relay_checkpoints (relay, last_transaction_id, last_position)
+         SELECT $1, max(transaction_id), max(position) FROM events
+         ON CONFLICT (relay) DO UPDATE SET last_transaction_id = EXCLUDED.last_transaction_id,
+                                           last_position = EXCLUDED.last_position",
+    )
+    .bind(format!("relay:{}", kafka.topics.prefix()))
+    .execute(&scratch.pool)
+    .await?;
+    Ok(())
 }
 
 /// Runs `make(i)` for every `i` in `range`, from `clients` tasks at once,

@@ -13,7 +13,7 @@ use casebook_commands::EventStore;
 use casebook_domain::{Actor, EventMetadata};
 use serde::Serialize;
 
-use super::{AppendBench, BenchArgs, BenchStream, Report, Scratch};
+use super::{BenchArgs, Report, Scratch};
 
 #[derive(Debug, Serialize)]
 pub(super) struct VerifyReport {
@@ -47,25 +47,15 @@ pub(super) async fn verify(scratch: &Scratch, args: &BenchArgs) -> anyhow::Resul
     let meta = EventMetadata::new("bench", Actor::system("bench"));
     let store = EventStore::new(scratch.pool.clone());
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let store = store.clone();
-        let meta = meta.clone();
-        let per_stream = args.commits_per_stream.max(1);
-        tasks.push(tokio::spawn(async move {
-            for c in 0..commits_per_writer {
-                let id = format!("w{w}-s{}", c / per_stream);
-                store
-                    .execute::<BenchStream>(&id, AppendBench { count: per_commit }, &meta)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("append failed: {e}"))?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    super::append_streams(
+        &store,
+        &meta,
+        writers,
+        commits_per_writer,
+        per_commit,
+        args.commits_per_stream,
+    )
+    .await?;
     let generate_seconds = started.elapsed().as_secs_f64();
 
     let seed: [u8; 32] = rand::random();

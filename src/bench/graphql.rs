@@ -127,16 +127,7 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
     casebook_replay::rebuild(&scratch.pool, &casebook_projections::all_projectors()).await?;
     let rebuild_seconds = started.elapsed().as_secs_f64();
     sqlx::query("VACUUM ANALYZE").execute(&scratch.pool).await?;
-    let kafka = app::kafka_settings(&scratch.config);
-    sqlx::query(
-        "INSERT INTO relay_checkpoints (relay, last_transaction_id, last_position)
-         SELECT $1, max(transaction_id), max(position) FROM events
-         ON CONFLICT (relay) DO UPDATE SET last_transaction_id = EXCLUDED.last_transaction_id,
-                                           last_position = EXCLUDED.last_position",
-    )
-    .bind(format!("relay:{}", kafka.topics.prefix()))
-    .execute(&scratch.pool)
-    .await?;
+    super::relay_after_last_event(scratch).await?;
     eprintln!("bench graphql: read models built in {rebuild_seconds:.0} s");
 
     // 3. Pages under concurrent readers.

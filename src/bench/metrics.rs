@@ -268,16 +268,7 @@ pub(super) async fn run(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<R
         "bench metrics: projection rebuilt, {projection_events} events in {projection_seconds:.1} s"
     );
     sqlx::query("VACUUM ANALYZE").execute(&scratch.pool).await?;
-    let kafka = app::kafka_settings(&scratch.config);
-    sqlx::query(
-        "INSERT INTO relay_checkpoints (relay, last_transaction_id, last_position)
-         SELECT $1, max(transaction_id), max(position) FROM events
-         ON CONFLICT (relay) DO UPDATE SET last_transaction_id = EXCLUDED.last_transaction_id,
-                                           last_position = EXCLUDED.last_position",
-    )
-    .bind(format!("relay:{}", kafka.topics.prefix()))
-    .execute(&scratch.pool)
-    .await?;
+    super::relay_after_last_event(scratch).await?;
 
     // 3. Readers.
     let running = app::start(&scratch.config, BACKBONE, None).await?;
