@@ -381,6 +381,38 @@ pub struct Received {
     pub envelope: EventEnvelope,
 }
 
+/// A consumer of every partition of `topic` from the beginning, with no
+/// consumer group of its own to commit to. Waits until `deadline` for the
+/// topic to exist (a broker that just restarted has none). Blocking.
+pub fn consumer_from_beginning(brokers: &str, topic: &str, deadline: Instant) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .expect("consumer");
+    let partitions = loop {
+        let n = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
+            .unwrap_or(0);
+        if n > 0 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
 /// Reads `topic` from the beginning of every partition (no consumer group)
 /// until `expected` distinct events arrived or `timeout` passed; returns
 /// every message in arrival order per partition, copies included.
@@ -393,33 +425,8 @@ pub async fn read_topic(
     let brokers = brokers.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .expect("consumer");
         let deadline = Instant::now() + timeout;
-        // The topic may not exist yet (a broker that just restarted empty).
-        let partitions = loop {
-            let n = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .ok()
-                .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
-                .unwrap_or(0);
-            if n > 0 {
-                break n;
-            }
-            assert!(Instant::now() < deadline, "topic {topic} never appeared");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).expect("assign");
+        let consumer = consumer_from_beginning(&brokers, &topic, deadline);
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         while seen.len() < expected && Instant::now() < deadline {

@@ -16,9 +16,7 @@ use casebook_api::TokenKeys;
 use casebook_projections::analytics::histogram::{bin_of, bin_value};
 use casebook_projections::analytics::MetricsProjector;
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use wiremock::matchers::{method, path};
@@ -215,32 +213,8 @@ async fn read_snapshots(
     want: impl Fn(&[(String, Value)]) -> bool + Send + 'static,
 ) -> Vec<(String, Value)> {
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("test-metrics-{}", Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
         let deadline = Instant::now() + WAIT;
-        let partitions = loop {
-            let n = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .ok()
-                .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
-                .unwrap_or(0);
-            if n > 0 {
-                break n;
-            }
-            assert!(Instant::now() < deadline, "topic {topic} never appeared");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = crate::common::consumer_from_beginning(&brokers, &topic, deadline);
         let mut out = Vec::new();
         while !want(&out) {
             assert!(Instant::now() < deadline, "snapshots: {out:?}");
