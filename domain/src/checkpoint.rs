@@ -132,6 +132,26 @@ pub struct ProvenContent {
     pub metadata: String,
 }
 
+impl ProvenContent {
+    /// The chain hash this content makes after `previous_hash`.
+    pub fn chain_hash(&self) -> String {
+        chain_hash(
+            &self.previous_hash,
+            &ChainInput {
+                event_id: &self.event_id,
+                aggregate_type: &self.aggregate_type,
+                aggregate_id: &self.aggregate_id,
+                sequence: self.sequence,
+                event_type: &self.event_type,
+                event_version: &self.event_version,
+                occurred_at_micros: self.occurred_at_micros,
+                payload: &self.payload,
+                metadata: &self.metadata,
+            },
+        )
+    }
+}
+
 /// `casebook audit prove`'s output: one event's inclusion in a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InclusionProof {
@@ -152,21 +172,7 @@ impl InclusionProof {
     /// (`position`, `hash`) is in the checkpoint's tree.
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), CheckpointError> {
         self.checkpoint.verify(key)?;
-        let c = &self.content;
-        let recomputed = chain_hash(
-            &c.previous_hash,
-            &ChainInput {
-                event_id: &c.event_id,
-                aggregate_type: &c.aggregate_type,
-                aggregate_id: &c.aggregate_id,
-                sequence: c.sequence,
-                event_type: &c.event_type,
-                event_version: &c.event_version,
-                occurred_at_micros: c.occurred_at_micros,
-                payload: &c.payload,
-                metadata: &c.metadata,
-            },
-        );
+        let recomputed = self.content.chain_hash();
         if recomputed != self.hash {
             return Err(CheckpointError::ContentMismatch);
         }
@@ -215,20 +221,7 @@ mod tests {
     }
 
     fn hash_of(c: &ProvenContent) -> String {
-        chain_hash(
-            &c.previous_hash,
-            &ChainInput {
-                event_id: &c.event_id,
-                aggregate_type: &c.aggregate_type,
-                aggregate_id: &c.aggregate_id,
-                sequence: c.sequence,
-                event_type: &c.event_type,
-                event_version: &c.event_version,
-                occurred_at_micros: c.occurred_at_micros,
-                payload: &c.payload,
-                metadata: &c.metadata,
-            },
-        )
+        c.chain_hash()
     }
 
     fn proof() -> InclusionProof {
