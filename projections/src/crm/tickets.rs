@@ -26,21 +26,6 @@ use crate::projector::{ticket_events, ProjectionError, Projector};
 /// by the event's ids, so a redelivered event changes nothing.
 pub struct TicketsProjector;
 
-/// Whether [`project_queues`] writes anything for `event`.
-fn touches_queues(event: &TicketEvent) -> bool {
-    matches!(
-        event,
-        TicketEvent::TicketEscalated { .. }
-            | TicketEvent::EscalationResolved { .. }
-            | TicketEvent::TicketAssigned { .. }
-            | TicketEvent::TicketUnassigned { .. }
-            | TicketEvent::TicketHandedBackToAi { .. }
-            | TicketEvent::ApprovalRequested { .. }
-            | TicketEvent::ResponseApproved { .. }
-            | TicketEvent::ResponseRejected { .. }
-    )
-}
-
 /// Writes the queue rows one event implies; `t` is the ticket's state
 /// with the event applied.
 async fn project_queues(
@@ -369,12 +354,8 @@ impl Projector for TicketsProjector {
         let mut seen: HashSet<Uuid> = HashSet::new();
         for (id, event, _) in ticket_events(self.name(), events) {
             let state = states.entry(id).or_default();
-            if touches_queues(&event) {
-                state.apply_event(event.clone());
-                project_queues(&mut *tx, id, state, &event).await?;
-            } else {
-                state.apply_event(event);
-            }
+            state.apply_event(event.clone());
+            project_queues(&mut *tx, id, state, &event).await?;
             if seen.insert(id) {
                 changed.push(id);
             }
