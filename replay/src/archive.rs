@@ -7,7 +7,9 @@
 //!    not reopened since, more than 365 days before `as_of`; not on legal
 //!    hold; not archived already);
 //! 3. per day of resolution, writes `tickets-YYYY-MM-DD.ndjson.gz` (one line
-//!    per ticket: its events exactly as stored, and its transcript), and
+//!    per ticket: its events exactly as stored, and its transcript; a day of
+//!    more than 10,000 tickets continues in `tickets-YYYY-MM-DD.2.ndjson.gz`
+//!    and so on), and
 //!    records its SHA-256 and the checkpoint in `manifest.json` and in
 //!    `archive_files`;
 //! 4. purges, in one transaction per file: each event's leaf goes to
@@ -45,6 +47,8 @@ const MAX_LINE: u64 = 64 * 1024 * 1024;
 const MAX_MANIFEST: u64 = 64 * 1024 * 1024;
 /// Tickets per archive pass (a bound on one pass's memory and time).
 const MAX_TICKETS_PER_PASS: i64 = 1_000_000;
+/// Most tickets in one archive file (and one purge transaction).
+const MAX_TICKETS_PER_FILE: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -270,7 +274,15 @@ pub async fn run_pass(
     for (id, ended) in tickets {
         by_day.entry(ended.date_naive()).or_default().push(id);
     }
-    for (day, ids) in by_day {
+    // A day's file holds at most MAX_TICKETS_PER_FILE tickets (a busier day
+    // gets `.2`, `.3`, … parts): what a file's tickets take in memory, and
+    // how long its purge transaction holds its locks, stay bounded.
+    let parts = by_day.into_iter().flat_map(|(day, ids)| {
+        ids.chunks(MAX_TICKETS_PER_FILE)
+            .map(|part| (day, part.to_vec()))
+            .collect::<Vec<_>>()
+    });
+    for (day, ids) in parts {
         // A ticket is archived only with every event inside the checkpoint.
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM unnest($1::text[]) AS id
