@@ -165,6 +165,13 @@ pub fn routes(topics: &Topics, e: &EventEnvelope) -> Vec<(String, String)> {
     routes
 }
 
+/// The first stored event past a checkpoint (`$1` its transaction id as
+/// text, `$2` its position), committed or not yet released by the xmin
+/// barrier; see [`Relay::has_pending`] for why it is not an `EXISTS`.
+pub const PENDING_QUERY: &str = "SELECT position FROM events
+  WHERE (transaction_id, position) > ($1::text::xid8, $2)
+  ORDER BY transaction_id, position LIMIT 1";
+
 impl Relay {
     pub fn new(
         pool: PgPool,
@@ -411,14 +418,21 @@ impl Relay {
 
     /// Committed events past the checkpoint that the xmin barrier still
     /// holds back (an older transaction is running).
+    ///
+    /// Written as the first row in relay order, not as `EXISTS`: the
+    /// planner drops an `ORDER BY … LIMIT 1` inside `EXISTS`, and once the
+    /// prepared statement goes generic it costs the row comparison at a
+    /// third of the table and scans all of `events` sequentially, on every
+    /// idle poll, exactly when nothing is pending (228 ms at 1,000,000
+    /// events). The ordered form stays an index-only scan of
+    /// `events_relay_idx` with any parameters.
     async fn has_pending(&self, c: Checkpoint) -> Result<bool, RelayError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
-        )
-        .bind(c.transaction_id.to_string())
-        .bind(c.position)
-        .fetch_one(&self.pool)
-        .await?)
+        let next: Option<i64> = sqlx::query_scalar(PENDING_QUERY)
+            .bind(c.transaction_id.to_string())
+            .bind(c.position)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(next.is_some())
     }
 
     async fn observe_lag(&self, c: Checkpoint) {

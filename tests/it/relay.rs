@@ -261,3 +261,79 @@ async fn an_event_the_broker_can_never_take_is_set_aside_and_the_rest_flows() {
     );
     app.stop().await;
 }
+
+/// The relay asks whether anything is pending on every idle poll. Once
+/// Postgres switches its prepared statement to a generic plan (after five
+/// runs), an `EXISTS` form of that question was planned as a sequential scan
+/// of all of `events` (a third of the table guessed to match, the first row
+/// expected at once), which on an idle relay reads the whole log each time.
+/// The statement must stay an index scan with any parameters.
+#[tokio::test]
+async fn the_relays_pending_check_reads_its_index_even_as_a_generic_plan() {
+    let db = crate::common::TestDb::create().await;
+    let pool = &db.pool;
+    // A log big enough for the planner to care; the writer's hash is given,
+    // so the rows skip the chain trigger.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, hash)
+         SELECT 'probe', (g / 10)::text, g % 10 + 1, 'Probed', '1',
+                jsonb_build_object('n', g, 'text', repeat('x', 200)), '{}', 'h'
+           FROM generate_series(0, 49999) AS g",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events").execute(pool).await.unwrap();
+    let (last_tx, last_position): (String, i64) = sqlx::query_as(
+        "SELECT transaction_id::text, position FROM events ORDER BY position DESC LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "PREPARE pending(text, bigint) AS {}",
+        casebook_commands::relay::PENDING_QUERY
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) EXECUTE pending('{last_tx}', {last_position})"
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let text = plan.to_string();
+    assert!(
+        !text.contains("Seq Scan"),
+        "the pending check scans the log: {text}"
+    );
+    assert!(text.contains("events_relay_idx"), "{text}");
+    // And it answers: nothing past the last event, something past the one
+    // before it.
+    let nothing: Option<i64> =
+        sqlx::query_scalar(&format!("EXECUTE pending('{last_tx}', {last_position})"))
+            .fetch_optional(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(nothing, None);
+    let next: Option<i64> = sqlx::query_scalar(&format!(
+        "EXECUTE pending('{last_tx}', {})",
+        last_position - 1
+    ))
+    .fetch_optional(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(next, Some(last_position));
+    sqlx::query("DEALLOCATE pending")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
