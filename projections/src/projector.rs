@@ -39,6 +39,15 @@ pub trait Projector: Send + Sync + 'static {
     fn announces(&self) -> bool {
         false
     }
+    /// Indexes of its tables that only readers use: the projector never
+    /// looks its rows up by them (it writes by primary key). A rebuild
+    /// fills its shadow tables without them, which spares their upkeep on
+    /// every row written, and the swap compares by primary key. Listing an
+    /// index the projector does read by would slow its rebuild (a scan
+    /// instead of a lookup) but never change a row.
+    fn reader_indexes(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// A consumed Kafka position to record with the batch.

@@ -7,7 +7,9 @@
 //! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
 //!    copies of the projector's tables and of `projector_streams` /
 //!    `projector_progress` (`LIKE … INCLUDING ALL`, unlogged: they are
-//!    thrown away and rebuilt whole if anything happens). The projector's own
+//!    thrown away and rebuilt whole if anything happens), with every index
+//!    but those only readers use (`Projector::reader_indexes`), whose
+//!    upkeep would cost on every row and serve nobody. The projector's own
 //!    code fills them, unchanged: each page is applied in a short
 //!    transaction whose `search_path` puts the shadow schema first, so its
 //!    unqualified table names resolve to the copies (the event store stays
@@ -207,13 +209,44 @@ async fn prepare_shadow(
     for table in projector.tables().iter().chain(BOOKKEEPING.iter()) {
         let table = table_ident(table)?;
         sqlx::query(&format!(
-            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES)"
         ))
         .execute(&mut *tx)
         .await?;
+        // The live table's indexes, but for those only readers use
+        // (`Projector::reader_indexes`): the shadow is written by the
+        // projector and compared by primary key, never queried by readers.
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT i.relname::text, pg_get_indexdef(x.indexrelid)
+               FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+              WHERE x.indrelid = format('public.%I', $1::text)::regclass
+              ORDER BY i.relname",
+        )
+        .bind(table)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (name, definition) in indexes {
+            if projector.reader_indexes().contains(&name.as_str()) {
+                continue;
+            }
+            let definition = shadow_index(&definition, table, schema).ok_or_else(|| {
+                ProjectionError::Database(sqlx::Error::Protocol(format!(
+                    "index {name} is not defined on public.{table} as expected: {definition}"
+                )))
+            })?;
+            sqlx::query(&definition).execute(&mut *tx).await?;
+        }
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// A live index's definition (`pg_get_indexdef`) moved onto the shadow's
+/// copy of its table; `None` if it is not on `public.<table>`.
+fn shadow_index(definition: &str, table: &str, schema: &str) -> Option<String> {
+    let on = format!(" ON public.{table} USING ");
+    let (head, tail) = definition.split_once(&on)?;
+    Some(format!("{head} ON {schema}.{table} USING {tail}"))
 }
 
 /// Points the transaction's unqualified table names at the shadow schema.
@@ -762,4 +795,40 @@ async fn swap(
     .await?;
     tx.commit().await?;
     Ok((read, applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_index_moves_onto_the_shadow_table_and_a_stranger_is_refused() {
+        assert_eq!(
+            shadow_index(
+                "CREATE UNIQUE INDEX crm_tickets_pkey ON public.crm_tickets USING btree (ticket_id)",
+                "crm_tickets",
+                "casebook_shadow_crm_tickets"
+            )
+            .as_deref(),
+            Some("CREATE UNIQUE INDEX crm_tickets_pkey ON casebook_shadow_crm_tickets.crm_tickets USING btree (ticket_id)")
+        );
+        assert_eq!(
+            shadow_index(
+                "CREATE INDEX m ON public.crm_messages USING btree (ticket_id) WHERE (direction = 'inbound'::text)",
+                "crm_messages",
+                "s"
+            )
+            .as_deref(),
+            Some("CREATE INDEX m ON s.crm_messages USING btree (ticket_id) WHERE (direction = 'inbound'::text)")
+        );
+        // Not on the table it claims: refused, not rewritten.
+        assert_eq!(
+            shadow_index(
+                "CREATE INDEX x ON public.crm_tickets_archive USING btree (ticket_id)",
+                "crm_tickets",
+                "s"
+            ),
+            None
+        );
+    }
 }

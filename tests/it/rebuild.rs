@@ -250,3 +250,36 @@ async fn a_rebuild_repairs_a_wrong_read_model_and_leaves_right_rows_untouched() 
     assert_eq!(after[1..], before[1..]);
     app.stop().await;
 }
+
+/// The indexes each projector says only readers use exist, on its own
+/// tables, and are not what its writes need (a primary key or a unique
+/// index): a renamed or dropped index would otherwise leave a stale name
+/// behind, and a unique one left out of a shadow would break its upserts.
+#[tokio::test]
+async fn every_reader_only_index_is_a_non_unique_index_of_its_projectors_tables() {
+    let db = crate::common::TestDb::create().await;
+    for projector in casebook_projections::all_projectors() {
+        for index in projector.reader_indexes() {
+            let found: Option<(String, bool)> = sqlx::query_as(
+                "SELECT t.relname::text, x.indisunique
+                   FROM pg_index x
+                   JOIN pg_class i ON i.oid = x.indexrelid
+                   JOIN pg_class t ON t.oid = x.indrelid
+                   JOIN pg_namespace n ON n.oid = i.relnamespace
+                  WHERE n.nspname = 'public' AND i.relname = $1",
+            )
+            .bind(index)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+            let (table, unique) =
+                found.unwrap_or_else(|| panic!("{}: no index {index}", projector.name()));
+            assert!(
+                projector.tables().contains(&table.as_str()),
+                "{}: {index} is on {table}, not one of its tables",
+                projector.name()
+            );
+            assert!(!unique, "{}: {index} is unique", projector.name());
+        }
+    }
+}

@@ -61,6 +61,11 @@ impl Projector for ConversationsProjector {
         &["crm_conversations"]
     }
 
+    /// Conversations are written by ticket id.
+    fn reader_indexes(&self) -> &'static [&'static str] {
+        &["crm_conversations_customer_idx"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

@@ -66,6 +66,11 @@ impl Projector for IdentifiersProjector {
         &["crm_customer_identifiers"]
     }
 
+    /// Identifiers are written by (kind, value).
+    fn reader_indexes(&self) -> &'static [&'static str] {
+        &["crm_customer_identifiers_customer_idx"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

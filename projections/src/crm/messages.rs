@@ -63,6 +63,12 @@ impl Projector for MessagesProjector {
         &["crm_messages"]
     }
 
+    /// Messages are written by id; a ticket's first inbound message is found
+    /// by ticket (`crm_messages_ticket_idx` stays).
+    fn reader_indexes(&self) -> &'static [&'static str] {
+        &["crm_messages_channel_id_idx"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

@@ -317,6 +317,27 @@ impl Projector for TicketsProjector {
         &["crm_tickets", "crm_escalations", "crm_approvals"]
     }
 
+    /// Tickets, escalations and approvals are written by their ids; open
+    /// escalations are found by ticket (`crm_escalations_ticket_idx` stays).
+    fn reader_indexes(&self) -> &'static [&'static str] {
+        &[
+            "crm_tickets_customer_idx",
+            "crm_tickets_status_idx",
+            "crm_tickets_created_idx",
+            "crm_tickets_sla_unrecorded_idx",
+            "crm_tickets_assignee_idx",
+            "crm_tickets_human_unassigned_idx",
+            "crm_tickets_resolved_idx",
+            "crm_tickets_previous_idx",
+            "crm_escalations_status_idx",
+            "crm_escalations_assigned_idx",
+            "crm_escalations_customer_idx",
+            "crm_approvals_status_idx",
+            "crm_approvals_ticket_idx",
+            "crm_approvals_customer_idx",
+        ]
+    }
+
     /// Live updates (staff subscriptions) follow the tickets read model.
     fn announces(&self) -> bool {
         true
