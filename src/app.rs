@@ -347,6 +347,7 @@ pub async fn start(
                 twilio_auth_token: config.twilio_auth_token.clone(),
                 gmail_push_token: config.gmail_push_token.clone(),
                 rate_limit_per_client: config.rate_limit_per_client,
+                graphql_concurrency: config.graphql_concurrency as usize,
                 trusted_proxies: config.trusted_proxies.clone(),
                 submissions_per_email_per_hour: config.webform_per_email_per_hour,
                 model_budget_usd_per_year: config.model_budget_usd_per_year,

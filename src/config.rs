@@ -65,6 +65,9 @@ pub struct Config {
     /// `CASEBOOK_RATE_LIMIT_PER_CLIENT`: public requests a minute per client
     /// address; 0 turns it off.
     pub rate_limit_per_client: u32,
+    /// `CASEBOOK_GRAPHQL_CONCURRENCY`: GraphQL operations a process runs at
+    /// once; more wait their turn, first come first served.
+    pub graphql_concurrency: u32,
     /// `CASEBOOK_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: casebook_api::ratelimit::TrustedProxies,
     /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one
@@ -110,6 +113,16 @@ pub struct Config {
 /// A number setting within `range`: `default` when unset. `what` names it
 /// in the message ("number of seconds"). Every numeric setting goes
 /// through here, so each is bounded.
+/// Three GraphQL operations per core: enough to keep the cores busy while
+/// some wait on Postgres, few enough that they do not crowd each other out.
+fn default_graphql_concurrency() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2)
+        .saturating_mul(3)
+        .clamp(4, 256)
+}
+
 fn number_var<T>(
     src: &Source<'_>,
     name: &'static str,
@@ -543,6 +556,13 @@ impl Config {
             provider_timeout_secs,
             auto_reply_cap_per_hour,
             rate_limit_per_client: limit_var(src, "CASEBOOK_RATE_LIMIT_PER_CLIENT", 60, 1_000_000)?,
+            graphql_concurrency: number_var(
+                src,
+                "CASEBOOK_GRAPHQL_CONCURRENCY",
+                default_graphql_concurrency(),
+                1..=10_000,
+                "number",
+            )?,
             trusted_proxies,
             webform_per_email_per_hour: limit_var(
                 src,
@@ -649,6 +669,13 @@ mod tests {
         assert_eq!(c.worker_max_retry_secs, 300);
         assert_eq!(c.provider_timeout_secs, 15);
         assert_eq!(c.session_idle_secs, 3600);
+        assert!(c.graphql_concurrency >= 4);
+        assert_eq!(
+            load(&[("CASEBOOK_GRAPHQL_CONCURRENCY", "12")])
+                .unwrap()
+                .graphql_concurrency,
+            12
+        );
     }
 
     #[test]
@@ -663,6 +690,8 @@ mod tests {
             ("GMAIL_API_BASE", "not a url"),
             ("TWILIO_WHATSAPP_FROM", "+1555"),
             ("CASEBOOK_DB_MAX_CONNECTIONS", "0"),
+            ("CASEBOOK_GRAPHQL_CONCURRENCY", "0"),
+            ("CASEBOOK_GRAPHQL_CONCURRENCY", "10001"),
             ("CASEBOOK_EMBEDDINGS", "remote"),
             ("LLM_BASE_URL", "not a url"),
             ("CASEBOOK_SLA_CHECK_SECS", "0"),

@@ -25,6 +25,9 @@ pub struct ApiSettings {
     /// `CASEBOOK_RATE_LIMIT_PER_CLIENT`: public requests a minute per client
     /// address (0: off).
     pub rate_limit_per_client: u32,
+    /// `CASEBOOK_GRAPHQL_CONCURRENCY`: GraphQL operations run at once; the
+    /// rest wait in arrival order (bounded by the request timeout).
+    pub graphql_concurrency: usize,
     /// `CASEBOOK_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: TrustedProxies,
     /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one

@@ -4,6 +4,8 @@
 //! every request, limits refuse a query before it runs, nested lists are
 //! batched, and subscriptions see events as the read model gets them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use casebook::app::Role;
@@ -928,4 +930,92 @@ async fn a_reply_retried_with_its_idempotency_key_is_recorded_once() {
     assert_eq!(error_code(&refused), "BAD_USER_INPUT", "{refused}");
     assert_eq!(replies().await, 3);
     app.stop().await;
+}
+
+/// Open transactions of the app's database other than the sampler's own:
+/// with only the API running, each is a GraphQL operation's reads or its
+/// session check.
+async fn busy_backends(sampler: &mut sqlx::PgConnection, database: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+            AND backend_type = 'client backend'",
+    )
+    .bind(database)
+    .fetch_one(sampler)
+    .await
+    .unwrap()
+}
+
+/// Many operations at once beyond `CASEBOOK_GRAPHQL_CONCURRENCY` wait their
+/// turn and all succeed; no more than the limit ever run in Postgres at
+/// once. The same burst without the limit does overlap, so the sampling
+/// can see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_beyond_the_concurrency_limit_wait_their_turn_and_all_succeed() {
+    use sqlx::Connection;
+    let query = "query { tickets(first: 50) { edges { node { id customer { id emails phones } messages { body } } } } }";
+    let mut overlaps = Vec::new();
+    for limit in ["1", "10000"] {
+        let app = TestApp::spawn_with(
+            &[Role::Api],
+            &[("CASEBOOK_GRAPHQL_CONCURRENCY", limit.to_string())],
+        )
+        .await;
+        for i in 0..20 {
+            let r = app
+                .submit_form(form(&format!("burst{i}@example.com"), "Where is my order?"))
+                .await;
+            assert_eq!(r.status(), 202);
+        }
+        let supervisor = token(&app, TokenRole::Supervisor, "sup-burst", None).await;
+        let mut sampler = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            for _ in 0..16 {
+                let (http, url, token) =
+                    (app.http.clone(), app.url("/graphql"), supervisor.clone());
+                requests.push(tokio::spawn(async move {
+                    let r = http
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&json!({ "query": query }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    let body: serde_json::Value = r.json().await.unwrap();
+                    assert!(body.get("errors").is_none(), "{body}");
+                    assert!(body["data"]["tickets"]["edges"].as_array().is_some());
+                }));
+            }
+        }
+        let sampling = {
+            let done = done.clone();
+            let name = app.db.name.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while !done.load(Ordering::Relaxed) {
+                    most = most.max(busy_backends(&mut sampler, &name).await);
+                }
+                most
+            })
+        };
+        for r in requests {
+            r.await.unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        overlaps.push(sampling.await.unwrap());
+        app.stop().await;
+    }
+    assert!(
+        overlaps[0] <= 1,
+        "with a limit of 1, {} ran at once",
+        overlaps[0]
+    );
+    assert!(
+        overlaps[1] > 1,
+        "without a limit the burst never overlapped, so the sampling proves nothing"
+    );
 }
