@@ -48,12 +48,20 @@ const MAX_QUERY_WORDS: usize = 32;
 const MAX_SYNONYMS: usize = 16;
 /// Characters of a question read for its words.
 const MAX_QUERY_CHARS: usize = 2_000;
+/// Sections the full-text side ranks (ts_rank) for one question, at most:
+/// those holding the question's rarer terms (`text_pool`). Ranking every
+/// section holding a common word ("project": half of them) would cost
+/// tens of milliseconds at 100,000 sections (`casebook bench kb`).
+pub const TEXT_POOL: i64 = 2_000;
 /// What the chunking is: a change re-chunks unchanged documents.
 const CHUNKING: &str = "sections-v1";
-/// HNSW candidates examined per search: recall against latency. pgvector's
-/// most; on 100,000 chunks it keeps recall@10 above 0.95 even for queries
-/// that fall between topics, at about 15 ms (docs/performance.md).
-pub const EF_SEARCH: u32 = 1000;
+/// HNSW candidates examined per search: recall against latency. On
+/// 100,000 chunks 400 finds the exact ten nearest for questions near a
+/// topic (as questions about the product are) and keeps recall@10 above
+/// 0.9 overall, leaving room in 20 ms for the full-text side of the hybrid
+/// search; pgvector's most, 1000, takes about 15 ms alone
+/// (docs/performance.md, `casebook bench kb`).
+pub const EF_SEARCH: u32 = 400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KnowledgeError {
@@ -516,11 +524,14 @@ impl KnowledgeBase {
                 stands_for.push(Some(i));
             }
         }
+        // How many sections hold each term, and how many there are, as
+        // the triggers on kb_chunks keep them (migration kb_term_counts).
         let (total, counts): (i64, Vec<i64>) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM kb_chunks WHERE model = $1),
-                    ARRAY(SELECT (SELECT count(*) FROM kb_chunks
-                                   WHERE model = $1 AND search_text @@ quote_literal(l)::tsquery)
-                            FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i) ORDER BY i)",
+            "SELECT coalesce((SELECT sections FROM kb_model_counts WHERE model = $1), 0),
+                    ARRAY(SELECT coalesce(c.sections, 0)
+                            FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i)
+                                 LEFT JOIN kb_term_counts c ON c.model = $1 AND c.lexeme = t.l
+                           ORDER BY t.i)",
         )
         .bind(model)
         .bind(&terms)
@@ -535,23 +546,37 @@ impl KnowledgeBase {
         .bind(per_ranking)
         .fetch_all(&mut *tx)
         .await?;
-        let by_text: Vec<Row> = if terms.is_empty() {
+        let pooled = text_pool(&terms, &counts, TEXT_POOL);
+        let by_text: Vec<Row> = if pooled.is_empty() {
             Vec::new()
         } else {
             // Sections with any of the terms, those with the most (in
-            // headings first) ranked first.
+            // headings first) ranked first; among at most TEXT_POOL
+            // sections holding the rarer terms (`text_pool`).
             sqlx::query_as(
-                "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
-                   FROM kb_chunks,
-                        CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($2::text[]) AS l), ' | ') AS tsquery) AS q
-                  WHERE model = $3 AND search_text @@ q
-                  ORDER BY ts_rank(search_text, q) DESC, chunk_id
-                  LIMIT $4",
+                "WITH pool AS (
+                     SELECT chunk_id, search_text
+                       FROM kb_chunks
+                      WHERE model = $3
+                        AND search_text @@ CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($5::text[]) AS l), ' | ') AS tsquery)
+                      LIMIT $6),
+                 q AS (
+                     SELECT CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($2::text[]) AS l), ' | ') AS tsquery) AS q),
+                 best AS (
+                     SELECT chunk_id, ts_rank(search_text, q.q) AS r
+                       FROM pool, q
+                      ORDER BY r DESC, chunk_id
+                      LIMIT $4)
+                 SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score
+                   FROM best JOIN kb_chunks c ON c.model = $3 AND c.chunk_id = best.chunk_id
+                  ORDER BY best.r DESC, best.chunk_id",
             )
             .bind(&vector)
             .bind(&terms)
             .bind(model)
             .bind(per_ranking)
+            .bind(&pooled)
+            .bind(TEXT_POOL)
             .fetch_all(&mut *tx)
             .await?
         };
@@ -649,9 +674,57 @@ impl KnowledgeBase {
     }
 }
 
+/// The terms whose sections the full-text side ranks: the rarest first
+/// (`counts[i]` sections hold `terms[i]`), as long as at most `pool`
+/// sections hold them together, and always the rarest held one (of whose
+/// sections the search then ranks `pool`). Terms no section holds are left
+/// out. When every term fits, these are all the held terms: the full-text
+/// side ranks every section holding any of them.
+fn text_pool(terms: &[String], counts: &[i64], pool: i64) -> Vec<String> {
+    let mut order: Vec<usize> = (0..terms.len())
+        .filter(|i| counts.get(*i).copied().unwrap_or(0) > 0)
+        .collect();
+    order.sort_by_key(|i| (counts[*i], *i));
+    let mut pooled = Vec::new();
+    let mut sections = 0i64;
+    for i in order {
+        if !pooled.is_empty() && sections.saturating_add(counts[i]) > pool {
+            break;
+        }
+        sections = sections.saturating_add(counts[i]);
+        pooled.push(terms[i].clone());
+    }
+    pooled
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_pool_takes_the_rarer_terms_while_they_fit() {
+        let terms: Vec<String> = ["project", "export", "csv", "zzz", "large"]
+            .map(String::from)
+            .to_vec();
+        // Every held term fits: all of them, rarest first.
+        assert_eq!(
+            text_pool(&terms, &[50, 20, 5, 0, 30], 1_000),
+            ["csv", "export", "large", "project"]
+        );
+        // "project" would take the pool over its bound.
+        assert_eq!(
+            text_pool(&terms, &[50_000, 800, 100, 0, 1_200], 2_000),
+            ["csv", "export"]
+        );
+        // Even the rarest is over it: that one alone.
+        assert_eq!(
+            text_pool(&terms, &[50_000, 9_000, 4_000, 0, 30_000], 2_000),
+            ["csv"]
+        );
+        // Nothing held, or no terms: nothing to rank.
+        assert!(text_pool(&terms, &[0, 0, 0, 0, 0], 2_000).is_empty());
+        assert!(text_pool(&[], &[], 2_000).is_empty());
+    }
 
     #[test]
     fn slugs_are_stable_ids() {
