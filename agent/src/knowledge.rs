@@ -551,8 +551,9 @@ impl KnowledgeBase {
             Vec::new()
         } else {
             // Sections with any of the terms, those with the most (in
-            // headings first) ranked first; among at most TEXT_POOL
-            // sections holding the rarer terms (`text_pool`).
+            // headings first) ranked first; among the (at most TEXT_POOL)
+            // sections holding the rarer terms (`text_pool`). The LIMIT
+            // holds the bound should the counts have moved meanwhile.
             sqlx::query_as(
                 "WITH pool AS (
                      SELECT chunk_id, search_text
@@ -676,10 +677,12 @@ impl KnowledgeBase {
 
 /// The terms whose sections the full-text side ranks: the rarest first
 /// (`counts[i]` sections hold `terms[i]`), as long as at most `pool`
-/// sections hold them together, and always the rarest held one (of whose
-/// sections the search then ranks `pool`). Terms no section holds are left
-/// out. When every term fits, these are all the held terms: the full-text
-/// side ranks every section holding any of them.
+/// sections hold them together. Terms no section holds are left out, and so
+/// are terms more than `pool` sections hold: such a word (in thousands of
+/// sections) cannot pick a few out; it still counts, by its idf, in the
+/// ranking of the candidates the rarer words and the embedding bring. When
+/// every held term fits, these are all of them: the full-text side ranks
+/// every section holding any, as it would without a bound.
 fn text_pool(terms: &[String], counts: &[i64], pool: i64) -> Vec<String> {
     let mut order: Vec<usize> = (0..terms.len())
         .filter(|i| counts.get(*i).copied().unwrap_or(0) > 0)
@@ -688,10 +691,10 @@ fn text_pool(terms: &[String], counts: &[i64], pool: i64) -> Vec<String> {
     let mut pooled = Vec::new();
     let mut sections = 0i64;
     for i in order {
-        if !pooled.is_empty() && sections.saturating_add(counts[i]) > pool {
+        sections = sections.saturating_add(counts[i]);
+        if sections > pool {
             break;
         }
-        sections = sections.saturating_add(counts[i]);
         pooled.push(terms[i].clone());
     }
     pooled
@@ -716,10 +719,12 @@ mod tests {
             text_pool(&terms, &[50_000, 800, 100, 0, 1_200], 2_000),
             ["csv", "export"]
         );
-        // Even the rarest is over it: that one alone.
+        // Even the rarest is over it: none of them picks candidates.
+        assert!(text_pool(&terms, &[50_000, 9_000, 4_000, 0, 30_000], 2_000).is_empty());
+        // Exactly at the bound still fits.
         assert_eq!(
-            text_pool(&terms, &[50_000, 9_000, 4_000, 0, 30_000], 2_000),
-            ["csv"]
+            text_pool(&terms, &[50_000, 1_500, 500, 0, 30_000], 2_000),
+            ["csv", "export"]
         );
         // Nothing held, or no terms: nothing to rank.
         assert!(text_pool(&terms, &[0, 0, 0, 0, 0], 2_000).is_empty());

@@ -251,7 +251,8 @@ async fn a_common_word_in_thousands_of_sections_leaves_the_rare_one_deciding() {
     assert_eq!(found[0].chunk_id, "crossing#0", "{found:#?}");
     assert!(found[0].score > found[1].score, "{found:#?}");
 
-    // Only the common word: passages still come, from a bounded ranking.
+    // Only the common word (in more sections than the full-text side
+    // ranks): the embedding brings the candidates.
     let found = kb.search_hybrid("project", &vector, 5, -1.0).await.unwrap();
     assert_eq!(found.len(), 5, "{found:#?}");
 }
