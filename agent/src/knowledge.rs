@@ -144,6 +144,31 @@ fn content_hash(model: &str, title: &str, body: &str) -> String {
 }
 
 type Row = (String, String, String, Option<String>, String, f64);
+/// A [`Row`] and the question's terms it holds ([`held`]).
+type HeldRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    f64,
+    Vec<String>,
+);
+
+/// The column of a candidate query that says which of the question's
+/// terms (`terms`, a text[] parameter) the row of `table` holds and where:
+/// each as two flags, in the heading path ('1' or '0', weight A) and in the
+/// text (weight D), then the lexeme. Read with the row: no second
+/// statement.
+fn held(table: &str, terms: &str) -> String {
+    format!(
+        "ARRAY(SELECT CASE WHEN 'A' = ANY(u.weights) THEN '1' ELSE '0' END
+                      || CASE WHEN 'D' = ANY(u.weights) THEN '1' ELSE '0' END
+                      || u.lexeme
+                 FROM unnest({table}.search_text) AS u
+                WHERE u.lexeme = ANY({terms}::text[])) AS held"
+    )
+}
 
 fn passage((chunk_id, document_id, title, section, body, score): Row) -> Passage {
     Passage {
@@ -477,9 +502,6 @@ impl KnowledgeBase {
         let vector = Vector::from(vector.to_vec());
         let query: String = query.chars().take(MAX_QUERY_CHARS).collect();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(&format!("SET LOCAL hnsw.ef_search = {}", self.ef_search))
-            .execute(&mut *tx)
-            .await?;
         // The question's terms as the index has them (stemmed, without
         // stop words), in the order they come.
         let terms: Vec<String> = sqlx::query_scalar(
@@ -526,35 +548,41 @@ impl KnowledgeBase {
         }
         // How many sections hold each term, and how many there are, as
         // the triggers on kb_chunks keep them (migration kb_term_counts).
-        let (total, counts): (i64, Vec<i64>) = sqlx::query_as(
+        // The HNSW search's candidates are set for the transaction here
+        // too (one round trip less than a SET LOCAL of its own).
+        let (total, counts, _): (i64, Vec<i64>, String) = sqlx::query_as(
             "SELECT coalesce((SELECT sections FROM kb_model_counts WHERE model = $1), 0),
                     ARRAY(SELECT coalesce(c.sections, 0)
                             FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i)
                                  LEFT JOIN kb_term_counts c ON c.model = $1 AND c.lexeme = t.l
-                           ORDER BY t.i)",
+                           ORDER BY t.i),
+                    set_config('hnsw.ef_search', $3, true)",
         )
         .bind(model)
         .bind(&terms)
+        .bind(self.ef_search.to_string())
         .fetch_one(&mut *tx)
         .await?;
-        let by_vector: Vec<Row> = sqlx::query_as(
-            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
+        let by_vector: Vec<HeldRow> = sqlx::query_as(&format!(
+            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score, {}
                FROM kb_chunks WHERE model = $2 ORDER BY embedding <=> $1 LIMIT $3",
-        )
+            held("kb_chunks", "$4")
+        ))
         .bind(&vector)
         .bind(model)
         .bind(per_ranking)
+        .bind(&terms)
         .fetch_all(&mut *tx)
         .await?;
         let pooled = text_pool(&terms, &counts, TEXT_POOL);
-        let by_text: Vec<Row> = if pooled.is_empty() {
+        let by_text: Vec<HeldRow> = if pooled.is_empty() {
             Vec::new()
         } else {
             // Sections with any of the terms, those with the most (in
             // headings first) ranked first; among the (at most TEXT_POOL)
             // sections holding the rarer terms (`text_pool`). The LIMIT
             // holds the bound should the counts have moved meanwhile.
-            sqlx::query_as(
+            sqlx::query_as(&format!(
                 "WITH pool AS (
                      SELECT chunk_id, search_text
                        FROM kb_chunks
@@ -568,10 +596,12 @@ impl KnowledgeBase {
                        FROM pool, q
                       ORDER BY r DESC, chunk_id
                       LIMIT $4)
-                 SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score
+                 SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score,
+                        {}
                    FROM best JOIN kb_chunks c ON c.model = $3 AND c.chunk_id = best.chunk_id
                   ORDER BY best.r DESC, best.chunk_id",
-            )
+                held("c", "$2")
+            ))
             .bind(&vector)
             .bind(&terms)
             .bind(model)
@@ -581,44 +611,34 @@ impl KnowledgeBase {
             .fetch_all(&mut *tx)
             .await?
         };
-        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
-        let mut seen = std::collections::HashSet::new();
-        for r in by_vector.into_iter().chain(by_text) {
-            if seen.insert(r.0.clone()) {
-                rows.push(r);
-            }
-        }
-        let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-        let matches: Vec<(String, String, bool, bool)> = if terms.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as(
-                "SELECT c.chunk_id, u.lexeme, 'A' = ANY(u.weights), 'D' = ANY(u.weights)
-                   FROM kb_chunks c CROSS JOIN LATERAL unnest(c.search_text) AS u
-                  WHERE c.model = $1 AND c.chunk_id = ANY($2) AND u.lexeme = ANY($3)",
-            )
-            .bind(model)
-            .bind(&ids)
-            .bind(&terms)
-            .fetch_all(&mut *tx)
-            .await?
-        };
         tx.commit().await?;
         let term_index: std::collections::HashMap<&str, usize> = terms
             .iter()
             .enumerate()
             .map(|(i, t)| (t.as_str(), i))
             .collect();
-        let mut held: std::collections::HashMap<&str, Vec<TermMatch>> =
+        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
+        let mut holds: std::collections::HashMap<String, Vec<TermMatch>> =
             std::collections::HashMap::new();
-        for (chunk_id, lexeme, in_heading, in_body) in &matches {
-            if let Some(term) = term_index.get(lexeme.as_str()) {
-                held.entry(chunk_id.as_str()).or_default().push(TermMatch {
-                    term: *term,
-                    in_heading: *in_heading,
-                    in_body: *in_body,
-                });
+        for (chunk_id, document_id, title, section, body, score, terms_held) in
+            by_vector.into_iter().chain(by_text)
+        {
+            if holds.contains_key(&chunk_id) {
+                continue;
             }
+            let matches = terms_held
+                .iter()
+                .filter_map(|h| {
+                    let (flags, lexeme) = (h.get(..2)?, h.get(2..)?);
+                    Some(TermMatch {
+                        term: *term_index.get(lexeme)?,
+                        in_heading: flags.starts_with('1'),
+                        in_body: flags.ends_with('1'),
+                    })
+                })
+                .collect();
+            holds.insert(chunk_id.clone(), matches);
+            rows.push((chunk_id, document_id, title, section, body, score));
         }
         let set = CandidateSet {
             total_sections: total.max(0) as u64,
@@ -638,7 +658,7 @@ impl KnowledgeBase {
                     id: r.0.clone(),
                     document: r.1.clone(),
                     cosine: r.5,
-                    matches: held.remove(r.0.as_str()).unwrap_or_default(),
+                    matches: holds.remove(r.0.as_str()).unwrap_or_default(),
                 })
                 .collect(),
         };
