@@ -41,7 +41,8 @@ pub enum BenchName {
     Verify,
     /// The agent's own processing time per message (no model latency).
     Agent,
-    /// Knowledge base search latency and recall@10 on a generated corpus.
+    /// Knowledge base search latency (hybrid, and vectors alone with
+    /// recall@10) on a generated corpus of text and vectors.
     Kb,
     /// The staff API on a full store: a filtered page of 50 tickets with
     /// customers under concurrent readers, and subscription delivery.
@@ -284,6 +285,15 @@ enum Report {
         recall_at_10_between_topics: f64,
         query_embedding: Latency,
         index_build_seconds: f64,
+        /// `search_hybrid` (full text and vectors, ranked) with the
+        /// question's text and vector, every query.
+        hybrid_search: Latency,
+        /// Questions phrased from their topic's words.
+        hybrid_search_topical: Latency,
+        /// Questions in common words, matching tens of thousands of sections.
+        hybrid_search_common_words: Latency,
+        /// Share of the topical questions whose best passage is of their topic.
+        hybrid_top_in_topic: f64,
     },
     Graphql {
         bench: &'static str,
@@ -413,9 +423,16 @@ impl Report {
                 recall_at_10_between_topics,
                 query_embedding,
                 index_build_seconds,
+                hybrid_search,
+                hybrid_search_topical,
+                hybrid_search_common_words,
+                hybrid_top_in_topic,
                 ..
             } => format!(
-                "kb: {chunks} chunks (384 dimensions), {queries} queries, HNSW m=16 ef_construction=64 ef_search={ef_search}\n  index built in {index_build_seconds:.1} s\n  search: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms\n  recall@10 against exact search: {recall_at_10:.3} (queries near a topic {recall_at_10_topical:.3}, between topics {recall_at_10_between_topics:.3})\n  exact search: p50 {:.1} ms\n  embedding a query (all-MiniLM-L6-v2, in-process): p50 {:.1} ms, p95 {:.1} ms\n",
+                "kb: {chunks} chunks (384 dimensions), {queries} queries, HNSW m=16 ef_construction=64 ef_search={ef_search}\n  index built in {index_build_seconds:.1} s\n  hybrid search (full text and vectors, ranked; the agent's search without embedding): p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms\n    questions in a topic's words: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms; best passage of that topic {hybrid_top_in_topic:.3}\n    questions in common words: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms\n  vector search alone: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms\n  recall@10 against exact search: {recall_at_10:.3} (queries near a topic {recall_at_10_topical:.3}, between topics {recall_at_10_between_topics:.3})\n  exact search: p50 {:.1} ms\n  embedding a query (all-MiniLM-L6-v2, in-process): p50 {:.1} ms, p95 {:.1} ms\n",
+                hybrid_search.p50_ms, hybrid_search.p95_ms, hybrid_search.p99_ms,
+                hybrid_search_topical.p50_ms, hybrid_search_topical.p95_ms, hybrid_search_topical.p99_ms,
+                hybrid_search_common_words.p50_ms, hybrid_search_common_words.p95_ms, hybrid_search_common_words.p99_ms,
                 search.p50_ms, search.p95_ms, search.p99_ms, exact_search.p50_ms, query_embedding.p50_ms, query_embedding.p95_ms
             ),
             Report::Append {
@@ -964,33 +981,260 @@ fn clustered_vectors(n: usize, topics: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<
     (chunks, queries)
 }
 
+/// Words that many sections of any knowledge base share, with the share of
+/// the generated sections holding each: "project" is in half of them, the
+/// worst case for a full-text ranking that scores every matching row.
+const KB_COMMON_WORDS: &[(&str, f64)] = &[
+    ("project", 0.5),
+    ("task", 0.4),
+    ("workspace", 0.3),
+    ("account", 0.25),
+    ("settings", 0.2),
+    ("team", 0.15),
+    ("open", 0.1),
+    ("change", 0.08),
+    ("member", 0.05),
+    ("email", 0.03),
+];
+/// Words of each topic's own vocabulary (two from kb/demo, the rest
+/// generated).
+const KB_TOPIC_WORDS: usize = 6;
+/// Sections per generated article.
+const KB_SECTIONS_PER_ARTICLE: usize = 5;
+
+/// The text of the generated corpus, coherent with its vectors: every topic
+/// cluster has its own vocabulary (words of kb/demo and generated ones),
+/// each section's title, heading and text use its topic's words, some
+/// common words (`KB_COMMON_WORDS`) and other words of kb/demo; queries near
+/// a topic are phrased from its words, queries between topics from common
+/// words only (matching tens of thousands of sections).
+struct KbCorpusText {
+    topic_words: Vec<Vec<String>>,
+    filler: Vec<String>,
+}
+
+/// One generated section.
+struct KbSection {
+    document_id: String,
+    ordinal: i32,
+    title: String,
+    section: String,
+    body: String,
+}
+
+impl KbCorpusText {
+    fn new(demo: &std::path::Path, topics: usize, seed: u64) -> anyhow::Result<Self> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut words = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(demo)
+            .with_context(|| format!("{}: run from the repository root", demo.display()))?
+        {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("md") {
+                continue;
+            }
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+            for w in text.split(|c: char| !c.is_ascii_alphabetic()) {
+                if w.len() >= 4 {
+                    words.insert(w.to_ascii_lowercase());
+                }
+            }
+        }
+        for (common, _) in KB_COMMON_WORDS {
+            words.remove(*common);
+        }
+        let mut demo_words: Vec<String> = words.into_iter().collect();
+        anyhow::ensure!(
+            demo_words.len() >= 100,
+            "{}: too few words for the corpus",
+            demo.display()
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        demo_words.shuffle(&mut rng);
+        // Generated words: three consonant-vowel syllables, distinct by
+        // construction (the number of the word in base 75).
+        const CONSONANTS: &[u8] = b"bdfgklmnprstvzh";
+        const VOWELS: &[u8] = b"aeiou";
+        let generated = |n: usize| -> String {
+            let mut n = n;
+            let mut w = String::new();
+            for _ in 0..3 {
+                let s = n % 75;
+                n /= 75;
+                w.push(CONSONANTS[s / 5] as char);
+                w.push(VOWELS[s % 5] as char);
+            }
+            // A closing consonant keeps the stemmer from trimming a vowel
+            // two words share.
+            w.push('x');
+            w
+        };
+        let mut numbers: Vec<usize> = (0..75usize.pow(3)).collect();
+        numbers.shuffle(&mut rng);
+        let topic_words = (0..topics)
+            .map(|t| {
+                let mut own = vec![
+                    demo_words[(2 * t) % demo_words.len()].clone(),
+                    demo_words[(2 * t + 1) % demo_words.len()].clone(),
+                ];
+                own.extend(
+                    (0..KB_TOPIC_WORDS - 2).map(|j| generated(numbers[t * KB_TOPIC_WORDS + j])),
+                );
+                own
+            })
+            .collect();
+        Ok(Self {
+            topic_words,
+            filler: demo_words,
+        })
+    }
+
+    /// Section `i` of the corpus (topic `i % topics`, as its vector).
+    fn section(&self, i: usize, rng: &mut rand::rngs::StdRng) -> KbSection {
+        use rand::seq::SliceRandom;
+        use rand::Rng;
+        let topics = self.topic_words.len();
+        let topic = i % topics;
+        let own = &self.topic_words[topic];
+        let nth = i / topics;
+        let article = nth / KB_SECTIONS_PER_ARTICLE;
+        let capital = |w: &str| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        };
+        let title = format!(
+            "{} {} {}",
+            capital(&own[(article + 2) % KB_TOPIC_WORDS]),
+            own[(article + 3) % KB_TOPIC_WORDS],
+            self.filler[(topic * 31 + article) % self.filler.len()]
+        );
+        let section = format!(
+            "{title} › {} {}",
+            capital(&own[rng.random_range(0..KB_TOPIC_WORDS)]),
+            self.filler[rng.random_range(0..self.filler.len())]
+        );
+        let mut body: Vec<&str> = Vec::with_capacity(64);
+        for (word, share) in KB_COMMON_WORDS {
+            if rng.random_bool(*share) {
+                body.push(word);
+            }
+        }
+        for _ in 0..18 {
+            body.push(&own[rng.random_range(0..KB_TOPIC_WORDS)]);
+        }
+        while body.len() < 60 {
+            body.push(&self.filler[rng.random_range(0..self.filler.len())]);
+        }
+        body.shuffle(rng);
+        let mut text = String::with_capacity(body.len() * 8);
+        for (k, w) in body.iter().enumerate() {
+            if k > 0 {
+                text.push_str(if k % 12 == 0 { ". " } else { " " });
+            }
+            text.push_str(w);
+        }
+        text.push('.');
+        KbSection {
+            document_id: format!("t{topic}-a{article}"),
+            ordinal: (nth % KB_SECTIONS_PER_ARTICLE) as i32,
+            title,
+            section,
+            body: text,
+        }
+    }
+
+    /// A question about `topic`: two of its words and a common one.
+    fn topical_query(&self, topic: usize, rng: &mut rand::rngs::StdRng) -> String {
+        use rand::Rng;
+        let own = &self.topic_words[topic];
+        let a = rng.random_range(0..KB_TOPIC_WORDS);
+        let b = (a + rng.random_range(1..KB_TOPIC_WORDS)) % KB_TOPIC_WORDS;
+        let common = KB_COMMON_WORDS[rng.random_range(0..KB_COMMON_WORDS.len())].0;
+        format!("How do I {} the {} in my {common}?", own[a], own[b])
+    }
+
+    /// A vague question in common words only (every generated section
+    /// holds one of them, half hold "project"), sometimes with one word of
+    /// kb/demo (held by a couple of thousand sections).
+    fn common_query(&self, k: usize, rng: &mut rand::rngs::StdRng) -> String {
+        use rand::Rng;
+        let pick = |rng: &mut rand::rngs::StdRng| {
+            KB_COMMON_WORDS[rng.random_range(0..KB_COMMON_WORDS.len())].0
+        };
+        let (a, b, c) = (pick(rng), pick(rng), pick(rng));
+        if k % 2 == 0 {
+            format!("How do I change the {a} {b} for my {c}?")
+        } else {
+            let w = &self.filler[rng.random_range(0..self.filler.len())];
+            format!("Where is the {w} of my {a} {b}?")
+        }
+    }
+}
+
+/// Passages per hybrid search: as many as the agent asks for.
+const HYBRID_PASSAGES: usize = 5;
+
 async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     use casebook_agent::knowledge::KnowledgeBase;
     use pgvector::Vector;
+    use rand::SeedableRng;
 
-    let (chunks, queries) = clustered_vectors(args.chunks, args.chunks / 100 + 1, 42);
+    let topics = args.chunks / 100 + 1;
+    let (chunks, queries) = clustered_vectors(args.chunks, topics, 42);
+    let text = KbCorpusText::new(std::path::Path::new("kb/demo"), topics, 43)?;
     let pool = &scratch.pool;
-    sqlx::query("DROP INDEX kb_chunks_embedding_idx")
-        .execute(pool)
-        .await?;
-    sqlx::query(
-        "INSERT INTO kb_documents (document_id, title, source, content_hash, body, model)
-         VALUES ('bench', 'Generated corpus', 'bench', '-', '-', 'generated')",
-    )
-    .execute(pool)
-    .await?;
+    let kb = KnowledgeBase::new(pool.clone(), app::embedder(&scratch.config)?)
+        .with_ef_search(args.ef_search);
+    let model = kb.embedder().model_name().to_string();
+    // Both indexes are built once the rows are in (faster than row by row).
+    for index in ["kb_chunks_embedding_idx", "kb_chunks_search_text_idx"] {
+        sqlx::query(&format!("DROP INDEX {index}"))
+            .execute(pool)
+            .await?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(44);
+    let sections: Vec<KbSection> = (0..chunks.len())
+        .map(|i| text.section(i, &mut rng))
+        .collect();
+    let mut articles: Vec<(&str, &str)> = sections
+        .iter()
+        .map(|s| (s.document_id.as_str(), s.title.as_str()))
+        .collect();
+    articles.sort_unstable();
+    articles.dedup_by(|a, b| a.0 == b.0);
+    for batch in articles.chunks(1000) {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO kb_documents (document_id, title, source, content_hash, body, model) ",
+        );
+        q.push_values(batch, |mut row, (id, title)| {
+            row.push_bind(*id)
+                .push_bind(*title)
+                .push_bind("bench")
+                .push_bind("-")
+                .push_bind("-")
+                .push_bind(&model);
+        });
+        q.build().execute(pool).await?;
+    }
     for (b, batch) in chunks.chunks(500).enumerate() {
         let mut q = sqlx::QueryBuilder::new(
-            "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, body, embedding) ",
+            "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, section, body, embedding, model) ",
         );
         q.push_values(batch.iter().enumerate(), |mut row, (i, v)| {
             let n = b * 500 + i;
-            row.push_bind(format!("bench#{n}"))
-                .push_bind("bench")
-                .push_bind(n as i32)
-                .push_bind("Generated")
-                .push_bind(format!("chunk {n}"))
-                .push_bind(Vector::from(v.clone()));
+            let s = &sections[n];
+            row.push_bind(format!("{}#{}", s.document_id, s.ordinal))
+                .push_bind(&s.document_id)
+                .push_bind(s.ordinal)
+                .push_bind(&s.title)
+                .push_bind(&s.section)
+                .push_bind(&s.body)
+                .push_bind(Vector::from(v.clone()))
+                .push_bind(&model);
         });
         q.build().execute(pool).await?;
     }
@@ -1002,10 +1246,11 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     .execute(pool)
     .await?;
     let index_build_seconds = started.elapsed().as_secs_f64();
+    sqlx::query("CREATE INDEX kb_chunks_search_text_idx ON kb_chunks USING gin (search_text)")
+        .execute(pool)
+        .await?;
     sqlx::query("ANALYZE kb_chunks").execute(pool).await?;
 
-    let kb = KnowledgeBase::new(pool.clone(), app::embedder(&scratch.config)?)
-        .with_ef_search(args.ef_search);
     let n = args.messages.min(queries.len());
     let mut latencies = Vec::with_capacity(n);
     let mut exact_latencies = Vec::with_capacity(n);
@@ -1030,6 +1275,40 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         let hits = found.iter().filter(|p| truth.contains(&p.chunk_id)).count();
         recall[qi % 2] += hits as f64 / truth.len().max(1) as f64;
     }
+    // The hybrid search the agent runs (`search_hybrid`: full text and
+    // vectors, ranked), with the question's text and its vector: queries
+    // near a topic phrased from its words, the others in common words.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(45);
+    let mut hybrid = Vec::with_capacity(n);
+    let mut hybrid_topical = Vec::with_capacity(n);
+    let mut hybrid_common = Vec::with_capacity(n);
+    let mut top_in_topic = 0usize;
+    for (qi, q) in queries.iter().take(n).enumerate() {
+        let topic = (qi * 7919) % topics;
+        let question = if qi % 2 == 0 {
+            text.topical_query(topic, &mut rng)
+        } else {
+            text.common_query(qi / 2, &mut rng)
+        };
+        let started = Instant::now();
+        let found = kb
+            .search_hybrid(&question, q, HYBRID_PASSAGES, -1.0)
+            .await?;
+        let took = started.elapsed();
+        hybrid.push(took);
+        if qi % 2 == 0 {
+            hybrid_topical.push(took);
+            let prefix = format!("t{topic}-");
+            if found
+                .first()
+                .is_some_and(|p| p.document_id.starts_with(&prefix))
+            {
+                top_in_topic += 1;
+            }
+        } else {
+            hybrid_common.push(took);
+        }
+    }
     let mut embedding = Vec::new();
     for i in 0..100 {
         let text = format!("{} {i}", QUESTIONS[i % QUESTIONS.len()]);
@@ -1049,6 +1328,10 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
         recall_at_10_between_topics: recall[1] / (n / 2).max(1) as f64,
         query_embedding: Latency::of(&mut embedding),
         index_build_seconds,
+        hybrid_search: Latency::of(&mut hybrid),
+        hybrid_search_topical: Latency::of(&mut hybrid_topical),
+        hybrid_search_common_words: Latency::of(&mut hybrid_common),
+        hybrid_top_in_topic: top_in_topic as f64 / n.div_ceil(2).max(1) as f64,
     })
 }
 

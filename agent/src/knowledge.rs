@@ -48,12 +48,20 @@ const MAX_QUERY_WORDS: usize = 32;
 const MAX_SYNONYMS: usize = 16;
 /// Characters of a question read for its words.
 const MAX_QUERY_CHARS: usize = 2_000;
+/// Sections the full-text side ranks (ts_rank) for one question, at most:
+/// those holding the question's rarer terms (`text_pool`). Ranking every
+/// section holding a common word ("project": half of them) would cost
+/// tens of milliseconds at 100,000 sections (`casebook bench kb`).
+pub const TEXT_POOL: i64 = 2_000;
 /// What the chunking is: a change re-chunks unchanged documents.
 const CHUNKING: &str = "sections-v1";
-/// HNSW candidates examined per search: recall against latency. pgvector's
-/// most; on 100,000 chunks it keeps recall@10 above 0.95 even for queries
-/// that fall between topics, at about 15 ms (docs/performance.md).
-pub const EF_SEARCH: u32 = 1000;
+/// HNSW candidates examined per search: recall against latency. On
+/// 100,000 chunks 400 finds the exact ten nearest for questions near a
+/// topic (as questions about the product are) and keeps recall@10 above
+/// 0.9 overall, leaving room in 20 ms for the full-text side of the hybrid
+/// search; pgvector's most, 1000, takes about 15 ms alone
+/// (docs/performance.md, `casebook bench kb`).
+pub const EF_SEARCH: u32 = 400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KnowledgeError {
@@ -136,6 +144,31 @@ fn content_hash(model: &str, title: &str, body: &str) -> String {
 }
 
 type Row = (String, String, String, Option<String>, String, f64);
+/// A [`Row`] and the question's terms it holds ([`held`]).
+type HeldRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    f64,
+    Vec<String>,
+);
+
+/// The column of a candidate query that says which of the question's
+/// terms (`terms`, a text[] parameter) the row of `table` holds and where:
+/// each as two flags, in the heading path ('1' or '0', weight A) and in the
+/// text (weight D), then the lexeme. Read with the row: no second
+/// statement.
+fn held(table: &str, terms: &str) -> String {
+    format!(
+        "ARRAY(SELECT CASE WHEN 'A' = ANY(u.weights) THEN '1' ELSE '0' END
+                      || CASE WHEN 'D' = ANY(u.weights) THEN '1' ELSE '0' END
+                      || u.lexeme
+                 FROM unnest({table}.search_text) AS u
+                WHERE u.lexeme = ANY({terms}::text[])) AS held"
+    )
+}
 
 fn passage((chunk_id, document_id, title, section, body, score): Row) -> Passage {
     Passage {
@@ -469,9 +502,6 @@ impl KnowledgeBase {
         let vector = Vector::from(vector.to_vec());
         let query: String = query.chars().take(MAX_QUERY_CHARS).collect();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(&format!("SET LOCAL hnsw.ef_search = {}", self.ef_search))
-            .execute(&mut *tx)
-            .await?;
         // The question's terms as the index has them (stemmed, without
         // stop words), in the order they come.
         let terms: Vec<String> = sqlx::query_scalar(
@@ -516,64 +546,68 @@ impl KnowledgeBase {
                 stands_for.push(Some(i));
             }
         }
-        let (total, counts): (i64, Vec<i64>) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM kb_chunks WHERE model = $1),
-                    ARRAY(SELECT (SELECT count(*) FROM kb_chunks
-                                   WHERE model = $1 AND search_text @@ quote_literal(l)::tsquery)
-                            FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i) ORDER BY i)",
+        // How many sections hold each term, and how many there are, as
+        // the triggers on kb_chunks keep them (migration kb_term_counts).
+        // The HNSW search's candidates are set for the transaction here
+        // too (one round trip less than a SET LOCAL of its own).
+        let (total, counts, _): (i64, Vec<i64>, String) = sqlx::query_as(
+            "SELECT coalesce((SELECT sections FROM kb_model_counts WHERE model = $1), 0),
+                    ARRAY(SELECT coalesce(c.sections, 0)
+                            FROM unnest($2::text[]) WITH ORDINALITY AS t(l, i)
+                                 LEFT JOIN kb_term_counts c ON c.model = $1 AND c.lexeme = t.l
+                           ORDER BY t.i),
+                    set_config('hnsw.ef_search', $3, true)",
         )
         .bind(model)
         .bind(&terms)
+        .bind(self.ef_search.to_string())
         .fetch_one(&mut *tx)
         .await?;
-        let by_vector: Vec<Row> = sqlx::query_as(
-            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
+        let by_vector: Vec<HeldRow> = sqlx::query_as(&format!(
+            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score, {}
                FROM kb_chunks WHERE model = $2 ORDER BY embedding <=> $1 LIMIT $3",
-        )
+            held("kb_chunks", "$4")
+        ))
         .bind(&vector)
         .bind(model)
         .bind(per_ranking)
+        .bind(&terms)
         .fetch_all(&mut *tx)
         .await?;
-        let by_text: Vec<Row> = if terms.is_empty() {
+        let pooled = text_pool(&terms, &counts, TEXT_POOL);
+        let by_text: Vec<HeldRow> = if pooled.is_empty() {
             Vec::new()
         } else {
             // Sections with any of the terms, those with the most (in
-            // headings first) ranked first.
-            sqlx::query_as(
-                "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score
-                   FROM kb_chunks,
-                        CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($2::text[]) AS l), ' | ') AS tsquery) AS q
-                  WHERE model = $3 AND search_text @@ q
-                  ORDER BY ts_rank(search_text, q) DESC, chunk_id
-                  LIMIT $4",
-            )
+            // headings first) ranked first; among the (at most TEXT_POOL)
+            // sections holding the rarer terms (`text_pool`). The LIMIT
+            // holds the bound should the counts have moved meanwhile.
+            sqlx::query_as(&format!(
+                "WITH pool AS (
+                     SELECT chunk_id, search_text
+                       FROM kb_chunks
+                      WHERE model = $3
+                        AND search_text @@ CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($5::text[]) AS l), ' | ') AS tsquery)
+                      LIMIT $6),
+                 q AS (
+                     SELECT CAST(array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest($2::text[]) AS l), ' | ') AS tsquery) AS q),
+                 best AS (
+                     SELECT chunk_id, ts_rank(search_text, q.q) AS r
+                       FROM pool, q
+                      ORDER BY r DESC, chunk_id
+                      LIMIT $4)
+                 SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score,
+                        {}
+                   FROM best JOIN kb_chunks c ON c.model = $3 AND c.chunk_id = best.chunk_id
+                  ORDER BY best.r DESC, best.chunk_id",
+                held("c", "$2")
+            ))
             .bind(&vector)
             .bind(&terms)
             .bind(model)
             .bind(per_ranking)
-            .fetch_all(&mut *tx)
-            .await?
-        };
-        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
-        let mut seen = std::collections::HashSet::new();
-        for r in by_vector.into_iter().chain(by_text) {
-            if seen.insert(r.0.clone()) {
-                rows.push(r);
-            }
-        }
-        let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-        let matches: Vec<(String, String, bool, bool)> = if terms.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as(
-                "SELECT c.chunk_id, u.lexeme, 'A' = ANY(u.weights), 'D' = ANY(u.weights)
-                   FROM kb_chunks c CROSS JOIN LATERAL unnest(c.search_text) AS u
-                  WHERE c.model = $1 AND c.chunk_id = ANY($2) AND u.lexeme = ANY($3)",
-            )
-            .bind(model)
-            .bind(&ids)
-            .bind(&terms)
+            .bind(&pooled)
+            .bind(TEXT_POOL)
             .fetch_all(&mut *tx)
             .await?
         };
@@ -583,16 +617,28 @@ impl KnowledgeBase {
             .enumerate()
             .map(|(i, t)| (t.as_str(), i))
             .collect();
-        let mut held: std::collections::HashMap<&str, Vec<TermMatch>> =
+        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
+        let mut holds: std::collections::HashMap<String, Vec<TermMatch>> =
             std::collections::HashMap::new();
-        for (chunk_id, lexeme, in_heading, in_body) in &matches {
-            if let Some(term) = term_index.get(lexeme.as_str()) {
-                held.entry(chunk_id.as_str()).or_default().push(TermMatch {
-                    term: *term,
-                    in_heading: *in_heading,
-                    in_body: *in_body,
-                });
+        for (chunk_id, document_id, title, section, body, score, terms_held) in
+            by_vector.into_iter().chain(by_text)
+        {
+            if holds.contains_key(&chunk_id) {
+                continue;
             }
+            let matches = terms_held
+                .iter()
+                .filter_map(|h| {
+                    let (flags, lexeme) = (h.get(..2)?, h.get(2..)?);
+                    Some(TermMatch {
+                        term: *term_index.get(lexeme)?,
+                        in_heading: flags.starts_with('1'),
+                        in_body: flags.ends_with('1'),
+                    })
+                })
+                .collect();
+            holds.insert(chunk_id.clone(), matches);
+            rows.push((chunk_id, document_id, title, section, body, score));
         }
         let set = CandidateSet {
             total_sections: total.max(0) as u64,
@@ -612,7 +658,7 @@ impl KnowledgeBase {
                     id: r.0.clone(),
                     document: r.1.clone(),
                     cosine: r.5,
-                    matches: held.remove(r.0.as_str()).unwrap_or_default(),
+                    matches: holds.remove(r.0.as_str()).unwrap_or_default(),
                 })
                 .collect(),
         };
@@ -649,9 +695,61 @@ impl KnowledgeBase {
     }
 }
 
+/// The terms whose sections the full-text side ranks: the rarest first
+/// (`counts[i]` sections hold `terms[i]`), as long as at most `pool`
+/// sections hold them together. Terms no section holds are left out, and so
+/// are terms more than `pool` sections hold: such a word (in thousands of
+/// sections) cannot pick a few out; it still counts, by its idf, in the
+/// ranking of the candidates the rarer words and the embedding bring. When
+/// every held term fits, these are all of them: the full-text side ranks
+/// every section holding any, as it would without a bound.
+fn text_pool(terms: &[String], counts: &[i64], pool: i64) -> Vec<String> {
+    let mut order: Vec<usize> = (0..terms.len())
+        .filter(|i| counts.get(*i).copied().unwrap_or(0) > 0)
+        .collect();
+    order.sort_by_key(|i| (counts[*i], *i));
+    let mut pooled = Vec::new();
+    let mut sections = 0i64;
+    for i in order {
+        sections = sections.saturating_add(counts[i]);
+        if sections > pool {
+            break;
+        }
+        pooled.push(terms[i].clone());
+    }
+    pooled
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_pool_takes_the_rarer_terms_while_they_fit() {
+        let terms: Vec<String> = ["project", "export", "csv", "zzz", "large"]
+            .map(String::from)
+            .to_vec();
+        // Every held term fits: all of them, rarest first.
+        assert_eq!(
+            text_pool(&terms, &[50, 20, 5, 0, 30], 1_000),
+            ["csv", "export", "large", "project"]
+        );
+        // "project" would take the pool over its bound.
+        assert_eq!(
+            text_pool(&terms, &[50_000, 800, 100, 0, 1_200], 2_000),
+            ["csv", "export"]
+        );
+        // Even the rarest is over it: none of them picks candidates.
+        assert!(text_pool(&terms, &[50_000, 9_000, 4_000, 0, 30_000], 2_000).is_empty());
+        // Exactly at the bound still fits.
+        assert_eq!(
+            text_pool(&terms, &[50_000, 1_500, 500, 0, 30_000], 2_000),
+            ["csv", "export"]
+        );
+        // Nothing held, or no terms: nothing to rank.
+        assert!(text_pool(&terms, &[0, 0, 0, 0, 0], 2_000).is_empty());
+        assert!(text_pool(&[], &[], 2_000).is_empty());
+    }
 
     #[test]
     fn slugs_are_stable_ids() {

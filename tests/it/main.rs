@@ -13,6 +13,7 @@ mod gmail;
 mod graphql;
 mod handoff;
 mod identity;
+mod kb_counts;
 mod mailsync;
 mod metrics;
 mod ops;
