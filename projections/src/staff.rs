@@ -220,6 +220,57 @@ pub async fn identifiers_of_customers(
     .await
 }
 
+/// Customers and their identifiers in one read (what a page of tickets
+/// showing its customers' emails and phones needs): the identifiers in the
+/// order [`identifiers_of_customers`] gives them.
+pub async fn customers_with_identifiers(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<(Vec<CustomerRow>, Vec<IdentifierRow>), sqlx::Error> {
+    type Row = (
+        Uuid,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Vec<String>,
+        Vec<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT c.customer_id, c.name, c.created_at, c.updated_at,
+                coalesce(i.kinds, '{}'), coalesce(i.vals, '{}')
+           FROM crm_customers c
+           LEFT JOIN LATERAL (
+                SELECT array_agg(kind ORDER BY linked_at, value) AS kinds,
+                       array_agg(value ORDER BY linked_at, value) AS vals
+                  FROM crm_customer_identifiers WHERE customer_id = c.customer_id) i ON true
+          WHERE c.customer_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    let mut customers = Vec::with_capacity(rows.len());
+    let mut identifiers = Vec::new();
+    for (customer_id, name, created_at, updated_at, kinds, values) in rows {
+        customers.push(CustomerRow {
+            customer_id,
+            name,
+            created_at,
+            updated_at,
+        });
+        identifiers.extend(
+            kinds
+                .into_iter()
+                .zip(values)
+                .map(|(kind, value)| IdentifierRow {
+                    customer_id,
+                    kind,
+                    value,
+                }),
+        );
+    }
+    Ok((customers, identifiers))
+}
+
 /// The customer who owns an identifier (`kinds`: the stored kinds that
 /// match, e.g. `phone` and `whatsapp` for a phone number).
 pub async fn customer_by_identifier(

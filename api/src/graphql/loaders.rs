@@ -122,6 +122,25 @@ impl Loader<Uuid> for CustomersById {
     }
 }
 
+/// Customers and their identifiers in one read, for the loaders' caches:
+/// every asked key gets an identifiers entry (an empty list is an answer).
+pub async fn customers_with_identifiers(
+    db: &Db,
+    keys: &[Uuid],
+) -> Result<
+    (
+        HashMap<Uuid, CustomerRow>,
+        HashMap<Uuid, Vec<IdentifierRow>>,
+    ),
+    LoadError,
+> {
+    let (customers, identifiers) = batched!(db, keys, staff::customers_with_identifiers);
+    Ok((
+        customers.into_iter().map(|r| (r.customer_id, r)).collect(),
+        grouped(keys, identifiers, |r| r.customer_id),
+    ))
+}
+
 pub struct IdentifiersOfCustomer(Db);
 
 impl Loader<Uuid> for IdentifiersOfCustomer {

@@ -327,13 +327,22 @@ async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Resul
     let mut customers: Vec<Uuid> = rows.iter().map(|r| r.customer_id).collect();
     customers.sort();
     customers.dedup();
-    let (a, b, c, d, e, f) = futures::join!(
-        ahead(asks("customer"), &loaders.customers, &customers),
-        ahead(
-            asks_customer("emails") || asks_customer("phones"),
-            &loaders.identifiers,
-            &customers
-        ),
+    let with_identifiers = asks_customer("emails") || asks_customer("phones");
+    let db = db(ctx)?;
+    let (a, c, d, e, f) = futures::join!(
+        async {
+            if asks("customer") && with_identifiers {
+                // Both in one read.
+                let (found, identifiers) =
+                    super::loaders::customers_with_identifiers(db, &customers).await?;
+                loaders.customers.feed_many(found).await;
+                loaders.identifiers.feed_many(identifiers).await;
+                Ok(())
+            } else {
+                ahead(asks("customer"), &loaders.customers, &customers).await?;
+                ahead(with_identifiers, &loaders.identifiers, &customers).await
+            }
+        },
         ahead(
             asks_customer("tickets"),
             &loaders.customer_tickets,
@@ -343,7 +352,7 @@ async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Resul
         ahead(asks("escalations"), &loaders.escalations, &tickets),
         ahead(asks("approvals"), &loaders.approvals, &tickets),
     );
-    for r in [a, b, c, d, e, f] {
+    for r in [a, c, d, e, f] {
         r.map_err(internal)?;
     }
     Ok(())
