@@ -82,7 +82,11 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                pool.close().await;
+                // Bounded: on a test's current-thread runtime, a connection
+                // released just before the end is given back by a task of
+                // that runtime, which is blocked here until this thread
+                // ends; the DROP below ends any connection still open.
+                let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
                 if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .execute(&mut admin)

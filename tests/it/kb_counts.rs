@@ -10,8 +10,7 @@ use casebook_agent::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
 use casebook_agent::knowledge::{IngestOutcome, KnowledgeBase, TEXT_POOL};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{Request, Respond, ResponseTemplate};
 
 use crate::common::TestDb;
 
@@ -112,28 +111,20 @@ async fn term_counts_stay_right_through_ingest_reingest_reembed_delete_and_prune
     assert_eq!(sections_with(&counts, &model, "zebra"), 0);
 
     // A changed document: its old chunks go, its new ones come.
-    let outcome = local
-        .ingest(
+    let changed = || {
+        local.ingest(
             "02-log-in-and-reset-password",
             "How do I log in?",
             "## Log in\n\nOpen the zebra page and log in.\n\n## Reset\n\nAsk for a new password.",
             "test",
         )
-        .await
-        .unwrap();
+    };
+    let outcome = changed().await.unwrap();
     assert!(matches!(outcome, IngestOutcome::Stored { chunks: 2 }));
     let counts = assert_counts_right(&db.pool, "re-ingest").await;
     assert_eq!(sections_with(&counts, &model, "zebra"), 1, "{counts:?}");
     // Ingesting it unchanged changes nothing.
-    let outcome = local
-        .ingest(
-            "02-log-in-and-reset-password",
-            "How do I log in?",
-            "## Log in\n\nOpen the zebra page and log in.\n\n## Reset\n\nAsk for a new password.",
-            "test",
-        )
-        .await
-        .unwrap();
+    let outcome = changed().await.unwrap();
     assert_eq!(outcome, IngestOutcome::Unchanged);
     assert_eq!(
         assert_counts_right(&db.pool, "an unchanged ingest").await,
@@ -141,21 +132,7 @@ async fn term_counts_stay_right_through_ingest_reingest_reembed_delete_and_prune
     );
 
     // A second model's chunks beside the first's, counted apart.
-    let api = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/embeddings"))
-        .respond_with(Hashed)
-        .mount(&api)
-        .await;
-    let hashed = KnowledgeBase::new(
-        db.pool.clone(),
-        Embedder::new(&EmbeddingSource::OpenAi {
-            base_url: format!("{}/v1", api.uri()),
-            api_key: None,
-            model: "hashed".into(),
-        })
-        .unwrap(),
-    );
+    let (_api, hashed) = crate::retrieval::remote_kb(&db.pool, Hashed, "hashed").await;
     let report = hashed.reembed().await.unwrap();
     assert_eq!(report.documents, 3);
     let counts = assert_counts_right(&db.pool, "re-embed").await;

@@ -192,6 +192,32 @@ async fn a_fixed_subset_of_the_evaluation_set_is_answered() {
 
 /// A second embedding model: words hashed into the vector's dimensions
 /// (an honest bag-of-words model), served as an OpenAI-compatible API.
+/// A knowledge base whose embeddings come from a fake OpenAI-compatible
+/// server answering with `responder` under the name `model`; the server
+/// lives as long as the returned handle.
+pub async fn remote_kb<R: Respond + 'static>(
+    pool: &sqlx::PgPool,
+    responder: R,
+    model: &str,
+) -> (MockServer, KnowledgeBase) {
+    let api = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/embeddings"))
+        .respond_with(responder)
+        .mount(&api)
+        .await;
+    let kb = KnowledgeBase::new(
+        pool.clone(),
+        Embedder::new(&EmbeddingSource::OpenAi {
+            base_url: format!("{}/v1", api.uri()),
+            api_key: None,
+            model: model.into(),
+        })
+        .unwrap(),
+    );
+    (api, kb)
+}
+
 struct BagOfWords;
 
 fn bag_of_words(text: &str) -> Vec<f32> {
@@ -237,21 +263,7 @@ async fn reembedding_switches_models_without_a_moment_where_search_finds_nothing
             .await
             .unwrap();
     }
-    let api = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/embeddings"))
-        .respond_with(BagOfWords)
-        .mount(&api)
-        .await;
-    let new = KnowledgeBase::new(
-        db.pool.clone(),
-        Embedder::new(&EmbeddingSource::OpenAi {
-            base_url: format!("{}/v1", api.uri()),
-            api_key: None,
-            model: "bag-of-words".into(),
-        })
-        .unwrap(),
-    );
+    let (_api, new) = remote_kb(&db.pool, BagOfWords, "bag-of-words").await;
     // Before the re-embed the new model has no chunks of its own.
     assert!(new.search("export csv", 3, 0.0).await.unwrap().is_empty());
 
