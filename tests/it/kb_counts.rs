@@ -8,9 +8,7 @@ use std::path::PathBuf;
 
 use casebook_agent::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
 use casebook_agent::knowledge::{IngestOutcome, KnowledgeBase, TEXT_POOL};
-use serde_json::{json, Value};
 use sqlx::PgPool;
-use wiremock::{Request, Respond, ResponseTemplate};
 
 use crate::common::TestDb;
 
@@ -61,33 +59,6 @@ fn sections_with(counts: &Counts, model: &str, lexeme: &str) -> i64 {
         .map_or(0, |r| r.2)
 }
 
-/// An embeddings API whose vectors depend on the text (a hashed bag of
-/// words): a second model to re-embed with.
-struct Hashed;
-
-impl Respond for Hashed {
-    fn respond(&self, request: &Request) -> ResponseTemplate {
-        let body: Value = serde_json::from_slice(&request.body).unwrap();
-        let data: Vec<Value> = body["input"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let mut v = vec![0.01f32; DIMENSIONS];
-                for word in t.as_str().unwrap().split_whitespace() {
-                    let h = word
-                        .bytes()
-                        .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64);
-                    v[(h % DIMENSIONS as u64) as usize] += 1.0;
-                }
-                json!({"index": i, "embedding": v})
-            })
-            .collect();
-        ResponseTemplate::new(200).set_body_json(json!({"data": data}))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn term_counts_stay_right_through_ingest_reingest_reembed_delete_and_prune() {
     let db = TestDb::create().await;
@@ -132,7 +103,8 @@ async fn term_counts_stay_right_through_ingest_reingest_reembed_delete_and_prune
     );
 
     // A second model's chunks beside the first's, counted apart.
-    let (_api, hashed) = crate::retrieval::remote_kb(&db.pool, Hashed, "hashed").await;
+    let (_api, hashed) =
+        crate::retrieval::remote_kb(&db.pool, crate::retrieval::BagOfWords, "hashed").await;
     let report = hashed.reembed().await.unwrap();
     assert_eq!(report.documents, 3);
     let counts = assert_counts_right(&db.pool, "re-embed").await;

@@ -218,7 +218,9 @@ pub async fn remote_kb<R: Respond + 'static>(
     (api, kb)
 }
 
-struct BagOfWords;
+/// An embeddings API whose vectors depend on the text (a hashed bag of
+/// words): a second model to re-embed with.
+pub struct BagOfWords;
 
 fn bag_of_words(text: &str) -> Vec<f32> {
     let mut v = vec![0f32; DIMENSIONS];
