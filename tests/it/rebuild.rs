@@ -255,7 +255,7 @@ async fn a_rebuild_repairs_a_wrong_read_model_and_leaves_right_rows_untouched() 
 /// tables, and are not what its writes need (a primary key or a unique
 /// index): a renamed or dropped index would otherwise leave a stale name
 /// behind, and a unique one left out of a shadow would break its upserts.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reader_only_index_is_a_non_unique_index_of_its_projectors_tables() {
     let db = crate::common::TestDb::create().await;
     for projector in casebook_projections::all_projectors() {

@@ -268,7 +268,7 @@ async fn an_event_the_broker_can_never_take_is_set_aside_and_the_rest_flows() {
 /// of all of `events` (a third of the table guessed to match, the first row
 /// expected at once), which on an idle relay reads the whole log each time.
 /// The statement must stay an index scan with any parameters.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_pending_check_reads_its_index_even_as_a_generic_plan() {
     let db = crate::common::TestDb::create().await;
     let pool = &db.pool;

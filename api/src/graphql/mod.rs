@@ -194,7 +194,11 @@ async fn execute(
     headers: HeaderMap,
     request: GraphQLRequest,
 ) -> Response {
-    let _permit = admission.0.acquire().await;
+    let _permit = admission
+        .0
+        .acquire()
+        .await
+        .expect("the admission semaphore is never closed");
     let Some(token) = session::bearer(&headers) else {
         return Refusal {
             code: "unauthorized",
