@@ -11,12 +11,25 @@
 //! | the session idle longer than the limit (`CASEBOOK_SESSION_IDLE_SECS`, default 1 hour), or past its expiry | `session_expired` |
 //!
 //! The caller's role and customer id are the user's current ones, not the
-//! token's: a role change acts on the very next request. `last_seen_at` is
+//! token's: a role change acts on the very next request.
+//!
+//! A GraphQL request needs the check and then a read transaction scoped to
+//! the caller: two round trips (and two connections from the pool). So the
+//! API remembers the caller each session's last full check found, and the
+//! next request of that session does both in one:
+//! `casebook_session_scope` (migration `…_session_scope.sql`) checks that
+//! the session and its user are still exactly as remembered (by a digest of
+//! sub, role, customer, name and permissions) and scopes the transaction,
+//! or refuses before the `BEGIN`; a refusal forgets the session and takes
+//! the full check. What is remembered only ever saves a round trip: it
+//! never admits a request the full check would refuse. `last_seen_at` is
 //! written at most once a minute per session (a quarter of the idle limit
 //! when that is shorter), so a busy session costs one read per request and
 //! one small update a minute; a session is therefore refused after between
 //! the idle limit less that interval and the idle limit of no use.
 
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -25,7 +38,8 @@ use axum::http::{header, HeaderMap};
 use axum::Json;
 use casebook_projections::ReadScope;
 use serde::Serialize;
-use sqlx::PgPool;
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::auth::{Role, TokenKeys};
@@ -39,6 +53,12 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Longer bearer tokens are refused before any parsing.
 const MAX_TOKEN_BYTES: usize = 4096;
+/// How many sessions' callers are remembered (least recently used first
+/// out): about 300 bytes each.
+const REMEMBERED_SESSIONS: usize = 10_000;
+/// The SQLSTATE `casebook_session_scope` raises when a session is not as
+/// remembered.
+const NOT_AS_REMEMBERED: &str = "CB401";
 
 /// An authenticated caller, as of this request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -131,6 +151,43 @@ pub struct Sessions {
     keys: TokenKeys,
     idle: Duration,
     touch_every: Duration,
+    /// The caller each recently checked session stood for, with its
+    /// [`fingerprint`].
+    remembered: Arc<Mutex<lru::LruCache<Uuid, (Caller, String)>>>,
+}
+
+/// A digest of who a caller is: `casebook_caller_fingerprint` in SQL
+/// computes the same from the user's row.
+pub fn fingerprint(caller: &Caller) -> String {
+    const UNIT: char = '\u{1f}';
+    const RECORD: char = '\u{1e}';
+    let customer = caller
+        .customer_id
+        .map(|c| c.hyphenated().to_string())
+        .unwrap_or_default();
+    let name = match &caller.name {
+        Some(n) => format!("={n}"),
+        None => "-".to_string(),
+    };
+    let text = format!(
+        "{sub}{UNIT}{role}{UNIT}{customer}{UNIT}{name}{UNIT}{permissions}",
+        sub = caller.sub,
+        role = caller.role.as_str(),
+        permissions = caller.permissions.join(&RECORD.to_string()),
+    );
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// The statement that checks a remembered session and opens its scoped read
+/// transaction; built only from a UUID, a hex digest and a number.
+fn scope_statement(session_id: Uuid, fingerprint: &str, fresh: Duration) -> Option<String> {
+    fingerprint.bytes().all(|b| b.is_ascii_hexdigit()).then(|| {
+        format!(
+            "SELECT casebook_session_scope('{}', '{fingerprint}', {}); BEGIN READ ONLY",
+            session_id.hyphenated(),
+            fresh.as_secs_f64()
+        )
+    })
 }
 
 impl std::fmt::Debug for Sessions {
@@ -163,6 +220,9 @@ impl Sessions {
             keys,
             idle,
             touch_every: TOUCH_EVERY.min(idle / 4).max(Duration::from_secs(1)),
+            remembered: Arc::new(Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(REMEMBERED_SESSIONS).expect("not zero"),
+            ))),
         }
     }
 
@@ -184,13 +244,64 @@ impl Sessions {
 
     /// The caller a bearer token stands for, now.
     pub async fn authenticate(&self, bearer_token: &str) -> Result<Caller, SessionError> {
+        let claims = self.verify(bearer_token)?;
+        self.check(claims.sid, &claims.sub).await
+    }
+
+    /// The caller a bearer token stands for, now, and, when their session
+    /// is as this process remembers it, a read-only transaction already
+    /// scoped to them (see the module's notes): one round trip instead of
+    /// two. `None`: scope the reads yourself
+    /// (`casebook_projections::access::begin_scoped`).
+    pub async fn authenticate_scoped(
+        &self,
+        bearer_token: &str,
+    ) -> Result<(Caller, Option<Transaction<'static, Postgres>>), SessionError> {
+        let claims = self.verify(bearer_token)?;
+        let remembered = self
+            .remembered
+            .lock()
+            .expect("not poisoned")
+            .get(&claims.sid)
+            .cloned();
+        if let Some((caller, fingerprint)) = remembered.filter(|(c, _)| c.sub == claims.sub) {
+            if let Some(statement) = scope_statement(claims.sid, &fingerprint, self.touch_every) {
+                match self.pool.begin_with(statement).await {
+                    Ok(tx) => return Ok((caller, Some(tx))),
+                    Err(e) => {
+                        let changed = matches!(&e, sqlx::Error::Database(db)
+                            if db.code().as_deref() == Some(NOT_AS_REMEMBERED));
+                        if !changed {
+                            tracing::warn!(error = %e, "the remembered session could not be checked");
+                        }
+                        self.forget(claims.sid);
+                    }
+                }
+            }
+        }
+        Ok((self.check(claims.sid, &claims.sub).await?, None))
+    }
+
+    /// Forgets a session's remembered caller: its next request takes the
+    /// full check.
+    pub fn forget(&self, session_id: Uuid) {
+        self.remembered
+            .lock()
+            .expect("not poisoned")
+            .pop(&session_id);
+    }
+
+    fn verify(&self, bearer_token: &str) -> Result<crate::auth::Claims, SessionError> {
         if bearer_token.len() > MAX_TOKEN_BYTES {
             return Err(SessionError::InvalidToken);
         }
-        let claims = self
-            .keys
+        self.keys
             .verify(bearer_token)
-            .map_err(|_| SessionError::InvalidToken)?;
+            .map_err(|_| SessionError::InvalidToken)
+    }
+
+    /// The full check of a session, from its row and its user's.
+    async fn check(&self, session_id: Uuid, claimed_sub: &str) -> Result<Caller, SessionError> {
         let row: Option<SessionRow> = sqlx::query_as(
             "SELECT s.sub, u.role, u.customer_id, u.name,
                     u.disabled_at IS NOT NULL,
@@ -202,7 +313,7 @@ impl Sessions {
                FROM sessions s JOIN users u ON u.sub = s.sub
               WHERE s.session_id = $1",
         )
-        .bind(claims.sid)
+        .bind(session_id)
         .bind(self.idle.as_secs_f64())
         .bind(self.touch_every.as_secs_f64())
         .fetch_optional(&self.pool)
@@ -222,7 +333,7 @@ impl Sessions {
         else {
             return Err(SessionError::UnknownSession);
         };
-        if sub != claims.sub {
+        if sub != claimed_sub {
             return Err(SessionError::UnknownSession);
         }
         if disabled {
@@ -241,12 +352,12 @@ impl Sessions {
                 "UPDATE sessions SET last_seen_at = now()
                   WHERE session_id = $1 AND last_seen_at < now() - make_interval(secs => $2)",
             )
-            .bind(claims.sid)
+            .bind(session_id)
             .bind(self.touch_every.as_secs_f64())
             .execute(&self.pool)
             .await?;
         }
-        Ok(Caller {
+        let caller = Caller {
             sub,
             role,
             customer_id: if role == Role::Customer {
@@ -254,10 +365,16 @@ impl Sessions {
             } else {
                 None
             },
-            session_id: claims.sid,
+            session_id,
             name,
             permissions,
-        })
+        };
+        let fingerprint = fingerprint(&caller);
+        self.remembered
+            .lock()
+            .expect("not poisoned")
+            .put(session_id, (caller.clone(), fingerprint));
+        Ok(caller)
     }
 }
 

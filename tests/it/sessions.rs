@@ -394,3 +394,236 @@ async fn a_deleted_or_unknown_session_is_refused() {
     assert_eq!(ticket(&app, &ticket_id, &borrowed).await.0, 401);
     app.stop().await;
 }
+
+/// What a transaction opened by the session check runs as.
+async fn scope_of(tx: &mut sqlx::PgConnection) -> (String, String, String, String) {
+    sqlx::query_as(
+        "SELECT current_user::text, current_setting('casebook.role'),
+                current_setting('casebook.customer_id'), current_setting('transaction_read_only')",
+    )
+    .fetch_one(tx)
+    .await
+    .unwrap()
+}
+
+/// The pool's only connection is usable, as its owner, outside any
+/// transaction: a refused check left nothing behind.
+async fn connection_is_clean(pool: &sqlx::PgPool) {
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_ne!(user, "casebook_api");
+    // VACUUM cannot run inside a transaction block.
+    sqlx::query("VACUUM sessions")
+        .execute(pool)
+        .await
+        .expect("not in a transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_session_opens_its_scoped_reads_in_the_same_round_trip_until_anything_changes()
+{
+    use casebook_api::session::fingerprint;
+    use casebook_api::SessionError;
+    use std::time::Duration;
+
+    let db = crate::common::TestDb::create().await;
+    // One connection: a refused check must leave it clean for the next use.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let keys = TokenKeys::new(JWT_SECRET);
+    let sessions =
+        casebook_api::Sessions::new(pool.clone(), keys.clone(), Duration::from_secs(3600));
+    let customer = Uuid::new_v4();
+    let token = issue_token(
+        &pool,
+        &keys,
+        TokenRole::Customer,
+        "ada",
+        Some(customer),
+        600,
+    )
+    .await
+    .unwrap()
+    .token;
+
+    // First request: the full check, no transaction yet; then remembered.
+    let (caller, open) = sessions.authenticate_scoped(&token).await.unwrap();
+    assert!(open.is_none());
+    assert_eq!(caller.customer_id, Some(customer));
+    let (again, open) = sessions.authenticate_scoped(&token).await.unwrap();
+    assert_eq!(again, caller);
+    let mut tx = open.expect("a remembered session opens its transaction with the check");
+    assert_eq!(
+        scope_of(&mut tx).await,
+        (
+            "casebook_api".to_string(),
+            "customer".to_string(),
+            customer.to_string(),
+            "on".to_string()
+        )
+    );
+    tx.commit().await.unwrap();
+    connection_is_clean(&pool).await;
+
+    // Each change, made behind the API's back as a DBA would, is seen on
+    // the very next request: the remembered caller is refused, the full
+    // check answers, and the one after that is remembered again.
+    let changes: [(&str, fn(&casebook_api::Caller) -> bool); 4] = [
+        ("UPDATE users SET name = 'Ada L.'", |c| {
+            c.name.as_deref() == Some("Ada L.")
+        }),
+        ("UPDATE users SET name = NULL", |c| c.name.is_none()),
+        ("UPDATE users SET role = 'agent', customer_id = NULL", |c| {
+            c.role == TokenRole::Agent && c.customer_id.is_none()
+        }),
+        (
+            "UPDATE users SET role = 'auditor', permissions = '{auditor_pii}'",
+            |c| c.role == TokenRole::Auditor && c.permissions == ["auditor_pii"],
+        ),
+    ];
+    for (change, holds) in changes {
+        sqlx::query(change).execute(&pool).await.unwrap();
+        let (now, open) = sessions.authenticate_scoped(&token).await.unwrap();
+        assert!(
+            open.is_none(),
+            "{change}: the remembered caller was refused"
+        );
+        assert!(holds(&now), "{change}: {now:?}");
+        connection_is_clean(&pool).await;
+        let (same, open) = sessions.authenticate_scoped(&token).await.unwrap();
+        assert_eq!(same, now);
+        let mut tx = open.expect("remembered again");
+        let (user, role, customer_id, _) = scope_of(&mut tx).await;
+        let expected_customer = now.customer_id.map(|c| c.to_string()).unwrap_or_default();
+        assert_eq!(
+            (user.as_str(), role.as_str(), customer_id.as_str()),
+            (
+                "casebook_api",
+                now.role.as_str(),
+                expected_customer.as_str()
+            )
+        );
+        tx.rollback().await.unwrap();
+        assert_eq!(fingerprint(&now), fingerprint(&same));
+    }
+
+    // Unseen for five minutes (longer than the touch interval): the full
+    // check, which records the use.
+    sqlx::query("UPDATE sessions SET last_seen_at = now() - interval '5 minutes'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(sessions
+        .authenticate_scoped(&token)
+        .await
+        .unwrap()
+        .1
+        .is_none());
+    assert!(sessions
+        .authenticate_scoped(&token)
+        .await
+        .unwrap()
+        .1
+        .is_some());
+
+    // Idle past the limit, disabled, deleted: refused, with the full
+    // check's answer, and the connection clean after each.
+    sqlx::query("UPDATE sessions SET last_seen_at = now() - interval '61 minutes'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        sessions.authenticate_scoped(&token).await,
+        Err(SessionError::Expired)
+    ));
+    connection_is_clean(&pool).await;
+    sqlx::query("UPDATE sessions SET last_seen_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(sessions
+        .authenticate_scoped(&token)
+        .await
+        .unwrap()
+        .1
+        .is_none());
+    sqlx::query("UPDATE users SET disabled_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        sessions.authenticate_scoped(&token).await,
+        Err(SessionError::UserDisabled)
+    ));
+    connection_is_clean(&pool).await;
+    sqlx::query("UPDATE users SET disabled_at = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(sessions
+        .authenticate_scoped(&token)
+        .await
+        .unwrap()
+        .1
+        .is_none());
+    sqlx::query("DELETE FROM sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        sessions.authenticate_scoped(&token).await,
+        Err(SessionError::UnknownSession)
+    ));
+    connection_is_clean(&pool).await;
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_fingerprint_is_the_same_in_rust_and_in_postgres() {
+    use casebook_api::session::fingerprint;
+
+    let db = crate::common::TestDb::create().await;
+    let customer = Uuid::new_v4();
+    let callers = [
+        (TokenRole::Customer, Some(customer), None, vec![]),
+        (TokenRole::Agent, None, Some(""), vec![]),
+        (TokenRole::Analyst, None, Some("-"), vec![]),
+        (
+            TokenRole::Auditor,
+            None,
+            Some("Zoë O'Brien \u{1f}\u{1e} 李"),
+            vec!["auditor_pii".to_string()],
+        ),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (role, customer_id, name, permissions) in callers {
+        let caller = casebook_api::Caller {
+            sub: "user-ü".into(),
+            role,
+            customer_id,
+            session_id: Uuid::new_v4(),
+            name: name.map(str::to_string),
+            permissions: permissions.clone(),
+        };
+        let in_sql: String =
+            sqlx::query_scalar("SELECT casebook_caller_fingerprint($1, $2, $3, $4, $5)")
+                .bind(&caller.sub)
+                .bind(role.as_str())
+                .bind(customer_id)
+                .bind(name)
+                .bind(&permissions)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(fingerprint(&caller), in_sql, "{caller:?}");
+        assert!(
+            seen.insert(in_sql),
+            "{caller:?}: each caller its own digest"
+        );
+    }
+}

@@ -92,11 +92,22 @@ impl std::ops::DerefMut for Scoped {
 impl Db {
     /// Reads for one request, sharing one transaction.
     pub fn for_request(pool: PgPool, viewer: Viewer) -> Self {
+        Self::for_request_in(pool, viewer, None)
+    }
+
+    /// Reads for one request, in a transaction already open and scoped to
+    /// `viewer` (the session check's, see `Sessions::authenticate_scoped`),
+    /// or, without one, in one the first read opens.
+    pub fn for_request_in(
+        pool: PgPool,
+        viewer: Viewer,
+        open: Option<Transaction<'static, Postgres>>,
+    ) -> Self {
         Self {
             pool,
             viewer,
             reads: Arc::new(AtomicUsize::new(0)),
-            shared: Some(Arc::new(Mutex::new(None))),
+            shared: Some(Arc::new(Mutex::new(open))),
         }
     }
 

@@ -150,40 +150,32 @@ impl IntoResponse for Refusal {
 
 /// The caller behind a bearer token, checked against their session now.
 pub async fn authenticate(app: &AppState, token: &str) -> Result<Viewer, Refusal> {
-    app.sessions.authenticate(token).await.map_err(|e| {
-        let code = e.code();
-        let message = if code == "unavailable" {
-            tracing::error!(error = %e, "session check failed");
-            "sessions cannot be checked right now; retry shortly".to_string()
-        } else {
-            e.to_string()
-        };
-        Refusal { code, message }
-    })
+    app.sessions.authenticate(token).await.map_err(refusal)
 }
 
-/// Request data every operation gets: the viewer, their scoped reads and
-/// (for a request, not a subscription connection) cached loaders, and the
-/// correlation id commands carry.
-fn request_data(
-    app: &AppState,
-    viewer: Viewer,
-    correlation: String,
-    cached_loaders: bool,
-) -> (Data, Db) {
-    let db = if cached_loaders {
-        Db::for_request(app.pool.clone(), viewer.clone())
+fn refusal(e: session::SessionError) -> Refusal {
+    let code = e.code();
+    let message = if code == "unavailable" {
+        tracing::error!(error = %e, "session check failed");
+        "sessions cannot be checked right now; retry shortly".to_string()
     } else {
-        Db::per_read(app.pool.clone(), viewer.clone())
+        e.to_string()
     };
+    Refusal { code, message }
+}
+
+/// Request data every operation gets: the viewer, their scoped reads (`db`)
+/// and (for a request, not a subscription connection) cached loaders, and
+/// the correlation id commands carry.
+fn request_data(db: &Db, viewer: Viewer, correlation: String, cached_loaders: bool) -> Data {
     let mut data = Data::default();
     if cached_loaders {
-        data.insert(Loaders::new(&db));
+        data.insert(Loaders::new(db));
     }
     data.insert(db.clone());
     data.insert(viewer);
     data.insert(mutations::Correlation(correlation));
-    (data, db)
+    data
 }
 
 async fn execute(
@@ -206,11 +198,12 @@ async fn execute(
         }
         .into_response();
     };
-    let viewer = match authenticate(&app, token).await {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
+    let (viewer, open) = match app.sessions.authenticate_scoped(token).await {
+        Ok(found) => found,
+        Err(e) => return refusal(e).into_response(),
     };
-    let (data, db) = request_data(&app, viewer, correlation.0.clone(), true);
+    let db = Db::for_request_in(app.pool.clone(), viewer.clone(), open);
+    let data = request_data(&db, viewer, correlation.0.clone(), true);
     let mut request = request.into_inner();
     request.data = data;
     let mut response = schema.execute(request).await;
@@ -278,7 +271,8 @@ async fn websocket(
                     let viewer = authenticate(&app, &token).await.map_err(|r| {
                         async_graphql::Error::new(format!("{}: {}", r.code, r.message))
                     })?;
-                    let mut data = request_data(&app, viewer, correlation.0, false).0;
+                    let db = Db::per_read(app.pool.clone(), viewer.clone());
+                    let mut data = request_data(&db, viewer, correlation.0, false);
                     data.insert(subscriptions::SessionToken(token));
                     data.insert(subscriptions::Slots::default());
                     Ok(data)

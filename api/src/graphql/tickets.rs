@@ -8,6 +8,7 @@ use base64::Engine;
 use casebook_domain::masking::mask_pii;
 use casebook_projections::staff::{self, MessageRow, TicketCursor, TicketRow};
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::context::{bad_input, db, internal, require_staff, uuid_arg, viewer};
@@ -307,31 +308,88 @@ impl TicketConnection {
     }
 }
 
+impl Asks {
+    /// Looked ahead from the connection's field.
+    fn of(ctx: &Context<'_>) -> Asks {
+        let ahead = ctx.look_ahead();
+        let node = ahead.field("edges").field("node");
+        let nodes = ahead.field("nodes");
+        let asks = |f: &str| node.field(f).exists() || nodes.field(f).exists();
+        let asks_customer = |f: &str| {
+            node.field("customer").field(f).exists() || nodes.field("customer").field(f).exists()
+        };
+        Asks {
+            customer: asks("customer"),
+            identifiers: asks_customer("emails") || asks_customer("phones"),
+            customer_tickets: asks_customer("tickets"),
+            messages: asks("messages"),
+            escalations: asks("escalations"),
+            approvals: asks("approvals"),
+        }
+    }
+}
+
+/// What a query asks of a page's tickets.
+struct Asks {
+    customer: bool,
+    /// The customers' emails or phones.
+    identifiers: bool,
+    customer_tickets: bool,
+    messages: bool,
+    escalations: bool,
+    approvals: bool,
+}
+
+/// Feeds the loaders what a page read with its customers found: every
+/// customer it found, and (when read) every found customer's identifiers,
+/// an empty list being an answer.
+async fn feed_customers(loaders: &Loaders, page: &staff::PageWithCustomers) {
+    loaders
+        .customers
+        .feed_many(page.customers.iter().map(|c| (c.customer_id, c.clone())))
+        .await;
+    if let Some(identifiers) = &page.identifiers {
+        let mut by_customer: HashMap<Uuid, Vec<staff::IdentifierRow>> = page
+            .customers
+            .iter()
+            .map(|c| (c.customer_id, Vec::new()))
+            .collect();
+        for i in identifiers {
+            by_customer
+                .entry(i.customer_id)
+                .or_default()
+                .push(i.clone());
+        }
+        loaders.identifiers.feed_many(by_customer).await;
+    }
+}
+
 /// Loads what the query asks of a page's tickets, one read per kind for the
 /// whole page, into the request's loaders: the nested resolvers then find
-/// it there, however their execution interleaves.
-async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Result<()> {
+/// it there, however their execution interleaves. `customers_fed`: the
+/// page's own read brought its customers (and identifiers, if asked).
+async fn prefetch(
+    ctx: &Context<'_>,
+    rows: &[TicketRow],
+    asks: &Asks,
+    customers_fed: bool,
+) -> async_graphql::Result<()> {
     let Ok(loaders) = ctx.data::<Loaders>() else {
         return Ok(());
     };
     if rows.is_empty() {
         return Ok(());
     }
-    let node = ctx.look_ahead().field("edges").field("node");
-    let nodes = ctx.look_ahead().field("nodes");
-    let asks = |f: &str| node.field(f).exists() || nodes.field(f).exists();
-    let asks_customer = |f: &str| {
-        node.field("customer").field(f).exists() || nodes.field("customer").field(f).exists()
-    };
     let tickets: Vec<Uuid> = rows.iter().map(|r| r.ticket_id).collect();
     let mut customers: Vec<Uuid> = rows.iter().map(|r| r.customer_id).collect();
     customers.sort();
     customers.dedup();
-    let with_identifiers = asks_customer("emails") || asks_customer("phones");
     let db = db(ctx)?;
     let (a, c, d, e, f) = futures::join!(
         async {
-            if asks("customer") && with_identifiers {
+            if customers_fed {
+                Ok(())
+            } else if asks.customer && asks.identifiers {
                 // Both in one read.
                 let (found, identifiers) =
                     super::loaders::customers_with_identifiers(db, &customers).await?;
@@ -339,18 +397,14 @@ async fn prefetch(ctx: &Context<'_>, rows: &[TicketRow]) -> async_graphql::Resul
                 loaders.identifiers.feed_many(identifiers).await;
                 Ok(())
             } else {
-                ahead(asks("customer"), &loaders.customers, &customers).await?;
-                ahead(with_identifiers, &loaders.identifiers, &customers).await
+                ahead(asks.customer, &loaders.customers, &customers).await?;
+                ahead(asks.identifiers, &loaders.identifiers, &customers).await
             }
         },
-        ahead(
-            asks_customer("tickets"),
-            &loaders.customer_tickets,
-            &customers
-        ),
-        ahead(asks("messages"), &loaders.messages, &tickets),
-        ahead(asks("escalations"), &loaders.escalations, &tickets),
-        ahead(asks("approvals"), &loaders.approvals, &tickets),
+        ahead(asks.customer_tickets, &loaders.customer_tickets, &customers),
+        ahead(asks.messages, &loaders.messages, &tickets),
+        ahead(asks.escalations, &loaders.escalations, &tickets),
+        ahead(asks.approvals, &loaders.approvals, &tickets),
     );
     for r in [a, c, d, e, f] {
         r.map_err(internal)?;
@@ -455,20 +509,41 @@ impl TicketQuery {
                 }
             }
         }
+        let asks = Asks::of(ctx);
+        let loaders = ctx.data::<Loaders>().ok();
+        // With loaders to feed, a page that shows its customers reads them
+        // in the page's own statement.
+        let with_customers = asks.customer && loaders.is_some();
         let mut rows = if first == 0 {
             Vec::new()
         } else {
             let db = db(ctx)?;
             let mut tx = db.begin().await.map_err(internal)?;
-            let rows = staff::tickets_page(&mut tx, &query, after, i64::from(first))
+            let rows = if with_customers {
+                let page = staff::tickets_page_with_customers(
+                    &mut tx,
+                    &query,
+                    after,
+                    i64::from(first),
+                    asks.identifiers,
+                )
                 .await
                 .map_err(internal)?;
+                if let Some(loaders) = loaders {
+                    feed_customers(loaders, &page).await;
+                }
+                page.tickets
+            } else {
+                staff::tickets_page(&mut tx, &query, after, i64::from(first))
+                    .await
+                    .map_err(internal)?
+            };
             tx.commit().await.map_err(internal)?;
             rows
         };
         let has_next_page = rows.len() > first as usize;
         rows.truncate(first as usize);
-        prefetch(ctx, &rows).await?;
+        prefetch(ctx, &rows, &asks, with_customers).await?;
         let edges: Vec<TicketEdge> = rows
             .into_iter()
             .map(|r| TicketEdge {
