@@ -238,16 +238,7 @@ pub async fn tickets_page_with_customers(
         if let Some(out) = page.identifiers.as_mut() {
             let kinds = row.c_kinds.unwrap_or_default();
             let values = row.c_values.unwrap_or_default();
-            out.extend(
-                kinds
-                    .into_iter()
-                    .zip(values)
-                    .map(|(kind, value)| IdentifierRow {
-                        customer_id,
-                        kind,
-                        value,
-                    }),
-            );
+            out.extend(identifier_rows(customer_id, kinds, values));
         }
     }
     Ok(page)
@@ -331,6 +322,23 @@ pub async fn identifiers_of_customers(
     .await
 }
 
+/// A customer's identifiers from the two arrays a one-statement read
+/// aggregates them into.
+fn identifier_rows(
+    customer_id: Uuid,
+    kinds: Vec<String>,
+    values: Vec<String>,
+) -> impl Iterator<Item = IdentifierRow> {
+    kinds
+        .into_iter()
+        .zip(values)
+        .map(move |(kind, value)| IdentifierRow {
+            customer_id,
+            kind,
+            value,
+        })
+}
+
 /// Customers and their identifiers in one read (what a page of tickets
 /// showing its customers' emails and phones needs): the identifiers in the
 /// order [`identifiers_of_customers`] gives them.
@@ -368,16 +376,7 @@ pub async fn customers_with_identifiers(
             created_at,
             updated_at,
         });
-        identifiers.extend(
-            kinds
-                .into_iter()
-                .zip(values)
-                .map(|(kind, value)| IdentifierRow {
-                    customer_id,
-                    kind,
-                    value,
-                }),
-        );
+        identifiers.extend(identifier_rows(customer_id, kinds, values));
     }
     Ok((customers, identifiers))
 }

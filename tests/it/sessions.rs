@@ -425,7 +425,6 @@ async fn connection_is_clean(pool: &sqlx::PgPool) {
 async fn a_remembered_session_opens_its_scoped_reads_in_the_same_round_trip_until_anything_changes()
 {
     use casebook_api::session::fingerprint;
-    use casebook_api::SessionError;
     use std::time::Duration;
 
     let db = crate::common::TestDb::create().await;
@@ -514,72 +513,46 @@ async fn a_remembered_session_opens_its_scoped_reads_in_the_same_round_trip_unti
 
     // Unseen for five minutes (longer than the touch interval): the full
     // check, which records the use.
-    sqlx::query("UPDATE sessions SET last_seen_at = now() - interval '5 minutes'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(sessions
-        .authenticate_scoped(&token)
-        .await
-        .unwrap()
-        .1
-        .is_none());
-    assert!(sessions
-        .authenticate_scoped(&token)
-        .await
-        .unwrap()
-        .1
-        .is_some());
+    let run = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    let opens = || async {
+        sessions
+            .authenticate_scoped(&token)
+            .await
+            .map(|(_, tx)| tx.is_some())
+    };
+    run("UPDATE sessions SET last_seen_at = now() - interval '5 minutes'").await;
+    assert!(!opens().await.unwrap());
+    assert!(opens().await.unwrap());
 
     // Idle past the limit, disabled, deleted: refused, with the full
     // check's answer, and the connection clean after each.
-    sqlx::query("UPDATE sessions SET last_seen_at = now() - interval '61 minutes'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(matches!(
-        sessions.authenticate_scoped(&token).await,
-        Err(SessionError::Expired)
-    ));
-    connection_is_clean(&pool).await;
-    sqlx::query("UPDATE sessions SET last_seen_at = now()")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(sessions
-        .authenticate_scoped(&token)
-        .await
-        .unwrap()
-        .1
-        .is_none());
-    sqlx::query("UPDATE users SET disabled_at = now()")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(matches!(
-        sessions.authenticate_scoped(&token).await,
-        Err(SessionError::UserDisabled)
-    ));
-    connection_is_clean(&pool).await;
-    sqlx::query("UPDATE users SET disabled_at = NULL")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(sessions
-        .authenticate_scoped(&token)
-        .await
-        .unwrap()
-        .1
-        .is_none());
-    sqlx::query("DELETE FROM sessions")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(matches!(
-        sessions.authenticate_scoped(&token).await,
-        Err(SessionError::UnknownSession)
-    ));
-    connection_is_clean(&pool).await;
+    let refusals = [
+        (
+            "UPDATE sessions SET last_seen_at = now() - interval '61 minutes'",
+            "UPDATE sessions SET last_seen_at = now()",
+            "session_expired",
+        ),
+        (
+            "UPDATE users SET disabled_at = now()",
+            "UPDATE users SET disabled_at = NULL",
+            "user_disabled",
+        ),
+        ("DELETE FROM sessions", "SELECT 1", "unauthorized"),
+    ];
+    for (change, undo, code) in refusals {
+        assert!(opens().await.unwrap(), "{change}: remembered before");
+        run(change).await;
+        let refused = opens().await.expect_err(change);
+        assert_eq!(refused.code(), code, "{change}");
+        connection_is_clean(&pool).await;
+        run(undo).await;
+        if code != "unauthorized" {
+            assert!(!opens().await.unwrap(), "{undo}: the full check again");
+        }
+    }
     pool.close().await;
 }
 
