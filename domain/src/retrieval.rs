@@ -647,7 +647,10 @@ mod tests {
             specificity: 0.0,
             ..p
         };
-        assert_eq!(rank(&generic, &off)[0].relevance, rank(&generic, &off)[0].own);
+        assert_eq!(
+            rank(&generic, &off)[0].relevance,
+            rank(&generic, &off)[0].own
+        );
     }
 
     #[test]
