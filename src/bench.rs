@@ -1611,11 +1611,16 @@ async fn grid(
     }
     for lexical_weight in [0.1, 0.2, 0.3, 0.4] {
         for body_weight in [0.3, 0.5, 0.7, 1.0] {
-            for article_support in [0.0, 0.3, 0.6, 1.0, 1.5] {
+            for (article_support, specificity) in [0.0, 0.3, 0.6, 1.0, 1.5]
+                .into_iter()
+                .flat_map(|a| [0.0, 0.25, 0.5, 0.75, 1.0].map(|s| (a, s)))
+            {
                 let params = RankingParams {
                     lexical_weight,
                     body_weight,
                     article_support,
+                    specificity,
+                    ..RankingParams::default()
                 };
                 let judged: Vec<Judged> = tune
                     .iter()
@@ -1635,7 +1640,7 @@ async fn grid(
                 let t = calibrate_threshold(&judged);
                 let s = retrieval_scores(&judged, t);
                 eprintln!(
-                    "grid {:.3} lexical_weight={lexical_weight} body_weight={body_weight} article_support={article_support}: threshold {t:.3} hit@1 {:.3} hit@3 {:.3} gap precision {:.3} gap recall {:.3}",
+                    "grid {:.3} lexical_weight={lexical_weight} body_weight={body_weight} article_support={article_support} specificity={specificity}: threshold {t:.3} hit@1 {:.3} hit@3 {:.3} gap precision {:.3} gap recall {:.3}",
                     s.hit_at_1.min(s.gap_recall), s.hit_at_1, s.hit_at_3, s.gap_precision, s.gap_recall
                 );
             }

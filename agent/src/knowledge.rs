@@ -3,7 +3,8 @@
 //! searched both ways: the sections nearest the question's embedding and
 //! those sharing its words are the candidates, ranked by relevance (cosine
 //! similarity plus the idf-weighted share of the question's words each
-//! holds, in headings or text, plus its article's support:
+//! holds, in headings or text, plus its article's support, read against
+//! how near the question is to the knowledge base as a whole:
 //! `casebook_domain::retrieval`); a passage must be at least
 //! [`RELEVANCE_THRESHOLD`] relevant to count.
 //!
@@ -19,7 +20,7 @@ use std::time::Instant;
 use casebook_domain::knowledge::{sections, title_of};
 use casebook_domain::retrieval::{
     rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
-    RankingParams, TermMatch,
+    RankingParams, TermMatch, CLOSENESS_NEIGHBOURS,
 };
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
@@ -34,14 +35,16 @@ pub const CHUNK_WORDS: usize = 180;
 /// knowledge-gap line, calibrated on the tuning split of `kb/eval` for the
 /// ranking's weights (`RankingParams::default`; `casebook bench answers`,
 /// docs/performance.md).
-pub const RELEVANCE_THRESHOLD: f64 = 0.59;
+pub const RELEVANCE_THRESHOLD: f64 = 0.589;
 /// How far under [`RELEVANCE_THRESHOLD`] (or the line a search asks for)
 /// passages still come with the best one, once that is over it: the other
 /// sections an answer may need. About the part the lexical evidence and
 /// the article's support add to a section of the right article.
 pub const CONTEXT_BAND: f64 = 0.12;
-/// Candidates each ranking contributes to the fusion, at least.
-const MIN_CANDIDATES: usize = 20;
+/// Candidates each ranking contributes, at least: the nearest by
+/// embedding are also what a question's closeness to the knowledge base is
+/// measured over (`retrieval::closeness`).
+const MIN_CANDIDATES: usize = CLOSENESS_NEIGHBOURS;
 /// Words of a question used for full-text search.
 const MAX_QUERY_WORDS: usize = 32;
 /// Synonyms of a question's words searched for, at most.

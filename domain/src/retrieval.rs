@@ -76,6 +76,19 @@ pub struct RankingParams {
     /// relevance its best section gains (the second at this weight, the
     /// third at half of it, ...).
     pub article_support: f64,
+    /// How much a question's closeness to the knowledge base as a whole
+    /// ([`closeness`]) is taken from its sections' relevance, measured from
+    /// [`RankingParams::closeness_centre`]: hubness reduction, as in CSLS
+    /// (cross-domain similarity local scaling). A generic question lies
+    /// near many sections at once, and its best cosine says less than the
+    /// same cosine of a question near few. The same for every candidate of
+    /// a question: it moves the knowledge-gap decision, not the order.
+    pub specificity: f64,
+    /// The closeness at which nothing is taken or added: the mean
+    /// closeness of the tuning split's questions, so that relevance stays
+    /// on the cosine's scale where the line and the draft confidence read
+    /// it (docs/performance.md).
+    pub closeness_centre: f64,
 }
 
 impl Default for RankingParams {
@@ -84,7 +97,27 @@ impl Default for RankingParams {
             lexical_weight: 0.2,
             body_weight: 1.0,
             article_support: 0.6,
+            specificity: 0.5,
+            closeness_centre: 0.34,
         }
+    }
+}
+
+/// Sections a question's closeness to the knowledge base is measured over:
+/// its nearest by embedding (the store gives at least this many).
+pub const CLOSENESS_NEIGHBOURS: usize = 20;
+
+/// How near a question is to the knowledge base as a whole: the mean cosine
+/// of its [`CLOSENESS_NEIGHBOURS`] nearest candidates (all of them when
+/// there are fewer; 0 when there are none).
+pub fn closeness(set: &CandidateSet) -> f64 {
+    let mut cosines: Vec<f64> = set.candidates.iter().map(|c| c.cosine).collect();
+    cosines.sort_by(|a, b| b.total_cmp(a));
+    cosines.truncate(CLOSENESS_NEIGHBOURS);
+    if cosines.is_empty() {
+        0.0
+    } else {
+        cosines.iter().sum::<f64>() / cosines.len() as f64
     }
 }
 
@@ -95,7 +128,9 @@ pub struct Ranked {
     pub candidate: usize,
     /// The section's own relevance (cosine plus its lexical part).
     pub own: f64,
-    /// What ranks it: its own relevance plus its article's support.
+    /// What ranks it: its own relevance plus its article's support, read
+    /// against the question's closeness to the whole knowledge base
+    /// ([`RankingParams::specificity`]).
     pub relevance: f64,
 }
 
@@ -279,11 +314,12 @@ pub fn rank(set: &CandidateSet, params: &RankingParams) -> Vec<Ranked> {
             .sum();
         support[sections[0]] = params.article_support * gained;
     }
+    let specific = params.specificity * (params.closeness_centre - closeness(set));
     let mut ranked: Vec<Ranked> = (0..set.candidates.len())
         .map(|i| Ranked {
             candidate: i,
             own: own[i],
-            relevance: own[i] + support[i],
+            relevance: own[i] + support[i] + specific,
         })
         .collect();
     ranked.sort_by(|a, b| {
@@ -524,7 +560,10 @@ mod tests {
                 candidate("billing#2", "billing", 0.50, vec![hit(1, false, true)]),
             ],
         };
-        let p = RankingParams::default();
+        let p = RankingParams {
+            specificity: 0.0,
+            ..RankingParams::default()
+        };
         let ranked = rank(&set, &p);
         assert_eq!(ranked[0].candidate, 1, "{ranked:?}");
         // Only the best section of an article gains; its own relevance is
@@ -553,13 +592,65 @@ mod tests {
                 candidate("b#0", "b", 0.43, vec![]),
             ],
         };
-        let ranked = rank(&set, &RankingParams::default());
+        let p = RankingParams {
+            specificity: 0.0,
+            ..RankingParams::default()
+        };
+        let ranked = rank(&set, &p);
         assert_eq!(
             ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(),
             [1, 0]
         );
         assert_eq!(ranked[0].relevance, 0.43);
         assert!(rank(&CandidateSet::default(), &RankingParams::default()).is_empty());
+    }
+
+    #[test]
+    fn a_question_near_everything_counts_less_than_one_near_its_answer() {
+        // Two questions whose best section is as near; the first is near
+        // every other section too (a generic question), the second only to
+        // its answer.
+        let set = |others: f64| CandidateSet {
+            total_sections: 40,
+            terms: vec![],
+            candidates: std::iter::once(candidate("a#0", "a", 0.6, vec![]))
+                .chain((0..30).map(|i| candidate(&format!("o#{i}"), "o", others, vec![])))
+                .collect(),
+        };
+        let (generic, specific) = (set(0.5), set(0.2));
+        // The nearest 20 only: 0.6 and nineteen others.
+        assert!((closeness(&generic) - (0.6 + 19.0 * 0.5) / 20.0).abs() < 1e-12);
+        assert!((closeness(&specific) - (0.6 + 19.0 * 0.2) / 20.0).abs() < 1e-12);
+        let p = RankingParams {
+            specificity: 0.5,
+            closeness_centre: 0.3,
+            ..RankingParams::default()
+        };
+        let (g, s) = (rank(&generic, &p), rank(&specific, &p));
+        assert_eq!((g[0].candidate, s[0].candidate), (0, 0), "the order stays");
+        assert!(g[0].relevance < s[0].relevance);
+        let shift = |set: &CandidateSet| 0.5 * (0.3 - closeness(set));
+        assert!((g[0].relevance - (g[0].own + shift(&generic))).abs() < 1e-12);
+        assert!((s[0].relevance - (s[0].own + shift(&specific))).abs() < 1e-12);
+        // Every candidate of a question moves alike.
+        assert!((g[1].relevance - g[1].own - shift(&generic)).abs() < 1e-12);
+        // At the centre nothing moves; without candidates there is nothing.
+        let centred = RankingParams {
+            closeness_centre: closeness(&generic),
+            ..p
+        };
+        let c = rank(&generic, &centred);
+        assert!((c[0].relevance - c[0].own).abs() < 1e-12);
+        assert_eq!(closeness(&CandidateSet::default()), 0.0);
+        // Without the weight, closeness does not count.
+        let off = RankingParams {
+            specificity: 0.0,
+            ..p
+        };
+        assert_eq!(
+            rank(&generic, &off)[0].relevance,
+            rank(&generic, &off)[0].own
+        );
     }
 
     #[test]
