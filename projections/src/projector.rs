@@ -178,14 +178,13 @@ impl StreamSequences {
         tx: &mut PgConnection,
         projector: &str,
     ) -> Result<(), ProjectionError> {
-        let held = std::mem::take(&mut self.known);
-        let mut rest = held.into_iter();
-        loop {
-            let part: HashMap<StreamKey, i64> = rest.by_ref().take(FLUSH_ROWS).collect();
-            if part.is_empty() {
-                break;
-            }
-            write_sequences(&mut *tx, projector, part).await?;
+        // In key order: each statement then fills neighbouring index
+        // pages rather than touching pages all over the index (and the
+        // swap copies them into the live table in the same order).
+        let mut held: Vec<(StreamKey, i64)> = std::mem::take(&mut self.known).into_iter().collect();
+        held.sort_unstable();
+        for part in held.chunks(FLUSH_ROWS) {
+            write_sequence_rows(&mut *tx, projector, part.iter().cloned()).await?;
             self.spilled = true;
         }
         Ok(())
@@ -358,10 +357,17 @@ async fn write_sequences(
     name: &str,
     touched: HashMap<StreamKey, i64>,
 ) -> Result<(), ProjectionError> {
-    let (types, rest): (Vec<String>, Vec<(String, i64)>) = touched
-        .into_iter()
-        .map(|((t, id), seq)| (t, (id, seq)))
-        .unzip();
+    write_sequence_rows(tx, name, touched.into_iter()).await
+}
+
+/// [`write_sequences`] of rows in the order given.
+async fn write_sequence_rows(
+    tx: &mut PgConnection,
+    name: &str,
+    rows: impl Iterator<Item = (StreamKey, i64)>,
+) -> Result<(), ProjectionError> {
+    let (types, rest): (Vec<String>, Vec<(String, i64)>) =
+        rows.map(|((t, id), seq)| (t, (id, seq))).unzip();
     let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
     sqlx::query(
         "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)

@@ -282,32 +282,35 @@ async fn read_page(
     cursor: &mut Cursor,
     chunk_size: usize,
 ) -> Result<Vec<EventEnvelope>, ProjectionError> {
-    let rows = sqlx::query(&format!(
+    let sql = format!(
         "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM public.events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
             AND aggregate_type = ANY($3)
           ORDER BY transaction_id, position LIMIT $4"
-    ))
-    .bind(&cursor.last_tx)
-    .bind(cursor.last_position)
-    .bind(types)
-    .bind(chunk_size as i64)
-    .fetch(&mut *conn)
-    .map_ok(|row| {
-        (
-            row.try_get::<String, _>("tx"),
-            row.try_get::<i64, _>("position"),
-            stored_event(&row),
-        )
-    })
-    .try_collect::<Vec<_>>()
-    .await?;
-    let mut page: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
-    for (txid, position, event) in rows {
-        cursor.last_tx = txid?;
-        cursor.last_position = position?;
-        page.push(event?.into());
+    );
+    let after = (cursor.last_tx.clone(), cursor.last_position);
+    let mut rows = sqlx::query(&sql)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(types)
+        .bind(chunk_size as i64)
+        .fetch(&mut *conn);
+    // Sized once: a page grown by doubling reallocates megabytes several
+    // times over, each time in memory fresh from the OS.
+    let mut page: Vec<EventEnvelope> = Vec::with_capacity(chunk_size);
+    let mut last = None;
+    while let Some(row) = rows.try_next().await? {
+        last = Some((
+            row.try_get::<String, _>("tx")?,
+            row.try_get::<i64, _>("position")?,
+        ));
+        page.push(stored_event(&row)?.into());
+    }
+    drop(rows);
+    if let Some((txid, position)) = last {
+        cursor.last_tx = txid;
+        cursor.last_position = position;
     }
     Ok(page)
 }
@@ -840,7 +843,8 @@ async fn swap(
         sqlx::query(&format!(
             "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
              SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
-              WHERE projector = $1"
+              WHERE projector = $1
+              ORDER BY aggregate_type, aggregate_id"
         ))
         .bind(name)
         .execute(&mut *tx)
@@ -871,6 +875,7 @@ async fn swap(
         "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
          SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
           WHERE projector = $1
+          ORDER BY aggregate_type, aggregate_id
          ON CONFLICT (projector, aggregate_type, aggregate_id) DO NOTHING"
     ))
     .bind(name)
