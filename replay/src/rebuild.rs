@@ -10,7 +10,10 @@
 //!    thrown away and rebuilt whole if anything happens), with every index
 //!    but those only readers use (`Projector::reader_indexes`), whose
 //!    upkeep would cost on every row and serve nobody. The projector's own
-//!    code fills them, unchanged: each page is applied in a short
+//!    code fills them (or its `shadow_filler`, which writes the same rows
+//!    but keeps what it wrote in memory between pages, as the fill keeps
+//!    the per-stream sequences, written to the shadow once the fill ends):
+//!    each page is applied in a short
 //!    transaction whose `search_path` puts the shadow schema first, so its
 //!    unqualified table names resolve to the copies (the event store stays
 //!    `public.events`). Pages are read in `(transaction_id, position)`
@@ -27,7 +30,8 @@
 //!    projector's per-stream sequences with the shadow's. Readers see the
 //!    old rows until it commits and the new ones after: never an empty or
 //!    half-built read model (the rows are replaced with DELETE and INSERT,
-//!    not TRUNCATE, which would lock readers out).
+//!    not TRUNCATE, which would lock readers out; into an empty live table,
+//!    its first build, with a plain INSERT).
 //! 3. **Resume.** The live consumer's Kafka offsets are left as they were.
 //!    Whatever it receives next that the shadow already had is recognised by
 //!    its stream sequence and skipped (no double); whatever the shadow did
