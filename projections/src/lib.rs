@@ -21,7 +21,10 @@ pub mod store;
 
 pub use access::{begin_scoped, ReadScope};
 pub use consumer::{ConsumerSettings, ProjectorRunner};
-pub use projector::{apply_batch, apply_batch_in, ConsumedOffset, ProjectionError, Projector};
+pub use projector::{
+    apply_batch, apply_batch_in, apply_batch_remembered, ConsumedOffset, ProjectionError,
+    Projector, StreamSequences,
+};
 
 /// Every projector this crate provides, by name.
 pub fn all_projectors() -> Vec<std::sync::Arc<dyn Projector>> {

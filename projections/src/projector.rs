@@ -48,6 +48,15 @@ pub trait Projector: Send + Sync + 'static {
     fn reader_indexes(&self) -> &'static [&'static str] {
         &[]
     }
+    /// A projector that fills a rebuild's shadow in this one's place, for
+    /// one rebuild: nobody else writes the shadow while it fills, so it may
+    /// keep what it wrote in memory rather than read it back for the next
+    /// page. It must write exactly the rows this projector would (its own
+    /// name, types and tables). Dropped, with whatever it holds, when the
+    /// fill ends or fails; the swap's catch-up uses this projector.
+    fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
+        None
+    }
 }
 
 /// A consumed Kafka position to record with the batch.
@@ -105,46 +114,204 @@ pub async fn apply_batch_in<'a>(
     offsets: &[ConsumedOffset],
 ) -> Result<Cow<'a, [EventEnvelope]>, ProjectionError> {
     let name = projector.name();
-    let types = projector.aggregate_types();
-    let relevant: Vec<&EventEnvelope> = events
-        .iter()
-        .filter(|e| types.contains(&e.aggregate_type.as_str()))
-        .collect();
-
-    let mut keys: Vec<(String, String)> = relevant
+    let relevant = relevant_events(projector, events);
+    let mut keys: Vec<StreamKey> = relevant
         .iter()
         .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone()))
         .collect();
     keys.sort();
     keys.dedup();
-    let mut last: HashMap<(String, String), i64> = HashMap::new();
-    if !keys.is_empty() {
-        let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
-               FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
-               JOIN projector_streams p ON p.projector = $1
-                AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
-              ORDER BY p.aggregate_type, p.aggregate_id
-                FOR UPDATE OF p",
-        )
-        .bind(name)
+    let last = stored_sequences(&mut *tx, name, keys, true).await?;
+    let (fresh, touched) = fresh_events(&mut *tx, name, events, relevant, |key| {
+        last.get(key).copied()
+    })
+    .await?;
+    if !fresh.is_empty() {
+        projector.apply(&mut *tx, &fresh).await?;
+        write_sequences(&mut *tx, name, touched).await?;
+    }
+    record_offsets(&mut *tx, name, offsets).await?;
+    record_progress(&mut *tx, name, events, fresh.len()).await?;
+    Ok(fresh)
+}
+
+/// A stream: (aggregate type, aggregate id).
+pub type StreamKey = (String, String);
+
+/// The per-stream sequences a rebuild has applied, kept in memory while it
+/// fills a shadow: the shadow has no other writer, so the sequences need
+/// not be read back from `projector_streams` and written there for every
+/// page (two statements per page, and a row version per stream per page).
+/// At most `limit` streams are held; beyond that they are written to
+/// `projector_streams` ([`StreamSequences::flush`]) and from then on a
+/// stream not in memory is looked up there, as a live batch does.
+#[derive(Debug)]
+pub struct StreamSequences {
+    known: HashMap<StreamKey, i64>,
+    limit: usize,
+    /// Some sequences are in `projector_streams` and not in memory.
+    spilled: bool,
+}
+
+impl StreamSequences {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            known: HashMap::new(),
+            limit: limit.max(1),
+            spilled: false,
+        }
+    }
+
+    /// Streams held in memory.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// Writes the sequences held to `projector_streams` (the later of the
+    /// stored and the held one wins) and forgets them.
+    pub async fn flush(
+        &mut self,
+        tx: &mut PgConnection,
+        projector: &str,
+    ) -> Result<(), ProjectionError> {
+        // In key order: each statement then fills neighbouring index
+        // pages rather than touching pages all over the index (and the
+        // swap copies them into the live table in the same order).
+        let mut held: Vec<(StreamKey, i64)> = std::mem::take(&mut self.known).into_iter().collect();
+        held.sort_unstable();
+        for part in held.chunks(FLUSH_ROWS) {
+            write_sequence_rows(&mut *tx, projector, part.iter().cloned()).await?;
+            self.spilled = true;
+        }
+        Ok(())
+    }
+}
+
+/// Rows per statement when [`StreamSequences::flush`] writes.
+const FLUSH_ROWS: usize = 50_000;
+
+/// [`apply_batch_in`] for a rebuild's shadow, with the per-stream
+/// sequences in `streams` rather than read from and written to
+/// `projector_streams` for each batch: the same events are applied, the
+/// same gaps filled from the store and the same copies skipped. The
+/// caller writes `streams` out ([`StreamSequences::flush`]) before anyone
+/// else reads the shadow's `projector_streams`. If the transaction does
+/// not commit, `streams` is ahead of the shadow and must be dropped with
+/// it.
+pub async fn apply_batch_remembered<'a>(
+    tx: &mut PgConnection,
+    projector: &dyn Projector,
+    events: &'a [EventEnvelope],
+    streams: &mut StreamSequences,
+) -> Result<Cow<'a, [EventEnvelope]>, ProjectionError> {
+    let name = projector.name();
+    let relevant = relevant_events(projector, events);
+    let mut stored = HashMap::new();
+    if streams.spilled {
+        let mut keys: Vec<StreamKey> = relevant
+            .iter()
+            .filter(|e| {
+                !streams
+                    .known
+                    .contains_key(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+            })
+            .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        stored = stored_sequences(&mut *tx, name, keys, false).await?;
+    }
+    let (fresh, touched) = fresh_events(&mut *tx, name, events, relevant, |key| {
+        streams.known.get(key).or(stored.get(key)).copied()
+    })
+    .await?;
+    if !fresh.is_empty() {
+        projector.apply(&mut *tx, &fresh).await?;
+        streams.known.extend(touched);
+        if streams.known.len() > streams.limit {
+            streams.flush(&mut *tx, name).await?;
+        }
+    }
+    record_progress(&mut *tx, name, events, fresh.len()).await?;
+    Ok(fresh)
+}
+
+/// The batch's events of the projector's aggregate types.
+fn relevant_events<'a>(
+    projector: &dyn Projector,
+    events: &'a [EventEnvelope],
+) -> Vec<&'a EventEnvelope> {
+    let types = projector.aggregate_types();
+    events
+        .iter()
+        .filter(|e| types.contains(&e.aggregate_type.as_str()))
+        .collect()
+}
+
+/// The last sequences `projector_streams` holds of `keys` (sorted), locked
+/// for the transaction when `lock`.
+async fn stored_sequences(
+    tx: &mut PgConnection,
+    projector: &str,
+    keys: Vec<StreamKey>,
+    lock: bool,
+) -> Result<HashMap<StreamKey, i64>, ProjectionError> {
+    let mut last: HashMap<StreamKey, i64> = HashMap::new();
+    if keys.is_empty() {
+        return Ok(last);
+    }
+    let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+    let sql = if lock {
+        "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+           FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
+           JOIN projector_streams p ON p.projector = $1
+            AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
+          ORDER BY p.aggregate_type, p.aggregate_id
+            FOR UPDATE OF p"
+    } else {
+        "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+           FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
+           JOIN projector_streams p ON p.projector = $1
+            AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id"
+    };
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(sql)
+        .bind(projector)
         .bind(&types)
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        for (t, id, seq) in rows {
-            last.insert((t, id), seq);
-        }
+    for (t, id, seq) in rows {
+        last.insert((t, id), seq);
     }
+    Ok(last)
+}
 
+/// The events to apply, each once and in order, with the earlier events
+/// of a stream whose start the batch lacks read from the store; and the
+/// last sequence each stream reaches. `last` answers what a stream had
+/// reached before the batch.
+async fn fresh_events<'a>(
+    tx: &mut PgConnection,
+    name: &str,
+    events: &'a [EventEnvelope],
+    relevant: Vec<&'a EventEnvelope>,
+    last: impl Fn(&StreamKey) -> Option<i64>,
+) -> Result<(Cow<'a, [EventEnvelope]>, HashMap<StreamKey, i64>), ProjectionError> {
     let all_relevant = relevant.len() == events.len();
     let mut fresh = Vec::with_capacity(relevant.len());
     let mut copied = false;
-    let mut touched: HashMap<(String, String), i64> = HashMap::new();
+    let mut touched: HashMap<StreamKey, i64> = HashMap::new();
     for e in relevant {
         let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
-        let seen = touched.get(&key).or(last.get(&key)).copied().unwrap_or(0);
+        let seen = touched
+            .get(&key)
+            .copied()
+            .or_else(|| last(&key))
+            .unwrap_or(0);
         if e.sequence <= seen {
             SKIPPED.with_label_values(&[name, "duplicate"]).inc();
             copied = true;
@@ -181,28 +348,47 @@ pub async fn apply_batch_in<'a>(
     } else {
         Cow::Owned(fresh.into_iter().map(Cow::into_owned).collect())
     };
+    Ok((fresh, touched))
+}
 
-    if !fresh.is_empty() {
-        projector.apply(&mut *tx, &fresh).await?;
-        let (types, rest): (Vec<String>, Vec<(String, i64)>) = touched
-            .into_iter()
-            .map(|((t, id), seq)| (t, (id, seq)))
-            .unzip();
-        let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
-        sqlx::query(
-            "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])
-             ON CONFLICT (projector, aggregate_type, aggregate_id)
-             DO UPDATE SET last_sequence = GREATEST(projector_streams.last_sequence, EXCLUDED.last_sequence)",
-        )
-        .bind(name)
-        .bind(&types)
-        .bind(&ids)
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await?;
-    }
+/// Records the last sequence each stream reached (never moving one back).
+async fn write_sequences(
+    tx: &mut PgConnection,
+    name: &str,
+    touched: HashMap<StreamKey, i64>,
+) -> Result<(), ProjectionError> {
+    write_sequence_rows(tx, name, touched.into_iter()).await
+}
 
+/// [`write_sequences`] of rows in the order given.
+async fn write_sequence_rows(
+    tx: &mut PgConnection,
+    name: &str,
+    rows: impl Iterator<Item = (StreamKey, i64)>,
+) -> Result<(), ProjectionError> {
+    let (types, rest): (Vec<String>, Vec<(String, i64)>) =
+        rows.map(|((t, id), seq)| (t, (id, seq))).unzip();
+    let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
+    sqlx::query(
+        "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (projector, aggregate_type, aggregate_id)
+         DO UPDATE SET last_sequence = GREATEST(projector_streams.last_sequence, EXCLUDED.last_sequence)",
+    )
+    .bind(name)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&seqs)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn record_offsets(
+    tx: &mut PgConnection,
+    name: &str,
+    offsets: &[ConsumedOffset],
+) -> Result<(), ProjectionError> {
     for o in offsets {
         sqlx::query(
             "INSERT INTO projector_offsets (projector, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
@@ -216,7 +402,15 @@ pub async fn apply_batch_in<'a>(
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
 
+async fn record_progress(
+    tx: &mut PgConnection,
+    name: &str,
+    events: &[EventEnvelope],
+    applied: usize,
+) -> Result<(), ProjectionError> {
     if let Some(furthest) = events.iter().max_by_key(|e| e.position) {
         sqlx::query(
             "INSERT INTO projector_progress (projector, last_position, last_event_at, events_applied)
@@ -230,12 +424,11 @@ pub async fn apply_batch_in<'a>(
         .bind(name)
         .bind(furthest.position)
         .bind(furthest.occurred_at)
-        .bind(fresh.len() as i64)
+        .bind(applied as i64)
         .execute(&mut *tx)
         .await?;
     }
-
-    Ok(fresh)
+    Ok(())
 }
 
 /// The events of `e`'s stream after sequence `seen` and before `e`, from the

@@ -10,7 +10,10 @@
 //!    thrown away and rebuilt whole if anything happens), with every index
 //!    but those only readers use (`Projector::reader_indexes`), whose
 //!    upkeep would cost on every row and serve nobody. The projector's own
-//!    code fills them, unchanged: each page is applied in a short
+//!    code fills them (or its `shadow_filler`, which writes the same rows
+//!    but keeps what it wrote in memory between pages, as the fill keeps
+//!    the per-stream sequences, written to the shadow once the fill ends):
+//!    each page is applied in a short
 //!    transaction whose `search_path` puts the shadow schema first, so its
 //!    unqualified table names resolve to the copies (the event store stays
 //!    `public.events`). Pages are read in `(transaction_id, position)`
@@ -27,7 +30,8 @@
 //!    projector's per-stream sequences with the shadow's. Readers see the
 //!    old rows until it commits and the new ones after: never an empty or
 //!    half-built read model (the rows are replaced with DELETE and INSERT,
-//!    not TRUNCATE, which would lock readers out).
+//!    not TRUNCATE, which would lock readers out; into an empty live table,
+//!    its first build, with a plain INSERT).
 //! 3. **Resume.** The live consumer's Kafka offsets are left as they were.
 //!    Whatever it receives next that the shadow already had is recognised by
 //!    its stream sequence and skipped (no double); whatever the shadow did
@@ -40,7 +44,9 @@ use std::time::{Duration, Instant};
 use casebook_domain::EventEnvelope;
 use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
-use casebook_projections::{apply_batch_in, ProjectionError, Projector};
+use casebook_projections::{
+    apply_batch_in, apply_batch_remembered, ProjectionError, Projector, StreamSequences,
+};
 use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -55,6 +61,10 @@ pub const PAGES_AHEAD: usize = 4;
 const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
 /// How soon to look again while an older transaction holds events back.
 const PENDING_POLL: Duration = Duration::from_millis(10);
+/// Streams whose applied sequence a lane keeps in memory while it fills
+/// its shadow; beyond them it writes them to the shadow and reads back
+/// what it no longer holds.
+const STREAMS_IN_MEMORY: usize = 1_000_000;
 /// How often a swap that lost a deadlock is tried again.
 const SWAP_ATTEMPTS: u32 = 5;
 
@@ -276,32 +286,35 @@ async fn read_page(
     cursor: &mut Cursor,
     chunk_size: usize,
 ) -> Result<Vec<EventEnvelope>, ProjectionError> {
-    let rows = sqlx::query(&format!(
+    let sql = format!(
         "SELECT transaction_id::text AS tx, {EVENT_COLUMNS} FROM public.events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
             AND aggregate_type = ANY($3)
           ORDER BY transaction_id, position LIMIT $4"
-    ))
-    .bind(&cursor.last_tx)
-    .bind(cursor.last_position)
-    .bind(types)
-    .bind(chunk_size as i64)
-    .fetch(&mut *conn)
-    .map_ok(|row| {
-        (
-            row.try_get::<String, _>("tx"),
-            row.try_get::<i64, _>("position"),
-            stored_event(&row),
-        )
-    })
-    .try_collect::<Vec<_>>()
-    .await?;
-    let mut page: Vec<EventEnvelope> = Vec::with_capacity(rows.len());
-    for (txid, position, event) in rows {
-        cursor.last_tx = txid?;
-        cursor.last_position = position?;
-        page.push(event?.into());
+    );
+    let after = (cursor.last_tx.clone(), cursor.last_position);
+    let mut rows = sqlx::query(&sql)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(types)
+        .bind(chunk_size as i64)
+        .fetch(&mut *conn);
+    // Sized once: a page grown by doubling reallocates megabytes several
+    // times over, each time in memory fresh from the OS.
+    let mut page: Vec<EventEnvelope> = Vec::with_capacity(chunk_size);
+    let mut last = None;
+    while let Some(row) = rows.try_next().await? {
+        last = Some((
+            row.try_get::<String, _>("tx")?,
+            row.try_get::<i64, _>("position")?,
+        ));
+        page.push(stored_event(&row)?.into());
+    }
+    drop(rows);
+    if let Some((txid, position)) = last {
+        cursor.last_tx = txid;
+        cursor.last_position = position;
     }
     Ok(page)
 }
@@ -538,18 +551,42 @@ async fn fill_lane(
     mut pages: tokio::sync::mpsc::Receiver<Arc<Vec<EventEnvelope>>>,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(), ProjectionError> {
+    // The shadow's per-stream sequences stay in memory while it fills
+    // (nobody else writes the shadow), and are written once at the end,
+    // before the swap's catch-up reads them.
+    let mut streams = StreamSequences::new(STREAMS_IN_MEMORY);
+    // A projector may fill its shadow with a stand-in that keeps what it
+    // wrote in memory (`Projector::shadow_filler`); it is dropped with the
+    // fill, and the swap's catch-up goes through the projector itself.
+    let filler = lane.projector.shadow_filler();
+    let projector: &dyn Projector = filler.as_deref().unwrap_or(lane.projector);
+    if projector.name() != lane.projector.name()
+        || projector.tables() != lane.projector.tables()
+        || projector.aggregate_types() != lane.projector.aggregate_types()
+    {
+        return Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+            "the shadow filler of {} is not the same read model",
+            lane.projector.name()
+        ))));
+    }
     while let Some(page) = pages.recv().await {
         let read = page.len() as u64;
         let started = Instant::now();
         let mut tx = pool.begin().await?;
         use_shadow(&mut tx, &lane.schema).await?;
-        let applied = apply_batch_in(&mut tx, lane.projector, &page, &[]).await?;
+        let applied = apply_batch_remembered(&mut tx, projector, &page, &mut streams).await?;
         tx.commit().await?;
         lane.busy += started.elapsed();
         lane.read += read;
         lane.applied += applied.len() as u64;
         progress(lane.progress(false));
     }
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+    use_shadow(&mut tx, &lane.schema).await?;
+    streams.flush(&mut tx, lane.projector.name()).await?;
+    tx.commit().await?;
+    lane.busy += started.elapsed();
     Ok(())
 }
 
@@ -568,11 +605,24 @@ async fn swap_lane(
     // both tables' sizes as they are now (the shadow was never analysed,
     // and the live tables may have changed a lot since autovacuum last
     // looked), or it joins them row by row.
+    // Only the key's columns: the row counts and the key's statistics are
+    // what the joins are planned by, and sampling every column (the
+    // tickets' `jsonb` state among them) costs seconds.
     for table in lane.projector.tables().iter().chain(BOOKKEEPING.iter()) {
         let table = table_ident(table)?;
-        sqlx::query(&format!("ANALYZE {}.{table}, public.{table}", lane.schema))
-            .execute(pool)
-            .await?;
+        let mut conn = pool.acquire().await?;
+        let key = primary_key(&mut conn, table).await?.join(", ");
+        let columns = if key.is_empty() {
+            String::new()
+        } else {
+            format!(" ({key})")
+        };
+        sqlx::query(&format!(
+            "ANALYZE {}.{table}{columns}, public.{table}{columns}",
+            lane.schema
+        ))
+        .execute(&mut *conn)
+        .await?;
     }
     let mut attempt = 0;
     let caught_up = loop {
@@ -649,21 +699,28 @@ async fn replace_rows(
     .bind(table)
     .fetch_all(&mut *tx)
     .await?;
-    let key: Vec<String> = sqlx::query_scalar(
-        "SELECT quote_ident(a.attname)
-           FROM pg_index i
-           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-          WHERE i.indrelid = format('public.%I', $1::text)::regclass AND i.indisprimary
-          ORDER BY array_position(i.indkey::int2[], a.attnum)",
-    )
-    .bind(table)
-    .fetch_all(&mut *tx)
-    .await?;
+    let key = primary_key(&mut *tx, table).await?;
     let all = columns
         .iter()
         .map(|(c, _)| c.as_str())
         .collect::<Vec<_>>()
         .join(", ");
+    // Into an empty read model (its first build): every shadow row is new,
+    // and a plain insert spares the comparisons and the conflict checks.
+    // (The projector's live batches wait for this transaction, so nothing
+    // else adds rows meanwhile; if something did, the insert fails.)
+    let empty: bool =
+        sqlx::query_scalar(&format!("SELECT NOT EXISTS (SELECT 1 FROM public.{table})"))
+            .fetch_one(&mut *tx)
+            .await?;
+    if empty {
+        sqlx::query(&format!(
+            "INSERT INTO public.{table} ({all}) SELECT {all} FROM {schema}.{table}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        return Ok(());
+    }
     if key.is_empty() {
         sqlx::query(&format!("DELETE FROM public.{table}"))
             .execute(&mut *tx)
@@ -730,6 +787,20 @@ async fn replace_rows(
     Ok(())
 }
 
+/// The primary key's columns of `public.<table>`, quoted, in key order.
+async fn primary_key(conn: &mut PgConnection, table: &str) -> Result<Vec<String>, ProjectionError> {
+    Ok(sqlx::query_scalar(
+        "SELECT quote_ident(a.attname)
+           FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+          WHERE i.indrelid = format('public.%I', $1::text)::regclass AND i.indisprimary
+          ORDER BY array_position(i.indkey::int2[], a.attnum)",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 /// The swap's transaction; returns what it caught up (read, applied).
 async fn swap(
     pool: &PgPool,
@@ -764,7 +835,27 @@ async fn swap(
         replace_rows(&mut tx, schema, table_ident(table)?).await?;
     }
     // The per-stream sequences the live consumer goes on from: the same
-    // three steps, for this projector's rows only.
+    // three steps, for this projector's rows only (or a plain insert, if
+    // it has none yet).
+    let first: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM public.projector_streams WHERE projector = $1)",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await?;
+    if first {
+        sqlx::query(&format!(
+            "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
+             SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
+              WHERE projector = $1
+              ORDER BY aggregate_type, aggregate_id"
+        ))
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return Ok((read, applied));
+    }
     sqlx::query(&format!(
         "DELETE FROM public.projector_streams l
           WHERE l.projector = $1
@@ -788,6 +879,7 @@ async fn swap(
         "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
          SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
           WHERE projector = $1
+          ORDER BY aggregate_type, aggregate_id
          ON CONFLICT (projector, aggregate_type, aggregate_id) DO NOTHING"
     ))
     .bind(name)

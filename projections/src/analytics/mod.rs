@@ -59,67 +59,147 @@ impl Projector for MetricsProjector {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        let decoded: Vec<_> = ticket_events(NAME, events).collect();
-        if decoded.is_empty() {
-            return Ok(());
-        }
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(LOCK_KEY)
-            .execute(&mut *tx)
-            .await?;
+        apply_metrics(tx, events, None).await
+    }
 
-        let mut ids: Vec<Uuid> = decoded.iter().map(|(id, _, _)| *id).collect();
-        ids.sort();
-        ids.dedup();
+    fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
+        Some(Box::new(ShadowMetrics {
+            facts: std::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+/// Tickets whose facts a [`ShadowMetrics`] keeps in memory; past them it
+/// forgets them all and reads facts back from its shadow again.
+const FACTS_IN_MEMORY: usize = 500_000;
+
+/// Fills a rebuild's shadow as [`MetricsProjector`] does, keeping each
+/// ticket's facts in memory between pages instead of reading them back
+/// from `metrics_tickets` (the shadow has no other writer).
+pub struct ShadowMetrics {
+    facts: std::sync::Mutex<HashMap<Uuid, TicketFacts>>,
+}
+
+#[async_trait]
+impl Projector for ShadowMetrics {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        MetricsProjector.aggregate_types()
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        MetricsProjector.tables()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> Result<(), ProjectionError> {
+        // Taken out for the page (one task applies a page at a time) and
+        // put back once it is written.
+        let mut facts = std::mem::take(
+            &mut *self
+                .facts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        apply_metrics(tx, events, Some(&mut facts)).await?;
+        if facts.len() > FACTS_IN_MEMORY {
+            facts.clear();
+        }
+        *self
+            .facts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = facts;
+        Ok(())
+    }
+}
+
+/// Applies a batch: each ticket's facts (from `known`, when given and it
+/// holds the ticket, else from `metrics_tickets`) observe its events, the
+/// facts are written back and the buckets get what was counted. The facts
+/// written are left in `known`.
+async fn apply_metrics(
+    tx: &mut PgConnection,
+    events: &[EventEnvelope],
+    mut known: Option<&mut HashMap<Uuid, TicketFacts>>,
+) -> Result<(), ProjectionError> {
+    let decoded: Vec<_> = ticket_events(NAME, events).collect();
+    if decoded.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+
+    let mut ids: Vec<Uuid> = decoded.iter().map(|(id, _, _)| *id).collect();
+    ids.sort();
+    ids.dedup();
+    let mut facts: HashMap<Uuid, Option<TicketFacts>> = HashMap::with_capacity(ids.len());
+    if let Some(known) = known.as_deref_mut() {
+        ids.retain(|id| match known.remove(id) {
+            Some(f) => {
+                facts.insert(*id, Some(f));
+                false
+            }
+            None => true,
+        });
+    }
+    if !ids.is_empty() {
         let rows: Vec<(Uuid, sqlx::types::Json<TicketFacts>)> = sqlx::query_as(
             "SELECT ticket_id, facts FROM metrics_tickets WHERE ticket_id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        let mut facts: HashMap<Uuid, Option<TicketFacts>> =
-            rows.into_iter().map(|(id, f)| (id, Some(f.0))).collect();
-
-        let mut deltas: BTreeMap<BucketKey, Figures> = BTreeMap::new();
-        let mut changed: Vec<Uuid> = Vec::new();
-        for (id, event, envelope) in &decoded {
-            let ticket = facts.entry(*id).or_insert(None);
-            let counted = figures::observe(ticket, event, envelope.actor.kind);
-            let channel = ticket.as_ref().and_then(|t| t.channel);
-            if ticket.is_some() {
-                changed.push(*id);
-            }
-            for c in counted {
-                for key in
-                    figures::keys_for(event.at(), channel, c.config.as_deref(), c.config_only)
-                {
-                    deltas.entry(key).or_default().observe(&c.observation);
-                }
-            }
-        }
-
-        changed.sort();
-        changed.dedup();
-        let mut ticket_ids = Vec::with_capacity(changed.len());
-        let mut ticket_facts = Vec::with_capacity(changed.len());
-        for id in changed {
-            if let Some(Some(f)) = facts.get(&id) {
-                ticket_ids.push(id);
-                ticket_facts.push(serde_json::to_value(f).expect("facts serialise"));
-            }
-        }
-        sqlx::query(
-            "INSERT INTO metrics_tickets (ticket_id, facts)
-             SELECT * FROM unnest($1::uuid[], $2::jsonb[])
-             ON CONFLICT (ticket_id) DO UPDATE SET facts = EXCLUDED.facts",
-        )
-        .bind(&ticket_ids)
-        .bind(&ticket_facts)
-        .execute(&mut *tx)
-        .await?;
-
-        add_to_buckets(tx, deltas).await
+        facts.extend(rows.into_iter().map(|(id, f)| (id, Some(f.0))));
     }
+
+    let mut deltas: BTreeMap<BucketKey, Figures> = BTreeMap::new();
+    let mut changed: Vec<Uuid> = Vec::new();
+    for (id, event, envelope) in &decoded {
+        let ticket = facts.entry(*id).or_insert(None);
+        let counted = figures::observe(ticket, event, envelope.actor.kind);
+        let channel = ticket.as_ref().and_then(|t| t.channel);
+        if ticket.is_some() {
+            changed.push(*id);
+        }
+        for c in counted {
+            for key in figures::keys_for(event.at(), channel, c.config.as_deref(), c.config_only) {
+                deltas.entry(key).or_default().observe(&c.observation);
+            }
+        }
+    }
+
+    changed.sort();
+    changed.dedup();
+    let mut ticket_ids = Vec::with_capacity(changed.len());
+    let mut ticket_facts = Vec::with_capacity(changed.len());
+    for id in changed {
+        if let Some(Some(f)) = facts.remove(&id) {
+            ticket_ids.push(id);
+            ticket_facts.push(serde_json::to_value(&f).expect("facts serialise"));
+            if let Some(known) = known.as_deref_mut() {
+                known.insert(id, f);
+            }
+        }
+    }
+    sqlx::query(
+        "INSERT INTO metrics_tickets (ticket_id, facts)
+         SELECT * FROM unnest($1::uuid[], $2::jsonb[])
+         ON CONFLICT (ticket_id) DO UPDATE SET facts = EXCLUDED.facts",
+    )
+    .bind(&ticket_ids)
+    .bind(&ticket_facts)
+    .execute(&mut *tx)
+    .await?;
+
+    add_to_buckets(tx, deltas).await
 }
 
 /// Adds `deltas` to the stored buckets (creating those that do not exist).
