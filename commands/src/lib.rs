@@ -15,9 +15,11 @@ pub mod relay;
 pub mod retry;
 pub mod sla;
 pub mod staff;
+pub mod cache;
 pub mod store;
 pub mod trail;
 pub mod worker;
 
 pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, KeyOrigin, Sender};
+pub use cache::AggregateCache;
 pub use store::{CommandError, EventStore, StoreError};

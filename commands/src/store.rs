@@ -17,6 +17,12 @@
 //! itself, so the database only stores what it is given. A writer that read
 //! a stale head loses the (type, id, sequence) key to the one that did not,
 //! and retries against the new head: a chain never forks.
+//!
+//! Recently committed aggregates stay in memory ([`AggregateCache`]), so a
+//! command on a stream this process just wrote needs no read. Every append
+//! names the head it extends (sequence and hash) and the INSERT fails as a
+//! conflict unless that is still the stored head: a stale cached state, or
+//! one of a stream purged since, never gets an event appended.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -34,6 +40,7 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use crate::cache::{AggregateCache, Cached};
 use crate::limits::{self, Decision, Gate};
 use crate::metrics;
 use crate::retry::sleep_backoff;
@@ -46,9 +53,10 @@ pub const CONFLICT_BACKOFF: Backoff =
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
-/// Binds the ten column arrays as $1–$10.
+/// Binds the ten column arrays as $1–$10 and the four head arrays as
+/// $11–$14.
 macro_rules! bind_columns {
-    ($query:expr, $c:expr) => {
+    ($query:expr, $c:expr, $h:expr) => {
         $query
             .bind(&$c.aggregate_type)
             .bind(&$c.aggregate_id)
@@ -60,6 +68,10 @@ macro_rules! bind_columns {
             .bind(&$c.event_id)
             .bind(&$c.occurred_at)
             .bind(&$c.hash)
+            .bind(&$h.aggregate_type)
+            .bind(&$h.aggregate_id)
+            .bind(&$h.sequence)
+            .bind(&$h.hash)
     };
 }
 
@@ -141,18 +153,33 @@ pub struct Loaded<A> {
 pub struct EventStore {
     pool: PgPool,
     repo: std::sync::Arc<PostgresEventRepository>,
+    cache: std::sync::Arc<AggregateCache>,
 }
 
 impl EventStore {
+    /// A store keeping up to [`crate::cache::DEFAULT_CAPACITY`] recently
+    /// written aggregates in memory.
     pub fn new(pool: PgPool) -> Self {
+        Self::with_aggregate_cache(pool, crate::cache::DEFAULT_CAPACITY)
+    }
+
+    /// A store keeping up to `capacity` recently written aggregates in
+    /// memory (`CASEBOOK_AGGREGATE_CACHE`); `0` reads every stream.
+    pub fn with_aggregate_cache(pool: PgPool, capacity: usize) -> Self {
         Self {
             repo: std::sync::Arc::new(PostgresEventRepository::new(pool.clone())),
             pool,
+            cache: std::sync::Arc::new(AggregateCache::new(capacity)),
         }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The aggregates this store (and its clones) keep in memory.
+    pub fn aggregate_cache(&self) -> &AggregateCache {
+        &self.cache
     }
 
     /// The aggregate's events, in order.
@@ -346,6 +373,10 @@ struct PendingStream {
     head: String,
     state: Box<dyn Any + Send + Sync>,
     events: Vec<SerializedEvent>,
+    /// Whether `state` is exactly the stored state plus `events`: a
+    /// rejected command may have changed it halfway, and such a state is
+    /// never cached.
+    cacheable: bool,
 }
 
 /// Commands on several aggregates whose events are committed in one
@@ -372,21 +403,40 @@ impl UnitOfWork<'_> {
         {
             return Ok(i);
         }
-        let rows = match self
+        // Rows read ahead for this unit are as fresh as anything cached.
+        let prefetched = self
             .prefetched
-            .remove(&(A::TYPE.to_string(), id.to_string()))
-        {
-            Some(rows) => rows,
-            None => self.store.stream_rows(A::TYPE, id).await?,
+            .remove(&(A::TYPE.to_string(), id.to_string()));
+        let cached = match prefetched {
+            Some(_) => {
+                self.store.cache.evict(A::TYPE, id);
+                None
+            }
+            None => self.store.cache.take::<A>(A::TYPE, id),
         };
-        let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
+        let (state, version, head) = match cached {
+            Some(Cached {
+                state,
+                version,
+                head,
+            }) => (state, version, head),
+            None => {
+                let rows = match prefetched {
+                    Some(rows) => rows,
+                    None => self.store.stream_rows(A::TYPE, id).await?,
+                };
+                let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
+                (Box::new(aggregate) as Box<dyn Any + Send + Sync>, version, head)
+            }
+        };
         self.streams.push(PendingStream {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
             version,
             head,
-            state: Box::new(aggregate),
+            state,
             events: Vec::new(),
+            cacheable: true,
         });
         Ok(self.streams.len() - 1)
     }
@@ -463,6 +513,7 @@ impl UnitOfWork<'_> {
             head: String::new(),
             state: Box::new(A::default()),
             events: Vec::new(),
+            cacheable: true,
         });
     }
 
@@ -494,13 +545,22 @@ impl UnitOfWork<'_> {
             .state
             .downcast_mut::<A>()
             .expect("stream state has the aggregate's type");
-        let events = decide(aggregate, command)
-            .await
-            .map_err(CommandError::Rejected)?;
+        let events = match decide(aggregate, command).await {
+            Ok(events) => events,
+            Err(e) => {
+                stream.cacheable = false;
+                return Err(CommandError::Rejected(e));
+            }
+        };
         let version = stream.version + stream.events.len();
-        stream
-            .events
-            .extend(serialize::<A>(id, version, &events, &self.meta)?);
+        match serialize::<A>(id, version, &events, &self.meta) {
+            Ok(serialized) => stream.events.extend(serialized),
+            Err(e) => {
+                // The state has the events applied, the commit would not.
+                stream.cacheable = false;
+                return Err(e.into());
+            }
+        }
         Ok(events)
     }
 
@@ -525,8 +585,47 @@ impl UnitOfWork<'_> {
     /// stored (a duplicate, a conflict or a failure counts nothing), and
     /// nothing stored when limited.
     pub async fn commit_gated(self, gate: Option<&Gate>) -> Result<Committed, StoreError> {
+        let cache = self.store.cache.clone();
+        let mut streams = Vec::with_capacity(self.streams.len());
+        let result = self.append(gate, &mut streams).await;
+        match result {
+            // Only a stored state is kept: the streams as they now stand.
+            Ok(Committed::Written(_)) => {
+                for s in streams {
+                    if s.cacheable {
+                        cache.put(
+                            s.aggregate_type,
+                            s.aggregate_id,
+                            Cached {
+                                state: s.state,
+                                version: s.version,
+                                head: s.head,
+                            },
+                        );
+                    }
+                }
+            }
+            // Nothing stored, or not known what: forget every stream the
+            // unit touched (another task may have put a copy back since).
+            Ok(Committed::Limited { .. }) | Err(_) => cache.evict_all(
+                streams
+                    .iter()
+                    .map(|s| (s.aggregate_type, s.aggregate_id.as_str())),
+            ),
+        }
+        result
+    }
+
+    /// The append itself. Leaves in `after` every stream of the unit, its
+    /// version and head advanced past its recorded events.
+    async fn append(
+        self,
+        gate: Option<&Gate>,
+        after: &mut Vec<PendingStream>,
+    ) -> Result<Committed, StoreError> {
         let n: usize = self.streams.iter().map(|s| s.events.len()).sum();
         if n == 0 {
+            after.extend(self.streams);
             return Ok(Committed::Written(0));
         }
         // The append's span; with export on, its W3C context goes into every
@@ -543,30 +642,34 @@ impl UnitOfWork<'_> {
         );
         let trace = casebook_telemetry::headers_of(&span);
         let mut columns = Columns::with_capacity(n);
+        let mut heads = Heads::default();
         // One time for the commit, at the precision Postgres stores.
         let now = chrono::Utc::now();
         let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         let mut events: Vec<SerializedEvent> = Vec::with_capacity(n);
-        for stream in self.streams {
-            let mut prev = stream.head;
-            for e in stream.events {
+        for mut stream in self.streams {
+            if !stream.events.is_empty() && stream.version > 0 {
+                heads.push(&stream);
+            }
+            let mut prev = std::mem::take(&mut stream.head);
+            stream.version += stream.events.len();
+            for e in std::mem::take(&mut stream.events) {
                 prev = columns.push(&e, trace.as_ref(), &prev, now);
                 events.push(e);
             }
+            stream.head = prev;
+            after.push(stream);
         }
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
             let Some(gate) = gate else {
-                bind_columns!(
-                    sqlx::query(&format!("{INSERT_EVENTS} ORDER BY t.n")),
-                    columns
-                )
-                .execute(&pool)
-                .await?;
+                bind_columns!(sqlx::query(insert_sql()), columns, heads)
+                    .execute(&pool)
+                    .await?;
                 return Ok(Committed::Written(events.len()));
             };
             let (allowed, retry_secs): (bool, Option<f64>) =
-                bind_columns!(sqlx::query_as(gated_insert_sql()), columns)
+                bind_columns!(sqlx::query_as(gated_insert_sql()), columns, heads)
                     .bind(gate.scope)
                     .bind(&gate.key)
                     .bind(gate.window_secs())
@@ -603,24 +706,63 @@ pub enum Committed {
     Limited { retry_after: Duration },
 }
 
-/// Appends the ten column arrays ($1–$10) as events, in array order.
+/// The heads ($11–$14: type, id, sequence, hash) the append extends,
+/// each locked FOR KEY SHARE: a purge deleting one waits for the append, or
+/// the append sees it gone.
+const HEADS: &str = "heads AS (
+         SELECT 1 FROM events e
+           JOIN unnest($11::text[], $12::text[], $13::bigint[], $14::text[]) AS h(aggregate_type, aggregate_id, sequence, hash)
+             ON e.aggregate_type = h.aggregate_type AND e.aggregate_id = h.aggregate_id
+            AND e.sequence = h.sequence AND e.hash = h.hash
+         FOR KEY SHARE OF e
+     )";
+
+/// Appends the ten column arrays ($1–$10) as events, in array order, when
+/// every head in `heads` is still there; otherwise the statement fails as a
+/// unique violation (casebook_stream_moved, migration 20261129000001).
 const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
      SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
-            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)";
+            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)
+      WHERE CASE WHEN (SELECT count(*) FROM heads) = cardinality($11::text[]) THEN true
+                 ELSE casebook_stream_moved() END";
 
-/// The rate limit's upsert ($11–$14) and the events' insert in one
+fn insert_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| format!("WITH {HEADS} {INSERT_EVENTS} ORDER BY t.n"))
+}
+
+/// The rate limit's upsert ($15–$18) and the events' insert in one
 /// statement: the events go in only when the hit was allowed.
 fn gated_insert_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
         format!(
-            "WITH gate AS ({}),
-                  appended AS ({INSERT_EVENTS} WHERE (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
+            "WITH gate AS ({}), {HEADS},
+                  appended AS ({INSERT_EVENTS} AND (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
              SELECT gate.allowed, gate.retry_secs FROM gate",
-            limits::upsert_sql(11)
+            limits::upsert_sql(15)
         )
     })
+}
+
+/// The stored heads an append extends: for each stream that had events
+/// before, its last sequence and hash as the writer decided on them.
+#[derive(Default)]
+struct Heads {
+    aggregate_type: Vec<&'static str>,
+    aggregate_id: Vec<String>,
+    sequence: Vec<i64>,
+    hash: Vec<String>,
+}
+
+impl Heads {
+    fn push(&mut self, stream: &PendingStream) {
+        self.aggregate_type.push(stream.aggregate_type);
+        self.aggregate_id.push(stream.aggregate_id.clone());
+        self.sequence.push(stream.version as i64);
+        self.hash.push(stream.head.clone());
+    }
 }
 
 #[derive(Default)]
