@@ -11,9 +11,11 @@
 //! anything else that moved the stream therefore turns a stale entry into a
 //! conflict, and the command is retried against the state read afresh.
 //!
-//! Entries are taken out of the cache while a unit of work uses them (so
-//! two tasks never share one state, and no aggregate needs `Clone`), and
-//! put back only after the commit succeeded. A unit of work that fails,
+//! Entries are taken out of the cache while a command uses them (so two
+//! tasks never share one state, and no aggregate needs `Clone`), and put
+//! back only after the commit succeeded. Only `EventStore::execute` takes
+//! them: its command either appends (and the append proves the state) or is
+//! refused or appends nothing, and then it is decided again on a fresh read. A unit of work that fails,
 //! conflicts, is limited or is dropped leaves nothing behind. Bounded: at
 //! most `capacity` entries (least recently used go first), each for at most
 //! [`TTL`].
@@ -84,9 +86,7 @@ impl AggregateCache {
     }
 
     pub fn capacity(&self) -> usize {
-        self.entries
-            .as_ref()
-            .map_or(0, |e| lock(e).cap().get())
+        self.entries.as_ref().map_or(0, |e| lock(e).cap().get())
     }
 
     /// How many entries it holds now (expired ones included until touched).
@@ -106,7 +106,11 @@ impl AggregateCache {
     }
 
     /// Takes the entry out, if there is a fresh one of that type.
-    pub(crate) fn take<A: 'static>(&self, aggregate_type: &'static str, id: &str) -> Option<Cached> {
+    pub(crate) fn take<A: 'static>(
+        &self,
+        aggregate_type: &'static str,
+        id: &str,
+    ) -> Option<Cached> {
         use std::sync::atomic::Ordering::Relaxed;
         let entries = self.entries.as_ref()?;
         let key = (aggregate_type, id.to_string());
@@ -135,9 +139,7 @@ impl AggregateCache {
         let mut entries = lock(entries);
         let key = (aggregate_type, id);
         if let Some(existing) = entries.peek(&key) {
-            if existing.cached.version > cached.version
-                && existing.stored_at.elapsed() < self.ttl
-            {
+            if existing.cached.version > cached.version && existing.stored_at.elapsed() < self.ttl {
                 return;
             }
         }
@@ -148,11 +150,6 @@ impl AggregateCache {
                 stored_at: Instant::now(),
             },
         );
-    }
-
-    /// Forgets a stream.
-    pub(crate) fn evict(&self, aggregate_type: &'static str, id: &str) {
-        self.evict_all([(aggregate_type, id)]);
     }
 
     /// Forgets every stream listed (aggregate type, id).
@@ -246,8 +243,7 @@ mod tests {
         let cache = AggregateCache::new(8);
         cache.put("t", "a".into(), cached(1, 1));
         cache.put("t", "b".into(), cached(1, 1));
-        cache.evict("t", "a");
-        cache.evict_all([("t", "b")]);
+        cache.evict_all([("t", "a"), ("t", "b")]);
         assert!(cache.is_empty());
         let off = AggregateCache::new(0);
         off.put("t", "a".into(), cached(1, 1));

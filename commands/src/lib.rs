@@ -3,6 +3,7 @@
 //! Only this crate appends events.
 
 pub mod approvals;
+pub mod cache;
 pub mod claims;
 pub mod delivery;
 pub mod feedback;
@@ -15,11 +16,10 @@ pub mod relay;
 pub mod retry;
 pub mod sla;
 pub mod staff;
-pub mod cache;
 pub mod store;
 pub mod trail;
 pub mod worker;
 
-pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, KeyOrigin, Sender};
 pub use cache::AggregateCache;
+pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, KeyOrigin, Sender};
 pub use store::{CommandError, EventStore, StoreError};

@@ -53,11 +53,11 @@ pub const CONFLICT_BACKOFF: Backoff =
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
-/// Binds the ten column arrays as $1–$10 and the four head arrays as
-/// $11–$14.
+/// Binds the ten column arrays as $1–$10 and the heads (none; one as four
+/// values; several as four arrays) from $11.
 macro_rules! bind_columns {
-    ($query:expr, $c:expr, $h:expr) => {
-        $query
+    ($query:expr, $c:expr, $h:expr) => {{
+        let query = $query
             .bind(&$c.aggregate_type)
             .bind(&$c.aggregate_id)
             .bind(&$c.sequence)
@@ -67,12 +67,21 @@ macro_rules! bind_columns {
             .bind(&$c.metadata)
             .bind(&$c.event_id)
             .bind(&$c.occurred_at)
-            .bind(&$c.hash)
-            .bind(&$h.aggregate_type)
-            .bind(&$h.aggregate_id)
-            .bind(&$h.sequence)
-            .bind(&$h.hash)
-    };
+            .bind(&$c.hash);
+        match $h.shape() {
+            HeadsShape::None => query,
+            HeadsShape::One => query
+                .bind($h.aggregate_type[0])
+                .bind(&$h.aggregate_id[0])
+                .bind($h.sequence[0])
+                .bind(&$h.hash[0]),
+            HeadsShape::Many => query
+                .bind(&$h.aggregate_type)
+                .bind(&$h.aggregate_id)
+                .bind(&$h.sequence)
+                .bind(&$h.hash),
+        }
+    }};
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,10 +261,30 @@ impl EventStore {
         A::Command: Clone,
     {
         let mut attempt = 0;
+        // Whether the next attempt must read the stream, cache or not.
+        let mut fresh = false;
         loop {
             attempt += 1;
             let mut uow = self.unit_of_work(meta.clone());
-            let events = uow.execute::<A>(id, command.clone()).await?;
+            uow.use_cache = !fresh;
+            let decided = uow.execute::<A>(id, command.clone()).await;
+            // A state from memory is proven current only by the append that
+            // follows it. A refusal, or a decision to append nothing, has
+            // no append: it is taken again on the stream read afresh (the
+            // entry left the cache with this unit).
+            let from_cache = uow.streams.iter().any(|s| s.from_cache);
+            let events = match decided {
+                Err(CommandError::Rejected(_)) if from_cache => {
+                    fresh = true;
+                    continue;
+                }
+                Ok(events) if events.is_empty() && from_cache => {
+                    fresh = true;
+                    continue;
+                }
+                decided => decided?,
+            };
+            fresh = false;
             match uow.commit().await {
                 Ok(_) => return Ok(events),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
@@ -273,6 +302,7 @@ impl EventStore {
             meta,
             streams: Vec::new(),
             prefetched: HashMap::new(),
+            use_cache: false,
         }
     }
 }
@@ -377,6 +407,8 @@ struct PendingStream {
     /// rejected command may have changed it halfway, and such a state is
     /// never cached.
     cacheable: bool,
+    /// Whether `state` came from the aggregate cache (not read).
+    from_cache: bool,
 }
 
 /// Commands on several aggregates whose events are committed in one
@@ -389,6 +421,13 @@ pub struct UnitOfWork<'s> {
     streams: Vec<PendingStream>,
     /// Streams read ahead in one query: (type, id) → their events.
     prefetched: HashMap<(String, String), Vec<StreamRow>>,
+    /// Whether streams may come from the aggregate cache. Only
+    /// [`EventStore::execute`] sets it: it runs one command, whose every
+    /// decision ends in an append that checks the state against the store,
+    /// or is taken again on a fresh read. A unit of work used directly may
+    /// decide on what it loads without appending to it, so it always reads
+    /// (and refreshes the cache with what it committed).
+    use_cache: bool,
 }
 
 impl UnitOfWork<'_> {
@@ -408,12 +447,11 @@ impl UnitOfWork<'_> {
             .prefetched
             .remove(&(A::TYPE.to_string(), id.to_string()));
         let cached = match prefetched {
-            Some(_) => {
-                self.store.cache.evict(A::TYPE, id);
-                None
-            }
-            None => self.store.cache.take::<A>(A::TYPE, id),
+            Some(_) => None,
+            None if self.use_cache => self.store.cache.take::<A>(A::TYPE, id),
+            None => None,
         };
+        let from_cache = cached.is_some();
         let (state, version, head) = match cached {
             Some(Cached {
                 state,
@@ -426,7 +464,11 @@ impl UnitOfWork<'_> {
                     None => self.store.stream_rows(A::TYPE, id).await?,
                 };
                 let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
-                (Box::new(aggregate) as Box<dyn Any + Send + Sync>, version, head)
+                (
+                    Box::new(aggregate) as Box<dyn Any + Send + Sync>,
+                    version,
+                    head,
+                )
             }
         };
         self.streams.push(PendingStream {
@@ -437,6 +479,7 @@ impl UnitOfWork<'_> {
             state,
             events: Vec::new(),
             cacheable: true,
+            from_cache,
         });
         Ok(self.streams.len() - 1)
     }
@@ -514,6 +557,7 @@ impl UnitOfWork<'_> {
             state: Box::new(A::default()),
             events: Vec::new(),
             cacheable: true,
+            from_cache: false,
         });
     }
 
@@ -663,19 +707,26 @@ impl UnitOfWork<'_> {
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
             let Some(gate) = gate else {
-                bind_columns!(sqlx::query(insert_sql()), columns, heads)
-                    .execute(&pool)
-                    .await?;
+                bind_columns!(
+                    sqlx::query(insert_sql(heads.shape(), false)),
+                    columns,
+                    heads
+                )
+                .execute(&pool)
+                .await?;
                 return Ok(Committed::Written(events.len()));
             };
-            let (allowed, retry_secs): (bool, Option<f64>) =
-                bind_columns!(sqlx::query_as(gated_insert_sql()), columns, heads)
-                    .bind(gate.scope)
-                    .bind(&gate.key)
-                    .bind(gate.window_secs())
-                    .bind(i64::from(gate.limit.max))
-                    .fetch_one(&pool)
-                    .await?;
+            let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
+                sqlx::query_as(insert_sql(heads.shape(), true)),
+                columns,
+                heads
+            )
+            .bind(gate.scope)
+            .bind(&gate.key)
+            .bind(gate.window_secs())
+            .bind(i64::from(gate.limit.max))
+            .fetch_one(&pool)
+            .await?;
             Ok(match gate.decision(allowed, retry_secs) {
                 Decision::Allowed => Committed::Written(events.len()),
                 Decision::Limited { retry_after } => Committed::Limited { retry_after },
@@ -706,10 +757,23 @@ pub enum Committed {
     Limited { retry_after: Duration },
 }
 
-/// The heads ($11–$14: type, id, sequence, hash) the append extends,
-/// each locked FOR KEY SHARE: a purge deleting one waits for the append, or
-/// the append sees it gone.
-const HEADS: &str = "heads AS (
+/// Appends the ten column arrays ($1–$10) as events, in array order.
+const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
+     SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
+            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)";
+
+/// The one head ($11–$14: type, id, sequence, hash) an append extends,
+/// locked FOR KEY SHARE: a purge deleting it waits for the append, or the
+/// append sees it gone. Plain parameters: planned as one index lookup.
+const ONE_HEAD: &str = "heads AS (
+         SELECT 1 FROM events
+          WHERE aggregate_type = $11 AND aggregate_id = $12 AND sequence = $13 AND hash = $14
+         FOR KEY SHARE
+     )";
+
+/// The same for several heads, as four arrays ($11–$14).
+const MANY_HEADS: &str = "heads AS (
          SELECT 1 FROM events e
            JOIN unnest($11::text[], $12::text[], $13::bigint[], $14::text[]) AS h(aggregate_type, aggregate_id, sequence, hash)
              ON e.aggregate_type = h.aggregate_type AND e.aggregate_id = h.aggregate_id
@@ -717,33 +781,55 @@ const HEADS: &str = "heads AS (
          FOR KEY SHARE OF e
      )";
 
-/// Appends the ten column arrays ($1–$10) as events, in array order, when
-/// every head in `heads` is still there; otherwise the statement fails as a
-/// unique violation (casebook_stream_moved, migration 20261129000001).
-const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
-     SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
-       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
-            WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)
-      WHERE CASE WHEN (SELECT count(*) FROM heads) = cardinality($11::text[]) THEN true
-                 ELSE casebook_stream_moved() END";
+/// The events go in only when every head is still there; otherwise the
+/// statement fails as a unique violation (casebook_stream_moved, migration
+/// 20261129000001), which the writer takes for a conflict.
+const HEADS_UNMOVED: &str =
+    "CASE WHEN (SELECT count(*) FROM heads) = cardinality($13::bigint[]) THEN true
+          ELSE casebook_stream_moved() END";
+const HEAD_UNMOVED: &str = "CASE WHEN EXISTS (SELECT 1 FROM heads) THEN true
+          ELSE casebook_stream_moved() END";
 
-fn insert_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| format!("WITH {HEADS} {INSERT_EVENTS} ORDER BY t.n"))
+/// The append's statement for the heads it extends, with or without the
+/// rate limit's upsert (from $11 without heads, else from $15) in the same
+/// statement: then the events go in only when the hit was allowed.
+fn insert_sql(shape: HeadsShape, gated: bool) -> &'static str {
+    static SQL: [OnceLock<String>; 6] = [const { OnceLock::new() }; 6];
+    let slot = shape as usize * 2 + usize::from(gated);
+    SQL[slot].get_or_init(|| {
+        let (heads, condition) = match shape {
+            HeadsShape::None => (None, "true"),
+            HeadsShape::One => (Some(ONE_HEAD), HEAD_UNMOVED),
+            HeadsShape::Many => (Some(MANY_HEADS), HEADS_UNMOVED),
+        };
+        let mut ctes: Vec<String> = Vec::new();
+        let mut condition = condition.to_string();
+        if gated {
+            ctes.push(format!(
+                "gate AS ({})",
+                limits::upsert_sql(if heads.is_some() { 15 } else { 11 })
+            ));
+            condition = format!("{condition} AND (SELECT allowed FROM gate)");
+        }
+        ctes.extend(heads.map(str::to_string));
+        let insert = format!("{INSERT_EVENTS} WHERE {condition} ORDER BY t.n");
+        match (gated, ctes.is_empty()) {
+            (false, true) => insert,
+            (false, false) => format!("WITH {} {insert}", ctes.join(", ")),
+            (true, _) => format!(
+                "WITH {}, appended AS ({insert} RETURNING 1)
+                 SELECT gate.allowed, gate.retry_secs FROM gate",
+                ctes.join(", ")
+            ),
+        }
+    })
 }
 
-/// The rate limit's upsert ($15–$18) and the events' insert in one
-/// statement: the events go in only when the hit was allowed.
-fn gated_insert_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| {
-        format!(
-            "WITH gate AS ({}), {HEADS},
-                  appended AS ({INSERT_EVENTS} AND (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
-             SELECT gate.allowed, gate.retry_secs FROM gate",
-            limits::upsert_sql(15)
-        )
-    })
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadsShape {
+    None = 0,
+    One = 1,
+    Many = 2,
 }
 
 /// The stored heads an append extends: for each stream that had events
@@ -757,6 +843,14 @@ struct Heads {
 }
 
 impl Heads {
+    fn shape(&self) -> HeadsShape {
+        match self.sequence.len() {
+            0 => HeadsShape::None,
+            1 => HeadsShape::One,
+            _ => HeadsShape::Many,
+        }
+    }
+
     fn push(&mut self, stream: &PendingStream) {
         self.aggregate_type.push(stream.aggregate_type);
         self.aggregate_id.push(stream.aggregate_id.clone());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use casebook::bench::{AppendBench, BenchStream};
-use casebook_commands::{CommandError, EventStore};
+use casebook_commands::{CommandError, EventStore, StoreError};
 use casebook_domain::{Actor, Category, Channel, EventMetadata, Priority, Ticket, TicketCommand};
 use chrono::Utc;
 use sqlx::postgres::PgPoolOptions;
@@ -124,8 +124,8 @@ async fn the_cache_serves_the_next_command_on_a_stream_without_reading_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_through_another_store_turns_a_cached_copy_into_a_conflict_retried_on_fresh_state(
-) {
+async fn a_write_through_another_store_turns_a_cached_copy_into_a_conflict_retried_on_fresh_state()
+{
     let db = TestDb::create().await;
     let (pool, acquired) = counting_pool(&db).await;
     // Two stores: two processes, each with its own cache.
@@ -143,6 +143,43 @@ async fn a_write_through_another_store_turns_a_cached_copy_into_a_conflict_retri
     // Its fresh state is cached again.
     assert_eq!(statements_for(&a, &acquired, "s").await, 1);
     assert_no_lost_update(&stream(&pool, "s").await, 25);
+
+    // A unit of work used directly reads what it loads (it may decide on a
+    // stream it does not append to). Two streams, one moved by the other
+    // store after the read: the whole commit fails, neither stream gets
+    // anything, and both entries go.
+    append(&a, "m1", 2).await;
+    append(&a, "m2", 2).await;
+    let mut uow = a.unit_of_work(meta());
+    uow.execute::<BenchStream>("m1", AppendBench { count: 1 })
+        .await
+        .unwrap();
+    uow.execute::<BenchStream>("m2", AppendBench { count: 1 })
+        .await
+        .unwrap();
+    append(&b, "m2", 2).await;
+    assert!(
+        matches!(uow.commit().await, Err(StoreError::Conflict)),
+        "a moved head fails the whole unit"
+    );
+    assert_no_lost_update(&stream(&pool, "m1").await, 2);
+    assert_no_lost_update(&stream(&pool, "m2").await, 4);
+    assert_eq!(statements_for(&a, &acquired, "m1").await, 2);
+    // Both unmoved: two reads, one statement appends to both, and what it
+    // committed serves the next command.
+    let before = acquired.load(Ordering::SeqCst);
+    let mut uow = a.unit_of_work(meta());
+    uow.execute::<BenchStream>("m1", AppendBench { count: 1 })
+        .await
+        .unwrap();
+    uow.execute::<BenchStream>("m2", AppendBench { count: 1 })
+        .await
+        .unwrap();
+    assert_eq!(uow.commit().await.unwrap(), 2);
+    assert_eq!(acquired.load(Ordering::SeqCst) - before, 3);
+    assert_eq!(statements_for(&a, &acquired, "m2").await, 1);
+    assert_no_lost_update(&stream(&pool, "m1").await, 8);
+    assert_no_lost_update(&stream(&pool, "m2").await, 10);
 
     // Many writers on one stream through both stores at once: every
     // command lands exactly once, each on the state before it, and the
@@ -265,4 +302,58 @@ async fn events_of(pool: &PgPool, id: &str) -> i64 {
     .fetch_one(pool)
     .await
     .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_refused_on_a_cached_state_is_decided_again_on_the_stored_one() {
+    // No append follows a refusal, so nothing would prove the cached state
+    // current: the command is taken again on the stream read afresh.
+    let db = TestDb::create().await;
+    let a = EventStore::new(db.pool.clone());
+    let b = EventStore::new(db.pool.clone());
+    let ticket = Uuid::new_v4();
+    let id = ticket.to_string();
+    a.execute::<Ticket>(
+        &id,
+        TicketCommand::Open {
+            ticket_id: ticket,
+            customer_id: Uuid::new_v4(),
+            channel: Channel::Webform,
+            subject: None,
+            category: Category::General,
+            priority: Priority::Low,
+            previous_ticket_id: None,
+            at: Utc::now(),
+        },
+        &meta(),
+    )
+    .await
+    .unwrap();
+    // a holds the open ticket; b resolves it.
+    b.execute::<Ticket>(
+        &id,
+        TicketCommand::Resolve {
+            resolved_by: "agent:grace".into(),
+            resolution: None,
+            at: Utc::now(),
+        },
+        &meta(),
+    )
+    .await
+    .unwrap();
+    // On a's copy (open) a reopen is refused; on the store's (resolved) it
+    // is what happens.
+    a.execute::<Ticket>(
+        &id,
+        TicketCommand::Reopen {
+            reopened_by: "agent:grace".into(),
+            reason: None,
+            at: Utc::now(),
+        },
+        &meta(),
+    )
+    .await
+    .expect("decided on the stored ticket, not the cached one");
+    assert_eq!(events_of(&db.pool, &id).await, 3);
+    assert_chains_intact(&db.pool).await;
 }
