@@ -62,7 +62,9 @@ pub enum ArchiveError {
     Corrupt { file: String, problem: String },
     #[error("ticket {0} is not archived")]
     NotArchived(String),
-    #[error("archive file {0}: a ticket in it was written to during its purge; nothing was purged")]
+    #[error(
+        "archive file {0}: a ticket in it was written to during its purge; nothing was purged"
+    )]
     WrittenDuringPurge(String),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointStoreError),
