@@ -135,7 +135,7 @@ pub fn providers(config: &Config) -> anyhow::Result<Vec<Provider>> {
     Ok(providers)
 }
 
-fn delivery(config: &Config, pool: &PgPool) -> anyhow::Result<Delivery> {
+fn delivery(config: &Config, store: EventStore) -> anyhow::Result<Delivery> {
     let twilio = match (
         &config.twilio_account_sid,
         &config.twilio_auth_token,
@@ -173,7 +173,7 @@ fn delivery(config: &Config, pool: &PgPool) -> anyhow::Result<Delivery> {
             None
         }
     };
-    Ok(Delivery::new(EventStore::new(pool.clone()), twilio, gmail)
+    Ok(Delivery::new(store, twilio, gmail)
         .with_timeout(Duration::from_secs(config.provider_timeout_secs))
         .with_acknowledgements(AcknowledgementSettings {
             links,
@@ -271,6 +271,8 @@ pub async fn start(
         db::Purpose::Serve,
     )
     .await?;
+    // One event store for every role: one aggregate cache.
+    let store = EventStore::with_aggregate_cache(pool.clone(), config.aggregate_cache);
     let kafka = kafka_settings(config);
     let shutdown = CancellationToken::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
@@ -309,7 +311,7 @@ pub async fn start(
 
     if roles.contains(&Role::Api) {
         let secret = config.jwt_secret()?;
-        let store = EventStore::new(pool.clone());
+        let store = store.clone();
         let intake = Intake::new(store.clone());
         let gmail = GmailClient::new(&config.gmail_api_base, config.gmail_access_token.clone())
             .context("GMAIL_API_BASE: cannot build the Gmail client")?;
@@ -426,7 +428,7 @@ pub async fn start(
     if roles.contains(&Role::Agent) {
         let kb =
             KnowledgeBase::new(pool.clone(), embedder(config)?).with_ef_search(config.kb_ef_search);
-        let store = EventStore::new(pool.clone());
+        let store = store.clone();
         let agent = Arc::new(
             Agent::new(
                 store.clone(),
@@ -475,7 +477,7 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Delivery) {
-        let delivery = Arc::new(delivery(config, &pool)?);
+        let delivery = Arc::new(delivery(config, store.clone())?);
         let topics = Channel::ALL
             .iter()
             .map(|c| kafka.topics.outbound(*c))

@@ -757,7 +757,9 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     let events = commits_per_writer * args.per_commit * args.writers;
     let meta = EventMetadata::new("bench", Actor::system("bench"));
 
-    let store = EventStore::new(scratch.pool.clone());
+    // As `serve` would: CASEBOOK_AGGREGATE_CACHE=0 measures without it.
+    let store =
+        EventStore::with_aggregate_cache(scratch.pool.clone(), scratch.config.aggregate_cache);
     let started = Instant::now();
     append_streams(
         &store,

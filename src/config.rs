@@ -73,6 +73,10 @@ pub struct Config {
     /// `CASEBOOK_WEBFORM_PER_EMAIL_PER_HOUR`: web-form submissions naming one
     /// address an hour; 0 turns it off.
     pub webform_per_email_per_hour: u32,
+    /// `CASEBOOK_AGGREGATE_CACHE`: recently written aggregates the event
+    /// store keeps in memory, so the next command on one needs no read; 0
+    /// turns it off.
+    pub aggregate_cache: usize,
     /// `CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR`: automatic emails
     /// (acknowledgements, AI replies) to one address an hour; 0 turns it off.
     pub auto_emails_per_recipient_per_hour: u32,
@@ -570,6 +574,13 @@ impl Config {
                 5,
                 1_000_000,
             )?,
+            aggregate_cache: number_var(
+                src,
+                "CASEBOOK_AGGREGATE_CACHE",
+                casebook_commands::cache::DEFAULT_CAPACITY,
+                0..=casebook_commands::cache::MAX_CAPACITY,
+                "number (0 turns it off)",
+            )?,
             auto_emails_per_recipient_per_hour: limit_var(
                 src,
                 "CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR",
@@ -721,6 +732,23 @@ mod tests {
                 load(&[(name, value)]).unwrap_err().name,
                 name,
                 "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_aggregate_cache_is_on_by_default_and_bounded() {
+        assert_eq!(
+            load(&[]).unwrap().aggregate_cache,
+            casebook_commands::cache::DEFAULT_CAPACITY
+        );
+        let off = load(&[("CASEBOOK_AGGREGATE_CACHE", "0")]).unwrap();
+        assert_eq!(off.aggregate_cache, 0);
+        for bad in ["-1", "lots", "1000001"] {
+            assert_eq!(
+                load(&[("CASEBOOK_AGGREGATE_CACHE", bad)]).unwrap_err().name,
+                "CASEBOOK_AGGREGATE_CACHE",
+                "{bad}"
             );
         }
     }

@@ -3,6 +3,7 @@
 //! Only this crate appends events.
 
 pub mod approvals;
+pub mod cache;
 pub mod claims;
 pub mod delivery;
 pub mod feedback;
@@ -19,5 +20,6 @@ pub mod store;
 pub mod trail;
 pub mod worker;
 
+pub use cache::AggregateCache;
 pub use intake::{InboundMessage, Intake, IntakeError, IntakeOutcome, KeyOrigin, Sender};
 pub use store::{CommandError, EventStore, StoreError};

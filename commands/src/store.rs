@@ -17,6 +17,12 @@
 //! itself, so the database only stores what it is given. A writer that read
 //! a stale head loses the (type, id, sequence) key to the one that did not,
 //! and retries against the new head: a chain never forks.
+//!
+//! Recently committed aggregates stay in memory ([`AggregateCache`]), so a
+//! command on a stream this process just wrote needs no read. Every append
+//! names the head it extends (sequence and hash) and the INSERT fails as a
+//! conflict unless that is still the stored head: a stale cached state, or
+//! one of a stream purged since, never gets an event appended.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -34,6 +40,7 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use crate::cache::{AggregateCache, Cached};
 use crate::limits::{self, Decision, Gate};
 use crate::metrics;
 use crate::retry::sleep_backoff;
@@ -46,10 +53,11 @@ pub const CONFLICT_BACKOFF: Backoff =
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(2), 4);
 
-/// Binds the ten column arrays as $1–$10.
+/// Binds the ten column arrays as $1–$10 and the heads (none; one as four
+/// values; several as four arrays) from $11.
 macro_rules! bind_columns {
-    ($query:expr, $c:expr) => {
-        $query
+    ($query:expr, $c:expr, $h:expr) => {{
+        let query = $query
             .bind(&$c.aggregate_type)
             .bind(&$c.aggregate_id)
             .bind(&$c.sequence)
@@ -59,8 +67,21 @@ macro_rules! bind_columns {
             .bind(&$c.metadata)
             .bind(&$c.event_id)
             .bind(&$c.occurred_at)
-            .bind(&$c.hash)
-    };
+            .bind(&$c.hash);
+        match $h.shape() {
+            HeadsShape::None => query,
+            HeadsShape::One => query
+                .bind($h.aggregate_type[0])
+                .bind(&$h.aggregate_id[0])
+                .bind($h.sequence[0])
+                .bind(&$h.hash[0]),
+            HeadsShape::Many => query
+                .bind(&$h.aggregate_type)
+                .bind(&$h.aggregate_id)
+                .bind(&$h.sequence)
+                .bind(&$h.hash),
+        }
+    }};
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,18 +162,33 @@ pub struct Loaded<A> {
 pub struct EventStore {
     pool: PgPool,
     repo: std::sync::Arc<PostgresEventRepository>,
+    cache: std::sync::Arc<AggregateCache>,
 }
 
 impl EventStore {
+    /// A store keeping up to [`crate::cache::DEFAULT_CAPACITY`] recently
+    /// written aggregates in memory.
     pub fn new(pool: PgPool) -> Self {
+        Self::with_aggregate_cache(pool, crate::cache::DEFAULT_CAPACITY)
+    }
+
+    /// A store keeping up to `capacity` recently written aggregates in
+    /// memory (`CASEBOOK_AGGREGATE_CACHE`); `0` reads every stream.
+    pub fn with_aggregate_cache(pool: PgPool, capacity: usize) -> Self {
         Self {
             repo: std::sync::Arc::new(PostgresEventRepository::new(pool.clone())),
             pool,
+            cache: std::sync::Arc::new(AggregateCache::new(capacity)),
         }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The aggregates this store (and its clones) keep in memory.
+    pub fn aggregate_cache(&self) -> &AggregateCache {
+        &self.cache
     }
 
     /// The aggregate's events, in order.
@@ -225,10 +261,30 @@ impl EventStore {
         A::Command: Clone,
     {
         let mut attempt = 0;
+        // Whether the next attempt must read the stream, cache or not.
+        let mut fresh = false;
         loop {
             attempt += 1;
             let mut uow = self.unit_of_work(meta.clone());
-            let events = uow.execute::<A>(id, command.clone()).await?;
+            uow.use_cache = !fresh;
+            let decided = uow.execute::<A>(id, command.clone()).await;
+            // A state from memory is proven current only by the append that
+            // follows it. A refusal, or a decision to append nothing, has
+            // no append: it is taken again on the stream read afresh (the
+            // entry left the cache with this unit).
+            let from_cache = uow.streams.iter().any(|s| s.from_cache);
+            let events = match decided {
+                Err(CommandError::Rejected(_)) if from_cache => {
+                    fresh = true;
+                    continue;
+                }
+                Ok(events) if events.is_empty() && from_cache => {
+                    fresh = true;
+                    continue;
+                }
+                decided => decided?,
+            };
+            fresh = false;
             match uow.commit().await {
                 Ok(_) => return Ok(events),
                 Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
@@ -246,6 +302,7 @@ impl EventStore {
             meta,
             streams: Vec::new(),
             prefetched: HashMap::new(),
+            use_cache: false,
         }
     }
 }
@@ -346,6 +403,12 @@ struct PendingStream {
     head: String,
     state: Box<dyn Any + Send + Sync>,
     events: Vec<SerializedEvent>,
+    /// Whether `state` is exactly the stored state plus `events`: a
+    /// rejected command may have changed it halfway, and such a state is
+    /// never cached.
+    cacheable: bool,
+    /// Whether `state` came from the aggregate cache (not read).
+    from_cache: bool,
 }
 
 /// Commands on several aggregates whose events are committed in one
@@ -358,6 +421,13 @@ pub struct UnitOfWork<'s> {
     streams: Vec<PendingStream>,
     /// Streams read ahead in one query: (type, id) → their events.
     prefetched: HashMap<(String, String), Vec<StreamRow>>,
+    /// Whether streams may come from the aggregate cache. Only
+    /// [`EventStore::execute`] sets it: it runs one command, whose every
+    /// decision ends in an append that checks the state against the store,
+    /// or is taken again on a fresh read. A unit of work used directly may
+    /// decide on what it loads without appending to it, so it always reads
+    /// (and refreshes the cache with what it committed).
+    use_cache: bool,
 }
 
 impl UnitOfWork<'_> {
@@ -372,21 +442,44 @@ impl UnitOfWork<'_> {
         {
             return Ok(i);
         }
-        let rows = match self
+        // Rows read ahead for this unit are as fresh as anything cached.
+        let prefetched = self
             .prefetched
-            .remove(&(A::TYPE.to_string(), id.to_string()))
-        {
-            Some(rows) => rows,
-            None => self.store.stream_rows(A::TYPE, id).await?,
+            .remove(&(A::TYPE.to_string(), id.to_string()));
+        let cached = match prefetched {
+            Some(_) => None,
+            None if self.use_cache => self.store.cache.take::<A>(A::TYPE, id),
+            None => None,
         };
-        let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
+        let from_cache = cached.is_some();
+        let (state, version, head) = match cached {
+            Some(Cached {
+                state,
+                version,
+                head,
+            }) => (state, version, head),
+            None => {
+                let rows = match prefetched {
+                    Some(rows) => rows,
+                    None => self.store.stream_rows(A::TYPE, id).await?,
+                };
+                let (Loaded { aggregate, version }, head) = fold::<A>(id, rows)?;
+                (
+                    Box::new(aggregate) as Box<dyn Any + Send + Sync>,
+                    version,
+                    head,
+                )
+            }
+        };
         self.streams.push(PendingStream {
             aggregate_type: A::TYPE,
             aggregate_id: id.to_string(),
             version,
             head,
-            state: Box::new(aggregate),
+            state,
             events: Vec::new(),
+            cacheable: true,
+            from_cache,
         });
         Ok(self.streams.len() - 1)
     }
@@ -463,6 +556,8 @@ impl UnitOfWork<'_> {
             head: String::new(),
             state: Box::new(A::default()),
             events: Vec::new(),
+            cacheable: true,
+            from_cache: false,
         });
     }
 
@@ -494,13 +589,22 @@ impl UnitOfWork<'_> {
             .state
             .downcast_mut::<A>()
             .expect("stream state has the aggregate's type");
-        let events = decide(aggregate, command)
-            .await
-            .map_err(CommandError::Rejected)?;
+        let events = match decide(aggregate, command).await {
+            Ok(events) => events,
+            Err(e) => {
+                stream.cacheable = false;
+                return Err(CommandError::Rejected(e));
+            }
+        };
         let version = stream.version + stream.events.len();
-        stream
-            .events
-            .extend(serialize::<A>(id, version, &events, &self.meta)?);
+        match serialize::<A>(id, version, &events, &self.meta) {
+            Ok(serialized) => stream.events.extend(serialized),
+            Err(e) => {
+                // The state has the events applied, the commit would not.
+                stream.cacheable = false;
+                return Err(e.into());
+            }
+        }
         Ok(events)
     }
 
@@ -525,8 +629,47 @@ impl UnitOfWork<'_> {
     /// stored (a duplicate, a conflict or a failure counts nothing), and
     /// nothing stored when limited.
     pub async fn commit_gated(self, gate: Option<&Gate>) -> Result<Committed, StoreError> {
+        let cache = self.store.cache.clone();
+        let mut streams = Vec::with_capacity(self.streams.len());
+        let result = self.append(gate, &mut streams).await;
+        match result {
+            // Only a stored state is kept: the streams as they now stand.
+            Ok(Committed::Written(_)) => {
+                for s in streams {
+                    if s.cacheable {
+                        cache.put(
+                            s.aggregate_type,
+                            s.aggregate_id,
+                            Cached {
+                                state: s.state,
+                                version: s.version,
+                                head: s.head,
+                            },
+                        );
+                    }
+                }
+            }
+            // Nothing stored, or not known what: forget every stream the
+            // unit touched (another task may have put a copy back since).
+            Ok(Committed::Limited { .. }) | Err(_) => cache.evict_all(
+                streams
+                    .iter()
+                    .map(|s| (s.aggregate_type, s.aggregate_id.as_str())),
+            ),
+        }
+        result
+    }
+
+    /// The append itself. Leaves in `after` every stream of the unit, its
+    /// version and head advanced past its recorded events.
+    async fn append(
+        self,
+        gate: Option<&Gate>,
+        after: &mut Vec<PendingStream>,
+    ) -> Result<Committed, StoreError> {
         let n: usize = self.streams.iter().map(|s| s.events.len()).sum();
         if n == 0 {
+            after.extend(self.streams);
             return Ok(Committed::Written(0));
         }
         // The append's span; with export on, its W3C context goes into every
@@ -543,36 +686,47 @@ impl UnitOfWork<'_> {
         );
         let trace = casebook_telemetry::headers_of(&span);
         let mut columns = Columns::with_capacity(n);
+        let mut heads = Heads::default();
         // One time for the commit, at the precision Postgres stores.
         let now = chrono::Utc::now();
         let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         let mut events: Vec<SerializedEvent> = Vec::with_capacity(n);
-        for stream in self.streams {
-            let mut prev = stream.head;
-            for e in stream.events {
+        for mut stream in self.streams {
+            if !stream.events.is_empty() && stream.version > 0 {
+                heads.push(&stream);
+            }
+            let mut prev = std::mem::take(&mut stream.head);
+            stream.version += stream.events.len();
+            for e in std::mem::take(&mut stream.events) {
                 prev = columns.push(&e, trace.as_ref(), &prev, now);
                 events.push(e);
             }
+            stream.head = prev;
+            after.push(stream);
         }
         let pool = self.store.pool.clone();
         let committed = with_transient_retry(|| async {
             let Some(gate) = gate else {
                 bind_columns!(
-                    sqlx::query(&format!("{INSERT_EVENTS} ORDER BY t.n")),
-                    columns
+                    sqlx::query(insert_sql(heads.shape(), false)),
+                    columns,
+                    heads
                 )
                 .execute(&pool)
                 .await?;
                 return Ok(Committed::Written(events.len()));
             };
-            let (allowed, retry_secs): (bool, Option<f64>) =
-                bind_columns!(sqlx::query_as(gated_insert_sql()), columns)
-                    .bind(gate.scope)
-                    .bind(&gate.key)
-                    .bind(gate.window_secs())
-                    .bind(i64::from(gate.limit.max))
-                    .fetch_one(&pool)
-                    .await?;
+            let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
+                sqlx::query_as(insert_sql(heads.shape(), true)),
+                columns,
+                heads
+            )
+            .bind(gate.scope)
+            .bind(&gate.key)
+            .bind(gate.window_secs())
+            .bind(i64::from(gate.limit.max))
+            .fetch_one(&pool)
+            .await?;
             Ok(match gate.decision(allowed, retry_secs) {
                 Decision::Allowed => Committed::Written(events.len()),
                 Decision::Limited { retry_after } => Committed::Limited { retry_after },
@@ -609,18 +763,100 @@ const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, s
        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
             WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)";
 
-/// The rate limit's upsert ($11–$14) and the events' insert in one
-/// statement: the events go in only when the hit was allowed.
-fn gated_insert_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| {
-        format!(
-            "WITH gate AS ({}),
-                  appended AS ({INSERT_EVENTS} WHERE (SELECT allowed FROM gate) ORDER BY t.n RETURNING 1)
-             SELECT gate.allowed, gate.retry_secs FROM gate",
-            limits::upsert_sql(11)
-        )
+/// The one head ($11–$14: type, id, sequence, hash) an append extends,
+/// locked FOR KEY SHARE: a purge deleting it waits for the append, or the
+/// append sees it gone. Plain parameters: planned as one index lookup.
+const ONE_HEAD: &str = "heads AS (
+         SELECT 1 FROM events
+          WHERE aggregate_type = $11 AND aggregate_id = $12 AND sequence = $13 AND hash = $14
+         FOR KEY SHARE
+     )";
+
+/// The same for several heads, as four arrays ($11–$14).
+const MANY_HEADS: &str = "heads AS (
+         SELECT 1 FROM events e
+           JOIN unnest($11::text[], $12::text[], $13::bigint[], $14::text[]) AS h(aggregate_type, aggregate_id, sequence, hash)
+             ON e.aggregate_type = h.aggregate_type AND e.aggregate_id = h.aggregate_id
+            AND e.sequence = h.sequence AND e.hash = h.hash
+         FOR KEY SHARE OF e
+     )";
+
+/// The events go in only when every head is still there; otherwise the
+/// statement fails as a unique violation (casebook_stream_moved, migration
+/// 20261129000001), which the writer takes for a conflict.
+const HEADS_UNMOVED: &str =
+    "CASE WHEN (SELECT count(*) FROM heads) = cardinality($13::bigint[]) THEN true
+          ELSE casebook_stream_moved() END";
+const HEAD_UNMOVED: &str = "CASE WHEN EXISTS (SELECT 1 FROM heads) THEN true
+          ELSE casebook_stream_moved() END";
+
+/// The append's statement for the heads it extends, with or without the
+/// rate limit's upsert (from $11 without heads, else from $15) in the same
+/// statement: then the events go in only when the hit was allowed.
+fn insert_sql(shape: HeadsShape, gated: bool) -> &'static str {
+    static SQL: [OnceLock<String>; 6] = [const { OnceLock::new() }; 6];
+    let slot = shape as usize * 2 + usize::from(gated);
+    SQL[slot].get_or_init(|| {
+        let (heads, condition) = match shape {
+            HeadsShape::None => (None, "true"),
+            HeadsShape::One => (Some(ONE_HEAD), HEAD_UNMOVED),
+            HeadsShape::Many => (Some(MANY_HEADS), HEADS_UNMOVED),
+        };
+        let mut ctes: Vec<String> = Vec::new();
+        let mut condition = condition.to_string();
+        if gated {
+            ctes.push(format!(
+                "gate AS ({})",
+                limits::upsert_sql(if heads.is_some() { 15 } else { 11 })
+            ));
+            condition = format!("{condition} AND (SELECT allowed FROM gate)");
+        }
+        ctes.extend(heads.map(str::to_string));
+        let insert = format!("{INSERT_EVENTS} WHERE {condition} ORDER BY t.n");
+        match (gated, ctes.is_empty()) {
+            (false, true) => insert,
+            (false, false) => format!("WITH {} {insert}", ctes.join(", ")),
+            (true, _) => format!(
+                "WITH {}, appended AS ({insert} RETURNING 1)
+                 SELECT gate.allowed, gate.retry_secs FROM gate",
+                ctes.join(", ")
+            ),
+        }
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadsShape {
+    None = 0,
+    One = 1,
+    Many = 2,
+}
+
+/// The stored heads an append extends: for each stream that had events
+/// before, its last sequence and hash as the writer decided on them.
+#[derive(Default)]
+struct Heads {
+    aggregate_type: Vec<&'static str>,
+    aggregate_id: Vec<String>,
+    sequence: Vec<i64>,
+    hash: Vec<String>,
+}
+
+impl Heads {
+    fn shape(&self) -> HeadsShape {
+        match self.sequence.len() {
+            0 => HeadsShape::None,
+            1 => HeadsShape::One,
+            _ => HeadsShape::Many,
+        }
+    }
+
+    fn push(&mut self, stream: &PendingStream) {
+        self.aggregate_type.push(stream.aggregate_type);
+        self.aggregate_id.push(stream.aggregate_id.clone());
+        self.sequence.push(stream.version as i64);
+        self.hash.push(stream.head.clone());
+    }
 }
 
 #[derive(Default)]

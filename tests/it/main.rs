@@ -5,6 +5,7 @@ mod agent;
 mod agent_logs;
 mod agent_once;
 mod api;
+mod append_cache;
 mod archive;
 mod audit;
 mod common;
