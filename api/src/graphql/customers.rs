@@ -3,8 +3,9 @@
 
 use async_graphql::{Context, Object, ID};
 use casebook_domain::identity::IdentityKey;
-use casebook_projections::staff::{self, CustomerRow};
+use casebook_projections::staff::{self, CustomerRow, IdentifierRow};
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
 use uuid::Uuid;
 
 use super::context::{bad_input, db, internal, viewer};
@@ -12,8 +13,17 @@ use super::loaders::loaders;
 use super::tickets::Ticket;
 use super::types::{shown_identifier, IdentifierKind};
 
+/// A customer, with their identifiers when the read that found them brought
+/// those too (a page of tickets with its customers): then `emails` and
+/// `phones` need no loader.
 #[derive(Clone, Debug)]
-pub struct Customer(pub CustomerRow);
+pub struct Customer(pub CustomerRow, pub(crate) Option<Arc<[IdentifierRow]>>);
+
+impl From<CustomerRow> for Customer {
+    fn from(row: CustomerRow) -> Self {
+        Customer(row, None)
+    }
+}
 
 impl Customer {
     async fn identifiers(
@@ -22,17 +32,24 @@ impl Customer {
         email: bool,
     ) -> async_graphql::Result<Vec<String>> {
         let masked = viewer(ctx)?.masks_pii();
+        let shown = |all: &[IdentifierRow]| {
+            all.iter()
+                .filter(|i| (i.kind == "email") == email)
+                .map(|i| shown_identifier(&i.kind, &i.value, masked))
+                .collect()
+        };
+        if let Some(known) = &self.1 {
+            return Ok(shown(known));
+        }
         let loaders = loaders(ctx)?;
-        Ok(loaders
-            .identifiers
-            .load_one(self.0.customer_id)
-            .await
-            .map_err(internal)?
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|i| (i.kind == "email") == email)
-            .map(|i| shown_identifier(&i.kind, &i.value, masked))
-            .collect())
+        Ok(shown(
+            &loaders
+                .identifiers
+                .load_one(self.0.customer_id)
+                .await
+                .map_err(internal)?
+                .unwrap_or_default(),
+        ))
     }
 }
 
@@ -72,7 +89,7 @@ impl Customer {
             .map_err(internal)?
             .unwrap_or_default()
             .into_iter()
-            .map(Ticket)
+            .map(Ticket::from)
             .collect())
     }
 }
@@ -96,7 +113,7 @@ impl CustomerQuery {
             .load_one(id)
             .await
             .map_err(internal)?
-            .map(Customer))
+            .map(Customer::from))
     }
 
     /// The customer who proved this email address or phone number.
@@ -140,6 +157,6 @@ impl CustomerQuery {
             .load_one(id)
             .await
             .map_err(internal)?
-            .map(Customer))
+            .map(Customer::from))
     }
 }

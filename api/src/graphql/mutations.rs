@@ -51,7 +51,7 @@ async fn ticket_after(app: &AppState, ticket_id: Uuid) -> async_graphql::Result<
         .map_err(internal)?
         .aggregate;
     row_of(&state)
-        .map(Ticket)
+        .map(Ticket::from)
         .ok_or_else(|| not_found("no such ticket"))
 }
 

@@ -59,7 +59,7 @@ impl Escalation {
             .load_one(self.0.ticket_id)
             .await
             .map_err(internal)?
-            .map(Ticket))
+            .map(Ticket::from))
     }
 }
 
@@ -115,7 +115,7 @@ impl Approval {
             .load_one(self.0.ticket_id)
             .await
             .map_err(internal)?
-            .map(Ticket))
+            .map(Ticket::from))
     }
 }
 

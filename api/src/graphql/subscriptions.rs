@@ -281,7 +281,7 @@ impl QueueChange {
             .load_one(self.ticket_id)
             .await
             .map_err(internal)?
-            .map(Ticket))
+            .map(Ticket::from))
     }
 }
 

@@ -22,8 +22,17 @@ use super::types::{Category, Channel, Direction, PageInfo, Priority, TicketStatu
 /// The default and largest page of `tickets`.
 pub const DEFAULT_PAGE: i32 = 20;
 
+/// A ticket; with its customer already when the read that found it brought
+/// the customer too (a page of tickets with its customers): `Some(None)`
+/// is a customer looked for and not there (or not the reader's to see).
 #[derive(Clone, Debug)]
-pub struct Ticket(pub TicketRow);
+pub struct Ticket(pub TicketRow, pub(crate) Option<Option<Customer>>);
+
+impl From<TicketRow> for Ticket {
+    fn from(row: TicketRow) -> Self {
+        Ticket(row, None)
+    }
+}
 
 /// The staff member a ticket is assigned to.
 #[derive(SimpleObject, Clone, Debug)]
@@ -95,13 +104,16 @@ impl Ticket {
     }
 
     async fn customer(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Customer>> {
+        if let Some(known) = &self.1 {
+            return Ok(known.clone());
+        }
         let loaders = loaders(ctx)?;
         Ok(loaders
             .customers
             .load_one(self.0.customer_id)
             .await
             .map_err(internal)?
-            .map(Customer))
+            .map(Customer::from))
     }
 
     /// The conversation, oldest first.
@@ -340,27 +352,44 @@ struct Asks {
     approvals: bool,
 }
 
-/// Feeds the loaders what a page read with its customers found: every
-/// customer it found, and (when read) every found customer's identifiers,
-/// an empty list being an answer.
-async fn feed_customers(loaders: &Loaders, page: &staff::PageWithCustomers) {
+/// The customers a page read with its tickets found, each with their
+/// identifiers when the read brought them.
+fn page_customers(page: &staff::PageWithCustomers) -> HashMap<Uuid, Customer> {
+    let mut identifiers: HashMap<Uuid, Vec<staff::IdentifierRow>> = HashMap::new();
+    for i in page.identifiers.iter().flatten() {
+        identifiers
+            .entry(i.customer_id)
+            .or_default()
+            .push(i.clone());
+    }
+    page.customers
+        .iter()
+        .map(|c| {
+            let own = page.identifiers.as_ref().map(|_| {
+                identifiers
+                    .remove(&c.customer_id)
+                    .unwrap_or_default()
+                    .into()
+            });
+            (c.customer_id, Customer(c.clone(), own))
+        })
+        .collect()
+}
+
+/// Feeds the loaders a page's customers (and their identifiers, when
+/// read; an empty list being an answer), for resolvers that reach them
+/// another way in the same request.
+async fn feed_customers(loaders: &Loaders, customers: &HashMap<Uuid, Customer>) {
     loaders
         .customers
-        .feed_many(page.customers.iter().map(|c| (c.customer_id, c.clone())))
+        .feed_many(customers.iter().map(|(id, c)| (*id, c.0.clone())))
         .await;
-    if let Some(identifiers) = &page.identifiers {
-        let mut by_customer: HashMap<Uuid, Vec<staff::IdentifierRow>> = page
-            .customers
-            .iter()
-            .map(|c| (c.customer_id, Vec::new()))
-            .collect();
-        for i in identifiers {
-            by_customer
-                .entry(i.customer_id)
-                .or_default()
-                .push(i.clone());
-        }
-        loaders.identifiers.feed_many(by_customer).await;
+    let identifiers: HashMap<Uuid, Vec<staff::IdentifierRow>> = customers
+        .iter()
+        .filter_map(|(id, c)| Some((*id, c.1.as_deref()?.to_vec())))
+        .collect();
+    if !identifiers.is_empty() {
+        loaders.identifiers.feed_many(identifiers).await;
     }
 }
 
@@ -460,7 +489,7 @@ impl TicketQuery {
         let row = loaders.tickets.load_one(id).await.map_err(internal)?;
         Ok(row
             .filter(|r| v.may_see_customer(r.customer_id))
-            .map(Ticket))
+            .map(Ticket::from))
     }
 
     /// Tickets, newest first, as a Relay connection. A customer sees only
@@ -514,6 +543,8 @@ impl TicketQuery {
         // With loaders to feed, a page that shows its customers reads them
         // in the page's own statement.
         let with_customers = asks.customer && loaders.is_some();
+        // The page's customers, when its read brought them.
+        let mut known: Option<HashMap<Uuid, Customer>> = None;
         let mut rows = if first == 0 {
             Vec::new()
         } else {
@@ -529,9 +560,11 @@ impl TicketQuery {
                 )
                 .await
                 .map_err(internal)?;
+                let customers = page_customers(&page);
                 if let Some(loaders) = loaders {
-                    feed_customers(loaders, &page).await;
+                    feed_customers(loaders, &customers).await;
                 }
+                known = Some(customers);
                 page.tickets
             } else {
                 staff::tickets_page(&mut tx, &query, after, i64::from(first))
@@ -548,7 +581,10 @@ impl TicketQuery {
             .into_iter()
             .map(|r| TicketEdge {
                 cursor: encode_cursor(&r),
-                node: Ticket(r),
+                node: {
+                    let customer = known.as_ref().map(|k| k.get(&r.customer_id).cloned());
+                    Ticket(r, customer)
+                },
             })
             .collect();
         Ok(TicketConnection {
@@ -572,7 +608,7 @@ impl TicketQuery {
             .await
             .map_err(internal)?;
         tx.commit().await.map_err(internal)?;
-        Ok(rows.into_iter().map(Ticket).collect())
+        Ok(rows.into_iter().map(Ticket::from).collect())
     }
 }
 
