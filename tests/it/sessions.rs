@@ -472,7 +472,8 @@ async fn a_remembered_session_opens_its_scoped_reads_in_the_same_round_trip_unti
     // Each change, made behind the API's back as a DBA would, is seen on
     // the very next request: the remembered caller is refused, the full
     // check answers, and the one after that is remembered again.
-    let changes: [(&str, fn(&casebook_api::Caller) -> bool); 4] = [
+    type Holds = fn(&casebook_api::Caller) -> bool;
+    let changes: [(&str, Holds); 4] = [
         ("UPDATE users SET name = 'Ada L.'", |c| {
             c.name.as_deref() == Some("Ada L.")
         }),
