@@ -136,6 +136,45 @@ pub async fn apply_batch_in<'a>(
 }
 
 /// A stream: (aggregate type, aggregate id).
+/// What a shadow filler keeps in memory between a rebuild's pages, keyed by
+/// ticket: taken out for a page (one task applies a page at a time) and put
+/// back once the page is written; past `limit` entries it is all forgotten,
+/// and the filler reads back from its shadow what it needs.
+pub struct PageMemory<T> {
+    kept: std::sync::Mutex<HashMap<uuid::Uuid, T>>,
+    limit: usize,
+}
+
+impl<T> PageMemory<T> {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            kept: std::sync::Mutex::new(HashMap::new()),
+            limit,
+        }
+    }
+
+    /// What the previous pages left, for this page.
+    pub fn take(&self) -> HashMap<uuid::Uuid, T> {
+        std::mem::take(
+            &mut *self
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// What this page leaves for the next (nothing, past the limit).
+    pub fn put_back(&self, mut kept: HashMap<uuid::Uuid, T>) {
+        if kept.len() > self.limit {
+            kept.clear();
+        }
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
+    }
+}
+
 pub type StreamKey = (String, String);
 
 /// The per-stream sequences a rebuild has applied, kept in memory while it

@@ -31,7 +31,7 @@ use uuid::Uuid;
 pub use figures::{BucketKey, Figures, Grain, TicketFacts, ALL};
 pub use histogram::Histogram;
 
-use crate::projector::{ticket_events, ProjectionError, Projector};
+use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
 
 pub const NAME: &str = "metrics";
 /// Serialises metrics batches of projector replicas: every batch adds to
@@ -64,7 +64,7 @@ impl Projector for MetricsProjector {
 
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
         Some(Box::new(ShadowMetrics {
-            facts: std::sync::Mutex::new(HashMap::new()),
+            facts: PageMemory::new(FACTS_IN_MEMORY),
         }))
     }
 }
@@ -77,7 +77,7 @@ const FACTS_IN_MEMORY: usize = 500_000;
 /// ticket's facts in memory between pages instead of reading them back
 /// from `metrics_tickets` (the shadow has no other writer).
 pub struct ShadowMetrics {
-    facts: std::sync::Mutex<HashMap<Uuid, TicketFacts>>,
+    facts: PageMemory<TicketFacts>,
 }
 
 #[async_trait]
@@ -99,22 +99,9 @@ impl Projector for ShadowMetrics {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        // Taken out for the page (one task applies a page at a time) and
-        // put back once it is written.
-        let mut facts = std::mem::take(
-            &mut *self
-                .facts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let mut facts = self.facts.take();
         apply_metrics(tx, events, Some(&mut facts)).await?;
-        if facts.len() > FACTS_IN_MEMORY {
-            facts.clear();
-        }
-        *self
-            .facts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = facts;
+        self.facts.put_back(facts);
         Ok(())
     }
 }

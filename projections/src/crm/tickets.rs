@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics::ESCALATIONS;
-use crate::projector::{ticket_events, ProjectionError, Projector};
+use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
 
 /// `crm_tickets`: one row per ticket with its current status, SLA,
 /// counters and hand-off (who handles it, `assignee`, `handler`,
@@ -35,7 +35,7 @@ const STATES_IN_MEMORY: usize = 250_000;
 /// `crm_tickets.state` (a `jsonb` read and parse per ticket per page): the
 /// shadow has no other writer, so the state it holds is the one it wrote.
 pub struct ShadowTickets {
-    states: std::sync::Mutex<HashMap<Uuid, Ticket>>,
+    states: PageMemory<Ticket>,
 }
 
 #[async_trait]
@@ -61,22 +61,9 @@ impl Projector for ShadowTickets {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        // Taken out for the page (a page is applied by one task at a
-        // time) and put back once it is written.
-        let mut states = std::mem::take(
-            &mut *self
-                .states
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let mut states = self.states.take();
         apply_tickets(tx, events, Some(&mut states)).await?;
-        if states.len() > STATES_IN_MEMORY {
-            states.clear();
-        }
-        *self
-            .states
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = states;
+        self.states.put_back(states);
         Ok(())
     }
 }
@@ -474,7 +461,7 @@ impl Projector for TicketsProjector {
 
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
         Some(Box::new(ShadowTickets {
-            states: std::sync::Mutex::new(HashMap::new()),
+            states: PageMemory::new(STATES_IN_MEMORY),
         }))
     }
 
