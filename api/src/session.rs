@@ -153,12 +153,12 @@ pub struct Sessions {
     touch_every: Duration,
     /// The caller each recently checked session stood for, with its
     /// [`fingerprint`].
-    remembered: Arc<Mutex<lru::LruCache<Uuid, (Caller, String)>>>,
+    remembered: Arc<Mutex<lru::LruCache<Uuid, (Caller, Fingerprint)>>>,
 }
 
 /// A digest of who a caller is: `casebook_caller_fingerprint` in SQL
 /// computes the same from the user's row.
-pub fn fingerprint(caller: &Caller) -> String {
+pub fn fingerprint(caller: &Caller) -> Fingerprint {
     const UNIT: char = '\u{1f}';
     const RECORD: char = '\u{1e}';
     let customer = caller
@@ -175,19 +175,28 @@ pub fn fingerprint(caller: &Caller) -> String {
         role = caller.role.as_str(),
         permissions = caller.permissions.join(&RECORD.to_string()),
     );
-    hex::encode(Sha256::digest(text.as_bytes()))
+    Fingerprint(Sha256::digest(text.as_bytes()).into())
+}
+
+/// A caller's SHA-256 digest; shown as lowercase hex, as
+/// `casebook_caller_fingerprint` returns it (and so safe to put in SQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
 }
 
 /// The statement that checks a remembered session and opens its scoped read
 /// transaction; built only from a UUID, a hex digest and a number.
-fn scope_statement(session_id: Uuid, fingerprint: &str, fresh: Duration) -> Option<String> {
-    fingerprint.bytes().all(|b| b.is_ascii_hexdigit()).then(|| {
-        format!(
-            "SELECT casebook_session_scope('{}', '{fingerprint}', {}); BEGIN READ ONLY",
-            session_id.hyphenated(),
-            fresh.as_secs_f64()
-        )
-    })
+fn scope_statement(session_id: Uuid, fingerprint: Fingerprint, fresh: Duration) -> String {
+    format!(
+        "SELECT casebook_session_scope('{}', '{fingerprint}', {}); BEGIN READ ONLY",
+        session_id.hyphenated(),
+        fresh.as_secs_f64()
+    )
 }
 
 impl std::fmt::Debug for Sessions {
@@ -265,17 +274,16 @@ impl Sessions {
             .get(&claims.sid)
             .cloned();
         if let Some((caller, fingerprint)) = remembered.filter(|(c, _)| c.sub == claims.sub) {
-            if let Some(statement) = scope_statement(claims.sid, &fingerprint, self.touch_every) {
-                match self.pool.begin_with(statement).await {
-                    Ok(tx) => return Ok((caller, Some(tx))),
-                    Err(e) => {
-                        let changed = matches!(&e, sqlx::Error::Database(db)
-                            if db.code().as_deref() == Some(NOT_AS_REMEMBERED));
-                        if !changed {
-                            tracing::warn!(error = %e, "the remembered session could not be checked");
-                        }
-                        self.forget(claims.sid);
+            let statement = scope_statement(claims.sid, fingerprint, self.touch_every);
+            match self.pool.begin_with(statement).await {
+                Ok(tx) => return Ok((caller, Some(tx))),
+                Err(e) => {
+                    let changed = matches!(&e, sqlx::Error::Database(db)
+                        if db.code().as_deref() == Some(NOT_AS_REMEMBERED));
+                    if !changed {
+                        tracing::warn!(error = %e, "the remembered session could not be checked");
                     }
+                    self.forget(claims.sid);
                 }
             }
         }

@@ -594,7 +594,7 @@ async fn the_callers_fingerprint_is_the_same_in_rust_and_in_postgres() {
                 .fetch_one(&db.pool)
                 .await
                 .unwrap();
-        assert_eq!(fingerprint(&caller), in_sql, "{caller:?}");
+        assert_eq!(fingerprint(&caller).to_string(), in_sql, "{caller:?}");
         assert!(
             seen.insert(in_sql),
             "{caller:?}: each caller its own digest"
