@@ -172,7 +172,6 @@ pub struct PageWithCustomers {
 struct PageRow {
     #[sqlx(flatten)]
     ticket: TicketRow,
-    c_found: bool,
     c_name: Option<String>,
     c_created_at: Option<DateTime<Utc>>,
     c_updated_at: Option<DateTime<Utc>>,
@@ -193,7 +192,7 @@ pub async fn tickets_page_with_customers(
     let mut q = QueryBuilder::new("WITH page AS (");
     push_page(&mut q, filter, after, limit);
     q.push(
-        ") SELECT page.*, c.customer_id IS NOT NULL AS c_found, c.name AS c_name,
+        ") SELECT page.*, c.name AS c_name,
                   c.created_at AS c_created_at, c.updated_at AS c_updated_at,",
     );
     if identifiers {
@@ -223,12 +222,14 @@ pub async fn tickets_page_with_customers(
     for row in rows {
         let customer_id = row.ticket.customer_id;
         page.tickets.push(row.ticket);
-        if !row.c_found || !seen.insert(customer_id) {
-            continue;
-        }
+        // No customer row joined (not projected yet, or not the reader's
+        // to see): its timestamps, never null in the table, are null.
         let (Some(created_at), Some(updated_at)) = (row.c_created_at, row.c_updated_at) else {
             continue;
         };
+        if !seen.insert(customer_id) {
+            continue;
+        }
         page.customers.push(CustomerRow {
             customer_id,
             name: row.c_name,
