@@ -121,10 +121,16 @@ impl AggregateCache {
         match fresh {
             Some(e) => {
                 self.hits.fetch_add(1, Relaxed);
+                crate::metrics::AGGREGATE_CACHE
+                    .with_label_values(&["hit"])
+                    .inc();
                 Some(e.cached)
             }
             None => {
                 self.misses.fetch_add(1, Relaxed);
+                crate::metrics::AGGREGATE_CACHE
+                    .with_label_values(&["miss"])
+                    .inc();
                 None
             }
         }

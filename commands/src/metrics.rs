@@ -18,6 +18,15 @@ pub static EVENTS_APPENDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static AGGREGATE_CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "casebook_aggregate_cache_total",
+        "Commands whose aggregate came from the event store's memory (hit) or was read (miss)",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
 pub static INTAKE_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "casebook_intake_messages_total",

@@ -108,6 +108,9 @@ async fn the_cache_serves_the_next_command_on_a_stream_without_reading_it() {
     assert_eq!(statements_for(&uncached, &acquired, "plain").await, 2);
 
     // With one, the first command reads; the next ones only append.
+    let hits_before = casebook_commands::metrics::AGGREGATE_CACHE
+        .with_label_values(&["hit"])
+        .get();
     let store = EventStore::new(pool.clone());
     assert_eq!(statements_for(&store, &acquired, "cached").await, 2);
     for _ in 0..3 {
@@ -116,6 +119,15 @@ async fn the_cache_serves_the_next_command_on_a_stream_without_reading_it() {
     // A clone shares the cache (the service clones its store per task).
     assert_eq!(statements_for(&store.clone(), &acquired, "cached").await, 1);
     assert_eq!(store.aggregate_cache().hits_and_misses(), (4, 1));
+    // Operators see the hits too (the counter is the process's: other tests
+    // add to it, never take from it).
+    let hits_after = casebook_commands::metrics::AGGREGATE_CACHE
+        .with_label_values(&["hit"])
+        .get();
+    assert!(
+        hits_after >= hits_before + 4,
+        "{hits_before} → {hits_after}"
+    );
 
     // What was decided from memory is what a read would have given.
     assert_no_lost_update(&stream(&pool, "cached").await, 25);
