@@ -177,106 +177,66 @@ impl<T> PageMemory<T> {
 
 pub type StreamKey = (String, String);
 
-/// The per-stream sequences a rebuild has applied, kept in memory while it
-/// fills a shadow: the shadow has no other writer, so the sequences need
-/// not be read back from `projector_streams` and written there for every
-/// page (two statements per page, and a row version per stream per page).
-/// At most `limit` streams are held; beyond that they are written to
-/// `projector_streams` ([`StreamSequences::flush`]) and from then on a
-/// stream not in memory is looked up there, as a live batch does.
-#[derive(Debug)]
-pub struct StreamSequences {
-    known: HashMap<StreamKey, i64>,
-    limit: usize,
-    /// Some sequences are in `projector_streams` and not in memory.
-    spilled: bool,
-}
-
-impl StreamSequences {
-    pub fn new(limit: usize) -> Self {
-        Self {
-            known: HashMap::new(),
-            limit: limit.max(1),
-            spilled: false,
-        }
-    }
-
-    /// Streams held in memory.
-    pub fn len(&self) -> usize {
-        self.known.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.known.is_empty()
-    }
-
-    /// Writes the sequences held to `projector_streams` (the later of the
-    /// stored and the held one wins) and forgets them.
-    pub async fn flush(
-        &mut self,
-        tx: &mut PgConnection,
-        projector: &str,
-    ) -> Result<(), ProjectionError> {
-        // In key order: each statement then fills neighbouring index
-        // pages rather than touching pages all over the index (and the
-        // swap copies them into the live table in the same order).
-        let mut held: Vec<(StreamKey, i64)> = std::mem::take(&mut self.known).into_iter().collect();
-        held.sort_unstable();
-        for part in held.chunks(FLUSH_ROWS) {
-            write_sequence_rows(&mut *tx, projector, part.iter().cloned()).await?;
-            self.spilled = true;
-        }
-        Ok(())
-    }
-}
-
-/// Rows per statement when [`StreamSequences::flush`] writes.
-const FLUSH_ROWS: usize = 50_000;
-
-/// [`apply_batch_in`] for a rebuild's shadow, with the per-stream
-/// sequences in `streams` rather than read from and written to
-/// `projector_streams` for each batch: the same events are applied, the
-/// same gaps filled from the store and the same copies skipped. The
-/// caller writes `streams` out ([`StreamSequences::flush`]) before anyone
-/// else reads the shadow's `projector_streams`. If the transaction does
-/// not commit, `streams` is ahead of the shadow and must be dropped with
-/// it.
-pub async fn apply_batch_remembered<'a>(
+/// Applies one page of a rebuild to a shadow in `tx`: the events of the
+/// projector's aggregate types, read once each and in commit order
+/// (`(transaction_id, position)`), so every one is new to the shadow and
+/// every stream's events come in sequence. No per-stream sequence is read
+/// or written: once the fill ends, the shadow's baseline
+/// ([`set_baseline`]) says how far every stream got. Returns the number
+/// applied.
+pub async fn apply_rebuild_page(
     tx: &mut PgConnection,
     projector: &dyn Projector,
-    events: &'a [EventEnvelope],
-    streams: &mut StreamSequences,
-) -> Result<Cow<'a, [EventEnvelope]>, ProjectionError> {
-    let name = projector.name();
-    let relevant = relevant_events(projector, events);
-    let mut stored = HashMap::new();
-    if streams.spilled {
-        let mut keys: Vec<StreamKey> = relevant
-            .iter()
-            .filter(|e| {
-                !streams
-                    .known
-                    .contains_key(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
-            })
-            .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone()))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        stored = stored_sequences(&mut *tx, name, keys, false).await?;
+    events: &[EventEnvelope],
+) -> Result<usize, ProjectionError> {
+    let relevant: Cow<'_, [EventEnvelope]> = if events.iter().all(|e| {
+        projector
+            .aggregate_types()
+            .contains(&e.aggregate_type.as_str())
+    }) {
+        Cow::Borrowed(events)
+    } else {
+        Cow::Owned(
+            relevant_events(projector, events)
+                .into_iter()
+                .cloned()
+                .collect(),
+        )
+    };
+    if !relevant.is_empty() {
+        projector.apply(&mut *tx, &relevant).await?;
     }
-    let (fresh, touched) = fresh_events(&mut *tx, name, events, relevant, |key| {
-        streams.known.get(key).or(stored.get(key)).copied()
-    })
+    record_progress(&mut *tx, projector.name(), events, relevant.len()).await?;
+    Ok(relevant.len())
+}
+
+/// Records in `tx` that the projector has applied every event of its
+/// aggregate types up to `(transaction_id, position)`, in commit order: a
+/// stream without a `projector_streams` row has reached its highest
+/// sequence at or before that point (see `stored_sequences`), and rows
+/// record what was applied after it. Table names resolve through the
+/// search path: a rebuild sets its shadow's.
+pub async fn set_baseline(
+    tx: &mut PgConnection,
+    projector: &dyn Projector,
+    transaction_id: &str,
+    position: i64,
+) -> Result<(), ProjectionError> {
+    let types: Vec<&str> = projector.aggregate_types().to_vec();
+    sqlx::query(
+        "INSERT INTO projector_baselines (projector, aggregate_types, transaction_id, last_position)
+         VALUES ($1, $2, $3::text::xid8, $4)
+         ON CONFLICT (projector) DO UPDATE
+            SET aggregate_types = EXCLUDED.aggregate_types, transaction_id = EXCLUDED.transaction_id,
+                last_position = EXCLUDED.last_position, set_at = now()",
+    )
+    .bind(projector.name())
+    .bind(&types)
+    .bind(transaction_id)
+    .bind(position)
+    .execute(&mut *tx)
     .await?;
-    if !fresh.is_empty() {
-        projector.apply(&mut *tx, &fresh).await?;
-        streams.known.extend(touched);
-        if streams.known.len() > streams.limit {
-            streams.flush(&mut *tx, name).await?;
-        }
-    }
-    record_progress(&mut *tx, name, events, fresh.len()).await?;
-    Ok(fresh)
+    Ok(())
 }
 
 /// The batch's events of the projector's aggregate types.
@@ -291,8 +251,11 @@ fn relevant_events<'a>(
         .collect()
 }
 
-/// The last sequences `projector_streams` holds of `keys` (sorted), locked
-/// for the transaction when `lock`.
+/// The last sequences the projector reached in `keys` (sorted): its
+/// `projector_streams` row (locked for the transaction when `lock`), or, for
+/// a stream of its baseline's types, the stream's highest sequence at or
+/// before the baseline, whichever is greater (after a rebuild, a stream
+/// the projector has not applied since has no row).
 async fn stored_sequences(
     tx: &mut PgConnection,
     projector: &str,
@@ -304,19 +267,7 @@ async fn stored_sequences(
         return Ok(last);
     }
     let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-    let sql = if lock {
-        "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
-           FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
-           JOIN projector_streams p ON p.projector = $1
-            AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
-          ORDER BY p.aggregate_type, p.aggregate_id
-            FOR UPDATE OF p"
-    } else {
-        "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
-           FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)
-           JOIN projector_streams p ON p.projector = $1
-            AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id"
-    };
+    let sql = if lock { SEQUENCES_LOCKED } else { SEQUENCES };
     let rows: Vec<(String, String, i64)> = sqlx::query_as(sql)
         .bind(projector)
         .bind(&types)
@@ -328,6 +279,35 @@ async fn stored_sequences(
     }
     Ok(last)
 }
+
+/// [`stored_sequences`]' statement: `$1` the projector, `$2`/`$3` the
+/// streams' types and ids. `{lock}` is where the rows are locked.
+macro_rules! sequences_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)),
+                  held AS (SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+                             FROM k JOIN projector_streams p ON p.projector = $1
+                              AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
+                            ORDER BY p.aggregate_type, p.aggregate_id ",
+            $lock,
+            "),
+                  base AS (SELECT * FROM projector_baselines WHERE projector = $1)
+             SELECT k.aggregate_type, k.aggregate_id, GREATEST(h.last_sequence, d.last_sequence)
+               FROM k
+               LEFT JOIN held h ON h.aggregate_type = k.aggregate_type AND h.aggregate_id = k.aggregate_id
+               LEFT JOIN LATERAL (
+                    SELECT max(e.sequence) AS last_sequence
+                      FROM base b JOIN public.events e
+                        ON e.aggregate_type = k.aggregate_type AND e.aggregate_id = k.aggregate_id
+                       AND (e.transaction_id, e.position) <= (b.transaction_id, b.last_position)
+                     WHERE k.aggregate_type = ANY (b.aggregate_types)) d ON true
+              WHERE h.last_sequence IS NOT NULL OR d.last_sequence IS NOT NULL"
+        )
+    };
+}
+const SEQUENCES: &str = sequences_sql!("");
+const SEQUENCES_LOCKED: &str = sequences_sql!("FOR UPDATE OF p");
 
 /// The events to apply, each once and in order, with the earlier events
 /// of a stream whose start the batch lacks read from the store; and the
@@ -396,17 +376,10 @@ async fn write_sequences(
     name: &str,
     touched: HashMap<StreamKey, i64>,
 ) -> Result<(), ProjectionError> {
-    write_sequence_rows(tx, name, touched.into_iter()).await
-}
-
-/// [`write_sequences`] of rows in the order given.
-async fn write_sequence_rows(
-    tx: &mut PgConnection,
-    name: &str,
-    rows: impl Iterator<Item = (StreamKey, i64)>,
-) -> Result<(), ProjectionError> {
-    let (types, rest): (Vec<String>, Vec<(String, i64)>) =
-        rows.map(|((t, id), seq)| (t, (id, seq))).unzip();
+    let (types, rest): (Vec<String>, Vec<(String, i64)>) = touched
+        .into_iter()
+        .map(|((t, id), seq)| (t, (id, seq)))
+        .unzip();
     let (ids, seqs): (Vec<String>, Vec<i64>) = rest.into_iter().unzip();
     sqlx::query(
         "INSERT INTO projector_streams (projector, aggregate_type, aggregate_id, last_sequence)

@@ -5,15 +5,15 @@
 //! to every projector being rebuilt, and each applies it at its own pace):
 //!
 //! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
-//!    copies of the projector's tables and of `projector_streams` /
-//!    `projector_progress` (`LIKE … INCLUDING ALL`, unlogged: they are
+//!    copies of the projector's tables and of its bookkeeping
+//!    (`projector_streams`, `projector_progress`, `projector_baselines`;
+//!    `LIKE … INCLUDING ALL`, unlogged: they are
 //!    thrown away and rebuilt whole if anything happens), with every index
 //!    but those only readers use (`Projector::reader_indexes`), whose
 //!    upkeep would cost on every row and serve nobody. The projector's own
 //!    code fills them (or its `shadow_filler`, which writes the same rows
-//!    but keeps what it wrote in memory between pages, as the fill keeps
-//!    the per-stream sequences, written to the shadow once the fill ends):
-//!    each page is applied in a short
+//!    but keeps what it wrote in memory between pages): each page is
+//!    applied in a short
 //!    transaction whose `search_path` puts the shadow schema first, so its
 //!    unqualified table names resolve to the copies (the event store stays
 //!    `public.events`). Pages are read in `(transaction_id, position)`
@@ -21,13 +21,17 @@
 //!    appear behind a page once it is read, and the filling goes on until
 //!    every transaction that had begun when the rebuild did has finished,
 //!    so the shadow holds at least everything committed before the
-//!    rebuild started. Readers and the live consumer
-//!    carry on meanwhile; nothing holds the relay back.
+//!    rebuild started. Each event is read once, in commit order, so the
+//!    fill writes no per-stream sequence: where it stopped is the shadow's
+//!    baseline (`projections::set_baseline`), from which every stream's
+//!    sequence follows. Readers and the live consumer carry on meanwhile;
+//!    nothing holds the relay back.
 //! 2. **Swap.** One transaction takes the projector's advisory lock
 //!    exclusively (each live batch takes it shared, `projections::projector`,
 //!    so in-flight batches finish first and new ones wait), applies what was
 //!    stored since to the shadow, and replaces the live rows and the
-//!    projector's per-stream sequences with the shadow's. Readers see the
+//!    projector's per-stream sequences with the shadow's (its baseline, and
+//!    rows for the streams the catch-up applied). Readers see the
 //!    old rows until it commits and the new ones after: never an empty or
 //!    half-built read model (the rows are replaced with DELETE and INSERT,
 //!    not TRUNCATE, which would lock readers out; into an empty live table,
@@ -45,7 +49,7 @@ use casebook_domain::EventEnvelope;
 use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
 use casebook_projections::{
-    apply_batch_in, apply_batch_remembered, ProjectionError, Projector, StreamSequences,
+    apply_batch_in, apply_rebuild_page, set_baseline, ProjectionError, Projector,
 };
 use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool, Row};
@@ -58,13 +62,13 @@ type PageSender = tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>;
 /// Pages a projector may fall behind the reader (the rest wait for it).
 pub const PAGES_AHEAD: usize = 4;
 /// The bookkeeping tables a projector writes besides its own.
-const BOOKKEEPING: [&str; 2] = ["projector_streams", "projector_progress"];
+const BOOKKEEPING: [&str; 3] = [
+    "projector_streams",
+    "projector_progress",
+    "projector_baselines",
+];
 /// How soon to look again while an older transaction holds events back.
 const PENDING_POLL: Duration = Duration::from_millis(10);
-/// Streams whose applied sequence a lane keeps in memory while it fills
-/// its shadow; beyond them it writes them to the shadow and reads back
-/// what it no longer holds.
-const STREAMS_IN_MEMORY: usize = 1_000_000;
 /// How often a swap that lost a deadlock is tried again.
 const SWAP_ATTEMPTS: u32 = 5;
 
@@ -551,10 +555,6 @@ async fn fill_lane(
     mut pages: tokio::sync::mpsc::Receiver<Arc<Vec<EventEnvelope>>>,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(), ProjectionError> {
-    // The shadow's per-stream sequences stay in memory while it fills
-    // (nobody else writes the shadow), and are written once at the end,
-    // before the swap's catch-up reads them.
-    let mut streams = StreamSequences::new(STREAMS_IN_MEMORY);
     // A projector may fill its shadow with a stand-in that keeps what it
     // wrote in memory (`Projector::shadow_filler`); it is dropped with the
     // fill, and the swap's catch-up goes through the projector itself.
@@ -574,19 +574,13 @@ async fn fill_lane(
         let started = Instant::now();
         let mut tx = pool.begin().await?;
         use_shadow(&mut tx, &lane.schema).await?;
-        let applied = apply_batch_remembered(&mut tx, projector, &page, &mut streams).await?;
+        let applied = apply_rebuild_page(&mut tx, projector, &page).await?;
         tx.commit().await?;
         lane.busy += started.elapsed();
         lane.read += read;
-        lane.applied += applied.len() as u64;
+        lane.applied += applied as u64;
         progress(lane.progress(false));
     }
-    let started = Instant::now();
-    let mut tx = pool.begin().await?;
-    use_shadow(&mut tx, &lane.schema).await?;
-    streams.flush(&mut tx, lane.projector.name()).await?;
-    tx.commit().await?;
-    lane.busy += started.elapsed();
     Ok(())
 }
 
@@ -608,7 +602,7 @@ async fn swap_lane(
     // Only the key's columns: the row counts and the key's statistics are
     // what the joins are planned by, and sampling every column (the
     // tickets' `jsonb` state among them) costs seconds.
-    for table in lane.projector.tables().iter().chain(BOOKKEEPING.iter()) {
+    for table in lane.projector.tables() {
         let table = table_ident(table)?;
         let mut conn = pool.acquire().await?;
         let key = primary_key(&mut conn, table).await?.join(", ");
@@ -822,6 +816,10 @@ async fn swap(
     sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await?;
+    // The fill applied every event of the projector's types up to the
+    // cursor: the shadow's baseline. What the catch-up applies after it is
+    // recorded as rows, as a live batch does.
+    set_baseline(&mut tx, projector, &cursor.last_tx, cursor.last_position).await?;
     let (mut read, mut applied) = (0u64, 0u64);
     loop {
         let (r, a) = apply_page(&mut tx, projector, types, cursor, chunk_size).await?;
@@ -834,53 +832,28 @@ async fn swap(
     for table in projector.tables() {
         replace_rows(&mut tx, schema, table_ident(table)?).await?;
     }
-    // The per-stream sequences the live consumer goes on from: the same
-    // three steps, for this projector's rows only (or a plain insert, if
-    // it has none yet).
-    let first: bool = sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM public.projector_streams WHERE projector = $1)",
-    )
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await?;
-    if first {
-        sqlx::query(&format!(
-            "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
-             SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
-              WHERE projector = $1
-              ORDER BY aggregate_type, aggregate_id"
-        ))
+    // The per-stream sequences the live consumer goes on from: the
+    // shadow's baseline and its rows (the catch-up's streams) replace the
+    // projector's.
+    sqlx::query("DELETE FROM public.projector_streams WHERE projector = $1")
         .bind(name)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        return Ok((read, applied));
-    }
-    sqlx::query(&format!(
-        "DELETE FROM public.projector_streams l
-          WHERE l.projector = $1
-            AND NOT EXISTS (SELECT 1 FROM {schema}.projector_streams s
-                             WHERE s.projector = l.projector AND s.aggregate_type = l.aggregate_type
-                               AND s.aggregate_id = l.aggregate_id)"
-    ))
-    .bind(name)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(&format!(
-        "UPDATE public.projector_streams l SET last_sequence = s.last_sequence
-           FROM {schema}.projector_streams s
-          WHERE l.projector = $1 AND s.projector = l.projector AND s.aggregate_type = l.aggregate_type
-            AND s.aggregate_id = l.aggregate_id AND s.last_sequence <> l.last_sequence"
-    ))
-    .bind(name)
-    .execute(&mut *tx)
-    .await?;
     sqlx::query(&format!(
         "INSERT INTO public.projector_streams (projector, aggregate_type, aggregate_id, last_sequence)
          SELECT projector, aggregate_type, aggregate_id, last_sequence FROM {schema}.projector_streams
+          WHERE projector = $1"
+    ))
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "INSERT INTO public.projector_baselines (projector, aggregate_types, transaction_id, last_position)
+         SELECT projector, aggregate_types, transaction_id, last_position FROM {schema}.projector_baselines
           WHERE projector = $1
-          ORDER BY aggregate_type, aggregate_id
-         ON CONFLICT (projector, aggregate_type, aggregate_id) DO NOTHING"
+         ON CONFLICT (projector) DO UPDATE
+            SET aggregate_types = EXCLUDED.aggregate_types, transaction_id = EXCLUDED.transaction_id,
+                last_position = EXCLUDED.last_position, set_at = now()"
     ))
     .bind(name)
     .execute(&mut *tx)
