@@ -1644,6 +1644,20 @@ async fn answers(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> 
         (judge_retrieval(&kb, &tune).await?, Vec::new())
     };
     let threshold = calibrate_threshold(&tune_judged);
+    if tune_only {
+        // How near the line the unanswerable questions come (tuning split
+        // only: the answerable ones under it are among the misses).
+        for (q, j) in tune.iter().zip(&tune_judged) {
+            if q.expected.is_none() {
+                eprintln!(
+                    "bench answers: gap at {:.3} ({}): {:?}",
+                    j.top_similarity,
+                    j.ranked_documents.first().map_or("-", String::as_str),
+                    q.question
+                );
+            }
+        }
+    }
     let (report_scores, end_to_end, misses) = if tune_only {
         (None, None, None)
     } else {
