@@ -117,6 +117,25 @@ pub struct BenchArgs {
     /// a grid of ranking weights.
     #[arg(long)]
     pub grid: bool,
+    /// Tuning aid (answers): the tuning split only, retrieval and end to
+    /// end; the report split is not run (it is for reporting, not tuning).
+    #[arg(long)]
+    pub tune_only: bool,
+    /// Tuning aid (answers): how the questions' typos are corrected (the
+    /// knowledge base's default: words-and-embedding).
+    #[arg(long, value_enum, default_value_t = SpellingArg::WordsAndEmbedding)]
+    pub spelling: SpellingArg,
+}
+
+/// `casebook_agent::knowledge::SpellingCorrection`, as `--spelling` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpellingArg {
+    /// The questions as written.
+    Off,
+    /// Corrected words searched for; the question embedded as written.
+    Words,
+    /// The corrected question searched for and embedded.
+    WordsAndEmbedding,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -129,7 +148,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         BenchName::Agent => agent(&scratch, &args).await,
         BenchName::Kb => kb(&scratch, &args).await,
         BenchName::Graphql => graphql::run(&scratch, &args).await,
-        BenchName::Answers => answers(&scratch, args.grid).await,
+        BenchName::Answers => answers(&scratch, &args).await,
         BenchName::Replay => replay::run(&scratch, &args).await,
         BenchName::Metrics => metrics::run(&scratch, &args).await,
     };
@@ -1500,13 +1519,14 @@ pub struct AnswersReport {
     calibrated_threshold: f64,
     threshold_in_use: f64,
     tune: RetrievalScores,
-    report: RetrievalScores,
-    end_to_end: EndToEnd,
+    /// None with `--tune-only`.
+    report: Option<RetrievalScores>,
+    end_to_end: Option<EndToEnd>,
     /// The same on the tuning split (what to tune the agent's side on).
     tune_end_to_end: EndToEnd,
     search: Latency,
     /// Report-split questions retrieval got wrong at the threshold in use.
-    misses: Vec<Miss>,
+    misses: Option<Vec<Miss>>,
     /// The same for the tuning split: what to study when tuning (the
     /// report split's misses are for reporting, not for tuning).
     tune_misses: Vec<Miss>,
@@ -1518,6 +1538,8 @@ struct Miss {
     expected: Option<String>,
     found: Option<String>,
     top_similarity: f64,
+    /// The articles of the ranked passages, best first, each once.
+    ranked: Vec<String>,
 }
 
 impl AnswersReport {
@@ -1528,38 +1550,61 @@ impl AnswersReport {
                 s.questions, s.unanswerable, s.hit_at_1, s.hit_at_3, s.mrr, s.gap_precision, s.gap_recall
             )
         };
-        let e = &self.end_to_end;
-        format!(
-            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}{}  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{}), for any reason {:.3}\n  end to end (tune split): right article {:.3}, held for approval {:.3}, gaps escalated {:.3}, for any reason {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+        let mut out = format!(
+            "answers: threshold calibrated on tune {:.3}, in use {:.3}\n{}",
             self.calibrated_threshold,
             self.threshold_in_use,
             line("tune", &self.tune),
-            line("report", &self.report),
-            e.right_article_rate,
-            e.right_article,
-            e.answerable,
-            e.held_for_approval_share,
-            e.clarified,
-            e.gap_escalation_rate,
-            e.gaps_escalated,
-            e.unanswerable,
-            e.unanswerable_escalation_rate,
-            self.tune_end_to_end.right_article_rate,
-            self.tune_end_to_end.held_for_approval_share,
-            self.tune_end_to_end.gap_escalation_rate,
-            self.tune_end_to_end.unanswerable_escalation_rate,
+        );
+        if let Some(report) = &self.report {
+            out.push_str(&line("report", report));
+        }
+        if let Some(e) = &self.end_to_end {
+            out.push_str(&format!(
+                "  end to end (report split, built-in responder): right article {:.3} ({}/{}), held for approval {:.3}, asked which topic {}, gaps escalated {:.3} ({}/{}), for any reason {:.3}\n",
+                e.right_article_rate,
+                e.right_article,
+                e.answerable,
+                e.held_for_approval_share,
+                e.clarified,
+                e.gap_escalation_rate,
+                e.gaps_escalated,
+                e.unanswerable,
+                e.unanswerable_escalation_rate,
+            ));
+        }
+        let t = &self.tune_end_to_end;
+        out.push_str(&format!(
+            "  end to end (tune split): right article {:.3} ({}/{}), held for approval {:.3}, gaps escalated {:.3} ({}/{}), for any reason {:.3}\n  search p50 {:.1} ms, p95 {:.1} ms\n",
+            t.right_article_rate,
+            t.right_article,
+            t.answerable,
+            t.held_for_approval_share,
+            t.gap_escalation_rate,
+            t.gaps_escalated,
+            t.unanswerable,
+            t.unanswerable_escalation_rate,
             self.search.p50_ms,
             self.search.p95_ms,
-        )
+        ));
+        out
     }
 }
 
-async fn answers(scratch: &Scratch, grid_search: bool) -> anyhow::Result<Report> {
-    use casebook_agent::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+async fn answers(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
+    use casebook_agent::knowledge::{KnowledgeBase, SpellingCorrection, RELEVANCE_THRESHOLD};
     use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores, EvalSplit};
+    use casebook_domain::retrieval::strip_pleasantries;
+
+    let (grid_search, tune_only, spelling) = (args.grid, args.tune_only, args.spelling);
 
     let questions = load_eval(std::path::Path::new("kb/eval/questions.tsv"))?;
     let kb = KnowledgeBase::new(scratch.pool.clone(), app::embedder(&scratch.config)?);
+    let kb = kb.with_spelling_correction(match spelling {
+        SpellingArg::Off => SpellingCorrection::Off,
+        SpellingArg::Words => SpellingCorrection::Words,
+        SpellingArg::WordsAndEmbedding => SpellingCorrection::WordsAndEmbedding,
+    });
     kb.ingest_path(std::path::Path::new("kb/demo")).await?;
     let split = |s: EvalSplit| -> Vec<EvalQuestion> {
         questions.iter().filter(|q| q.split == s).cloned().collect()
@@ -1568,28 +1613,71 @@ async fn answers(scratch: &Scratch, grid_search: bool) -> anyhow::Result<Report>
     if grid_search {
         grid(&kb, &tune).await?;
     }
-    let tune_judged = judge_retrieval(&kb, &tune).await?;
-    let threshold = calibrate_threshold(&tune_judged);
-    let mut latencies = Vec::with_capacity(report.len());
-    let mut report_judged = Vec::with_capacity(report.len());
-    for q in &report {
-        // A fresh wording, so that the embedding cache does not hide the
-        // model's time.
-        let started = Instant::now();
-        let judged = judge_retrieval(&kb, std::slice::from_ref(q)).await?;
-        latencies.push(started.elapsed());
-        report_judged.extend(judged);
+    if tune_only {
+        // What was corrected, to study (tuning split only).
+        for q in &tune {
+            let typos = kb.typos(&strip_pleasantries(&q.question)).await?;
+            if !typos.is_empty() {
+                eprintln!("bench answers: corrected {typos:?} in {:?}", q.question);
+            }
+        }
     }
-    let end_to_end = answer_through_agent(&scratch.pool, &kb, &report, 0).await?;
+    // Search latency is measured on the report split, or on the tuning
+    // split when only that runs: each question once, so that the embedding
+    // cache does not hide the model's time.
+    let timed = |questions: Vec<EvalQuestion>| {
+        let kb = kb.clone();
+        async move {
+            let mut latencies = Vec::with_capacity(questions.len());
+            let mut judged = Vec::with_capacity(questions.len());
+            for q in &questions {
+                let started = Instant::now();
+                judged.extend(judge_retrieval(&kb, std::slice::from_ref(q)).await?);
+                latencies.push(started.elapsed());
+            }
+            anyhow::Ok((judged, latencies))
+        }
+    };
+    let (tune_judged, mut latencies) = if tune_only {
+        timed(tune.clone()).await?
+    } else {
+        (judge_retrieval(&kb, &tune).await?, Vec::new())
+    };
+    let threshold = calibrate_threshold(&tune_judged);
+    if tune_only {
+        // How near the line the unanswerable questions come (tuning split
+        // only: the answerable ones under it are among the misses).
+        for (q, j) in tune.iter().zip(&tune_judged) {
+            if q.expected.is_none() {
+                eprintln!(
+                    "bench answers: gap at {:.3} ({}): {:?}",
+                    j.top_similarity,
+                    j.ranked_documents.first().map_or("-", String::as_str),
+                    q.question
+                );
+            }
+        }
+    }
+    let (report_scores, end_to_end, misses) = if tune_only {
+        (None, None, None)
+    } else {
+        let (report_judged, report_latencies) = timed(report.clone()).await?;
+        latencies = report_latencies;
+        let end_to_end = answer_through_agent(&scratch.pool, &kb, &report, 0).await?;
+        (
+            Some(retrieval_scores(&report_judged, RELEVANCE_THRESHOLD)),
+            Some(end_to_end),
+            Some(misses_of(&report, &report_judged)),
+        )
+    };
     let tune_end_to_end = answer_through_agent(&scratch.pool, &kb, &tune, 50_000).await?;
-    let misses = misses_of(&report, &report_judged);
     let tune_misses = misses_of(&tune, &tune_judged);
     Ok(Report::Answers(Box::new(AnswersReport {
         bench: "answers",
         calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
         threshold_in_use: RELEVANCE_THRESHOLD,
         tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
-        report: retrieval_scores(&report_judged, RELEVANCE_THRESHOLD),
+        report: report_scores,
         end_to_end,
         tune_end_to_end,
         search: Latency::of(&mut latencies),
@@ -1667,6 +1755,12 @@ fn misses_of(questions: &[EvalQuestion], judged: &[Judged]) -> Vec<Miss> {
                 expected: q.expected.clone(),
                 found,
                 top_similarity: (j.top_similarity * 1000.0).round() / 1000.0,
+                ranked: j.ranked_documents.iter().fold(Vec::new(), |mut seen, d| {
+                    if !seen.contains(d) {
+                        seen.push(d.clone());
+                    }
+                    seen
+                }),
             })
         })
         .collect()

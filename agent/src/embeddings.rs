@@ -211,6 +211,25 @@ impl Embedder {
         &self.name
     }
 
+    /// The whole words of the local model's tokenizer vocabulary (its
+    /// WordPiece entries of letters only: not word pieces, "##…", nor
+    /// special tokens, "[…]"): words the model reads as words, which tells
+    /// a real word from a typo ("pasta" is one, "pasword" is not). None
+    /// for a model behind an API, whose vocabulary is not known here.
+    pub fn words(&self) -> Option<std::collections::HashSet<String>> {
+        match self.backend.as_ref() {
+            Backend::Local(model) => Some(
+                model
+                    .tokenizer
+                    .get_vocab(false)
+                    .into_keys()
+                    .filter(|w| !w.is_empty() && w.chars().all(char::is_alphabetic))
+                    .collect(),
+            ),
+            Backend::Api { .. } => None,
+        }
+    }
+
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());

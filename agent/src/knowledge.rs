@@ -14,14 +14,17 @@
 //! beside the old ones, so search never finds nothing during a switch;
 //! [`KnowledgeBase::prune_other_models`] removes the old ones afterwards.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use casebook_domain::knowledge::{sections, title_of};
 use casebook_domain::retrieval::{
-    rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
+    has_synonyms, rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
     RankingParams, TermMatch, CLOSENESS_NEIGHBOURS,
 };
+use casebook_domain::spelling::{self, Vocabulary};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -56,6 +59,17 @@ const MAX_QUERY_CHARS: usize = 2_000;
 /// section holding a common word ("project": half of them) would cost
 /// tens of milliseconds at 100,000 sections (`casebook bench kb`).
 pub const TEXT_POOL: i64 = 2_000;
+/// Words of the knowledge base's vocabulary a typo may be corrected to, at
+/// most: its most frequent (`kb_word_counts`). Bounds the memory a
+/// vocabulary takes and the time a correction does.
+pub const MAX_VOCABULARY: usize = 50_000;
+/// How long a vocabulary read from the store serves before it is read
+/// again: other processes may have ingested meanwhile (this one's own
+/// writes drop it at once).
+const VOCABULARY_TTL: Duration = Duration::from_secs(60);
+/// Words of a question checked against the knowledge base's stems, and
+/// words corrected, at most.
+const MAX_TYPOS: usize = 4;
 /// What the chunking is: a change re-chunks unchanged documents.
 const CHUNKING: &str = "sections-v1";
 /// HNSW candidates examined per search: recall against latency. On
@@ -190,12 +204,37 @@ pub enum IngestOutcome {
     Stored { chunks: usize },
 }
 
+/// Whether a question's typos are corrected, and where the correction goes
+/// (`casebook bench answers` measured each; docs/performance.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpellingCorrection {
+    /// The question as the customer wrote it.
+    Off,
+    /// The corrected words join the full-text search and the lexical
+    /// share; the question is embedded as written.
+    Words,
+    /// The corrected question is searched for and embedded.
+    WordsAndEmbedding,
+}
+
+/// What spelling correction keeps between searches.
+#[derive(Default)]
+struct Spelling {
+    /// Real words: the embedding model's whole words (None: a model
+    /// behind an API; no word can be told to be a typo, none is corrected).
+    dictionary: OnceLock<Option<HashSet<String>>>,
+    /// The knowledge base's words, and when they were read.
+    vocabulary: Mutex<Option<(Instant, Arc<Vocabulary>)>>,
+}
+
 #[derive(Clone)]
 pub struct KnowledgeBase {
     pool: PgPool,
     embedder: Embedder,
     ef_search: u32,
     ranking: RankingParams,
+    correction: SpellingCorrection,
+    spelling: Arc<Spelling>,
 }
 
 /// A document id from a title or file name: lower-case words joined by '-'.
@@ -218,7 +257,16 @@ impl KnowledgeBase {
             embedder,
             ef_search: EF_SEARCH,
             ranking: RankingParams::default(),
+            correction: SpellingCorrection::WordsAndEmbedding,
+            spelling: Arc::new(Spelling::default()),
         }
+    }
+
+    /// Corrects typos otherwise (for measuring it: `casebook bench
+    /// answers`).
+    pub fn with_spelling_correction(mut self, correction: SpellingCorrection) -> Self {
+        self.correction = correction;
+        self
     }
 
     /// Candidates the HNSW search examines (more: better recall, slower).
@@ -284,6 +332,7 @@ impl KnowledgeBase {
         self.insert_chunks(&mut tx, document_id, title, &chunks, vectors)
             .await?;
         tx.commit().await?;
+        self.forget_vocabulary();
         Ok(IngestOutcome::Stored {
             chunks: chunks.len(),
         })
@@ -371,6 +420,7 @@ impl KnowledgeBase {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
+            self.forget_vocabulary();
             report.documents += 1;
             report.chunks += chunks.len();
         }
@@ -381,11 +431,13 @@ impl KnowledgeBase {
     /// once every process embeds questions with this model). Returns how
     /// many were removed.
     pub async fn prune_other_models(&self) -> Result<u64, KnowledgeError> {
-        Ok(sqlx::query("DELETE FROM kb_chunks WHERE model <> $1")
+        let removed = sqlx::query("DELETE FROM kb_chunks WHERE model <> $1")
             .bind(self.embedder.model_name())
             .execute(&self.pool)
             .await?
-            .rows_affected())
+            .rows_affected();
+        self.forget_vocabulary();
+        Ok(removed)
     }
 
     /// Ingests Markdown and text files (a directory: every `.md` and `.txt`
@@ -470,9 +522,111 @@ impl KnowledgeBase {
     /// signature left out (`retrieval::strip_pleasantries`), embedded, and
     /// looked up both ways.
     pub async fn find(&self, question: &str, limit: usize) -> Result<Candidates, KnowledgeError> {
-        let query = strip_pleasantries(question);
-        let vector = self.embedder.embed_query(&query).await?;
-        self.candidates(&query, &vector, limit).await
+        let query: String = strip_pleasantries(question)
+            .chars()
+            .take(MAX_QUERY_CHARS)
+            .collect();
+        let corrections = self.typos(&query).await?;
+        let corrected = spelling::apply(&query, &corrections);
+        let embedded = match self.correction {
+            SpellingCorrection::WordsAndEmbedding => &corrected,
+            SpellingCorrection::Words | SpellingCorrection::Off => &query,
+        };
+        let vector = self.embedder.embed_query(embedded).await?;
+        self.candidates(&corrected, &vector, limit).await
+    }
+
+    /// The typos of `query` and their corrections
+    /// (`casebook_domain::spelling`): its words of at least four letters
+    /// that are not real words (the embedding model's whole words, the
+    /// synonym table's), not words of the knowledge base, and not a form
+    /// of one (their stem is not one of its terms: "exporting"), each with
+    /// the nearest word of the knowledge base within the distance its
+    /// length allows; at most [`MAX_TYPOS`]. None when correction is off
+    /// or the model's words are not known.
+    pub async fn typos(&self, query: &str) -> Result<Vec<(String, String)>, KnowledgeError> {
+        if self.correction == SpellingCorrection::Off {
+            return Ok(Vec::new());
+        }
+        let Some(dictionary) = self
+            .spelling
+            .dictionary
+            .get_or_init(|| self.embedder.words())
+        else {
+            return Ok(Vec::new());
+        };
+        let real = |w: &str| dictionary.contains(w) || has_synonyms(w);
+        // The model's words first (in memory): most questions have no
+        // other, and the vocabulary need not be read.
+        let unknown = spelling::unknown_words(query, MAX_QUERY_WORDS, &Vocabulary::default(), real);
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vocabulary = self.vocabulary().await?;
+        let unknown: Vec<String> = unknown
+            .into_iter()
+            .filter(|w| !vocabulary.contains(w))
+            .take(MAX_TYPOS)
+            .collect();
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<bool> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1
+                              FROM unnest(tsvector_to_array(to_tsvector('english', q.word))) AS l(lexeme)
+                                   JOIN kb_term_counts c ON c.model = $1 AND c.lexeme = l.lexeme)
+               FROM unnest($2::text[]) WITH ORDINALITY AS q(word, i)
+              ORDER BY q.i",
+        )
+        .bind(self.embedder.model_name())
+        .bind(&unknown)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(unknown
+            .into_iter()
+            .zip(held.into_iter().chain(std::iter::repeat(true)))
+            .filter(|(_, held)| !held)
+            .filter_map(|(typo, _)| {
+                let correction = vocabulary.correction(&typo)?.word.to_string();
+                Some((typo, correction))
+            })
+            .collect())
+    }
+
+    /// The knowledge base's words (`kb_word_counts`, the [`MAX_VOCABULARY`]
+    /// most frequent), as read at most [`VOCABULARY_TTL`] ago.
+    async fn vocabulary(&self) -> Result<Arc<Vocabulary>, KnowledgeError> {
+        if let Some((read, vocabulary)) = self
+            .spelling
+            .vocabulary
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+        {
+            if read.elapsed() < VOCABULARY_TTL {
+                return Ok(vocabulary.clone());
+            }
+        }
+        let read = Instant::now();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT word, sections FROM kb_word_counts WHERE model = $1
+              ORDER BY sections DESC, word LIMIT $2",
+        )
+        .bind(self.embedder.model_name())
+        .bind(MAX_VOCABULARY as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let vocabulary = Arc::new(Vocabulary::new(
+            rows.into_iter().map(|(w, n)| (w, n.max(0) as u64)),
+            MAX_VOCABULARY,
+        ));
+        *self.spelling.vocabulary.lock().expect("not poisoned") = Some((read, vocabulary.clone()));
+        Ok(vocabulary)
+    }
+
+    /// Drops the vocabulary read: this process changed the knowledge base.
+    fn forget_vocabulary(&self) {
+        *self.spelling.vocabulary.lock().expect("not poisoned") = None;
     }
 
     /// Hybrid search with the question's embedding already made: the

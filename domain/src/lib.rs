@@ -26,6 +26,7 @@ pub mod retry;
 pub mod sanitize;
 pub mod sentiment;
 pub mod sla;
+pub mod spelling;
 pub mod status_link;
 pub mod ticket;
 pub mod topics;

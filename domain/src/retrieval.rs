@@ -260,6 +260,15 @@ const SYNONYMS: &[(&[&str], &[&str])] = &[
     (&["timesheet", "hours"], &["time"]),
 ];
 
+/// Whether the synonym table knows `word` as a customer's word ("kanban",
+/// "gantt"): a real word, however few dictionaries hold it.
+pub fn has_synonyms(word: &str) -> bool {
+    let lower = word.to_lowercase();
+    SYNONYMS
+        .iter()
+        .any(|(words, _)| words.contains(&lower.as_str()))
+}
+
 /// The synonyms of the question's words ([`SYNONYMS`]): pairs of a word of
 /// the question and a word the articles use for it, at most `limit`.
 pub fn synonyms(question: &str, limit: usize) -> Vec<(String, String)> {
@@ -737,6 +746,8 @@ mod tests {
             "each pair once"
         );
         assert_eq!(synonyms("outage popups kanban", 2).len(), 2, "bounded");
+        assert!(has_synonyms("Kanban") && has_synonyms("gantt"));
+        assert!(!has_synonyms("board"), "only the customers' words");
     }
 
     #[test]

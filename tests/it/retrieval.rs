@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use casebook::bench::{answer_through_agent, judge_retrieval, load_eval};
 use casebook_agent::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
-use casebook_agent::knowledge::{KnowledgeBase, RELEVANCE_THRESHOLD};
+use casebook_agent::knowledge::{KnowledgeBase, SpellingCorrection, RELEVANCE_THRESHOLD};
 use casebook_domain::knowledge::{retrieval_scores, EvalQuestion, EvalSplit};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -184,6 +184,122 @@ async fn a_question_near_everything_is_a_gap_and_one_near_its_answer_is_answered
         Some("04-single-sign-on-saml"),
         "{specific:#?}"
     );
+}
+
+/// A customer's typo in the key words is corrected to the knowledge base's
+/// word before the question is searched and embedded: the question is
+/// answered from its article, which it is not as written. Real words the
+/// knowledge base does not hold, and gaps with typos, stay as they are.
+/// (Tuning questions, kb/eval.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_key_word_is_read_as_the_knowledge_bases_word() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    let question = "can i make a projcet from a tempalte?";
+    assert_eq!(
+        kb.typos(question).await.unwrap(),
+        [
+            ("projcet".to_string(), "project".to_string()),
+            ("tempalte".to_string(), "template".to_string())
+        ]
+    );
+    let found = kb.search(question, 5, RELEVANCE_THRESHOLD).await.unwrap();
+    assert_eq!(
+        found.first().map(|p| p.document_id.as_str()),
+        Some("06-create-project-and-templates"),
+        "{found:#?}"
+    );
+    let as_written = kb
+        .clone()
+        .with_spelling_correction(SpellingCorrection::Off)
+        .search(question, 5, RELEVANCE_THRESHOLD)
+        .await
+        .unwrap();
+    assert!(
+        as_written.first().map(|p| p.document_id.as_str())
+            != Some("06-create-project-and-templates"),
+        "{as_written:#?}"
+    );
+    // At equal distance, the word that begins alike: "assign", not "sign".
+    assert_eq!(
+        kb.typos("how do i asign a task to someone on my team")
+            .await
+            .unwrap(),
+        [("asign".to_string(), "assign".to_string())]
+    );
+    // Real words, a form of the knowledge base's words, a synonym and a
+    // contraction without its apostrophe are no typos.
+    assert!(kb
+        .typos("Can you recommend a good pasta recipe? exporting kanban isnt")
+        .await
+        .unwrap()
+        .is_empty());
+    // A gap with a typo stays a gap.
+    let gap = kb
+        .search("do you have a dark mdoe?", 5, RELEVANCE_THRESHOLD)
+        .await
+        .unwrap();
+    assert!(gap.is_empty(), "{gap:#?}");
+}
+
+/// The knowledge base's words follow its chunks (the triggers on
+/// kb_chunks), and a process's own ingest is seen at once by its spelling
+/// correction; a model behind an API gives no dictionary, so nothing is
+/// corrected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_words_a_typo_is_corrected_to_follow_the_knowledge_base() {
+    let db = TestDb::create().await;
+    let kb = KnowledgeBase::new(db.pool.clone(), local_embedder());
+    let recount = |pool: sqlx::PgPool| async move {
+        let stored: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT model, word, sections FROM kb_word_counts ORDER BY model, word")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let counted: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT c.model, w.word, count(*) FROM kb_chunks c
+                    CROSS JOIN LATERAL kb_chunk_words(c.title, c.section, c.body) AS w(word)
+              GROUP BY c.model, w.word ORDER BY c.model, w.word",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(stored, counted);
+        stored
+    };
+    kb.ingest_path(&root().join("kb/demo/15-export-project-data.md"))
+        .await
+        .unwrap();
+    assert!(!recount(db.pool.clone()).await.is_empty());
+    // No article holds "assign" yet: nothing within reach.
+    assert!(kb.typos("how do I asign it").await.unwrap().is_empty());
+    kb.ingest_path(&root().join("kb/demo/07-create-and-assign-tasks.md"))
+        .await
+        .unwrap();
+    assert_eq!(
+        kb.typos("how do I asign it").await.unwrap(),
+        [("asign".to_string(), "assign".to_string())]
+    );
+    // A changed article: its old words go, its new ones come.
+    kb.ingest(
+        "07-create-and-assign-tasks",
+        "Tasks",
+        "Give a task to a colleague.",
+        "test",
+    )
+    .await
+    .unwrap();
+    let words = recount(db.pool.clone()).await;
+    assert!(!words.iter().any(|(_, w, _)| w == "assign"));
+    assert!(kb.typos("how do I asign it").await.unwrap().is_empty());
+    sqlx::query("DELETE FROM kb_chunks")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(recount(db.pool.clone()).await.is_empty());
+    // An API model: no dictionary, no correction.
+    let (_api, remote) = remote_kb(&db.pool, BagOfWords, "bag-of-words").await;
+    assert!(remote.typos("how do I asign it").await.unwrap().is_empty());
 }
 
 /// Every fourth question of the report split: answered right through
