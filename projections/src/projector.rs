@@ -206,7 +206,7 @@ pub async fn apply_rebuild_page(
     if !relevant.is_empty() {
         projector.apply(&mut *tx, &relevant).await?;
     }
-    record_progress(&mut *tx, projector.name(), events, relevant.len()).await?;
+    // No progress row: the swap keeps the live one (the live consumer's).
     Ok(relevant.len())
 }
 
