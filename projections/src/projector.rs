@@ -57,6 +57,11 @@ pub trait Projector: Send + Sync + 'static {
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
         None
     }
+    /// A shadow filler's last step, once its last page is applied, in a
+    /// transaction on the shadow: it writes whatever it kept back.
+    async fn finish_fill(&self, _tx: &mut PgConnection) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 }
 
 /// A consumed Kafka position to record with the batch.

@@ -581,6 +581,12 @@ async fn fill_lane(
         lane.applied += applied as u64;
         progress(lane.progress(false));
     }
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+    use_shadow(&mut tx, &lane.schema).await?;
+    projector.finish_fill(&mut tx).await?;
+    tx.commit().await?;
+    lane.busy += started.elapsed();
     Ok(())
 }
 

@@ -13,7 +13,7 @@ pub use conversations::ConversationsProjector;
 pub use customers::CustomersProjector;
 pub use identifiers::IdentifiersProjector;
 pub use messages::MessagesProjector;
-pub use tickets::TicketsProjector;
+pub use tickets::{ShadowTickets, TicketsProjector};
 
 use crate::Projector;
 

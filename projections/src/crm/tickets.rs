@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics::ESCALATIONS;
-use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
+use crate::projector::{ticket_events, ProjectionError, Projector};
 
 /// `crm_tickets`: one row per ticket with its current status, SLA,
 /// counters and hand-off (who handles it, `assignee`, `handler`,
@@ -27,15 +27,67 @@ use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
 pub struct TicketsProjector;
 
 /// Tickets whose state a [`ShadowTickets`] keeps in memory; past them it
-/// forgets them all and reads states back from its shadow again.
+/// writes the rows it kept back and forgets them all, and reads states
+/// back from its shadow again.
 const STATES_IN_MEMORY: usize = 250_000;
+/// Rows per statement when a [`ShadowTickets`] writes what it kept back.
+const ROWS_PER_WRITE: usize = 5_000;
 
 /// Fills a rebuild's shadow as [`TicketsProjector`] does, keeping each
 /// ticket's state in memory between pages instead of reading it back from
 /// `crm_tickets.state` (a `jsonb` read and parse per ticket per page): the
 /// shadow has no other writer, so the state it holds is the one it wrote.
+/// It also keeps the tickets' rows back until the fill ends
+/// ([`Projector::finish_fill`]) or memory is full: a ticket touched by
+/// several pages (opened, then resolved pages later) is written once.
 pub struct ShadowTickets {
-    states: PageMemory<Ticket>,
+    kept: std::sync::Mutex<Kept>,
+    /// Tickets held before it writes and forgets them all.
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Kept {
+    states: HashMap<Uuid, Ticket>,
+    /// Tickets whose row is behind their state.
+    unwritten: HashSet<Uuid>,
+}
+
+impl ShadowTickets {
+    /// A filler holding at most `limit` tickets' states at once.
+    pub fn holding(limit: usize) -> Self {
+        Self {
+            kept: std::sync::Mutex::new(Kept::default()),
+            limit: limit.max(1),
+        }
+    }
+
+    fn take(&self) -> Kept {
+        std::mem::take(
+            &mut *self
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn put_back(&self, kept: Kept) {
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
+    }
+}
+
+/// Writes the rows of `kept`'s unwritten tickets.
+async fn write_kept(tx: &mut PgConnection, kept: &mut Kept) -> Result<(), ProjectionError> {
+    let mut ids: Vec<Uuid> = kept.unwritten.drain().collect();
+    // In key order: each statement fills neighbouring index pages.
+    ids.sort_unstable();
+    for part in ids.chunks(ROWS_PER_WRITE) {
+        write_rows(&mut *tx, part.iter().copied(), &mut kept.states).await?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -61,37 +113,55 @@ impl Projector for ShadowTickets {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        let mut states = self.states.take();
-        apply_tickets(tx, events, Some(&mut states)).await?;
-        self.states.put_back(states);
+        let mut kept = self.take();
+        let changed = fold_tickets(tx, events, &mut kept.states).await?;
+        kept.unwritten.extend(changed);
+        if kept.states.len() > self.limit {
+            write_kept(tx, &mut kept).await?;
+            kept.states.clear();
+        }
+        self.put_back(kept);
+        Ok(())
+    }
+
+    async fn finish_fill(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
+        let mut kept = self.take();
+        write_kept(tx, &mut kept).await?;
+        kept.states.clear();
         Ok(())
     }
 }
 
-/// Applies a batch of ticket events: each ticket's state (from `known`,
-/// when given and it holds the ticket, else from its row) folded with the
-/// domain's own `apply`, the queue rows each event implies, and the
-/// tickets' rows. The states reached are left in `known`.
+/// Applies a batch of ticket events (the live path): each ticket's state
+/// read from its row and folded with the domain's own `apply`, the queue
+/// rows each event implies, and the tickets' rows.
 async fn apply_tickets(
     tx: &mut PgConnection,
     events: &[EventEnvelope],
-    known: Option<&mut HashMap<Uuid, Ticket>>,
 ) -> Result<(), ProjectionError> {
+    let mut states = HashMap::new();
+    let changed = fold_tickets(tx, events, &mut states).await?;
+    write_rows(tx, changed.into_iter(), &mut states).await
+}
+
+/// Folds a batch of ticket events into each ticket's state (from `states`,
+/// when it holds the ticket, else read from its row) with the domain's own
+/// `apply`, and writes the queue rows each event implies. Returns the
+/// tickets changed, in the order first touched; their states are left in
+/// `states`.
+async fn fold_tickets(
+    tx: &mut PgConnection,
+    events: &[EventEnvelope],
+    states: &mut HashMap<Uuid, Ticket>,
+) -> Result<Vec<Uuid>, ProjectionError> {
     let name = TicketsProjector.name();
     let mut ids: Vec<Uuid> = events
         .iter()
         .filter_map(|e| e.aggregate_id.parse().ok())
+        .filter(|id| !states.contains_key(id))
         .collect();
     ids.sort();
     ids.dedup();
-    let mut scratch = HashMap::new();
-    let states: &mut HashMap<Uuid, Ticket> = match known {
-        Some(known) => {
-            ids.retain(|id| !known.contains_key(id));
-            known
-        }
-        None => &mut scratch,
-    };
     if !ids.is_empty() {
         let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
             "SELECT ticket_id, state FROM crm_tickets WHERE ticket_id = ANY($1) FOR UPDATE",
@@ -121,11 +191,23 @@ async fn apply_tickets(
             changed.push(id);
         }
     }
+    Ok(changed)
+}
+
+/// Writes the rows of tickets `ids` as `states` holds them. A ticket whose
+/// opening was never seen has no row, and is dropped from `states`: the
+/// next batch starts it afresh, as it would from the table.
+async fn write_rows(
+    tx: &mut PgConnection,
+    ids: impl Iterator<Item = Uuid>,
+    states: &mut HashMap<Uuid, Ticket>,
+) -> Result<(), ProjectionError> {
     let mut rows = TicketRows::default();
-    for id in changed {
-        if !rows.push(id, &states[&id]) {
-            // No row to read it back from: the next batch starts it
-            // afresh, as it would from the table.
+    for id in ids {
+        let Some(state) = states.get(&id) else {
+            continue;
+        };
+        if !rows.push(id, state) {
             states.remove(&id);
         }
     }
@@ -456,13 +538,11 @@ impl Projector for TicketsProjector {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        apply_tickets(tx, events, None).await
+        apply_tickets(tx, events).await
     }
 
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
-        Some(Box::new(ShadowTickets {
-            states: PageMemory::new(STATES_IN_MEMORY),
-        }))
+        Some(Box::new(ShadowTickets::holding(STATES_IN_MEMORY)))
     }
 
     fn after_commit(&self, applied: &[EventEnvelope]) {
