@@ -26,7 +26,8 @@
 //!    baseline (`projections::set_baseline`), from which every stream's
 //!    sequence follows. Readers and the live consumer carry on meanwhile;
 //!    nothing holds the relay back.
-//! 2. **Swap.** One transaction takes the projector's advisory lock
+//! 2. **Swap.** As soon as its own fill is done (others may still be
+//!    filling), one transaction takes the projector's advisory lock
 //!    exclusively (each live batch takes it shared, `projections::projector`,
 //!    so in-flight batches finish first and new ones wait), applies what was
 //!    stored since to the shadow, and replaces the live rows and the
@@ -277,6 +278,7 @@ async fn use_shadow(tx: &mut PgConnection, schema: &str) -> Result<(), Projectio
 }
 
 /// Where the paging reached: the last (transaction id, position) read.
+#[derive(Clone)]
 struct Cursor {
     last_tx: String,
     last_position: i64,
@@ -428,22 +430,34 @@ async fn fill_and_swap(
         senders.push((lane.types.clone(), tx));
         receivers.push(rx);
     }
-    let reader = read_pages(pool, &all_types, &started_xmax, chunk_size, senders);
-    let appliers = lanes
-        .iter_mut()
-        .zip(receivers)
-        .map(|(lane, rx)| fill_lane(pool, lane, rx, progress));
-    let (cursor, _) = tokio::try_join!(reader, futures::future::try_join_all(appliers))?;
-
-    // 2. Catch up and swap, each holding its live batches off.
-    let swaps = lanes.iter_mut().map(|lane| {
-        let cursor = Cursor {
-            last_tx: cursor.last_tx.clone(),
-            last_position: cursor.last_position,
-        };
-        swap_lane(pool, lane, cursor, chunk_size, progress)
+    // 2. Each lane catches up and swaps as soon as its fill is done (the
+    //    others may still be filling), holding its live batches off. Its
+    //    fill ends when the reader has handed out its last page, so where
+    //    the reader stopped is known by then.
+    let (stopped_at, reader_stopped) = tokio::sync::watch::channel::<Option<Cursor>>(None);
+    let reader = async {
+        let cursor = read_pages(pool, &all_types, &started_xmax, chunk_size, senders).await?;
+        stopped_at.send_replace(Some(cursor));
+        Ok::<(), ProjectionError>(())
+    };
+    let lanes_done = lanes.iter_mut().zip(receivers).map(|(lane, rx)| {
+        let mut reader_stopped = reader_stopped.clone();
+        async move {
+            fill_lane(pool, lane, rx, progress).await?;
+            let cursor = reader_stopped
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| {
+                    ProjectionError::Database(sqlx::Error::Protocol(
+                        "the rebuild's reader stopped without saying where".into(),
+                    ))
+                })?
+                .clone()
+                .expect("waited for a cursor");
+            swap_lane(pool, lane, cursor, chunk_size, progress).await
+        }
     });
-    futures::future::try_join_all(swaps).await?;
+    tokio::try_join!(reader, futures::future::try_join_all(lanes_done))?;
     Ok(lanes
         .into_iter()
         .map(|lane| RebuildReport {
