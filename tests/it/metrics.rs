@@ -151,8 +151,11 @@ fn busy(buckets: Vec<Value>) -> Vec<Value> {
 /// First-response times (ms) from the store: each ticket's opening to its
 /// first reply that was not a holding reply.
 async fn first_responses_from_store(app: &TestApp) -> Vec<u64> {
+    // Whole milliseconds, truncated as the projector counts them
+    // (`num_milliseconds`): rounded, a time a fraction under a bin's edge
+    // fell in the next bin.
     sqlx::query_scalar::<_, i64>(
-        "SELECT (extract(epoch FROM (r.payload->>'sent_at')::timestamptz - (o.payload->>'opened_at')::timestamptz) * 1000)::bigint
+        "SELECT floor(extract(epoch FROM (r.payload->>'sent_at')::timestamptz - (o.payload->>'opened_at')::timestamptz) * 1000)::bigint
            FROM events o
            JOIN LATERAL (SELECT payload FROM events r
                           WHERE r.aggregate_id = o.aggregate_id AND r.event_type = 'ResponseSent'
@@ -394,7 +397,7 @@ async fn a_known_mix_of_tickets_gives_exact_buckets_a_rebuild_gives_the_same_and
     let expected_p50 = nearest_rank(&first_responses, 0.5);
     let expected_p95 = nearest_rank(&first_responses, 0.95);
     let resolution_ms: i64 = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM (r.payload->>'resolved_at')::timestamptz - (o.payload->>'opened_at')::timestamptz) * 1000)::bigint
+        "SELECT floor(extract(epoch FROM (r.payload->>'resolved_at')::timestamptz - (o.payload->>'opened_at')::timestamptz) * 1000)::bigint
            FROM events o JOIN events r ON r.aggregate_id = o.aggregate_id AND r.event_type = 'TicketResolved'
           WHERE o.event_type = 'TicketOpened'",
     )
