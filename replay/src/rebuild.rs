@@ -342,9 +342,23 @@ async fn apply_page(
     Ok((page.len() as u64, applied.len() as u64))
 }
 
+/// A rebuild task's outcome, a panic in it as an error.
+fn joined<T>(
+    r: Result<Result<T, ProjectionError>, tokio::task::JoinError>,
+) -> Result<T, ProjectionError> {
+    r.unwrap_or_else(|e| {
+        Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+            "a rebuild task failed: {e}"
+        ))))
+    })
+}
+
+/// Where lanes report their progress; the rebuild's caller hears it.
+type ProgressSender = tokio::sync::mpsc::UnboundedSender<Progress>;
+
 /// One projector's rebuild in progress.
-struct Lane<'a> {
-    projector: &'a dyn Projector,
+struct Lane {
+    projector: Arc<dyn Projector>,
     schema: String,
     types: Vec<String>,
     total: u64,
@@ -356,7 +370,7 @@ struct Lane<'a> {
     swap: Duration,
 }
 
-impl Lane<'_> {
+impl Lane {
     fn progress(&self, swapped: bool) -> Progress {
         Progress {
             projector: self.projector.name(),
@@ -400,7 +414,7 @@ async fn fill_and_swap(
         let schema = shadow_schema(projector.name())?;
         prepare_shadow(pool, &schema, projector.as_ref()).await?;
         lanes.push(Lane {
-            projector: projector.as_ref(),
+            projector: projector.clone(),
             schema,
             types,
             total,
@@ -422,7 +436,9 @@ async fn fill_and_swap(
             .fetch_one(pool)
             .await?;
 
-    // 1. Fill the shadows: one reader, a lane per projector.
+    // 1. Fill the shadows: one reader, a lane per projector, each a task
+    //    of its own (they decode, fold and encode side by side, on every
+    //    core the runtime has).
     let mut senders = Vec::with_capacity(lanes.len());
     let mut receivers = Vec::with_capacity(lanes.len());
     for lane in &lanes {
@@ -435,29 +451,56 @@ async fn fill_and_swap(
     //    fill ends when the reader has handed out its last page, so where
     //    the reader stopped is known by then.
     let (stopped_at, reader_stopped) = tokio::sync::watch::channel::<Option<Cursor>>(None);
-    let reader = async {
-        let cursor = read_pages(pool, &all_types, &started_xmax, chunk_size, senders).await?;
-        stopped_at.send_replace(Some(cursor));
-        Ok::<(), ProjectionError>(())
+    let reader = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let cursor = read_pages(&pool, &all_types, &started_xmax, chunk_size, senders).await?;
+            stopped_at.send_replace(Some(cursor));
+            Ok::<(), ProjectionError>(())
+        })
     };
-    let lanes_done = lanes.iter_mut().zip(receivers).map(|(lane, rx)| {
-        let mut reader_stopped = reader_stopped.clone();
-        async move {
-            fill_lane(pool, lane, rx, progress).await?;
-            let cursor = reader_stopped
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| {
-                    ProjectionError::Database(sqlx::Error::Protocol(
-                        "the rebuild's reader stopped without saying where".into(),
-                    ))
-                })?
-                .clone()
-                .expect("waited for a cursor");
-            swap_lane(pool, lane, cursor, chunk_size, progress).await
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks: Vec<_> = lanes
+        .into_iter()
+        .zip(receivers)
+        .map(|(mut lane, rx)| {
+            let (pool, progress, mut reader_stopped) =
+                (pool.clone(), progress_tx.clone(), reader_stopped.clone());
+            tokio::spawn(async move {
+                fill_lane(&pool, &mut lane, rx, &progress).await?;
+                let cursor = reader_stopped
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| {
+                        ProjectionError::Database(sqlx::Error::Protocol(
+                            "the rebuild's reader stopped without saying where".into(),
+                        ))
+                    })?
+                    .clone()
+                    .expect("waited for a cursor");
+                swap_lane(&pool, &mut lane, cursor, chunk_size, &progress).await?;
+                Ok::<Lane, ProjectionError>(lane)
+            })
+        })
+        .collect();
+    drop(progress_tx);
+    // Progress until every lane has finished (or failed): a lane that fails
+    // leaves the others to finish, so that nothing of this rebuild still
+    // runs once the caller hears of it.
+    while let Some(p) = progress_rx.recv().await {
+        progress(p);
+    }
+    let mut lanes = Vec::with_capacity(tasks.len());
+    let mut failed = joined(reader.await).err();
+    for task in tasks {
+        match joined(task.await) {
+            Ok(lane) => lanes.push(lane),
+            Err(e) => failed = failed.or(Some(e)),
         }
-    });
-    tokio::try_join!(reader, futures::future::try_join_all(lanes_done))?;
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     Ok(lanes
         .into_iter()
         .map(|lane| RebuildReport {
@@ -565,15 +608,15 @@ async fn read_pages(
 /// each.
 async fn fill_lane(
     pool: &PgPool,
-    lane: &mut Lane<'_>,
+    lane: &mut Lane,
     mut pages: tokio::sync::mpsc::Receiver<Arc<Vec<EventEnvelope>>>,
-    progress: &(dyn Fn(Progress) + Sync),
+    progress: &ProgressSender,
 ) -> Result<(), ProjectionError> {
     // A projector may fill its shadow with a stand-in that keeps what it
     // wrote in memory (`Projector::shadow_filler`); it is dropped with the
     // fill, and the swap's catch-up goes through the projector itself.
     let filler = lane.projector.shadow_filler();
-    let projector: &dyn Projector = filler.as_deref().unwrap_or(lane.projector);
+    let projector: &dyn Projector = filler.as_deref().unwrap_or(lane.projector.as_ref());
     if projector.name() != lane.projector.name()
         || projector.tables() != lane.projector.tables()
         || projector.aggregate_types() != lane.projector.aggregate_types()
@@ -593,7 +636,7 @@ async fn fill_lane(
         lane.busy += started.elapsed();
         lane.read += read;
         lane.applied += applied as u64;
-        progress(lane.progress(false));
+        let _ = progress.send(lane.progress(false));
     }
     let started = Instant::now();
     let mut tx = pool.begin().await?;
@@ -608,10 +651,10 @@ async fn fill_lane(
 /// is tried again), then drops the shadow.
 async fn swap_lane(
     pool: &PgPool,
-    lane: &mut Lane<'_>,
+    lane: &mut Lane,
     cursor: Cursor,
     chunk_size: usize,
-    progress: &(dyn Fn(Progress) + Sync),
+    progress: &ProgressSender,
 ) -> Result<(), ProjectionError> {
     let started = Instant::now();
     let name = lane.projector.name();
@@ -647,7 +690,7 @@ async fn swap_lane(
         };
         match swap(
             pool,
-            lane.projector,
+            lane.projector.as_ref(),
             &lane.schema,
             &lane.types,
             &mut page_cursor,
@@ -676,7 +719,7 @@ async fn swap_lane(
     lane.caught_up = caught_up;
     lane.swap = started.elapsed();
     lane.busy += lane.swap;
-    progress(lane.progress(true));
+    let _ = progress.send(lane.progress(true));
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", lane.schema))
         .execute(pool)
         .await?;
