@@ -166,7 +166,7 @@ enum ReplayCommand {
     /// Rebuilds read models from the event store.
     Projections {
         /// Only this projector (repeatable): crm-customers, crm-customer-identifiers, crm-tickets,
-        /// crm-conversations, crm-messages.
+        /// crm-conversations, crm-messages, metrics.
         #[arg(long)]
         only: Vec<String>,
     },
