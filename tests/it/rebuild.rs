@@ -297,20 +297,26 @@ const ALL_ROWS: &str = "SELECT coalesce((SELECT jsonb_agg(to_jsonb(t) - 'project
      || '|' || coalesce((SELECT jsonb_agg(to_jsonb(b) - 'updated_at' ORDER BY grain, channel, config, start) FROM metrics_buckets b)::text, '-')
      || '|' || coalesce((SELECT jsonb_agg(s ORDER BY projector, aggregate_type, aggregate_id) FROM projector_stream_sequences s)::text, '-')";
 
-/// Tickets through intake, two of them resolved later (a third event of
-/// their stream, pages after the first two), built by the live projectors;
-/// then the projectors stop. Returns every projected row.
-async fn live_rows(app: &mut TestApp) -> String {
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        let body: serde_json::Value = app
-            .submit_form(form(&format!("empty{i}@example.com"), "build me again"))
+/// `n` web-form tickets from `who0@example.com`, `who1@…`; their ids.
+async fn submitted(app: &TestApp, who: &str, body: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let created: serde_json::Value = app
+            .submit_form(form(&format!("{who}{i}@example.com"), body))
             .await
             .json()
             .await
             .unwrap();
-        ids.push(body["ticket_id"].as_str().unwrap().to_string());
+        ids.push(created["ticket_id"].as_str().unwrap().to_string());
     }
+    ids
+}
+
+/// Tickets through intake, two of them resolved later (a third event of
+/// their stream, pages after the first two), built by the live projectors;
+/// then the projectors stop. Returns every projected row.
+async fn live_rows(app: &mut TestApp) -> String {
+    let ids = submitted(app, "empty", "build me again", 5).await;
     for id in &ids[..2] {
         casebook_commands::EventStore::new(app.pool().clone())
             .execute::<casebook_domain::Ticket>(
@@ -509,16 +515,7 @@ async fn after_a_rebuild_the_live_path_goes_on_from_the_baseline_with_no_gap_and
     use casebook_projections::{apply_batch, crm::TicketsProjector};
 
     let app = TestApp::spawn_with(&[Role::Api], &[]).await;
-    let mut ids = Vec::new();
-    for i in 0..2 {
-        let body: serde_json::Value = app
-            .submit_form(form(&format!("baseline{i}@example.com"), "go on from here"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        ids.push(body["ticket_id"].as_str().unwrap().to_string());
-    }
+    let ids = submitted(&app, "baseline", "go on from here", 2).await;
     casebook_replay::rebuild(app.pool(), &casebook_projections::all_projectors())
         .await
         .unwrap();
