@@ -297,6 +297,14 @@ const ALL_ROWS: &str = "SELECT coalesce((SELECT jsonb_agg(to_jsonb(t) - 'project
      || '|' || coalesce((SELECT jsonb_agg(to_jsonb(b) - 'updated_at' ORDER BY grain, channel, config, start) FROM metrics_buckets b)::text, '-')
      || '|' || coalesce((SELECT jsonb_agg(s ORDER BY projector, aggregate_type, aggregate_id) FROM projector_stream_sequences s)::text, '-')";
 
+/// Every projected row ([`ALL_ROWS`]).
+async fn all_rows(app: &TestApp) -> String {
+    sqlx::query_scalar(ALL_ROWS)
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
 /// `n` web-form tickets from `who0@example.com`, `who1@…`; their ids.
 async fn submitted(app: &TestApp, who: &str, body: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
@@ -371,10 +379,7 @@ async fn live_rows(app: &mut TestApp) -> String {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.halt().await;
-    sqlx::query_scalar(ALL_ROWS)
-        .fetch_one(app.pool())
-        .await
-        .unwrap()
+    all_rows(app).await
 }
 
 /// Empties every projector's tables and its per-stream sequences.
@@ -411,10 +416,7 @@ async fn a_first_build_into_empty_read_models_gives_the_rows_the_live_projectors
         casebook_replay::rebuild_paged(app.pool(), &casebook_projections::all_projectors(), page)
             .await
             .unwrap();
-        let rebuilt: String = sqlx::query_scalar(ALL_ROWS)
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
+        let rebuilt: String = all_rows(&app).await;
         assert!(
             rebuilt == live,
             "rebuilt in pages of {page}:\n{rebuilt}\nlive:\n{live}"
@@ -474,10 +476,7 @@ async fn shadow_fillers_page_by_page_and_a_baseline_give_the_live_rows_and_seque
         0,
         "no per-stream row was written"
     );
-    let filled: String = sqlx::query_scalar(ALL_ROWS)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let filled: String = all_rows(&app).await;
     assert!(filled == live, "filled:\n{filled}\nlive:\n{live}");
 
     // The tickets filler holding one ticket at a time: it writes what it
@@ -495,10 +494,7 @@ async fn shadow_fillers_page_by_page_and_a_baseline_give_the_live_rows_and_seque
         .unwrap();
     tx.commit().await.unwrap();
     let tickets_part = |all: &str| all.split('|').next().unwrap().to_string();
-    let filled: String = sqlx::query_scalar(ALL_ROWS)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let filled: String = all_rows(&app).await;
     assert_eq!(tickets_part(&filled), tickets_part(&live));
     app.stop().await;
 }
@@ -635,17 +631,11 @@ async fn after_a_rebuild_the_live_path_goes_on_from_the_baseline_with_no_gap_and
     assert_ne!(status, "resolved", "{status} {resolved}");
 
     // A rebuild now gives the same rows and sequences the live path reached.
-    let live: String = sqlx::query_scalar(ALL_ROWS)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let live: String = all_rows(&app).await;
     casebook_replay::rebuild(app.pool(), &casebook_projections::all_projectors())
         .await
         .unwrap();
-    let rebuilt: String = sqlx::query_scalar(ALL_ROWS)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let rebuilt: String = all_rows(&app).await;
     // Only the tickets projector was driven by hand: compare its part.
     let tickets_part = |all: &str| all.split('|').next().unwrap().to_string();
     assert_eq!(tickets_part(&rebuilt), tickets_part(&live));
