@@ -126,11 +126,8 @@ pub async fn apply_batch_in<'a>(
         .collect();
     keys.sort();
     keys.dedup();
-    let last = stored_sequences(&mut *tx, name, keys, true).await?;
-    let (fresh, touched) = fresh_events(&mut *tx, name, events, relevant, |key| {
-        last.get(key).copied()
-    })
-    .await?;
+    let last = stored_sequences(&mut *tx, name, keys).await?;
+    let (fresh, touched) = fresh_events(&mut *tx, name, events, relevant, &last).await?;
     if !fresh.is_empty() {
         projector.apply(&mut *tx, &fresh).await?;
         write_sequences(&mut *tx, name, touched).await?;
@@ -140,26 +137,22 @@ pub async fn apply_batch_in<'a>(
     Ok(fresh)
 }
 
-/// A stream: (aggregate type, aggregate id).
-/// What a shadow filler keeps in memory between a rebuild's pages, keyed by
-/// ticket: taken out for a page (one task applies a page at a time) and put
-/// back once the page is written; past `limit` entries it is all forgotten,
-/// and the filler reads back from its shadow what it needs.
+/// What a shadow filler keeps in memory between a rebuild's pages: taken
+/// out for a page (one task applies a page at a time) and put back once
+/// the page is written. The filler bounds what it puts back.
 pub struct PageMemory<T> {
-    kept: std::sync::Mutex<HashMap<uuid::Uuid, T>>,
-    limit: usize,
+    kept: std::sync::Mutex<T>,
 }
 
-impl<T> PageMemory<T> {
-    pub fn new(limit: usize) -> Self {
+impl<T: Default> PageMemory<T> {
+    pub fn new() -> Self {
         Self {
-            kept: std::sync::Mutex::new(HashMap::new()),
-            limit,
+            kept: std::sync::Mutex::new(T::default()),
         }
     }
 
     /// What the previous pages left, for this page.
-    pub fn take(&self) -> HashMap<uuid::Uuid, T> {
+    pub fn take(&self) -> T {
         std::mem::take(
             &mut *self
                 .kept
@@ -168,11 +161,8 @@ impl<T> PageMemory<T> {
         )
     }
 
-    /// What this page leaves for the next (nothing, past the limit).
-    pub fn put_back(&self, mut kept: HashMap<uuid::Uuid, T>) {
-        if kept.len() > self.limit {
-            kept.clear();
-        }
+    /// What this page leaves for the next.
+    pub fn put_back(&self, kept: T) {
         *self
             .kept
             .lock()
@@ -180,6 +170,13 @@ impl<T> PageMemory<T> {
     }
 }
 
+impl<T: Default> Default for PageMemory<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A stream: (aggregate type, aggregate id).
 pub type StreamKey = (String, String);
 
 /// Applies one page of a rebuild to a shadow in `tx`: the events of the
@@ -256,63 +253,51 @@ fn relevant_events<'a>(
         .collect()
 }
 
-/// The last sequences the projector reached in `keys` (sorted): its
-/// `projector_streams` row (locked for the transaction when `lock`), or, for
-/// a stream of its baseline's types, the stream's highest sequence at or
-/// before the baseline, whichever is greater (after a rebuild, a stream
-/// the projector has not applied since has no row).
+/// The last sequences the projector reached in `keys` (sorted), its
+/// `projector_streams` rows locked for the transaction. A stream without
+/// a row, of its baseline's types, has reached its highest sequence at or
+/// before the baseline (after a rebuild, a stream the projector has not
+/// applied since has no row; a row is written only after the baseline, so
+/// where there is one it is never behind).
 async fn stored_sequences(
     tx: &mut PgConnection,
     projector: &str,
     keys: Vec<StreamKey>,
-    lock: bool,
 ) -> Result<HashMap<StreamKey, i64>, ProjectionError> {
     let mut last: HashMap<StreamKey, i64> = HashMap::new();
     if keys.is_empty() {
         return Ok(last);
     }
     let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-    let sql = if lock { SEQUENCES_LOCKED } else { SEQUENCES };
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(sql)
-        .bind(projector)
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)),
+              held AS (SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+                         FROM k JOIN projector_streams p ON p.projector = $1
+                          AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
+                        ORDER BY p.aggregate_type, p.aggregate_id
+                          FOR UPDATE OF p),
+              base AS (SELECT * FROM projector_baselines WHERE projector = $1)
+         SELECT k.aggregate_type, k.aggregate_id, coalesce(h.last_sequence, d.last_sequence)
+           FROM k
+           LEFT JOIN held h ON h.aggregate_type = k.aggregate_type AND h.aggregate_id = k.aggregate_id
+           LEFT JOIN LATERAL (
+                SELECT max(e.sequence) AS last_sequence
+                  FROM base b JOIN public.events e
+                    ON e.aggregate_type = k.aggregate_type AND e.aggregate_id = k.aggregate_id
+                   AND (e.transaction_id, e.position) <= (b.transaction_id, b.last_position)
+                 WHERE h.last_sequence IS NULL AND k.aggregate_type = ANY (b.aggregate_types)) d ON true
+          WHERE h.last_sequence IS NOT NULL OR d.last_sequence IS NOT NULL",
+    )
+    .bind(projector)
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
     for (t, id, seq) in rows {
         last.insert((t, id), seq);
     }
     Ok(last)
 }
-
-/// [`stored_sequences`]' statement: `$1` the projector, `$2`/`$3` the
-/// streams' types and ids. `{lock}` is where the rows are locked.
-macro_rules! sequences_sql {
-    ($lock:literal) => {
-        concat!(
-            "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(aggregate_type, aggregate_id)),
-                  held AS (SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
-                             FROM k JOIN projector_streams p ON p.projector = $1
-                              AND p.aggregate_type = k.aggregate_type AND p.aggregate_id = k.aggregate_id
-                            ORDER BY p.aggregate_type, p.aggregate_id ",
-            $lock,
-            "),
-                  base AS (SELECT * FROM projector_baselines WHERE projector = $1)
-             SELECT k.aggregate_type, k.aggregate_id, GREATEST(h.last_sequence, d.last_sequence)
-               FROM k
-               LEFT JOIN held h ON h.aggregate_type = k.aggregate_type AND h.aggregate_id = k.aggregate_id
-               LEFT JOIN LATERAL (
-                    SELECT max(e.sequence) AS last_sequence
-                      FROM base b JOIN public.events e
-                        ON e.aggregate_type = k.aggregate_type AND e.aggregate_id = k.aggregate_id
-                       AND (e.transaction_id, e.position) <= (b.transaction_id, b.last_position)
-                     WHERE k.aggregate_type = ANY (b.aggregate_types)) d ON true
-              WHERE h.last_sequence IS NOT NULL OR d.last_sequence IS NOT NULL"
-        )
-    };
-}
-const SEQUENCES: &str = sequences_sql!("");
-const SEQUENCES_LOCKED: &str = sequences_sql!("FOR UPDATE OF p");
 
 /// The events to apply, each once and in order, with the earlier events
 /// of a stream whose start the batch lacks read from the store; and the
@@ -323,7 +308,7 @@ async fn fresh_events<'a>(
     name: &str,
     events: &'a [EventEnvelope],
     relevant: Vec<&'a EventEnvelope>,
-    last: impl Fn(&StreamKey) -> Option<i64>,
+    last: &HashMap<StreamKey, i64>,
 ) -> Result<(Cow<'a, [EventEnvelope]>, HashMap<StreamKey, i64>), ProjectionError> {
     let all_relevant = relevant.len() == events.len();
     let mut fresh = Vec::with_capacity(relevant.len());
@@ -334,7 +319,7 @@ async fn fresh_events<'a>(
         let seen = touched
             .get(&key)
             .copied()
-            .or_else(|| last(&key))
+            .or_else(|| last.get(&key).copied())
             .unwrap_or(0);
         if e.sequence <= seen {
             SKIPPED.with_label_values(&[name, "duplicate"]).inc();

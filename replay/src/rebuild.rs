@@ -299,10 +299,9 @@ async fn read_page(
             AND aggregate_type = ANY($3)
           ORDER BY transaction_id, position LIMIT $4"
     );
-    let after = (cursor.last_tx.clone(), cursor.last_position);
     let mut rows = sqlx::query(&sql)
-        .bind(after.0)
-        .bind(after.1)
+        .bind(&cursor.last_tx)
+        .bind(cursor.last_position)
         .bind(types)
         .bind(chunk_size as i64)
         .fetch(&mut *conn);
@@ -882,7 +881,14 @@ async fn swap(
     // The fill applied every event of the projector's types up to the
     // cursor: the shadow's baseline. What the catch-up applies after it is
     // recorded as rows, as a live batch does.
-    set_baseline(&mut tx, projector, &cursor.last_tx, cursor.last_position).await?;
+    let fill_end = cursor.clone();
+    set_baseline(
+        &mut tx,
+        projector,
+        &fill_end.last_tx,
+        fill_end.last_position,
+    )
+    .await?;
     let (mut read, mut applied) = (0u64, 0u64);
     loop {
         let (r, a) = apply_page(&mut tx, projector, types, cursor, chunk_size).await?;
@@ -910,16 +916,16 @@ async fn swap(
     .bind(name)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(&format!(
-        "INSERT INTO public.projector_baselines (projector, aggregate_types, transaction_id, last_position)
-         SELECT projector, aggregate_types, transaction_id, last_position FROM {schema}.projector_baselines
-          WHERE projector = $1
-         ON CONFLICT (projector) DO UPDATE
-            SET aggregate_types = EXCLUDED.aggregate_types, transaction_id = EXCLUDED.transaction_id,
-                last_position = EXCLUDED.last_position, set_at = now()"
-    ))
-    .bind(name)
-    .execute(&mut *tx)
+    // The same baseline, now the live one's.
+    sqlx::query("SELECT set_config('search_path', 'public', true)")
+        .execute(&mut *tx)
+        .await?;
+    set_baseline(
+        &mut tx,
+        projector,
+        &fill_end.last_tx,
+        fill_end.last_position,
+    )
     .await?;
     tx.commit().await?;
     Ok((read, applied))

@@ -64,7 +64,7 @@ impl Projector for MetricsProjector {
 
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
         Some(Box::new(ShadowMetrics {
-            facts: PageMemory::new(FACTS_IN_MEMORY),
+            facts: PageMemory::new(),
         }))
     }
 }
@@ -77,7 +77,7 @@ const FACTS_IN_MEMORY: usize = 500_000;
 /// ticket's facts in memory between pages instead of reading them back
 /// from `metrics_tickets` (the shadow has no other writer).
 pub struct ShadowMetrics {
-    facts: PageMemory<TicketFacts>,
+    facts: PageMemory<HashMap<Uuid, TicketFacts>>,
 }
 
 #[async_trait]
@@ -101,6 +101,9 @@ impl Projector for ShadowMetrics {
     ) -> Result<(), ProjectionError> {
         let mut facts = self.facts.take();
         apply_metrics(tx, events, Some(&mut facts)).await?;
+        if facts.len() > FACTS_IN_MEMORY {
+            facts.clear();
+        }
         self.facts.put_back(facts);
         Ok(())
     }

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics::ESCALATIONS;
-use crate::projector::{ticket_events, ProjectionError, Projector};
+use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
 
 /// `crm_tickets`: one row per ticket with its current status, SLA,
 /// counters and hand-off (who handles it, `assignee`, `handler`,
@@ -41,7 +41,7 @@ const ROWS_PER_WRITE: usize = 5_000;
 /// ([`Projector::finish_fill`]) or memory is full: a ticket touched by
 /// several pages (opened, then resolved pages later) is written once.
 pub struct ShadowTickets {
-    kept: std::sync::Mutex<Kept>,
+    kept: PageMemory<Kept>,
     /// Tickets held before it writes and forgets them all.
     limit: usize,
 }
@@ -57,25 +57,9 @@ impl ShadowTickets {
     /// A filler holding at most `limit` tickets' states at once.
     pub fn holding(limit: usize) -> Self {
         Self {
-            kept: std::sync::Mutex::new(Kept::default()),
+            kept: PageMemory::new(),
             limit: limit.max(1),
         }
-    }
-
-    fn take(&self) -> Kept {
-        std::mem::take(
-            &mut *self
-                .kept
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-
-    fn put_back(&self, kept: Kept) {
-        *self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
     }
 }
 
@@ -113,19 +97,19 @@ impl Projector for ShadowTickets {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        let mut kept = self.take();
+        let mut kept = self.kept.take();
         let changed = fold_tickets(tx, events, &mut kept.states).await?;
         kept.unwritten.extend(changed);
         if kept.states.len() > self.limit {
             write_kept(tx, &mut kept).await?;
             kept.states.clear();
         }
-        self.put_back(kept);
+        self.kept.put_back(kept);
         Ok(())
     }
 
     async fn finish_fill(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        let mut kept = self.take();
+        let mut kept = self.kept.take();
         write_kept(tx, &mut kept).await?;
         kept.states.clear();
         Ok(())
