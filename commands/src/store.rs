@@ -260,11 +260,13 @@ impl EventStore {
         A: Aggregate<Services = ()> + 'static,
         A::Command: Clone,
     {
-        let mut attempt = 0;
+        // Conflicts on a stream read from the store; a stale copy from the
+        // cache is read afresh and decided again at once, uncounted (the
+        // attempt after it reads: it happens at most once in a row).
+        let mut conflicts = 0;
         // Whether the next attempt must read the stream, cache or not.
         let mut fresh = false;
         loop {
-            attempt += 1;
             let mut uow = self.unit_of_work(meta.clone());
             uow.use_cache = !fresh;
             let decided = uow.execute::<A>(id, command.clone()).await;
@@ -287,8 +289,13 @@ impl EventStore {
             fresh = false;
             match uow.commit().await {
                 Ok(_) => return Ok(events),
-                Err(StoreError::Conflict) if CONFLICT_BACKOFF.should_retry(attempt) => {
-                    sleep_backoff(&CONFLICT_BACKOFF, attempt).await;
+                Err(StoreError::Conflict) if from_cache => fresh = true,
+                Err(StoreError::Conflict) => {
+                    conflicts += 1;
+                    if !CONFLICT_BACKOFF.should_retry(conflicts) {
+                        return Err(StoreError::Conflict.into());
+                    }
+                    sleep_backoff(&CONFLICT_BACKOFF, conflicts).await;
                 }
                 Err(e) => return Err(e.into()),
             }

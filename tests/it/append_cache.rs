@@ -366,6 +366,8 @@ async fn a_command_refused_on_a_cached_state_is_decided_again_on_the_stored_one(
     )
     .await
     .expect("decided on the stored ticket, not the cached one");
+    // The refusal was on a's cached copy: one hit (the copy), then a read.
+    assert_eq!(a.aggregate_cache().hits_and_misses().0, 1);
     assert_eq!(events_of(&db.pool, &id).await, 3);
     assert_chains_intact(&db.pool).await;
 }
