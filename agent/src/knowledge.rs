@@ -28,6 +28,7 @@ use casebook_domain::spelling::{self, Vocabulary};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use std::sync::atomic::Ordering;
 
 use crate::embeddings::{EmbedError, Embedder};
 use casebook_commands::metrics::KB_SEARCH;
@@ -225,6 +226,9 @@ struct Spelling {
     dictionary: OnceLock<Option<HashSet<String>>>,
     /// The knowledge base's words, and when they were read.
     vocabulary: Mutex<Option<(Instant, Arc<Vocabulary>)>>,
+    /// Moved on by every change this process makes to the knowledge base:
+    /// a read begun before one is not kept after it.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -548,6 +552,11 @@ impl KnowledgeBase {
         if self.correction == SpellingCorrection::Off {
             return Ok(Vec::new());
         }
+        // As much of it as a search reads.
+        let query = match query.char_indices().nth(MAX_QUERY_CHARS) {
+            Some((end, _)) => &query[..end],
+            None => query,
+        };
         let Some(dictionary) = self
             .spelling
             .dictionary
@@ -563,14 +572,21 @@ impl KnowledgeBase {
             return Ok(Vec::new());
         }
         let vocabulary = self.vocabulary().await?;
-        let unknown: Vec<String> = unknown
+        // Corrections first (in memory): only a word that has one is
+        // looked up as a possible form of a knowledge base word.
+        let candidates: Vec<(String, String)> = unknown
             .into_iter()
             .filter(|w| !vocabulary.contains(w))
+            .filter_map(|typo| {
+                let correction = vocabulary.correction(&typo)?.word.to_string();
+                Some((typo, correction))
+            })
             .take(MAX_TYPOS)
             .collect();
-        if unknown.is_empty() {
+        if candidates.is_empty() {
             return Ok(Vec::new());
         }
+        let words: Vec<&str> = candidates.iter().map(|(typo, _)| typo.as_str()).collect();
         let held: Vec<bool> = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1
                               FROM unnest(tsvector_to_array(to_tsvector('english', q.word))) AS l(lexeme)
@@ -579,17 +595,15 @@ impl KnowledgeBase {
               ORDER BY q.i",
         )
         .bind(self.embedder.model_name())
-        .bind(&unknown)
+        .bind(&words)
         .fetch_all(&self.pool)
         .await?;
-        Ok(unknown
+        // One answer per word, in order (a word with none is left as it is).
+        Ok(candidates
             .into_iter()
-            .zip(held.into_iter().chain(std::iter::repeat(true)))
+            .zip(held)
             .filter(|(_, held)| !held)
-            .filter_map(|(typo, _)| {
-                let correction = vocabulary.correction(&typo)?.word.to_string();
-                Some((typo, correction))
-            })
+            .map(|(pair, _)| pair)
             .collect())
     }
 
@@ -608,6 +622,7 @@ impl KnowledgeBase {
             }
         }
         let read = Instant::now();
+        let generation = self.spelling.generation.load(Ordering::SeqCst);
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT word, sections FROM kb_word_counts WHERE model = $1
               ORDER BY sections DESC, word LIMIT $2",
@@ -620,13 +635,19 @@ impl KnowledgeBase {
             rows.into_iter().map(|(w, n)| (w, n.max(0) as u64)),
             MAX_VOCABULARY,
         ));
-        *self.spelling.vocabulary.lock().expect("not poisoned") = Some((read, vocabulary.clone()));
+        let mut kept = self.spelling.vocabulary.lock().expect("not poisoned");
+        // Read across a change this process made: used once, not kept.
+        if self.spelling.generation.load(Ordering::SeqCst) == generation {
+            *kept = Some((read, vocabulary.clone()));
+        }
         Ok(vocabulary)
     }
 
     /// Drops the vocabulary read: this process changed the knowledge base.
     fn forget_vocabulary(&self) {
-        *self.spelling.vocabulary.lock().expect("not poisoned") = None;
+        let mut kept = self.spelling.vocabulary.lock().expect("not poisoned");
+        self.spelling.generation.fetch_add(1, Ordering::SeqCst);
+        *kept = None;
     }
 
     /// Hybrid search with the question's embedding already made: the
