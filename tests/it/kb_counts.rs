@@ -16,7 +16,12 @@ fn demo(article: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("kb/demo/{article}.md"))
 }
 
-type Counts = (Vec<(String, String, i64)>, Vec<(String, i64)>);
+/// Sections per (model, lexeme), per model, and per (model, word as written).
+pub(crate) type Counts = (
+    Vec<(String, String, i64)>,
+    Vec<(String, i64)>,
+    Vec<(String, String, i64)>,
+);
 
 /// The counts the triggers keep, and the counts recomputed from the chunks.
 async fn kept_and_recomputed(pool: &PgPool) -> (Counts, Counts) {
@@ -42,12 +47,29 @@ async fn kept_and_recomputed(pool: &PgPool) -> (Counts, Counts) {
             .fetch_all(pool)
             .await
             .unwrap();
-    ((kept_terms, kept_models), (terms, models))
+    let kept_words =
+        sqlx::query_as("SELECT model, word, sections FROM kb_word_counts ORDER BY model, word")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let words = sqlx::query_as(
+        "SELECT c.model, w.word, count(*) FROM kb_chunks c
+                CROSS JOIN LATERAL kb_chunk_words(c.title, c.section, c.body) AS w(word)
+          GROUP BY c.model, w.word ORDER BY c.model, w.word",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (
+        (kept_terms, kept_models, kept_words),
+        (terms, models, words),
+    )
 }
 
-async fn assert_counts_right(pool: &PgPool, after: &str) -> Counts {
+/// The counts the triggers keep, checked against the chunks.
+pub(crate) async fn assert_counts_right(pool: &PgPool, after: &str) -> Counts {
     let (kept, recomputed) = kept_and_recomputed(pool).await;
-    assert_eq!(kept, recomputed, "term counts wrong after {after}");
+    assert_eq!(kept, recomputed, "term or word counts wrong after {after}");
     kept
 }
 

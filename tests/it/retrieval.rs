@@ -251,21 +251,9 @@ async fn the_words_a_typo_is_corrected_to_follow_the_knowledge_base() {
     let db = TestDb::create().await;
     let kb = KnowledgeBase::new(db.pool.clone(), local_embedder());
     let recount = |pool: sqlx::PgPool| async move {
-        let stored: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT model, word, sections FROM kb_word_counts ORDER BY model, word")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-        let counted: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT c.model, w.word, count(*) FROM kb_chunks c
-                    CROSS JOIN LATERAL kb_chunk_words(c.title, c.section, c.body) AS w(word)
-              GROUP BY c.model, w.word ORDER BY c.model, w.word",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        assert_eq!(stored, counted);
-        stored
+        crate::kb_counts::assert_counts_right(&pool, "a change to the knowledge base")
+            .await
+            .2
     };
     kb.ingest_path(&root().join("kb/demo/15-export-project-data.md"))
         .await
