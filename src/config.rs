@@ -744,7 +744,7 @@ mod tests {
         );
         let off = load(&[("CASEBOOK_AGGREGATE_CACHE", "0")]).unwrap();
         assert_eq!(off.aggregate_cache, 0);
-        for bad in ["-1", "lots", "1000001"] {
+        for bad in ["-1", "lots", "65537", "1000000"] {
             assert_eq!(
                 load(&[("CASEBOOK_AGGREGATE_CACHE", bad)]).unwrap_err().name,
                 "CASEBOOK_AGGREGATE_CACHE",

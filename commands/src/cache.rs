@@ -31,8 +31,10 @@ use lru::LruCache;
 pub const TTL: Duration = Duration::from_secs(120);
 /// Entries kept by default (`CASEBOOK_AGGREGATE_CACHE`).
 pub const DEFAULT_CAPACITY: usize = 4096;
-/// The largest capacity accepted.
-pub const MAX_CAPACITY: usize = 1_000_000;
+/// The largest capacity accepted. An entry is a whole aggregate's state
+/// (a ticket's with its drafts and each message's workflow: kilobytes),
+/// and the map is sized for the capacity up front.
+pub const MAX_CAPACITY: usize = 65_536;
 
 /// An aggregate as it stood after a commit.
 pub(crate) struct Cached {
