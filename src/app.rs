@@ -272,7 +272,8 @@ pub async fn start(
     )
     .await?;
     // One event store for every role: one aggregate cache.
-    let store = EventStore::with_aggregate_cache(pool.clone(), config.aggregate_cache);
+    let store = EventStore::with_aggregate_cache(pool.clone(), config.aggregate_cache)
+        .with_append_group(config.append_group);
     let kafka = kafka_settings(config);
     let shutdown = CancellationToken::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();

@@ -776,9 +776,11 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     let events = commits_per_writer * args.per_commit * args.writers;
     let meta = EventMetadata::new("bench", Actor::system("bench"));
 
-    // As `serve` would: CASEBOOK_AGGREGATE_CACHE=0 measures without it.
+    // As `serve` would: CASEBOOK_AGGREGATE_CACHE=0 measures without the
+    // cache, CASEBOOK_APPEND_GROUP=1 without group commit.
     let store =
-        EventStore::with_aggregate_cache(scratch.pool.clone(), scratch.config.aggregate_cache);
+        EventStore::with_aggregate_cache(scratch.pool.clone(), scratch.config.aggregate_cache)
+            .with_append_group(scratch.config.append_group);
     let started = Instant::now();
     append_streams(
         &store,

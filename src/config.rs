@@ -77,6 +77,9 @@ pub struct Config {
     /// store keeps in memory, so the next command on one needs no read; 0
     /// turns it off.
     pub aggregate_cache: usize,
+    /// `CASEBOOK_APPEND_GROUP`: concurrent appends the event store combines
+    /// into one statement and commit at most; 1 appends each alone.
+    pub append_group: usize,
     /// `CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR`: automatic emails
     /// (acknowledgements, AI replies) to one address an hour; 0 turns it off.
     pub auto_emails_per_recipient_per_hour: u32,
@@ -581,6 +584,13 @@ impl Config {
                 0..=casebook_commands::cache::MAX_CAPACITY,
                 "number (0 turns it off)",
             )?,
+            append_group: number_var(
+                src,
+                "CASEBOOK_APPEND_GROUP",
+                casebook_commands::store::DEFAULT_GROUP,
+                1..=casebook_commands::store::MAX_GROUP,
+                "number (1 appends each unit of work alone)",
+            )?,
             auto_emails_per_recipient_per_hour: limit_var(
                 src,
                 "CASEBOOK_AUTO_EMAILS_PER_RECIPIENT_PER_HOUR",
@@ -732,6 +742,27 @@ mod tests {
                 load(&[(name, value)]).unwrap_err().name,
                 name,
                 "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn appends_are_grouped_by_default_and_the_group_is_bounded() {
+        assert_eq!(
+            load(&[]).unwrap().append_group,
+            casebook_commands::store::DEFAULT_GROUP
+        );
+        assert_eq!(
+            load(&[("CASEBOOK_APPEND_GROUP", "1")])
+                .unwrap()
+                .append_group,
+            1
+        );
+        for bad in ["0", "-1", "many", "1001"] {
+            assert_eq!(
+                load(&[("CASEBOOK_APPEND_GROUP", bad)]).unwrap_err().name,
+                "CASEBOOK_APPEND_GROUP",
+                "{bad}"
             );
         }
     }

@@ -27,6 +27,15 @@ pub static AGGREGATE_CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static APPEND_GROUPS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        "casebook_append_group_units",
+        "Units of work written by one append statement (group commit)",
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+    )
+    .expect("metric registers once")
+});
+
 pub static INTAKE_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "casebook_intake_messages_total",

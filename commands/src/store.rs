@@ -23,6 +23,10 @@
 //! names the head it extends (sequence and hash) and the INSERT fails as a
 //! conflict unless that is still the stored head: a stale cached state, or
 //! one of a stream purged since, never gets an event appended.
+//!
+//! Plain appends that arrive while others are being written share one
+//! statement and one commit (group commit, [`group`]): under load, most of
+//! an append's cost is the transaction, not its rows.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -41,7 +45,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::cache::{AggregateCache, Cached};
-use crate::limits::{self, Decision, Gate};
+use crate::limits::{self, Gate};
 use crate::metrics;
 use crate::retry::sleep_backoff;
 
@@ -69,13 +73,13 @@ macro_rules! bind_columns {
             .bind(&$c.occurred_at)
             .bind(&$c.hash);
         match $h.shape() {
-            HeadsShape::None => query,
-            HeadsShape::One => query
+            $crate::store::HeadsShape::None => query,
+            $crate::store::HeadsShape::One => query
                 .bind($h.aggregate_type[0])
                 .bind(&$h.aggregate_id[0])
                 .bind($h.sequence[0])
                 .bind(&$h.hash[0]),
-            HeadsShape::Many => query
+            $crate::store::HeadsShape::Many => query
                 .bind(&$h.aggregate_type)
                 .bind(&$h.aggregate_id)
                 .bind(&$h.sequence)
@@ -83,6 +87,9 @@ macro_rules! bind_columns {
         }
     }};
 }
+
+mod group;
+pub use group::{DEFAULT_GROUP, MAX_GROUP};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -163,6 +170,7 @@ pub struct EventStore {
     pool: PgPool,
     repo: std::sync::Arc<PostgresEventRepository>,
     cache: std::sync::Arc<AggregateCache>,
+    group: std::sync::Arc<group::GroupCommit>,
 }
 
 impl EventStore {
@@ -179,11 +187,26 @@ impl EventStore {
             repo: std::sync::Arc::new(PostgresEventRepository::new(pool.clone())),
             pool,
             cache: std::sync::Arc::new(AggregateCache::new(capacity)),
+            group: std::sync::Arc::new(group::GroupCommit::new(DEFAULT_GROUP)),
         }
+    }
+
+    /// The same store combining at most `units` concurrent plain appends
+    /// into one statement and commit (`CASEBOOK_APPEND_GROUP`); `1` appends
+    /// every unit of work alone.
+    pub fn with_append_group(mut self, units: usize) -> Self {
+        self.group = std::sync::Arc::new(group::GroupCommit::new(units));
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Appends queued for a statement right now: they arrived while every
+    /// append slot was busy (see [`DEFAULT_GROUP`]).
+    pub fn appends_waiting(&self) -> usize {
+        self.group.waiting()
     }
 
     /// The aggregates this store (and its clones) keep in memory.
@@ -698,9 +721,14 @@ impl UnitOfWork<'_> {
         let now = chrono::Utc::now();
         let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         let mut events: Vec<SerializedEvent> = Vec::with_capacity(n);
+        // Every stream the unit writes to, as the writer found it.
+        let mut written = Vec::with_capacity(self.streams.len());
         for mut stream in self.streams {
-            if !stream.events.is_empty() && stream.version > 0 {
-                heads.push(&stream);
+            if !stream.events.is_empty() {
+                written.push(group::StreamHead::of(&stream));
+                if stream.version > 0 {
+                    heads.push(&stream);
+                }
             }
             let mut prev = std::mem::take(&mut stream.head);
             stream.version += stream.events.len();
@@ -712,35 +740,26 @@ impl UnitOfWork<'_> {
             after.push(stream);
         }
         let pool = self.store.pool.clone();
-        let committed = with_transient_retry(|| async {
-            let Some(gate) = gate else {
-                bind_columns!(
-                    sqlx::query(insert_sql(heads.shape(), false)),
-                    columns,
-                    heads
-                )
-                .execute(&pool)
-                .await?;
-                return Ok(Committed::Written(events.len()));
-            };
-            let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
-                sqlx::query_as(insert_sql(heads.shape(), true)),
-                columns,
-                heads
-            )
-            .bind(gate.scope)
-            .bind(&gate.key)
-            .bind(gate.window_secs())
-            .bind(i64::from(gate.limit.max))
-            .fetch_one(&pool)
-            .await?;
-            Ok(match gate.decision(allowed, retry_secs) {
-                Decision::Allowed => Committed::Written(events.len()),
-                Decision::Limited { retry_after } => Committed::Limited { retry_after },
-            })
-        })
-        .instrument(span.clone())
-        .await;
+        let unit = group::Unit {
+            columns,
+            heads,
+            streams: written,
+        };
+        let committed = match gate {
+            // Concurrent plain appends may share a statement and a commit.
+            None => self
+                .store
+                .group
+                .append(&pool, unit)
+                .instrument(span.clone())
+                .await
+                .map(Committed::Written),
+            Some(gate) => {
+                with_transient_retry(|| unit.append_gated(&pool, gate))
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         if committed.is_err() {
             span.record("otel.status_code", "ERROR");
         }
@@ -881,6 +900,24 @@ struct Columns {
 }
 
 impl Columns {
+    fn len(&self) -> usize {
+        self.sequence.len()
+    }
+
+    /// Adds `other`'s events after these.
+    fn extend_from(&mut self, other: &Columns) {
+        self.aggregate_type.extend_from_slice(&other.aggregate_type);
+        self.aggregate_id.extend_from_slice(&other.aggregate_id);
+        self.sequence.extend_from_slice(&other.sequence);
+        self.event_type.extend_from_slice(&other.event_type);
+        self.event_version.extend_from_slice(&other.event_version);
+        self.payload.extend_from_slice(&other.payload);
+        self.metadata.extend_from_slice(&other.metadata);
+        self.event_id.extend_from_slice(&other.event_id);
+        self.occurred_at.extend_from_slice(&other.occurred_at);
+        self.hash.extend_from_slice(&other.hash);
+    }
+
     fn with_capacity(n: usize) -> Self {
         Self {
             aggregate_type: Vec::with_capacity(n),

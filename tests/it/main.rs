@@ -12,6 +12,7 @@ mod common;
 mod delivery;
 mod gmail;
 mod graphql;
+mod group_commit;
 mod handoff;
 mod identity;
 mod kb_counts;

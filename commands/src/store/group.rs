@@ -1,0 +1,375 @@
+//! Group commit: plain appends that arrive while others are being written
+//! share one statement and one commit.
+//!
+//! Every commit costs Postgres a transaction, a WAL flush and a round trip,
+//! whatever it holds; under load most of an append's time is that. A unit
+//! of work waits in a queue only while [`IN_FLIGHT`] statements are already
+//! running: an append on a quiet store goes out at once, alone, as it would
+//! without this. Whoever finds a slot free takes the queue's head, up to
+//! `max_units` units whose streams do not overlap, and writes them with one
+//! statement that checks every unit's heads as the single append does: a
+//! unit whose stream moved gets [`StoreError::Conflict`] and is left out,
+//! the others are written. A statement that fails as a whole (another
+//! process won a key, or a unit's rows are refused) writes nothing, and each
+//! unit is then appended alone for its own answer.
+//!
+//! The statement runs in a task of its own, so a caller that stops waiting
+//! (a request timed out) never abandons the others' appends halfway.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use sqlx::PgPool;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::{
+    insert_sql, with_transient_retry, Columns, Committed, Heads, PendingStream, StoreError,
+};
+use crate::limits::{Decision, Gate};
+
+/// Units of work combined into one statement at most, by default
+/// (`CASEBOOK_APPEND_GROUP`; 1 appends every unit alone).
+pub const DEFAULT_GROUP: usize = 32;
+/// The most units a group may be set to combine.
+pub const MAX_GROUP: usize = 1_000;
+/// Append statements this process runs at once; units arriving while all
+/// are busy queue for the next free one.
+const IN_FLIGHT: usize = 4;
+/// Events in one group statement at most (a larger unit goes alone).
+const MAX_GROUP_EVENTS: usize = 2_000;
+/// Queued units looked at for one group: those behind a unit that must
+/// wait (its stream is already in the group) still get their turn.
+const MAX_SCANNED: usize = 4 * MAX_GROUP;
+
+/// A stream a unit writes to, as its writer found it: the stored head
+/// (`version` 0 and `hash` "" for a new stream) its events extend.
+pub(crate) struct StreamHead {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    version: i64,
+    hash: String,
+}
+
+impl StreamHead {
+    pub(super) fn of(stream: &PendingStream) -> Self {
+        Self {
+            aggregate_type: stream.aggregate_type,
+            aggregate_id: stream.aggregate_id.clone(),
+            version: stream.version as i64,
+            hash: stream.head.clone(),
+        }
+    }
+}
+
+/// One unit of work's append: its events as columns, the stored heads
+/// they extend, and every stream it writes to.
+pub(crate) struct Unit {
+    pub(super) columns: Columns,
+    pub(super) heads: Heads,
+    pub(super) streams: Vec<StreamHead>,
+}
+
+impl Unit {
+    /// The unit's own statement, with no gate.
+    pub(super) async fn append_alone(&self, pool: &PgPool) -> Result<usize, StoreError> {
+        bind_columns!(
+            sqlx::query(insert_sql(self.heads.shape(), false)),
+            self.columns,
+            self.heads
+        )
+        .execute(pool)
+        .await?;
+        Ok(self.columns.len())
+    }
+
+    /// The unit's own statement, appended only when `gate` has room.
+    pub(super) async fn append_gated(
+        &self,
+        pool: &PgPool,
+        gate: &Gate,
+    ) -> Result<Committed, StoreError> {
+        let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
+            sqlx::query_as(insert_sql(self.heads.shape(), true)),
+            self.columns,
+            self.heads
+        )
+        .bind(gate.scope)
+        .bind(&gate.key)
+        .bind(gate.window_secs())
+        .bind(i64::from(gate.limit.max))
+        .fetch_one(pool)
+        .await?;
+        Ok(match gate.decision(allowed, retry_secs) {
+            Decision::Allowed => Committed::Written(self.columns.len()),
+            Decision::Limited { retry_after } => Committed::Limited { retry_after },
+        })
+    }
+}
+
+/// A queued unit and where its answer goes.
+struct Waiting {
+    unit: Unit,
+    reply: oneshot::Sender<Result<usize, StoreError>>,
+}
+
+/// The queue of appends waiting for a statement, shared by an
+/// [`EventStore`](super::EventStore) and its clones.
+pub(crate) struct GroupCommit {
+    max_units: usize,
+    queue: Mutex<VecDeque<Waiting>>,
+    slots: Arc<Semaphore>,
+}
+
+impl GroupCommit {
+    pub(crate) fn new(max_units: usize) -> Self {
+        Self {
+            max_units: max_units.clamp(1, MAX_GROUP),
+            queue: Mutex::new(VecDeque::new()),
+            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+        }
+    }
+
+    /// Appends `unit`, alone or with others; how many events it wrote.
+    pub(crate) async fn append(
+        self: &Arc<Self>,
+        pool: &PgPool,
+        unit: Unit,
+    ) -> Result<usize, StoreError> {
+        if self.max_units == 1 {
+            return with_transient_retry(|| unit.append_alone(pool)).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.lock().push_back(Waiting { unit, reply });
+        self.start(pool);
+        answer.await.unwrap_or_else(|_| {
+            // Only a panic in the writing task drops an answer unsent.
+            Err(StoreError::Other(
+                "the append's writer stopped without an answer".into(),
+            ))
+        })
+    }
+
+    /// Units queued for a statement right now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
+        // The queue holds no invariant a panic could break halfway.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a writer when a slot is free; otherwise a busy writer takes
+    /// the queue when its statement is done.
+    fn start(self: &Arc<Self>, pool: &PgPool) {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            tokio::spawn(self.clone().write(pool.clone(), slot));
+        }
+    }
+
+    /// Writes groups until the queue is empty. The slot is given back
+    /// before the last look at the queue: a unit queued after that look
+    /// finds the slot free and starts a writer itself.
+    async fn write(self: Arc<Self>, pool: PgPool, mut slot: OwnedSemaphorePermit) {
+        loop {
+            let group = self.take();
+            if group.is_empty() {
+                drop(slot);
+                if self.lock().is_empty() {
+                    return;
+                }
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(again) => slot = again,
+                    // Another writer has it, and the queue with it.
+                    Err(_) => return,
+                }
+                continue;
+            }
+            write_group(&pool, group).await;
+        }
+    }
+
+    /// The queue's first units whose streams do not overlap, up to the
+    /// group's bounds; in queue order.
+    fn take(&self) -> Vec<Waiting> {
+        let mut queue = self.lock();
+        let mut streams: HashSet<(&'static str, String)> = HashSet::new();
+        let mut chosen = Vec::new();
+        let mut events = 0;
+        for (i, waiting) in queue.iter().enumerate().take(MAX_SCANNED) {
+            if chosen.len() == self.max_units {
+                break;
+            }
+            let n = waiting.unit.columns.len();
+            if !chosen.is_empty() && events + n > MAX_GROUP_EVENTS {
+                continue;
+            }
+            let unit_streams = &waiting.unit.streams;
+            if unit_streams
+                .iter()
+                .any(|s| streams.contains(&(s.aggregate_type, s.aggregate_id.clone())))
+            {
+                // Decided on the state before the unit ahead of it: it goes
+                // in a later statement, after that unit's.
+                continue;
+            }
+            streams.extend(
+                unit_streams
+                    .iter()
+                    .map(|s| (s.aggregate_type, s.aggregate_id.clone())),
+            );
+            events += n;
+            chosen.push(i);
+        }
+        // Removed from the back, so that the indexes stay right.
+        let mut group: Vec<Waiting> = chosen
+            .iter()
+            .rev()
+            .filter_map(|&i| queue.remove(i))
+            .collect();
+        group.reverse();
+        group
+    }
+}
+
+/// Writes one group and answers each of its units.
+async fn write_group(pool: &PgPool, group: Vec<Waiting>) {
+    crate::metrics::APPEND_GROUPS.observe(group.len() as f64);
+    if group.len() == 1 {
+        for w in group {
+            let result = with_transient_retry(|| w.unit.append_alone(pool)).await;
+            let _ = w.reply.send(result);
+        }
+        return;
+    }
+    let combined = Combined::of(&group);
+    match with_transient_retry(|| combined.append(pool)).await {
+        Ok(moved) => {
+            for (i, w) in group.into_iter().enumerate() {
+                let result = if moved.contains(&(i as i32)) {
+                    Err(StoreError::Conflict)
+                } else {
+                    Ok(w.unit.columns.len())
+                };
+                let _ = w.reply.send(result);
+            }
+        }
+        // Still failing after the retries: every unit would fail alike.
+        Err(StoreError::Unavailable(e)) => {
+            for w in group {
+                let _ = w.reply.send(Err(StoreError::Unavailable(e.clone())));
+            }
+        }
+        // Nothing was written; which unit it was is each one's own answer.
+        Err(e) => {
+            tracing::debug!(units = group.len(), error = %e, "group append failed, appending its units one by one");
+            for w in group {
+                let result = with_transient_retry(|| w.unit.append_alone(pool)).await;
+                let _ = w.reply.send(result);
+            }
+        }
+    }
+}
+
+/// A group's units as one statement's arrays: every unit's events, each
+/// tagged with the unit's index, and every stream head they extend.
+struct Combined {
+    columns: Columns,
+    unit: Vec<i32>,
+    head_unit: Vec<i32>,
+    head_type: Vec<&'static str>,
+    head_id: Vec<String>,
+    head_version: Vec<i64>,
+    head_hash: Vec<String>,
+}
+
+impl Combined {
+    fn of(group: &[Waiting]) -> Self {
+        let n = group.iter().map(|w| w.unit.columns.len()).sum();
+        let mut c = Self {
+            columns: Columns::with_capacity(n),
+            unit: Vec::with_capacity(n),
+            head_unit: Vec::new(),
+            head_type: Vec::new(),
+            head_id: Vec::new(),
+            head_version: Vec::new(),
+            head_hash: Vec::new(),
+        };
+        for (i, w) in group.iter().enumerate() {
+            let i = i as i32;
+            c.columns.extend_from(&w.unit.columns);
+            c.unit.extend(std::iter::repeat_n(i, w.unit.columns.len()));
+            for s in &w.unit.streams {
+                c.head_unit.push(i);
+                c.head_type.push(s.aggregate_type);
+                c.head_id.push(s.aggregate_id.clone());
+                c.head_version.push(s.version);
+                c.head_hash.push(s.hash.clone());
+            }
+        }
+        c
+    }
+
+    /// Appends every unit whose heads are still the stored ones; returns
+    /// the indexes of those whose stream moved (nothing of theirs written).
+    async fn append(&self, pool: &PgPool) -> Result<Vec<i32>, StoreError> {
+        let c = &self.columns;
+        Ok(sqlx::query_scalar(GROUP_SQL)
+            .bind(&c.aggregate_type)
+            .bind(&c.aggregate_id)
+            .bind(&c.sequence)
+            .bind(&c.event_type)
+            .bind(&c.event_version)
+            .bind(&c.payload)
+            .bind(&c.metadata)
+            .bind(&c.event_id)
+            .bind(&c.occurred_at)
+            .bind(&c.hash)
+            .bind(&self.unit)
+            .bind(&self.head_unit)
+            .bind(&self.head_type)
+            .bind(&self.head_id)
+            .bind(&self.head_version)
+            .bind(&self.head_hash)
+            .fetch_all(pool)
+            .await?)
+    }
+}
+
+/// A group's append. `expected`: each unit's streams and the heads it
+/// decided on. A unit has moved when a head it extends is gone or changed
+/// (locked FOR KEY SHARE, in key order, as the single append locks it: a
+/// purge deleting it waits, or the append sees it gone) or when its
+/// stream already has the event after that head (a writer of this process
+/// got there first; one of another process, still uncommitted, fails the
+/// whole statement on the key instead). Only the other units' events go
+/// in, each unit's in its order, units in queue order.
+const GROUP_SQL: &str = "WITH expected AS (
+         SELECT * FROM unnest($12::int4[], $13::text[], $14::text[], $15::bigint[], $16::text[])
+             AS h(unit, aggregate_type, aggregate_id, sequence, hash)
+     ), held AS MATERIALIZED (
+         SELECT h.unit, h.aggregate_type, h.aggregate_id FROM expected h
+           JOIN events e ON e.aggregate_type = h.aggregate_type AND e.aggregate_id = h.aggregate_id
+                        AND e.sequence = h.sequence AND e.hash = h.hash
+          ORDER BY h.aggregate_type, h.aggregate_id
+            FOR KEY SHARE OF e
+     ), moved AS (
+         SELECT DISTINCT h.unit FROM expected h
+          WHERE (h.sequence > 0 AND NOT EXISTS (
+                    SELECT 1 FROM held k
+                     WHERE k.unit = h.unit AND k.aggregate_type = h.aggregate_type
+                       AND k.aggregate_id = h.aggregate_id))
+             OR EXISTS (
+                    SELECT 1 FROM events n
+                     WHERE n.aggregate_type = h.aggregate_type AND n.aggregate_id = h.aggregate_id
+                       AND n.sequence = h.sequence + 1)
+     ), appended AS (
+         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
+         SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int4[])
+                WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, unit, n)
+          WHERE t.unit NOT IN (SELECT unit FROM moved)
+          ORDER BY t.n
+         RETURNING 1
+     )
+     SELECT unit FROM moved";
