@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// Events per commit (append).
     #[arg(long, default_value_t = 5)]
     pub per_commit: usize,
+    /// Rounds of the event store then the baseline, each on rows of its
+    /// own (append): the medians are compared, so that a checkpoint or a
+    /// neighbour's load in one phase does not decide the ratio.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Messages to handle (agent) or queries to run (kb).
     #[arg(long, default_value_t = 300)]
     pub messages: usize,
@@ -256,6 +261,14 @@ impl Latency {
     }
 }
 
+/// One round of `bench append`: each side's rate over the same rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppendRound {
+    event_store_per_second: f64,
+    baseline_per_second: f64,
+    ratio: f64,
+}
+
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum Report {
@@ -336,11 +349,15 @@ enum Report {
     Append {
         bench: &'static str,
         writers: usize,
+        /// Events each side appends per round.
         events: usize,
         per_commit: usize,
+        /// Medians over the rounds.
         event_store_per_second: f64,
         baseline_per_second: f64,
+        /// Of the medians.
         ratio: f64,
+        rounds: Vec<AppendRound>,
     },
     Answers(Box<AnswersReport>),
     Replay(replay::ReplayReport),
@@ -461,10 +478,24 @@ impl Report {
                 event_store_per_second,
                 baseline_per_second,
                 ratio,
+                rounds,
                 ..
-            } => format!(
-                "append: {events} events, {writers} writers, {per_commit} events per commit\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n"
-            ),
+            } => {
+                let each: Vec<String> = rounds
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{:.0} / {:.0} ({:.2})",
+                            r.event_store_per_second, r.baseline_per_second, r.ratio
+                        )
+                    })
+                    .collect();
+                format!(
+                    "append: {events} events a round, {writers} writers, {per_commit} events per commit, {} rounds (median)\n  event store (load, append, chain): {event_store_per_second:.0} events/s\n  plain multi-row INSERT:            {baseline_per_second:.0} events/s\n  ratio {ratio:.2}\n  rounds (event store / INSERT): {}\n",
+                    rounds.len(),
+                    each.join(", ")
+                )
+            }
             Report::Answers(a) => a.text(),
             Report::Replay(r) => r.text(),
             Report::Metrics(m) => m.text(),
@@ -741,10 +772,12 @@ casebook_domain::impl_aggregate!(BenchStream, "bench_stream", AppendBench, Bench
 
 /// The event store's side of `bench append` (and `bench verify`'s log):
 /// `writers` tasks each append `commits_per_writer` commits of `per_commit`
-/// events through the command path, on streams of `per_stream` commits.
+/// events through the command path, on streams of `per_stream` commits
+/// whose ids begin with `prefix`.
 async fn append_streams(
     store: &EventStore,
     meta: &EventMetadata,
+    prefix: &str,
     writers: usize,
     commits_per_writer: usize,
     per_commit: usize,
@@ -753,10 +786,10 @@ async fn append_streams(
     let per_stream = per_stream.max(1);
     let mut tasks = Vec::with_capacity(writers);
     for w in 0..writers {
-        let (store, meta) = (store.clone(), meta.clone());
+        let (store, meta, prefix) = (store.clone(), meta.clone(), prefix.to_string());
         tasks.push(tokio::spawn(async move {
             for c in 0..commits_per_writer {
-                let id = format!("w{w}-s{}", c / per_stream);
+                let id = format!("{prefix}w{w}-s{}", c / per_stream);
                 store
                     .execute::<BenchStream>(&id, AppendBench { count: per_commit }, &meta)
                     .await
@@ -772,8 +805,11 @@ async fn append_streams(
 }
 
 async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
-    let commits_per_writer = args.events / args.per_commit / args.writers;
-    let events = commits_per_writer * args.per_commit * args.writers;
+    let writers = args.writers.max(1);
+    let per_commit = args.per_commit.max(1);
+    let commits_per_writer = args.events / per_commit / writers;
+    let events = commits_per_writer * per_commit * writers;
+    anyhow::ensure!(events > 0, "--events must allow a commit per writer");
     let meta = EventMetadata::new("bench", Actor::system("bench"));
 
     // As `serve` would: CASEBOOK_AGGREGATE_CACHE=0 measures without the
@@ -781,19 +817,7 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     let store =
         EventStore::with_aggregate_cache(scratch.pool.clone(), scratch.config.aggregate_cache)
             .with_append_group(scratch.config.append_group);
-    let started = Instant::now();
-    append_streams(
-        &store,
-        &meta,
-        args.writers,
-        commits_per_writer,
-        args.per_commit,
-        args.commits_per_stream,
-    )
-    .await?;
-    let es_secs = started.elapsed().as_secs_f64();
-
-    // The same rows, by plain multi-row INSERT, one statement per commit.
+    // The baseline: the same columns and key, no chain, no other index.
     sqlx::query(
         "CREATE TABLE bench_baseline (aggregate_type text NOT NULL, aggregate_id text NOT NULL,
             sequence bigint NOT NULL, event_type text NOT NULL, event_version text NOT NULL,
@@ -801,20 +825,78 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     )
     .execute(&scratch.pool)
     .await?;
-    let rows: Vec<(String, String, i64, String, String, serde_json::Value, serde_json::Value)> = sqlx::query_as(
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let prefix = format!("r{round}-");
+        let started = Instant::now();
+        append_streams(
+            &store,
+            &meta,
+            &prefix,
+            writers,
+            commits_per_writer,
+            per_commit,
+            args.commits_per_stream,
+        )
+        .await?;
+        let es = events as f64 / started.elapsed().as_secs_f64();
+        let base =
+            events as f64 / insert_again(scratch, &prefix, events, writers, per_commit).await?;
+        rounds.push(AppendRound {
+            event_store_per_second: es,
+            baseline_per_second: base,
+            ratio: es / base,
+        });
+    }
+    let es = median(rounds.iter().map(|r| r.event_store_per_second));
+    let base = median(rounds.iter().map(|r| r.baseline_per_second));
+    Ok(Report::Append {
+        bench: "append",
+        writers,
+        events,
+        per_commit,
+        event_store_per_second: es,
+        baseline_per_second: base,
+        ratio: es / base,
+        rounds,
+    })
+}
+
+/// Inserts the `events` rows the event store appended under `prefix` again
+/// into the baseline table, by plain multi-row INSERT, one statement per
+/// commit of `per_commit` rows, from `writers` tasks; the seconds it took.
+async fn insert_again(
+    scratch: &Scratch,
+    prefix: &str,
+    events: usize,
+    writers: usize,
+    per_commit: usize,
+) -> anyhow::Result<f64> {
+    type Row = (
+        String,
+        String,
+        i64,
+        String,
+        String,
+        serde_json::Value,
+        serde_json::Value,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
-           FROM events ORDER BY aggregate_id, sequence",
+           FROM events WHERE starts_with(aggregate_id, $1) ORDER BY aggregate_id, sequence",
     )
+    .bind(prefix)
     .fetch_all(&scratch.pool)
     .await?;
-    let commits: Vec<Vec<_>> = rows.chunks(args.per_commit).map(|c| c.to_vec()).collect();
-    let per_writer: Vec<Vec<Vec<_>>> = {
-        let mut split: Vec<Vec<Vec<_>>> = (0..args.writers).map(|_| Vec::new()).collect();
-        for (i, commit) in commits.into_iter().enumerate() {
-            split[i % args.writers].push(commit);
-        }
-        split
-    };
+    anyhow::ensure!(
+        rows.len() == events,
+        "the event store holds {} events of this round, not {events}",
+        rows.len()
+    );
+    let mut per_writer: Vec<Vec<Vec<Row>>> = (0..writers).map(|_| Vec::new()).collect();
+    for (i, commit) in rows.chunks(per_commit).enumerate() {
+        per_writer[i % writers].push(commit.to_vec());
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
     for commits in per_writer {
@@ -835,18 +917,18 @@ async fn append(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     for t in tasks {
         t.await??;
     }
-    let base_secs = started.elapsed().as_secs_f64();
-    let es = events as f64 / es_secs;
-    let base = events as f64 / base_secs;
-    Ok(Report::Append {
-        bench: "append",
-        writers: args.writers,
-        events,
-        per_commit: args.per_commit,
-        event_store_per_second: es,
-        baseline_per_second: base,
-        ratio: es / base,
-    })
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 const QUESTIONS: &[&str] = &[

@@ -50,6 +50,7 @@ pub(super) async fn verify(scratch: &Scratch, args: &BenchArgs) -> anyhow::Resul
     super::append_streams(
         &store,
         &meta,
+        "",
         writers,
         commits_per_writer,
         per_commit,

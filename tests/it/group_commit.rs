@@ -256,3 +256,50 @@ async fn writers_in_two_processes_on_the_same_streams_never_fork_a_chain() {
     }
     assert_chains_intact(&db.pool).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_append_reports_each_round_and_compares_the_medians() {
+    // The bench makes a scratch database of its own next to the test's,
+    // and drops it when done.
+    let db = TestDb::create().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_casebook"))
+        .args([
+            "bench",
+            "append",
+            "--json",
+            "--events",
+            "600",
+            "--writers",
+            "4",
+            "--rounds",
+            "3",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the casebook binary runs");
+    crate::audit::assert_succeeded(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    // 600 events over 4 writers of 5-event commits: 30 commits each.
+    assert_eq!(report["events"], 600);
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3);
+    let median = |key: &str| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| r[key].as_f64().unwrap()).collect();
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    let (es, base) = (
+        median("event_store_per_second"),
+        median("baseline_per_second"),
+    );
+    assert!(es > 0.0 && base > 0.0, "{report}");
+    assert_eq!(report["event_store_per_second"].as_f64().unwrap(), es);
+    assert_eq!(report["baseline_per_second"].as_f64().unwrap(), base);
+    assert!((report["ratio"].as_f64().unwrap() - es / base).abs() < 1e-9);
+    for r in rounds {
+        let ratio = r["event_store_per_second"].as_f64().unwrap()
+            / r["baseline_per_second"].as_f64().unwrap();
+        assert!((r["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9, "{r}");
+    }
+}
