@@ -786,7 +786,7 @@ pub enum Committed {
 /// Appends the ten column arrays ($1–$10) as events, in array order.
 const INSERT_EVENTS: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
      SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
-       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]::jsonb[], $7::text[]::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[])
             WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, n)";
 
 /// The one head ($11–$14: type, id, sequence, hash) an append extends,
@@ -892,11 +892,16 @@ struct Columns {
     sequence: Vec<i64>,
     event_type: Vec<String>,
     event_version: Vec<String>,
-    payload: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
+    /// As `jsonb::text` prints it: the text the chain hashes is the text
+    /// sent, so each event is serialised once.
+    payload: Vec<String>,
+    metadata: Vec<String>,
     event_id: Vec<uuid::Uuid>,
     occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
     hash: Vec<String>,
+    /// The last metadata seen and its text with the trace context: a
+    /// unit's events share theirs.
+    last_metadata: Option<(serde_json::Value, String)>,
 }
 
 impl Columns {
@@ -930,6 +935,7 @@ impl Columns {
             event_id: Vec::with_capacity(n),
             occurred_at: Vec::with_capacity(n),
             hash: Vec::with_capacity(n),
+            last_metadata: None,
         }
     }
 
@@ -947,13 +953,21 @@ impl Columns {
         self.sequence.push(e.sequence as i64);
         self.event_type.push(e.event_type.clone());
         self.event_version.push(e.event_version.clone());
-        self.payload.push(e.payload.clone());
-        let mut metadata = e.metadata.clone();
-        if let (Some(trace), Some(map)) = (trace, metadata.as_object_mut()) {
-            for (key, value) in trace.pairs() {
-                map.insert(key.to_string(), value.into());
+        let payload = jsonb_text(&e.payload);
+        let metadata = match &self.last_metadata {
+            Some((source, text)) if *source == e.metadata => text.clone(),
+            _ => {
+                let mut metadata = e.metadata.clone();
+                if let (Some(trace), Some(map)) = (trace, metadata.as_object_mut()) {
+                    for (key, value) in trace.pairs() {
+                        map.insert(key.to_string(), value.into());
+                    }
+                }
+                let text = jsonb_text(&metadata);
+                self.last_metadata = Some((e.metadata.clone(), text.clone()));
+                text
             }
-        }
+        };
         let event_id = uuid::Uuid::new_v4();
         let hash = chain_hash(
             prev,
@@ -965,10 +979,11 @@ impl Columns {
                 event_type: &e.event_type,
                 event_version: &e.event_version,
                 occurred_at_micros: at.timestamp_micros(),
-                payload: &jsonb_text(&e.payload),
-                metadata: &jsonb_text(&metadata),
+                payload: &payload,
+                metadata: &metadata,
             },
         );
+        self.payload.push(payload);
         self.metadata.push(metadata);
         self.event_id.push(event_id);
         self.occurred_at.push(at);

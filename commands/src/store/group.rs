@@ -366,7 +366,7 @@ const GROUP_SQL: &str = "WITH expected AS (
      ), appended AS (
          INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash)
          SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version, t.payload, t.metadata, t.event_id, t.occurred_at, t.hash
-           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int4[])
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]::jsonb[], $7::text[]::jsonb[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int4[])
                 WITH ORDINALITY AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, occurred_at, hash, unit, n)
           WHERE t.unit NOT IN (SELECT unit FROM moved)
           ORDER BY t.n
