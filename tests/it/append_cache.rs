@@ -26,14 +26,15 @@ fn meta() -> EventMetadata {
     EventMetadata::new("append-cache-test", Actor::system("test"))
 }
 
-/// A pool on the test database that counts every connection handed out
-/// (a new one, or an idle one again): the event store takes one per
-/// statement, so the count is the number of statements a command needed.
-async fn counting_pool(db: &TestDb) -> (PgPool, Arc<AtomicUsize>) {
+/// A pool of `size` connections on the test database that counts every
+/// connection handed out (a new one, or an idle one again): the event store
+/// takes one per statement, so the count is the number of statements a
+/// command needed.
+pub(crate) async fn counting_pool(db: &TestDb, size: u32) -> (PgPool, Arc<AtomicUsize>) {
     let acquired = Arc::new(AtomicUsize::new(0));
     let (reused, opened) = (acquired.clone(), acquired.clone());
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(size)
         .before_acquire(move |_, _| {
             let counter = reused.clone();
             Box::pin(async move {
@@ -54,7 +55,7 @@ async fn counting_pool(db: &TestDb) -> (PgPool, Arc<AtomicUsize>) {
     (pool, acquired)
 }
 
-async fn append(store: &EventStore, id: &str, count: usize) {
+pub(crate) async fn append(store: &EventStore, id: &str, count: usize) {
     store
         .execute::<BenchStream>(id, AppendBench { count }, &meta())
         .await
@@ -100,7 +101,7 @@ async fn assert_chains_intact(pool: &PgPool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_serves_the_next_command_on_a_stream_without_reading_it() {
     let db = TestDb::create().await;
-    let (pool, acquired) = counting_pool(&db).await;
+    let (pool, acquired) = counting_pool(&db, 2).await;
 
     // Without a cache every command reads its stream, then appends.
     let uncached = EventStore::with_aggregate_cache(pool.clone(), 0);
@@ -139,7 +140,7 @@ async fn the_cache_serves_the_next_command_on_a_stream_without_reading_it() {
 async fn a_write_through_another_store_turns_a_cached_copy_into_a_conflict_retried_on_fresh_state()
 {
     let db = TestDb::create().await;
-    let (pool, acquired) = counting_pool(&db).await;
+    let (pool, acquired) = counting_pool(&db, 2).await;
     // Two stores: two processes, each with its own cache.
     let a = EventStore::new(pool.clone());
     let b = EventStore::new(db.pool.clone());

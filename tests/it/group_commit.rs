@@ -6,55 +6,13 @@
 //! forks.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use casebook::bench::{AppendBench, BenchStream};
 use casebook_commands::EventStore;
-use casebook_domain::{Actor, EventMetadata};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+use crate::append_cache::{append, counting_pool};
 use crate::common::{eventually, TestDb};
-
-fn meta() -> EventMetadata {
-    EventMetadata::new("group-commit-test", Actor::system("test"))
-}
-
-/// A pool of `size` connections on the test database that counts every
-/// connection handed out (a new one, or an idle one again): the event
-/// store takes one per statement.
-async fn counting_pool(db: &TestDb, size: u32) -> (PgPool, Arc<AtomicUsize>) {
-    let acquired = Arc::new(AtomicUsize::new(0));
-    let (reused, opened) = (acquired.clone(), acquired.clone());
-    let pool = PgPoolOptions::new()
-        .max_connections(size)
-        .before_acquire(move |_, _| {
-            let counter = reused.clone();
-            Box::pin(async move {
-                counter.fetch_add(1, Ordering::SeqCst);
-                Ok(true)
-            })
-        })
-        .after_connect(move |_, _| {
-            let counter = opened.clone();
-            Box::pin(async move {
-                counter.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })
-        })
-        .connect(&db.url)
-        .await
-        .expect("connect the counting pool");
-    (pool, acquired)
-}
-
-async fn append(store: &EventStore, id: &str, count: usize) {
-    store
-        .execute::<BenchStream>(id, AppendBench { count }, &meta())
-        .await
-        .expect("append");
-}
 
 /// Each stream of the bench type: its (sequence, payload `n`, position)
 /// rows in sequence order.
