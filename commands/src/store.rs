@@ -209,6 +209,12 @@ impl EventStore {
         self.group.waiting()
     }
 
+    /// Appends whose callers wait for them right now: queued, or in a
+    /// statement being written (with `CASEBOOK_APPEND_GROUP=1`, none).
+    pub fn appends_pending(&self) -> usize {
+        self.group.pending()
+    }
+
     /// The aggregates this store (and its clones) keep in memory.
     pub fn aggregate_cache(&self) -> &AggregateCache {
         &self.cache
@@ -907,6 +913,15 @@ struct Columns {
 impl Columns {
     fn len(&self) -> usize {
         self.sequence.len()
+    }
+
+    /// Bytes of payload and metadata text.
+    fn bytes(&self) -> usize {
+        self.payload
+            .iter()
+            .chain(&self.metadata)
+            .map(String::len)
+            .sum()
     }
 
     /// Adds `other`'s events after these.

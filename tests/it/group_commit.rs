@@ -98,6 +98,7 @@ async fn concurrent_appends_share_statements_and_each_lands_once_on_the_state_be
         writers * 2
     );
     assert_eq!(grouped.appends_waiting(), 0);
+    assert_eq!(grouped.appends_pending(), 0);
 
     for pool in [&pool, &grouped_pool] {
         let streams = streams(pool).await;
@@ -154,13 +155,14 @@ async fn a_group_leaves_out_the_units_whose_stream_moved_or_went_and_writes_the_
             tokio::spawn(async move { append(&store, &id, 4).await })
         })
         .collect();
-    // At most one unit per append slot is taken before the connection is
-    // free; the rest wait in the queue, to be written as one group.
-    let (store_ref, waiting) = (&store, ids.len() - 4);
+    // Every unit in a writer's hands or in the queue: none can be written
+    // before the connection is free, so they go in as few statements as
+    // the four slots allow.
+    let (store_ref, all) = (&store, ids.len());
     eventually(
-        "the appends queued",
+        "the appends submitted",
         Duration::from_secs(30),
-        || async move { (store_ref.appends_waiting() >= waiting).then_some(()) },
+        || async move { (store_ref.appends_pending() == all).then_some(()) },
     )
     .await;
     drop(held);
@@ -260,4 +262,75 @@ async fn bench_append_reports_each_round_and_compares_the_medians() {
             / r["baseline_per_second"].as_f64().unwrap();
         assert!((r["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9, "{r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_queued_behind_writers_that_stopped_are_still_written() {
+    // Every append slot taken by writers of a runtime that then shuts
+    // down (as a test's or a worker's may): the units queued behind them,
+    // from another runtime, must not wait forever.
+    let db = TestDb::create().await;
+    let (pool, _) = counting_pool(&db, 1).await;
+    let store = EventStore::new(pool.clone());
+    // Cached, so that their next appends need no read.
+    for i in 0..4 {
+        append(&store, &format!("doomed{i}"), 1).await;
+    }
+    for i in 0..2 {
+        append(&store, &format!("survivor{i}"), 2).await;
+    }
+    let held = pool.acquire().await.unwrap();
+
+    let (busy_tx, busy) = std::sync::mpsc::channel::<()>();
+    let (end, end_rx) = std::sync::mpsc::channel::<()>();
+    let doomed = std::thread::spawn({
+        let store = store.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // One at a time, so that each takes a writer of its own,
+                // which waits for the connection the test holds.
+                for i in 0..4 {
+                    let store = store.clone();
+                    tokio::spawn(async move { append(&store, &format!("doomed{i}"), 1).await });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                assert_eq!(store.appends_waiting(), 0);
+                busy_tx.send(()).unwrap();
+                let _ = tokio::task::spawn_blocking(move || end_rx.recv()).await;
+            });
+            // The runtime goes, and its writers with it.
+        }
+    });
+    busy.recv().unwrap();
+    // Queued while the four slots are busy.
+    let survivors: Vec<_> = (0..2)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { append(&store, &format!("survivor{i}"), 2).await })
+        })
+        .collect();
+    let store_ref = &store;
+    eventually("both queued", Duration::from_secs(30), || async move {
+        (store_ref.appends_waiting() == 2).then_some(())
+    })
+    .await;
+    end.send(()).unwrap();
+    doomed.join().unwrap();
+    drop(held);
+    for t in survivors {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("a queued append waits for a writer that is gone")
+            .unwrap();
+    }
+    let streams = streams(&db.pool).await;
+    for i in 0..2 {
+        let id = format!("survivor{i}");
+        assert_whole(&id, &streams[&id], 4);
+    }
+    assert_eq!(store.appends_waiting(), 0);
 }

@@ -17,6 +17,7 @@
 //! (a request timed out) never abandons the others' appends halfway.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
@@ -37,6 +38,13 @@ pub const MAX_GROUP: usize = 1_000;
 const IN_FLIGHT: usize = 4;
 /// Events in one group statement at most (a larger unit goes alone).
 const MAX_GROUP_EVENTS: usize = 2_000;
+/// Bytes of payload and metadata in one group statement at most (a larger
+/// unit goes alone): the group's arrays are a copy of its units'.
+const MAX_GROUP_BYTES: usize = 8 << 20;
+/// How often a waiting append checks that a writer is running: one that
+/// stopped (its task panicked, or its runtime shut down) leaves the queue
+/// to the next caller that finds a slot free.
+const WRITER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Queued units looked at for one group: those behind a unit that must
 /// wait (its stream is already in the group) still get their turn.
 const MAX_SCANNED: usize = 4 * MAX_GROUP;
@@ -118,6 +126,24 @@ pub(crate) struct GroupCommit {
     max_units: usize,
     queue: Mutex<VecDeque<Waiting>>,
     slots: Arc<Semaphore>,
+    /// Callers waiting for their append's answer, queued or being written.
+    pending: AtomicUsize,
+}
+
+/// Counts a caller as pending for as long as it waits, cancelled or not.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl<'a> Pending<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl GroupCommit {
@@ -126,6 +152,7 @@ impl GroupCommit {
             max_units: max_units.clamp(1, MAX_GROUP),
             queue: Mutex::new(VecDeque::new()),
             slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            pending: AtomicUsize::new(0),
         }
     }
 
@@ -138,15 +165,30 @@ impl GroupCommit {
         if self.max_units == 1 {
             return with_transient_retry(|| unit.append_alone(pool)).await;
         }
-        let (reply, answer) = oneshot::channel();
+        let _pending = Pending::new(&self.pending);
+        let (reply, mut answer) = oneshot::channel();
         self.lock().push_back(Waiting { unit, reply });
         self.start(pool);
-        answer.await.unwrap_or_else(|_| {
-            // Only a panic in the writing task drops an answer unsent.
-            Err(StoreError::Other(
-                "the append's writer stopped without an answer".into(),
-            ))
-        })
+        loop {
+            match tokio::time::timeout(WRITER_CHECK, &mut answer).await {
+                Ok(answered) => {
+                    return answered.unwrap_or_else(|_| {
+                        // The writer holding this unit stopped before it
+                        // answered: whether it was written is not known.
+                        Err(StoreError::Other(
+                            "the append's writer stopped without an answer".into(),
+                        ))
+                    });
+                }
+                Err(_) => self.start(pool),
+            }
+        }
+    }
+
+    /// Appends whose callers wait for their answer right now, queued or
+    /// being written.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
     }
 
     /// Units queued for a statement right now.
@@ -195,13 +237,15 @@ impl GroupCommit {
         let mut queue = self.lock();
         let mut streams: HashSet<(&'static str, String)> = HashSet::new();
         let mut chosen = Vec::new();
-        let mut events = 0;
+        let (mut events, mut bytes) = (0, 0);
         for (i, waiting) in queue.iter().enumerate().take(MAX_SCANNED) {
             if chosen.len() == self.max_units {
                 break;
             }
-            let n = waiting.unit.columns.len();
-            if !chosen.is_empty() && events + n > MAX_GROUP_EVENTS {
+            let (n, size) = (waiting.unit.columns.len(), waiting.unit.columns.bytes());
+            if !chosen.is_empty()
+                && (events + n > MAX_GROUP_EVENTS || bytes + size > MAX_GROUP_BYTES)
+            {
                 continue;
             }
             let unit_streams = &waiting.unit.streams;
@@ -219,6 +263,7 @@ impl GroupCommit {
                     .map(|s| (s.aggregate_type, s.aggregate_id.clone())),
             );
             events += n;
+            bytes += size;
             chosen.push(i);
         }
         // Removed from the back, so that the indexes stay right.
