@@ -87,7 +87,7 @@ pub struct BenchArgs {
     /// Rounds of the event store then the baseline, each on rows of its
     /// own (append): the medians are compared, so that a checkpoint or a
     /// neighbour's load in one phase does not decide the ratio.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
     /// Messages to handle (agent) or queries to run (kb).
     #[arg(long, default_value_t = 300)]
