@@ -232,10 +232,13 @@ impl GroupCommit {
     }
 
     /// The queue's first units whose streams do not overlap, up to the
-    /// group's bounds; in queue order.
+    /// group's bounds; in queue order. A unit left in the queue keeps its
+    /// streams from later units too, so that each stream's units are
+    /// written in the order they came.
     fn take(&self) -> Vec<Waiting> {
         let mut queue = self.lock();
-        let mut streams: HashSet<(&'static str, String)> = HashSet::new();
+        // Streams of units taken, or left in the queue ahead of the rest.
+        let mut seen: HashSet<(&'static str, String)> = HashSet::new();
         let mut chosen = Vec::new();
         let (mut events, mut bytes) = (0, 0);
         for (i, waiting) in queue.iter().enumerate().take(MAX_SCANNED) {
@@ -243,25 +246,22 @@ impl GroupCommit {
                 break;
             }
             let (n, size) = (waiting.unit.columns.len(), waiting.unit.columns.bytes());
-            if !chosen.is_empty()
-                && (events + n > MAX_GROUP_EVENTS || bytes + size > MAX_GROUP_BYTES)
-            {
-                continue;
-            }
-            let unit_streams = &waiting.unit.streams;
-            if unit_streams
-                .iter()
-                .any(|s| streams.contains(&(s.aggregate_type, s.aggregate_id.clone())))
-            {
-                // Decided on the state before the unit ahead of it: it goes
-                // in a later statement, after that unit's.
-                continue;
-            }
-            streams.extend(
-                unit_streams
+            let unit_streams = || {
+                waiting
+                    .unit
+                    .streams
                     .iter()
-                    .map(|s| (s.aggregate_type, s.aggregate_id.clone())),
-            );
+                    .map(|s| (s.aggregate_type, s.aggregate_id.clone()))
+            };
+            // A unit ahead of it on one of its streams goes first: it was
+            // decided on the state before that unit's.
+            let behind = unit_streams().any(|key| seen.contains(&key));
+            let too_big = !chosen.is_empty()
+                && (events + n > MAX_GROUP_EVENTS || bytes + size > MAX_GROUP_BYTES);
+            seen.extend(unit_streams());
+            if behind || too_big {
+                continue;
+            }
             events += n;
             bytes += size;
             chosen.push(i);
@@ -418,3 +418,103 @@ const GROUP_SQL: &str = "WITH expected AS (
          RETURNING 1
      )
      SELECT unit FROM moved";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unit of `events` events of `bytes` payload bytes each, on `streams`.
+    fn unit(streams: &[&str], events: usize, bytes: usize) -> Waiting {
+        let mut columns = Columns::with_capacity(events);
+        for i in 0..events {
+            columns.sequence.push(i as i64 + 1);
+            columns.payload.push("x".repeat(bytes));
+            columns.metadata.push(String::new());
+        }
+        let (reply, _) = oneshot::channel();
+        Waiting {
+            unit: Unit {
+                columns,
+                heads: Heads::default(),
+                streams: streams
+                    .iter()
+                    .map(|id| StreamHead {
+                        aggregate_type: "ticket",
+                        aggregate_id: id.to_string(),
+                        version: 0,
+                        hash: String::new(),
+                    })
+                    .collect(),
+            },
+            reply,
+        }
+    }
+
+    /// Takes a group from a queue of `units`; the taken units' first
+    /// stream ids, and the ids left queued.
+    fn take(max_units: usize, units: Vec<Waiting>) -> (Vec<String>, Vec<String>) {
+        let group = GroupCommit::new(max_units);
+        group.lock().extend(units);
+        let first = |w: &Waiting| {
+            w.unit
+                .streams
+                .iter()
+                .map(|s| s.aggregate_id.as_str())
+                .collect::<Vec<_>>()
+                .join("+")
+        };
+        let taken = group.take().iter().map(first).collect();
+        let left = group.lock().iter().map(first).collect();
+        (taken, left)
+    }
+
+    #[test]
+    fn a_group_takes_units_of_distinct_streams_in_queue_order_up_to_its_size() {
+        let queue = (0..5).map(|i| unit(&[&format!("s{i}")], 5, 10)).collect();
+        let (taken, left) = take(3, queue);
+        assert_eq!(taken, ["s0", "s1", "s2"]);
+        assert_eq!(left, ["s3", "s4"]);
+    }
+
+    #[test]
+    fn a_unit_behind_another_on_one_of_its_streams_waits_and_keeps_its_streams_waiting() {
+        // b+c waits behind a+b; c then waits behind b+c, though no unit of
+        // the group has c: each stream's units go in the order they came.
+        let queue = vec![
+            unit(&["a", "b"], 1, 10),
+            unit(&["b", "c"], 1, 10),
+            unit(&["c"], 1, 10),
+            unit(&["d"], 1, 10),
+        ];
+        let (taken, left) = take(32, queue);
+        assert_eq!(taken, ["a+b", "d"]);
+        assert_eq!(left, ["b+c", "c"]);
+    }
+
+    #[test]
+    fn a_group_stays_within_its_events_and_bytes_and_a_larger_unit_goes_alone() {
+        let queue = vec![
+            unit(&["a"], MAX_GROUP_EVENTS - 10, 1),
+            unit(&["b"], 20, 1),
+            unit(&["c"], 10, 1),
+        ];
+        let (taken, left) = take(32, queue);
+        assert_eq!(taken, ["a", "c"]);
+        assert_eq!(left, ["b"]);
+
+        let big = MAX_GROUP_BYTES / 2 + 1;
+        let queue = vec![
+            unit(&["a"], 1, big),
+            unit(&["b"], 1, big),
+            unit(&["c"], 1, 5),
+        ];
+        let (taken, left) = take(32, queue);
+        assert_eq!(taken, ["a", "c"]);
+        assert_eq!(left, ["b"]);
+
+        let queue = vec![unit(&["huge"], 1, MAX_GROUP_BYTES * 2), unit(&["b"], 1, 5)];
+        let (taken, left) = take(32, queue);
+        assert_eq!(taken, ["huge"]);
+        assert_eq!(left, ["b"]);
+    }
+}
