@@ -294,11 +294,20 @@ async fn appends_queued_behind_writers_that_stopped_are_still_written() {
                 // One at a time, so that each takes a writer of its own,
                 // which waits for the connection the test holds.
                 for i in 0..4 {
-                    let store = store.clone();
-                    tokio::spawn(async move { append(&store, &format!("doomed{i}"), 1).await });
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let submitter = store.clone();
+                    tokio::spawn(async move { append(&submitter, &format!("doomed{i}"), 1).await });
+                    // Submitted (this runtime has one thread: a task runs
+                    // to its first wait, so a pending append is queued),
+                    // then taken by the writer it started.
+                    let taken = async {
+                        while store.appends_pending() <= i || store.appends_waiting() > 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    };
+                    tokio::time::timeout(Duration::from_secs(30), taken)
+                        .await
+                        .expect("each append taken by a writer of its own");
                 }
-                assert_eq!(store.appends_waiting(), 0);
                 busy_tx.send(()).unwrap();
                 let _ = tokio::task::spawn_blocking(move || end_rx.recv()).await;
             });
