@@ -45,7 +45,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::cache::{AggregateCache, Cached};
-use crate::limits::{self, Gate};
+use crate::limits::{self, Decision, Gate};
 use crate::metrics;
 use crate::retry::sleep_backoff;
 
@@ -722,33 +722,31 @@ impl UnitOfWork<'_> {
         );
         let trace = casebook_telemetry::headers_of(&span);
         let mut columns = Columns::with_capacity(n);
-        let mut heads = Heads::default();
         // One time for the commit, at the precision Postgres stores.
         let now = chrono::Utc::now();
         let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         let mut events: Vec<SerializedEvent> = Vec::with_capacity(n);
         // Every stream the unit writes to, as the writer found it.
         let mut written = Vec::with_capacity(self.streams.len());
+        // The unit's events share their metadata (unless a command changed
+        // it): its text is made once.
+        let mut metadata = None;
         for mut stream in self.streams {
             if !stream.events.is_empty() {
-                written.push(group::StreamHead::of(&stream));
-                if stream.version > 0 {
-                    heads.push(&stream);
-                }
+                written.push(StreamHead::of(&stream));
             }
             let mut prev = std::mem::take(&mut stream.head);
             stream.version += stream.events.len();
             for e in std::mem::take(&mut stream.events) {
-                prev = columns.push(&e, trace.as_ref(), &prev, now);
+                prev = columns.push(&e, trace.as_ref(), &mut metadata, &prev, now);
                 events.push(e);
             }
             stream.head = prev;
             after.push(stream);
         }
         let pool = self.store.pool.clone();
-        let unit = group::Unit {
+        let unit = Unit {
             columns,
-            heads,
             streams: written,
         };
         let committed = match gate {
@@ -864,6 +862,68 @@ enum HeadsShape {
     Many = 2,
 }
 
+/// A stream a unit writes to, as its writer found it: the stored head
+/// (`version` 0 and `hash` "" for a new stream) its events extend.
+struct StreamHead {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    version: i64,
+    hash: String,
+}
+
+impl StreamHead {
+    fn of(stream: &PendingStream) -> Self {
+        Self {
+            aggregate_type: stream.aggregate_type,
+            aggregate_id: stream.aggregate_id.clone(),
+            version: stream.version as i64,
+            hash: stream.head.clone(),
+        }
+    }
+}
+
+/// One unit of work's append: its events as columns, and every stream it
+/// writes to with the head its events extend.
+struct Unit {
+    columns: Columns,
+    streams: Vec<StreamHead>,
+}
+
+impl Unit {
+    /// The unit's own statement, with no gate.
+    async fn append_alone(&self, pool: &PgPool) -> Result<usize, StoreError> {
+        let heads = Heads::of(&self.streams);
+        bind_columns!(
+            sqlx::query(insert_sql(heads.shape(), false)),
+            self.columns,
+            heads
+        )
+        .execute(pool)
+        .await?;
+        Ok(self.columns.len())
+    }
+
+    /// The unit's own statement, appended only when `gate` has room.
+    async fn append_gated(&self, pool: &PgPool, gate: &Gate) -> Result<Committed, StoreError> {
+        let heads = Heads::of(&self.streams);
+        let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
+            sqlx::query_as(insert_sql(heads.shape(), true)),
+            self.columns,
+            heads
+        )
+        .bind(gate.scope)
+        .bind(&gate.key)
+        .bind(gate.window_secs())
+        .bind(i64::from(gate.limit.max))
+        .fetch_one(pool)
+        .await?;
+        Ok(match gate.decision(allowed, retry_secs) {
+            Decision::Allowed => Committed::Written(self.columns.len()),
+            Decision::Limited { retry_after } => Committed::Limited { retry_after },
+        })
+    }
+}
+
 /// The stored heads an append extends: for each stream that had events
 /// before, its last sequence and hash as the writer decided on them.
 #[derive(Default)]
@@ -883,11 +943,16 @@ impl Heads {
         }
     }
 
-    fn push(&mut self, stream: &PendingStream) {
-        self.aggregate_type.push(stream.aggregate_type);
-        self.aggregate_id.push(stream.aggregate_id.clone());
-        self.sequence.push(stream.version as i64);
-        self.hash.push(stream.head.clone());
+    /// The heads of `streams` that had events before.
+    fn of(streams: &[StreamHead]) -> Self {
+        let mut heads = Self::default();
+        for s in streams.iter().filter(|s| s.version > 0) {
+            heads.aggregate_type.push(s.aggregate_type);
+            heads.aggregate_id.push(s.aggregate_id.clone());
+            heads.sequence.push(s.version);
+            heads.hash.push(s.hash.clone());
+        }
+        heads
     }
 }
 
@@ -905,9 +970,6 @@ struct Columns {
     event_id: Vec<uuid::Uuid>,
     occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
     hash: Vec<String>,
-    /// The last metadata seen and its text with the trace context: a
-    /// unit's events share theirs.
-    last_metadata: Option<(serde_json::Value, String)>,
 }
 
 impl Columns {
@@ -950,16 +1012,17 @@ impl Columns {
             event_id: Vec::with_capacity(n),
             occurred_at: Vec::with_capacity(n),
             hash: Vec::with_capacity(n),
-            last_metadata: None,
         }
     }
 
     /// Adds one event, whose stream's previous hash is `prev`; returns its
-    /// own hash.
+    /// own hash. `last_metadata`: the metadata last seen and its text with
+    /// the trace context, reused while the events' metadata is the same.
     fn push(
         &mut self,
         e: &SerializedEvent,
         trace: Option<&casebook_telemetry::TraceHeaders>,
+        last_metadata: &mut Option<(serde_json::Value, String)>,
         prev: &str,
         at: chrono::DateTime<chrono::Utc>,
     ) -> String {
@@ -969,7 +1032,7 @@ impl Columns {
         self.event_type.push(e.event_type.clone());
         self.event_version.push(e.event_version.clone());
         let payload = jsonb_text(&e.payload);
-        let metadata = match &self.last_metadata {
+        let metadata = match last_metadata {
             Some((source, text)) if *source == e.metadata => text.clone(),
             _ => {
                 let mut metadata = e.metadata.clone();
@@ -979,7 +1042,7 @@ impl Columns {
                     }
                 }
                 let text = jsonb_text(&metadata);
-                self.last_metadata = Some((e.metadata.clone(), text.clone()));
+                *last_metadata = Some((e.metadata.clone(), text.clone()));
                 text
             }
         };

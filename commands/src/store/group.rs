@@ -23,10 +23,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::PgPool;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::{
-    insert_sql, with_transient_retry, Columns, Committed, Heads, PendingStream, StoreError,
-};
-use crate::limits::{Decision, Gate};
+use super::{with_transient_retry, Columns, StoreError, Unit};
 
 /// Units of work combined into one statement at most, by default
 /// (`CASEBOOK_APPEND_GROUP`; 1 appends every unit alone).
@@ -48,71 +45,6 @@ const WRITER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Queued units looked at for one group: those behind a unit that must
 /// wait (its stream is already in the group) still get their turn.
 const MAX_SCANNED: usize = 4 * MAX_GROUP;
-
-/// A stream a unit writes to, as its writer found it: the stored head
-/// (`version` 0 and `hash` "" for a new stream) its events extend.
-pub(crate) struct StreamHead {
-    aggregate_type: &'static str,
-    aggregate_id: String,
-    version: i64,
-    hash: String,
-}
-
-impl StreamHead {
-    pub(super) fn of(stream: &PendingStream) -> Self {
-        Self {
-            aggregate_type: stream.aggregate_type,
-            aggregate_id: stream.aggregate_id.clone(),
-            version: stream.version as i64,
-            hash: stream.head.clone(),
-        }
-    }
-}
-
-/// One unit of work's append: its events as columns, the stored heads
-/// they extend, and every stream it writes to.
-pub(crate) struct Unit {
-    pub(super) columns: Columns,
-    pub(super) heads: Heads,
-    pub(super) streams: Vec<StreamHead>,
-}
-
-impl Unit {
-    /// The unit's own statement, with no gate.
-    pub(super) async fn append_alone(&self, pool: &PgPool) -> Result<usize, StoreError> {
-        bind_columns!(
-            sqlx::query(insert_sql(self.heads.shape(), false)),
-            self.columns,
-            self.heads
-        )
-        .execute(pool)
-        .await?;
-        Ok(self.columns.len())
-    }
-
-    /// The unit's own statement, appended only when `gate` has room.
-    pub(super) async fn append_gated(
-        &self,
-        pool: &PgPool,
-        gate: &Gate,
-    ) -> Result<Committed, StoreError> {
-        let (allowed, retry_secs): (bool, Option<f64>) = bind_columns!(
-            sqlx::query_as(insert_sql(self.heads.shape(), true)),
-            self.columns,
-            self.heads
-        )
-        .bind(gate.scope)
-        .bind(&gate.key)
-        .bind(gate.window_secs())
-        .bind(i64::from(gate.limit.max))
-        .fetch_one(pool)
-        .await?;
-        Ok(match gate.decision(allowed, retry_secs) {
-            Decision::Allowed => Committed::Written(self.columns.len()),
-            Decision::Limited { retry_after } => Committed::Limited { retry_after },
-        })
-    }
-}
 
 /// A queued unit and where its answer goes.
 struct Waiting {
@@ -237,34 +169,35 @@ impl GroupCommit {
     /// written in the order they came.
     fn take(&self) -> Vec<Waiting> {
         let mut queue = self.lock();
-        // Streams of units taken, or left in the queue ahead of the rest.
-        let mut seen: HashSet<(&'static str, String)> = HashSet::new();
         let mut chosen = Vec::new();
-        let (mut events, mut bytes) = (0, 0);
-        for (i, waiting) in queue.iter().enumerate().take(MAX_SCANNED) {
-            if chosen.len() == self.max_units {
-                break;
+        {
+            // Streams of units taken, or left in the queue ahead of the rest.
+            let mut seen: HashSet<(&str, &str)> = HashSet::new();
+            let (mut events, mut bytes) = (0, 0);
+            for (i, waiting) in queue.iter().enumerate().take(MAX_SCANNED) {
+                if chosen.len() == self.max_units {
+                    break;
+                }
+                let unit = &waiting.unit;
+                let (n, size) = (unit.columns.len(), unit.columns.bytes());
+                let keys = || {
+                    unit.streams
+                        .iter()
+                        .map(|s| (s.aggregate_type, s.aggregate_id.as_str()))
+                };
+                // A unit ahead of it on one of its streams goes first: it
+                // was decided on the state before that unit's.
+                let behind = keys().any(|key| seen.contains(&key));
+                let too_big = !chosen.is_empty()
+                    && (events + n > MAX_GROUP_EVENTS || bytes + size > MAX_GROUP_BYTES);
+                seen.extend(keys());
+                if behind || too_big {
+                    continue;
+                }
+                events += n;
+                bytes += size;
+                chosen.push(i);
             }
-            let (n, size) = (waiting.unit.columns.len(), waiting.unit.columns.bytes());
-            let unit_streams = || {
-                waiting
-                    .unit
-                    .streams
-                    .iter()
-                    .map(|s| (s.aggregate_type, s.aggregate_id.clone()))
-            };
-            // A unit ahead of it on one of its streams goes first: it was
-            // decided on the state before that unit's.
-            let behind = unit_streams().any(|key| seen.contains(&key));
-            let too_big = !chosen.is_empty()
-                && (events + n > MAX_GROUP_EVENTS || bytes + size > MAX_GROUP_BYTES);
-            seen.extend(unit_streams());
-            if behind || too_big {
-                continue;
-            }
-            events += n;
-            bytes += size;
-            chosen.push(i);
         }
         // Removed from the back, so that the indexes stay right.
         let mut group: Vec<Waiting> = chosen
@@ -281,10 +214,7 @@ impl GroupCommit {
 async fn write_group(pool: &PgPool, group: Vec<Waiting>) {
     crate::metrics::APPEND_GROUPS.observe(group.len() as f64);
     if group.len() == 1 {
-        for w in group {
-            let result = with_transient_retry(|| w.unit.append_alone(pool)).await;
-            let _ = w.reply.send(result);
-        }
+        append_each(pool, group).await;
         return;
     }
     let combined = Combined::of(&group);
@@ -308,11 +238,16 @@ async fn write_group(pool: &PgPool, group: Vec<Waiting>) {
         // Nothing was written; which unit it was is each one's own answer.
         Err(e) => {
             tracing::debug!(units = group.len(), error = %e, "group append failed, appending its units one by one");
-            for w in group {
-                let result = with_transient_retry(|| w.unit.append_alone(pool)).await;
-                let _ = w.reply.send(result);
-            }
+            append_each(pool, group).await;
         }
+    }
+}
+
+/// Appends each unit with its own statement, and answers it.
+async fn append_each(pool: &PgPool, units: Vec<Waiting>) {
+    for w in units {
+        let result = with_transient_retry(|| w.unit.append_alone(pool)).await;
+        let _ = w.reply.send(result);
     }
 }
 
@@ -421,6 +356,7 @@ const GROUP_SQL: &str = "WITH expected AS (
 
 #[cfg(test)]
 mod tests {
+    use super::super::StreamHead;
     use super::*;
 
     /// A unit of `events` events of `bytes` payload bytes each, on `streams`.
@@ -435,7 +371,6 @@ mod tests {
         Waiting {
             unit: Unit {
                 columns,
-                heads: Heads::default(),
                 streams: streams
                     .iter()
                     .map(|id| StreamHead {
