@@ -881,14 +881,8 @@ async fn swap(
     // The fill applied every event of the projector's types up to the
     // cursor: the shadow's baseline. What the catch-up applies after it is
     // recorded as rows, as a live batch does.
-    let fill_end = cursor.clone();
-    set_baseline(
-        &mut tx,
-        projector,
-        &fill_end.last_tx,
-        fill_end.last_position,
-    )
-    .await?;
+    let (fill_tx, fill_position) = (cursor.last_tx.clone(), cursor.last_position);
+    set_baseline(&mut tx, projector, &fill_tx, fill_position).await?;
     let (mut read, mut applied) = (0u64, 0u64);
     loop {
         let (r, a) = apply_page(&mut tx, projector, types, cursor, chunk_size).await?;
@@ -920,13 +914,7 @@ async fn swap(
     sqlx::query("SELECT set_config('search_path', 'public', true)")
         .execute(&mut *tx)
         .await?;
-    set_baseline(
-        &mut tx,
-        projector,
-        &fill_end.last_tx,
-        fill_end.last_position,
-    )
-    .await?;
+    set_baseline(&mut tx, projector, &fill_tx, fill_position).await?;
     tx.commit().await?;
     Ok((read, applied))
 }
