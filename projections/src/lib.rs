@@ -22,8 +22,8 @@ pub mod store;
 pub use access::{begin_scoped, ReadScope};
 pub use consumer::{ConsumerSettings, ProjectorRunner};
 pub use projector::{
-    apply_batch, apply_batch_in, apply_rebuild_page, set_baseline, ConsumedOffset, ProjectionError,
-    Projector,
+    apply_batch, apply_batch_in, apply_rebuild_page, finish_fill_in, set_baseline, ConsumedOffset,
+    FillPart, ProjectionError, Projector,
 };
 
 /// Every projector this crate provides, by name.

@@ -57,11 +57,34 @@ pub trait Projector: Send + Sync + 'static {
     fn shadow_filler(&self) -> Option<Box<dyn Projector>> {
         None
     }
-    /// A shadow filler's last step, once its last page is applied, in a
-    /// transaction on the shadow: it writes whatever it kept back.
-    async fn finish_fill(&self, _tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        Ok(())
+    /// A shadow filler's last step, once its last page is applied:
+    /// whatever it kept back, in parts whose rows do not overlap. A rebuild
+    /// writes them side by side, each in a transaction of its own on the
+    /// shadow, so a large read model's last write is not one connection's
+    /// work while the others idle.
+    fn finish_fill(&self) -> Vec<Box<dyn FillPart>> {
+        Vec::new()
     }
+}
+
+/// A part of what a shadow filler kept back ([`Projector::finish_fill`]).
+#[async_trait]
+pub trait FillPart: Send {
+    /// Writes the part in `tx` (table names resolve through the search
+    /// path: a rebuild sets its shadow's).
+    async fn write(self: Box<Self>, tx: &mut PgConnection) -> Result<(), ProjectionError>;
+}
+
+/// Writes every part of what `filler` kept back, one after another in `tx`
+/// (a rebuild writes them side by side instead).
+pub async fn finish_fill_in(
+    tx: &mut PgConnection,
+    filler: &dyn Projector,
+) -> Result<(), ProjectionError> {
+    for part in filler.finish_fill() {
+        part.write(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 /// A consumed Kafka position to record with the batch.

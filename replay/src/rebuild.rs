@@ -50,7 +50,7 @@ use casebook_domain::EventEnvelope;
 use casebook_projections::projector::REBUILD_LOCK_CLASS;
 use casebook_projections::store::{stored_event, EVENT_COLUMNS};
 use casebook_projections::{
-    apply_batch_in, apply_rebuild_page, set_baseline, ProjectionError, Projector,
+    apply_batch_in, apply_rebuild_page, set_baseline, FillPart, ProjectionError, Projector,
 };
 use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool, Row};
@@ -62,6 +62,9 @@ type PageSender = tokio::sync::mpsc::Sender<Arc<Vec<EventEnvelope>>>;
 
 /// Pages a projector may fall behind the reader (the rest wait for it).
 pub const PAGES_AHEAD: usize = 4;
+/// Parts of what a shadow filler kept back written at once, each on a
+/// connection of its own.
+const FILL_WRITERS: usize = 3;
 /// The bookkeeping tables a projector writes besides its own.
 const BOOKKEEPING: [&str; 3] = [
     "projector_streams",
@@ -170,9 +173,10 @@ pub async fn rebuild_with_progress(
 }
 
 /// Connections a pool needs for a rebuild of `projectors` read models to
-/// keep each busy: one per projector, the reader's and the guard's.
+/// keep each busy: one per projector, the reader's, the guard's, and those
+/// writing what a shadow filler kept back.
 pub fn connections_for(projectors: usize) -> u32 {
-    (projectors + 2).min(64) as u32
+    (projectors + 2 + FILL_WRITERS).min(64) as u32
 }
 
 /// The shadow schema of a projector: its name is ASCII letters, digits and
@@ -638,12 +642,48 @@ async fn fill_lane(
         let _ = progress.send(lane.progress(false));
     }
     let started = Instant::now();
-    let mut tx = pool.begin().await?;
-    use_shadow(&mut tx, &lane.schema).await?;
-    projector.finish_fill(&mut tx).await?;
-    tx.commit().await?;
+    write_fill_parts(pool, &lane.schema, projector.finish_fill()).await?;
     lane.busy += started.elapsed();
     Ok(())
+}
+
+/// Writes what a shadow filler kept back (`Projector::finish_fill`), up to
+/// [`FILL_WRITERS`] parts at once, each in a transaction of its own on the
+/// shadow and a task of its own (the rows' encoding runs on every core too).
+/// Every part has finished, written or failed, when this returns.
+async fn write_fill_parts(
+    pool: &PgPool,
+    schema: &str,
+    parts: Vec<Box<dyn FillPart>>,
+) -> Result<(), ProjectionError> {
+    let mut parts = parts.into_iter();
+    let mut writers = tokio::task::JoinSet::new();
+    let mut outcome = Ok(());
+    loop {
+        while outcome.is_ok() && writers.len() < FILL_WRITERS {
+            let Some(part) = parts.next() else {
+                break;
+            };
+            let (pool, schema) = (pool.clone(), schema.to_string());
+            writers.spawn(async move {
+                let mut tx = pool.begin().await?;
+                use_shadow(&mut tx, &schema).await?;
+                part.write(&mut tx).await?;
+                tx.commit().await?;
+                Ok(())
+            });
+        }
+        let Some(done) = writers.join_next().await else {
+            return outcome;
+        };
+        if let Err(e) = joined(done) {
+            // The first failure is the answer; the parts already under way
+            // finish, and no new one starts.
+            if outcome.is_ok() {
+                outcome = Err(e);
+            }
+        }
+    }
 }
 
 /// Catches a lane up and swaps its shadow in (a swap that loses a deadlock

@@ -464,7 +464,9 @@ async fn shadow_fillers_page_by_page_and_a_baseline_give_the_live_rows_and_seque
             tx.commit().await.unwrap();
         }
         let mut tx = app.pool().begin().await.unwrap();
-        filler.finish_fill(&mut tx).await.unwrap();
+        casebook_projections::finish_fill_in(&mut tx, filler)
+            .await
+            .unwrap();
         set_baseline(&mut tx, projector.as_ref(), &last_tx, last_position)
             .await
             .unwrap();
@@ -489,7 +491,7 @@ async fn shadow_fillers_page_by_page_and_a_baseline_give_the_live_rows_and_seque
         tx.commit().await.unwrap();
     }
     let mut tx = app.pool().begin().await.unwrap();
-    casebook_projections::Projector::finish_fill(&tickets, &mut tx)
+    casebook_projections::finish_fill_in(&mut tx, &tickets)
         .await
         .unwrap();
     tx.commit().await.unwrap();

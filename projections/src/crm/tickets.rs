@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics::ESCALATIONS;
-use crate::projector::{ticket_events, PageMemory, ProjectionError, Projector};
+use crate::projector::{ticket_events, FillPart, PageMemory, ProjectionError, Projector};
 
 /// `crm_tickets`: one row per ticket with its current status, SLA,
 /// counters and hand-off (who handles it, `assignee`, `handler`,
@@ -63,15 +63,35 @@ impl ShadowTickets {
     }
 }
 
+/// The ids of `kept`'s unwritten tickets in key order (each statement then
+/// fills neighbouring index pages), in statements' worth.
+fn unwritten_parts(kept: &mut Kept) -> Vec<Vec<Uuid>> {
+    let mut ids: Vec<Uuid> = kept.unwritten.drain().collect();
+    ids.sort_unstable();
+    ids.chunks(ROWS_PER_WRITE).map(<[Uuid]>::to_vec).collect()
+}
+
 /// Writes the rows of `kept`'s unwritten tickets.
 async fn write_kept(tx: &mut PgConnection, kept: &mut Kept) -> Result<(), ProjectionError> {
-    let mut ids: Vec<Uuid> = kept.unwritten.drain().collect();
-    // In key order: each statement fills neighbouring index pages.
-    ids.sort_unstable();
-    for part in ids.chunks(ROWS_PER_WRITE) {
-        write_rows(&mut *tx, part.iter().copied(), &mut kept.states).await?;
+    for part in unwritten_parts(kept) {
+        write_rows(&mut *tx, part.into_iter(), &mut kept.states).await?;
     }
     Ok(())
+}
+
+/// Tickets' rows a [`ShadowTickets`] kept back: one statement's worth,
+/// with the states they are written from.
+struct KeptRows {
+    ids: Vec<Uuid>,
+    states: HashMap<Uuid, Ticket>,
+}
+
+#[async_trait]
+impl FillPart for KeptRows {
+    async fn write(self: Box<Self>, tx: &mut PgConnection) -> Result<(), ProjectionError> {
+        let KeptRows { ids, mut states } = *self;
+        write_rows(tx, ids.into_iter(), &mut states).await
+    }
 }
 
 #[async_trait]
@@ -108,11 +128,18 @@ impl Projector for ShadowTickets {
         Ok(())
     }
 
-    async fn finish_fill(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
+    fn finish_fill(&self) -> Vec<Box<dyn FillPart>> {
         let mut kept = self.kept.take();
-        write_kept(tx, &mut kept).await?;
-        kept.states.clear();
-        Ok(())
+        unwritten_parts(&mut kept)
+            .into_iter()
+            .map(|ids| {
+                let states = ids
+                    .iter()
+                    .filter_map(|id| kept.states.remove_entry(id))
+                    .collect();
+                Box::new(KeptRows { ids, states }) as Box<dyn FillPart>
+            })
+            .collect()
     }
 }
 
