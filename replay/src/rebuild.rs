@@ -212,12 +212,15 @@ fn table_ident(name: &str) -> Result<&str, ProjectionError> {
 }
 
 /// Empty copies of the projector's tables and bookkeeping in its shadow
-/// schema (a leftover of an interrupted rebuild is dropped first).
+/// schema (a leftover of an interrupted rebuild is dropped first). Returns
+/// the projector's tables whose live table is empty (its first build): their
+/// copies are logged, so that the swap can move them in whole
+/// ([`move_in`]); the others are unlogged, and the swap copies what differs.
 async fn prepare_shadow(
     pool: &PgPool,
     schema: &str,
     projector: &dyn Projector,
-) -> Result<(), ProjectionError> {
+) -> Result<Vec<&'static str>, ProjectionError> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .execute(&mut *tx)
@@ -225,10 +228,21 @@ async fn prepare_shadow(
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut *tx)
         .await?;
+    let mut movable = Vec::new();
     for table in projector.tables().iter().chain(BOOKKEEPING.iter()) {
         let table = table_ident(table)?;
+        let empty = projector.tables().contains(&table)
+            && sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM public.{table})"
+            ))
+            .fetch_one(&mut *tx)
+            .await?;
+        if empty {
+            movable.push(table);
+        }
         sqlx::query(&format!(
-            "CREATE UNLOGGED TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES)"
+            "CREATE {}TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES)",
+            if empty { "" } else { "UNLOGGED " }
         ))
         .execute(&mut *tx)
         .await?;
@@ -257,7 +271,7 @@ async fn prepare_shadow(
         }
     }
     tx.commit().await?;
-    Ok(())
+    Ok(movable)
 }
 
 /// A live index's definition (`pg_get_indexdef`) moved onto the shadow's
@@ -363,6 +377,8 @@ type ProgressSender = tokio::sync::mpsc::UnboundedSender<Progress>;
 struct Lane {
     projector: Arc<dyn Projector>,
     schema: String,
+    /// Its tables whose shadow may be moved in whole (`prepare_shadow`).
+    movable: Vec<&'static str>,
     types: Vec<String>,
     total: u64,
     read: u64,
@@ -415,10 +431,11 @@ async fn fill_and_swap(
             .map(|(_, n)| *n as u64)
             .sum();
         let schema = shadow_schema(projector.name())?;
-        prepare_shadow(pool, &schema, projector.as_ref()).await?;
+        let movable = prepare_shadow(pool, &schema, projector.as_ref()).await?;
         lanes.push(Lane {
             projector: projector.clone(),
             schema,
+            movable,
             types,
             total,
             read: 0,
@@ -704,6 +721,15 @@ async fn swap_lane(
     // Only the key's columns: the row counts and the key's statistics are
     // what the joins are planned by, and sampling every column (the
     // tickets' `jsonb` state among them) costs seconds.
+    // A shadow that may be moved in gets the readers' indexes now, built
+    // whole from its rows, outside the swap (nobody reads it yet).
+    for table in &lane.movable {
+        for definition in
+            reader_index_definitions(pool, lane.projector.as_ref(), table, &lane.schema).await?
+        {
+            sqlx::query(&definition).execute(pool).await?;
+        }
+    }
     for table in lane.projector.tables() {
         let table = table_ident(table)?;
         let mut conn = pool.acquire().await?;
@@ -731,6 +757,7 @@ async fn swap_lane(
             pool,
             lane.projector.as_ref(),
             &lane.schema,
+            &lane.movable,
             &lane.types,
             &mut page_cursor,
             chunk_size,
@@ -769,6 +796,211 @@ async fn swap_lane(
         "read model rebuilt and swapped in"
     );
     Ok(())
+}
+
+/// The definitions, moved onto the shadow's copy of `table`, of the live
+/// table's indexes that only readers use (`Projector::reader_indexes`).
+async fn reader_index_definitions(
+    pool: &PgPool,
+    projector: &dyn Projector,
+    table: &str,
+    schema: &str,
+) -> Result<Vec<String>, ProjectionError> {
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.relname::text, pg_get_indexdef(x.indexrelid)
+           FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+          WHERE x.indrelid = format('public.%I', $1::text)::regclass
+          ORDER BY i.relname",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await?;
+    indexes
+        .into_iter()
+        .filter(|(name, _)| projector.reader_indexes().contains(&name.as_str()))
+        .map(|(name, definition)| {
+            shadow_index(&definition, table, schema).ok_or_else(|| {
+                ProjectionError::Database(sqlx::Error::Protocol(format!(
+                    "index {name} is not defined on public.{table} as expected: {definition}"
+                )))
+            })
+        })
+        .collect()
+}
+
+/// How long the swap waits for readers to let go of an empty live table
+/// it would move its shadow in for; past it, it copies the rows instead.
+const MOVE_LOCK_TIMEOUT: &str = "500ms";
+
+/// Everything about `public.<table>` that its readers, writers and access
+/// rules depend on, as text independent of the table's identity: columns
+/// (in order, with type, nullability, default, generation, identity,
+/// collation), constraints, indexes, row-level security and its policies,
+/// grants, owner, storage options, persistence, triggers, rules, comments,
+/// extended statistics, inheritance and publications.
+const TABLE_DEFINITION: &str = "
+WITH t AS (SELECT format('public.%I', $1::text)::regclass::oid AS oid)
+SELECT concat_ws(E'\n',
+  (SELECT string_agg(format('column %s %s %s %s %s %s %s', a.attname, format_type(a.atttypid, a.atttypmod),
+          a.attnotnull, a.attgenerated, a.attidentity, a.attcollation::regcollation,
+          pg_get_expr(d.adbin, d.adrelid)), E'\n' ORDER BY a.attnum)
+     FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped),
+  (SELECT string_agg(format('constraint %s %s %s', c.conname, c.contype, pg_get_constraintdef(c.oid)), E'\n' ORDER BY c.conname)
+     FROM pg_constraint c WHERE c.conrelid = t.oid),
+  (SELECT string_agg(format('index %s', pg_get_indexdef(x.indexrelid)), E'\n' ORDER BY x.indexrelid::regclass::text)
+     FROM pg_index x WHERE x.indrelid = t.oid),
+  (SELECT string_agg(format('policy %s %s %s %s %s %s', p.polname, p.polcmd, p.polpermissive,
+          (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE r::regrole::text END, ',' ORDER BY 1)
+             FROM unnest(p.polroles) r),
+          pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)), E'\n' ORDER BY p.polname)
+     FROM pg_policy p WHERE p.polrelid = t.oid),
+  (SELECT string_agg(format('trigger %s', pg_get_triggerdef(g.oid)), E'\n' ORDER BY g.tgname)
+     FROM pg_trigger g WHERE g.tgrelid = t.oid AND NOT g.tgisinternal),
+  (SELECT string_agg(format('rule %s', r.rulename), E'\n' ORDER BY r.rulename)
+     FROM pg_rewrite r WHERE r.ev_class = t.oid),
+  (SELECT string_agg(format('statistics %s', s.stxname), E'\n' ORDER BY s.stxname)
+     FROM pg_statistic_ext s WHERE s.stxrelid = t.oid),
+  (SELECT string_agg(format('inherits %s', i.inhparent::regclass), E'\n') FROM pg_inherits i
+    WHERE i.inhrelid = t.oid OR i.inhparent = t.oid),
+  (SELECT string_agg(format('publication %s', r.prpubid), E'\n') FROM pg_publication_rel r WHERE r.prrelid = t.oid),
+  (SELECT format('table %s %s %s %s %s %s %s %s %s', c.relkind, c.relpersistence, c.relowner::regrole,
+          c.relrowsecurity, c.relforcerowsecurity, c.relreplident, c.reloptions,
+          (SELECT array_agg(a ORDER BY a::text) FROM unnest(c.relacl) a),
+          obj_description(c.oid, 'pg_class'))
+     FROM pg_class c WHERE c.oid = t.oid))
+FROM t";
+
+/// The first build's swap of `table`: when the live table is (still)
+/// empty, its shadow, complete with every index, becomes the live table
+/// instead of being copied into it. The shadow first takes on what the
+/// live table has and `LIKE` does not copy (its primary key as a
+/// constraint, row-level security and its policies, grants, comment); then
+/// the live table is dropped and the shadow moved into its place, and the
+/// moved table must describe exactly as the live one did
+/// ([`TABLE_DEFINITION`]). Anything else (rows meanwhile, a reader holding
+/// the table past [`MOVE_LOCK_TIMEOUT`], an object depending on the live
+/// table, a difference in the description) undoes all of it and returns
+/// false: the caller copies the rows. Readers waiting for the table meanwhile
+/// find the moved one by its name when the swap commits.
+async fn move_in(
+    tx: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<bool, ProjectionError> {
+    sqlx::query("SAVEPOINT move_in").execute(&mut *tx).await?;
+    match try_move_in(&mut *tx, schema, table).await {
+        Ok(true) => {
+            sqlx::query("RELEASE SAVEPOINT move_in")
+                .execute(&mut *tx)
+                .await?;
+            Ok(true)
+        }
+        outcome => {
+            if let Err(e) = &outcome {
+                tracing::info!(table, error = %e, "shadow not moved in; copying its rows");
+            }
+            sqlx::query("ROLLBACK TO SAVEPOINT move_in")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("RELEASE SAVEPOINT move_in")
+                .execute(&mut *tx)
+                .await?;
+            Ok(false)
+        }
+    }
+}
+
+async fn try_move_in(
+    tx: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<bool, ProjectionError> {
+    let lock_timeout: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(MOVE_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(&lock_timeout)
+        .execute(&mut *tx)
+        .await?;
+    let empty: bool =
+        sqlx::query_scalar(&format!("SELECT NOT EXISTS (SELECT 1 FROM public.{table})"))
+            .fetch_one(&mut *tx)
+            .await?;
+    if !empty {
+        return Ok(false);
+    }
+    let live: String = sqlx::query_scalar(TABLE_DEFINITION)
+        .bind(table)
+        .fetch_one(&mut *tx)
+        .await?;
+    // What `LIKE` leaves out, generated from the catalog.
+    let statements: Vec<String> = sqlx::query_scalar(
+        "WITH t AS (SELECT format('public.%I', $1::text)::regclass::oid AS oid)
+         SELECT format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s USING INDEX %I', $2::text, $1::text,
+                       c.conname, CASE c.contype WHEN 'p' THEN 'PRIMARY KEY' ELSE 'UNIQUE' END,
+                       i.relname)
+           FROM t, pg_constraint c JOIN pg_class i ON i.oid = c.conindid
+          WHERE c.conrelid = t.oid AND c.contype IN ('p', 'u')
+         UNION ALL
+         SELECT format('ALTER TABLE %I.%I %s ROW LEVEL SECURITY', $2::text, $1::text, a)
+           FROM t, pg_class c, LATERAL (VALUES ('ENABLE', c.relrowsecurity), ('FORCE', c.relforcerowsecurity)) v(a, on_)
+          WHERE c.oid = t.oid AND v.on_
+         UNION ALL
+         SELECT format('CREATE POLICY %I ON %I.%I AS %s FOR %s TO %s%s%s', p.polname, $2::text, $1::text,
+                       CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                       CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                     WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                       (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(r::regrole::text) END, ', ')
+                          FROM unnest(p.polroles) r),
+                       ' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')',
+                       ' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')')
+           FROM t, pg_policy p WHERE p.polrelid = t.oid
+         UNION ALL
+         SELECT format('GRANT %s ON %I.%I TO %s%s', g.privilege_type, $2::text, $1::text,
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END,
+                       CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+           FROM t, pg_class c, aclexplode(c.relacl) g
+          WHERE c.oid = t.oid AND g.grantee <> c.relowner
+         UNION ALL
+         SELECT format('COMMENT ON TABLE %I.%I IS %L', $2::text, $1::text, obj_description(t.oid, 'pg_class'))
+           FROM t WHERE obj_description(t.oid, 'pg_class') IS NOT NULL",
+    )
+    .bind(table)
+    .bind(schema)
+    .fetch_all(&mut *tx)
+    .await?;
+    for statement in statements {
+        sqlx::query(&statement).execute(&mut *tx).await?;
+    }
+    // Refused, not cascaded, if anything depends on the live table.
+    sqlx::query(&format!("DROP TABLE public.{table}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
+        .execute(&mut *tx)
+        .await?;
+    let moved: String = sqlx::query_scalar(TABLE_DEFINITION)
+        .bind(table)
+        .fetch_one(&mut *tx)
+        .await?;
+    if moved != live {
+        tracing::warn!(
+            table,
+            "the shadow does not describe as the live table did; copying its rows instead"
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Makes the live `table` hold the shadow's rows, writing only what
@@ -902,6 +1134,7 @@ async fn swap(
     pool: &PgPool,
     projector: &dyn Projector,
     schema: &str,
+    movable: &[&str],
     types: &[String],
     cursor: &mut Cursor,
     chunk_size: usize,
@@ -932,8 +1165,16 @@ async fn swap(
         read += r;
         applied += a;
     }
+    // From here on every name is qualified or public's.
+    sqlx::query("SELECT set_config('search_path', 'public', true)")
+        .execute(&mut *tx)
+        .await?;
     for table in projector.tables() {
-        replace_rows(&mut tx, schema, table_ident(table)?).await?;
+        let table = table_ident(table)?;
+        if movable.contains(&table) && move_in(&mut tx, schema, table).await? {
+            continue;
+        }
+        replace_rows(&mut tx, schema, table).await?;
     }
     // The per-stream sequences the live consumer goes on from: the
     // shadow's baseline and its rows (the catch-up's streams) replace the
@@ -951,9 +1192,6 @@ async fn swap(
     .execute(&mut *tx)
     .await?;
     // The same baseline, now the live one's.
-    sqlx::query("SELECT set_config('search_path', 'public', true)")
-        .execute(&mut *tx)
-        .await?;
     set_baseline(&mut tx, projector, &fill_tx, fill_position).await?;
     tx.commit().await?;
     Ok((read, applied))

@@ -402,16 +402,63 @@ async fn empty_read_models(pool: &sqlx::PgPool) {
         .unwrap();
 }
 
+/// Every projector table's identity and what readers and access rules
+/// depend on: its oid, then its columns, constraints, indexes, row-level
+/// security, policies, grants and owner.
+const TABLES: &str = "
+SELECT jsonb_object_agg(c.relname, jsonb_build_object(
+         'oid', c.oid,
+         'columns', (SELECT jsonb_agg(jsonb_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                                                        a.attgenerated, pg_get_expr(d.adbin, d.adrelid)) ORDER BY a.attnum)
+                       FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+         'constraints', (SELECT jsonb_agg(jsonb_build_array(k.conname, k.contype, pg_get_constraintdef(k.oid)) ORDER BY k.conname)
+                           FROM pg_constraint k WHERE k.conrelid = c.oid),
+         'indexes', (SELECT jsonb_agg(pg_get_indexdef(x.indexrelid) ORDER BY pg_get_indexdef(x.indexrelid)) FROM pg_index x WHERE x.indrelid = c.oid),
+         'security', jsonb_build_array(c.relrowsecurity, c.relforcerowsecurity, c.relacl::text[], c.relowner::regrole::text,
+                                       c.relpersistence),
+         'policies', (SELECT jsonb_agg(jsonb_build_array(p.polname, p.polcmd, p.polpermissive, p.polroles::regrole[]::text[],
+                                                         pg_get_expr(p.polqual, p.polrelid),
+                                                         pg_get_expr(p.polwithcheck, p.polrelid)) ORDER BY p.polname)
+                        FROM pg_policy p WHERE p.polrelid = c.oid)))::text
+  FROM pg_class c
+ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname = ANY($1)";
+
+/// [`TABLES`] of every projector's tables: (oids, the rest).
+async fn tables(app: &TestApp) -> (serde_json::Value, serde_json::Value) {
+    let names: Vec<&str> = casebook_projections::all_projectors()
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    let text: String = sqlx::query_scalar(TABLES)
+        .bind(&names)
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    let mut all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut oids = serde_json::Map::new();
+    for (name, table) in all.as_object_mut().unwrap() {
+        oids.insert(name.clone(), table["oid"].take());
+    }
+    assert_eq!(oids.len(), names.len());
+    (serde_json::Value::Object(oids), all)
+}
+
 /// The first build of a read model (its live tables empty, as when it is
-/// new or after a restore) swaps in with a plain insert rather than a
-/// comparison: the rows must be the ones the live projectors built, and
-/// a second rebuild over them must change nothing.
+/// new or after a restore) moves its shadow in whole rather than copying
+/// rows: the rows must be the ones the live projectors built; the tables
+/// are new ones, with every column, constraint, index, policy and grant
+/// the old ones had, and row-level security still applies (a role reading
+/// without a scope sees nothing). A second rebuild over the right rows
+/// keeps the tables that hold rows and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_build_into_empty_read_models_gives_the_rows_the_live_projectors_built() {
     let mut app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
     let live = live_rows(&mut app).await;
     empty_read_models(app.pool()).await;
     assert_eq!(app.count("SELECT count(*) FROM crm_tickets").await, 0);
+    let (empty_oids, described) = tables(&app).await;
+    let mut built_oids = None;
     for page in [2, casebook_replay::rebuild::CHUNK] {
         casebook_replay::rebuild_paged(app.pool(), &casebook_projections::all_projectors(), page)
             .await
@@ -421,7 +468,171 @@ async fn a_first_build_into_empty_read_models_gives_the_rows_the_live_projectors
             rebuilt == live,
             "rebuilt in pages of {page}:\n{rebuilt}\nlive:\n{live}"
         );
+        let (oids, now) = tables(&app).await;
+        assert_eq!(now, described, "the tables describe as before");
+        match &built_oids {
+            None => {
+                for (name, oid) in oids.as_object().unwrap() {
+                    assert_ne!(oid, &empty_oids[name], "{name} was moved in");
+                }
+                built_oids = Some(oids);
+            }
+            Some(built) => {
+                // (An empty one, with nothing to compare, is moved in again.)
+                for (name, oid) in oids.as_object().unwrap() {
+                    let rows = app.count(&format!("SELECT count(*) FROM {name}")).await;
+                    if rows > 0 {
+                        assert_eq!(oid, &built[name], "a second rebuild keeps {name}");
+                    }
+                }
+            }
+        }
+        let mut tx = app.pool().begin().await.unwrap();
+        sqlx::query("SET LOCAL ROLE casebook_api")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let unscoped: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_tickets")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(unscoped, 0, "row-level security applies to the moved table");
+        sqlx::query("SELECT set_config('casebook.role', 'supervisor', true)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let staff: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_tickets")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(staff, 5, "and its grants and staff policy too");
     }
+    app.stop().await;
+}
+
+/// A first build while readers query the empty read models: every query
+/// succeeds (a reader that meets the swap waits for it and then reads the
+/// moved table by its name, prepared statements included), and each sees
+/// a table either still empty or whole, never part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_build_while_readers_query_fails_no_query_and_shows_no_partial_table() {
+    let mut app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
+    let live = live_rows(&mut app).await;
+    app.resume(&[Role::Api]).await;
+    empty_read_models(app.pool()).await;
+    let app = Arc::new(app);
+    let supervisor = token(&app, TokenRole::Supervisor, "sam").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for reader in 0..3 {
+        let (app, stop, supervisor) = (app.clone(), stop.clone(), supervisor.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut failures, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                if reader == 0 {
+                    let body = gql(
+                        &app,
+                        &supervisor,
+                        "{ tickets(first: 50) { totalCount edges { node { id status } } } }",
+                        json!({}),
+                    )
+                    .await;
+                    match body["data"]["tickets"]["totalCount"].as_i64() {
+                        Some(n) if body.get("errors").is_none() => {
+                            seen.insert(format!("graphql tickets {n}"));
+                        }
+                        _ => failures.push(body.to_string()),
+                    }
+                    continue;
+                }
+                // Prepared and cached on the pool's connections.
+                for table in [
+                    "crm_tickets",
+                    "crm_messages",
+                    "crm_customers",
+                    "metrics_tickets",
+                ] {
+                    match sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+                        .fetch_one(app.pool())
+                        .await
+                    {
+                        Ok(n) => {
+                            seen.insert(format!("{table} {n}"));
+                        }
+                        Err(e) => failures.push(format!("{table}: {e}")),
+                    }
+                }
+            }
+            (failures, seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    casebook_replay::rebuild_paged(app.pool(), &casebook_projections::all_projectors(), 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for reader in readers {
+        let (failures, saw) = reader.await.unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        seen.extend(saw);
+    }
+    let allowed = [
+        "graphql tickets 0",
+        "graphql tickets 5",
+        "crm_tickets 0",
+        "crm_tickets 5",
+        "crm_messages 0",
+        "crm_messages 5",
+        "crm_customers 0",
+        "crm_customers 5",
+        "metrics_tickets 0",
+        "metrics_tickets 5",
+    ];
+    for s in &seen {
+        assert!(allowed.contains(&s.as_str()), "a reader saw {s}: {seen:?}");
+    }
+    assert!(seen.contains("crm_tickets 5"), "{seen:?}");
+    assert!(all_rows(&app).await == live);
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("the app is still shared"),
+    }
+}
+
+/// A first build whose live table something depends on (here a view an
+/// operator made over it) is not moved in: dropping the table would take
+/// the view with it. The rows are copied instead, the view keeps working
+/// and shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_build_copies_rows_into_a_table_that_a_view_depends_on() {
+    let mut app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
+    let live = live_rows(&mut app).await;
+    empty_read_models(app.pool()).await;
+    sqlx::query("CREATE VIEW customer_names AS SELECT customer_id, name FROM crm_customers")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let (before, _) = tables(&app).await;
+    casebook_replay::rebuild(app.pool(), &casebook_projections::all_projectors())
+        .await
+        .unwrap();
+    assert!(all_rows(&app).await == live);
+    let (after, _) = tables(&app).await;
+    assert_eq!(
+        after["crm_customers"], before["crm_customers"],
+        "the table a view depends on was kept"
+    );
+    assert_ne!(
+        after["crm_tickets"], before["crm_tickets"],
+        "the others moved in"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM customer_names").await, 5);
+    sqlx::query("DROP VIEW customer_names")
+        .execute(app.pool())
+        .await
+        .unwrap();
     app.stop().await;
 }
 
