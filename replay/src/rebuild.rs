@@ -7,8 +7,8 @@
 //! 1. **Shadow.** A schema of its own (`casebook_shadow_<name>`) gets empty
 //!    copies of the projector's tables and of its bookkeeping
 //!    (`projector_streams`, `projector_progress`, `projector_baselines`;
-//!    `LIKE … INCLUDING ALL`, unlogged: they are
-//!    thrown away and rebuilt whole if anything happens), with every index
+//!    `LIKE … INCLUDING ALL`, unlogged, but for a first build's tables: they
+//!    are thrown away and rebuilt whole if anything happens), with every index
 //!    but those only readers use (`Projector::reader_indexes`), whose
 //!    upkeep would cost on every row and serve nobody. The projector's own
 //!    code fills them (or its `shadow_filler`, which writes the same rows
@@ -35,8 +35,12 @@
 //!    rows for the streams the catch-up applied). Readers see the
 //!    old rows until it commits and the new ones after: never an empty or
 //!    half-built read model (the rows are replaced with DELETE and INSERT,
-//!    not TRUNCATE, which would lock readers out; into an empty live table,
-//!    its first build, with a plain INSERT).
+//!    not TRUNCATE, which would lock readers out). A first build (the live
+//!    table empty when the rebuild began) fills a logged shadow instead and
+//!    moves it in whole ([`move_in`]): the empty live table is dropped and
+//!    the shadow, with every index, constraint, policy and grant the live
+//!    one had, takes its name; readers that meet the swap wait for it (at
+//!    most the swap's own length) and then read the moved table.
 //! 3. **Resume.** The live consumer's Kafka offsets are left as they were.
 //!    Whatever it receives next that the shadow already had is recognised by
 //!    its stream sequence and skipped (no double); whatever the shadow did
