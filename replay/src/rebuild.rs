@@ -947,7 +947,8 @@ async fn try_move_in(
         .bind(table)
         .fetch_one(&mut *tx)
         .await?;
-    // What `LIKE` leaves out, generated from the catalog.
+    // What `LIKE` leaves out, generated from the catalog (a role's
+    // `regrole` text is already a quoted identifier where one is needed).
     let statements: Vec<String> = sqlx::query_scalar(
         "WITH t AS (SELECT format('public.%I', $1::text)::regclass::oid AS oid)
          SELECT format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s USING INDEX %I', $2::text, $1::text,
@@ -964,14 +965,14 @@ async fn try_move_in(
                        CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
                        CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
                                      WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
-                       (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(r::regrole::text) END, ', ')
+                       (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE r::regrole::text END, ', ')
                           FROM unnest(p.polroles) r),
                        ' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')',
                        ' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')')
            FROM t, pg_policy p WHERE p.polrelid = t.oid
          UNION ALL
          SELECT format('GRANT %s ON %I.%I TO %s%s', g.privilege_type, $2::text, $1::text,
-                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END,
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
                        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
            FROM t, pg_class c, aclexplode(c.relacl) g
           WHERE c.oid = t.oid AND g.grantee <> c.relowner

@@ -448,7 +448,8 @@ async fn tables(app: &TestApp) -> (serde_json::Value, serde_json::Value) {
 /// new or after a restore) moves its shadow in whole rather than copying
 /// rows: the rows must be the ones the live projectors built; the tables
 /// are new ones, with every column, constraint, index, policy and grant
-/// the old ones had, and row-level security still applies (a role reading
+/// the old ones had (an operator's own among them), and row-level security
+/// still applies (a role reading
 /// without a scope sees nothing). A second rebuild over the right rows
 /// keeps the tables that hold rows and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,6 +458,15 @@ async fn a_first_build_into_empty_read_models_gives_the_rows_the_live_projectors
     let live = live_rows(&mut app).await;
     empty_read_models(app.pool()).await;
     assert_eq!(app.count("SELECT count(*) FROM crm_tickets").await, 0);
+    // An operator's own grant and policy, to a role whose name needs quoting.
+    let reader = format!("Casebook Reader {}", uuid::Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE \"{reader}\" NOLOGIN"),
+        format!("GRANT SELECT ON crm_messages TO \"{reader}\""),
+        format!("CREATE POLICY \"reader's own\" ON crm_messages FOR SELECT TO \"{reader}\" USING (direction = 'inbound')"),
+    ] {
+        sqlx::query(&statement).execute(app.pool()).await.unwrap();
+    }
     let (empty_oids, described) = tables(&app).await;
     let mut built_oids = None;
     for page in [2, casebook_replay::rebuild::CHUNK] {
@@ -506,6 +516,13 @@ async fn a_first_build_into_empty_read_models_gives_the_rows_the_live_projectors
             .await
             .unwrap();
         assert_eq!(staff, 5, "and its grants and staff policy too");
+    }
+    for statement in [
+        "DROP POLICY \"reader's own\" ON crm_messages".to_string(),
+        format!("REVOKE ALL ON crm_messages FROM \"{reader}\""),
+        format!("DROP ROLE \"{reader}\""),
+    ] {
+        sqlx::query(&statement).execute(app.pool()).await.unwrap();
     }
     app.stop().await;
 }
