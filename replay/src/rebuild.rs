@@ -253,24 +253,7 @@ async fn prepare_shadow(
         // The live table's indexes, but for those only readers use
         // (`Projector::reader_indexes`): the shadow is written by the
         // projector and compared by primary key, never queried by readers.
-        let indexes: Vec<(String, String)> = sqlx::query_as(
-            "SELECT i.relname::text, pg_get_indexdef(x.indexrelid)
-               FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-              WHERE x.indrelid = format('public.%I', $1::text)::regclass
-              ORDER BY i.relname",
-        )
-        .bind(table)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (name, definition) in indexes {
-            if projector.reader_indexes().contains(&name.as_str()) {
-                continue;
-            }
-            let definition = shadow_index(&definition, table, schema).ok_or_else(|| {
-                ProjectionError::Database(sqlx::Error::Protocol(format!(
-                    "index {name} is not defined on public.{table} as expected: {definition}"
-                )))
-            })?;
+        for definition in shadow_indexes(&mut tx, projector, table, schema, false).await? {
             sqlx::query(&definition).execute(&mut *tx).await?;
         }
     }
@@ -728,10 +711,11 @@ async fn swap_lane(
     // A shadow that may be moved in gets the readers' indexes now, built
     // whole from its rows, outside the swap (nobody reads it yet).
     for table in &lane.movable {
-        for definition in
-            reader_index_definitions(pool, lane.projector.as_ref(), table, &lane.schema).await?
-        {
-            sqlx::query(&definition).execute(pool).await?;
+        let mut conn = pool.acquire().await?;
+        let projector = lane.projector.as_ref();
+        let readers = shadow_indexes(&mut conn, projector, table, &lane.schema, true).await?;
+        for definition in readers {
+            sqlx::query(&definition).execute(&mut *conn).await?;
         }
     }
     for table in lane.projector.tables() {
@@ -803,12 +787,14 @@ async fn swap_lane(
 }
 
 /// The definitions, moved onto the shadow's copy of `table`, of the live
-/// table's indexes that only readers use (`Projector::reader_indexes`).
-async fn reader_index_definitions(
-    pool: &PgPool,
+/// table's indexes that only readers use (`Projector::reader_indexes`), or
+/// of all the others.
+async fn shadow_indexes(
+    conn: &mut PgConnection,
     projector: &dyn Projector,
     table: &str,
     schema: &str,
+    readers_only: bool,
 ) -> Result<Vec<String>, ProjectionError> {
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT i.relname::text, pg_get_indexdef(x.indexrelid)
@@ -817,11 +803,11 @@ async fn reader_index_definitions(
           ORDER BY i.relname",
     )
     .bind(table)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     indexes
         .into_iter()
-        .filter(|(name, _)| projector.reader_indexes().contains(&name.as_str()))
+        .filter(|(name, _)| projector.reader_indexes().contains(&name.as_str()) == readers_only)
         .map(|(name, definition)| {
             shadow_index(&definition, table, schema).ok_or_else(|| {
                 ProjectionError::Database(sqlx::Error::Protocol(format!(
