@@ -540,9 +540,16 @@ async fn a_first_build_while_readers_query_fails_no_query_and_shows_no_partial_t
     let app = Arc::new(app);
     let supervisor = token(&app, TokenRole::Supervisor, "sam").await;
     let stop = Arc::new(AtomicBool::new(false));
+    // Rounds of the SQL readers, each over every table.
+    let rounds = Arc::new(AtomicUsize::new(0));
     let mut readers = Vec::new();
     for reader in 0..3 {
-        let (app, stop, supervisor) = (app.clone(), stop.clone(), supervisor.clone());
+        let (app, stop, supervisor, rounds) = (
+            app.clone(),
+            stop.clone(),
+            supervisor.clone(),
+            rounds.clone(),
+        );
         readers.push(tokio::spawn(async move {
             let (mut failures, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
             while !stop.load(Ordering::Relaxed) {
@@ -579,6 +586,7 @@ async fn a_first_build_while_readers_query_fails_no_query_and_shows_no_partial_t
                         Err(e) => failures.push(format!("{table}: {e}")),
                     }
                 }
+                rounds.fetch_add(1, Ordering::Relaxed);
             }
             (failures, seen)
         }));
@@ -587,7 +595,13 @@ async fn a_first_build_while_readers_query_fails_no_query_and_shows_no_partial_t
     casebook_replay::rebuild_paged(app.pool(), &casebook_projections::all_projectors(), 2)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both SQL readers go round at least twice more, after the swaps.
+    let after = rounds.load(Ordering::Relaxed);
+    eventually("readers after the rebuild", Duration::from_secs(60), || {
+        let done = rounds.load(Ordering::Relaxed);
+        async move { (done >= after + 4).then_some(()) }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut seen = std::collections::BTreeSet::new();
     for reader in readers {
