@@ -701,13 +701,6 @@ async fn swap_lane(
 ) -> Result<(), ProjectionError> {
     let started = Instant::now();
     let name = lane.projector.name();
-    // The swap compares the shadow with the live rows: the planner needs
-    // both tables' sizes as they are now (the shadow was never analysed,
-    // and the live tables may have changed a lot since autovacuum last
-    // looked), or it joins them row by row.
-    // Only the key's columns: the row counts and the key's statistics are
-    // what the joins are planned by, and sampling every column (the
-    // tickets' `jsonb` state among them) costs seconds.
     // A shadow that may be moved in gets the readers' indexes now, built
     // whole from its rows, outside the swap (nobody reads it yet).
     for table in &lane.movable {
@@ -718,6 +711,13 @@ async fn swap_lane(
             sqlx::query(&definition).execute(&mut *conn).await?;
         }
     }
+    // The swap compares the shadow with the live rows: the planner needs
+    // both tables' sizes as they are now (the shadow was never analysed,
+    // and the live tables may have changed a lot since autovacuum last
+    // looked), or it joins them row by row.
+    // Only the key's columns: the row counts and the key's statistics are
+    // what the joins are planned by, and sampling every column (the
+    // tickets' `jsonb` state among them) costs seconds.
     for table in lane.projector.tables() {
         let table = table_ident(table)?;
         let mut conn = pool.acquire().await?;
