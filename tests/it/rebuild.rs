@@ -632,6 +632,52 @@ async fn a_first_build_while_readers_query_fails_no_query_and_shows_no_partial_t
     }
 }
 
+/// A first build whose empty live table a reader holds (an open
+/// transaction that read it) does not wait for the reader: after half a
+/// second the swap gives up moving the shadow in, copies the rows into the
+/// table the reader holds, and the reader's transaction carries on and
+/// sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_build_copies_rows_into_a_table_a_reader_holds() {
+    let mut app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
+    let live = live_rows(&mut app).await;
+    empty_read_models(app.pool()).await;
+    let (before, _) = tables(&app).await;
+    let mut reader = app.pool().begin().await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_messages")
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    assert_eq!(seen, 0);
+    // Without the swap's bound it would wait for the reader for ever.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        casebook_replay::rebuild(app.pool(), &casebook_projections::all_projectors()),
+    )
+    .await
+    .expect("the swap does not wait for an idle reader")
+    .unwrap();
+    assert!(all_rows(&app).await == live);
+    let (after, _) = tables(&app).await;
+    assert_eq!(
+        after["crm_messages"], before["crm_messages"],
+        "the table the reader holds was kept"
+    );
+    assert_ne!(
+        after["crm_tickets"], before["crm_tickets"],
+        "the others moved in"
+    );
+    // The reader's transaction carries on, and its next statement sees
+    // the rows whole.
+    let again: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_messages")
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    assert_eq!(again, 5);
+    reader.commit().await.unwrap();
+    app.stop().await;
+}
+
 /// A first build whose live table something depends on (here a view an
 /// operator made over it) is not moved in: dropping the table would take
 /// the view with it. The rows are copied instead, the view keeps working
