@@ -985,8 +985,20 @@ async fn try_move_in(
         .fetch_one(&mut *tx)
         .await?;
     if moved != live {
+        // The first line that differs, for whoever looks into it (catalog
+        // text: names, types, expressions; never a row).
+        let (mut old, mut new) = (live.lines(), moved.lines());
+        let (was, is) = loop {
+            match (old.next(), new.next()) {
+                (None, None) => break ("", ""),
+                (a, b) if a != b => break (a.unwrap_or(""), b.unwrap_or("")),
+                _ => {}
+            }
+        };
         tracing::warn!(
             table,
+            was,
+            is,
             "the shadow does not describe as the live table did; copying its rows instead"
         );
         return Ok(false);

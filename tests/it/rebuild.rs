@@ -680,17 +680,21 @@ async fn a_first_build_copies_rows_into_a_table_a_reader_holds() {
 
 /// A first build whose live table something depends on (here a view an
 /// operator made over it) is not moved in: dropping the table would take
-/// the view with it. The rows are copied instead, the view keeps working
-/// and shows them.
+/// the view with it. Nor is one whose shadow would not describe as the live
+/// table does (here an operator's extended statistics, which `LIKE` copies
+/// under another name). The rows are copied instead, the view keeps working
+/// and shows them, and the statistics stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_build_copies_rows_into_a_table_that_a_view_depends_on() {
+async fn a_first_build_copies_rows_into_a_table_a_view_depends_on_or_its_shadow_cannot_copy() {
     let mut app = TestApp::spawn_with(&[Role::Api, Role::Relay, Role::Projector], &[]).await;
     let live = live_rows(&mut app).await;
     empty_read_models(app.pool()).await;
-    sqlx::query("CREATE VIEW customer_names AS SELECT customer_id, name FROM crm_customers")
-        .execute(app.pool())
-        .await
-        .unwrap();
+    for statement in [
+        "CREATE VIEW customer_names AS SELECT customer_id, name FROM crm_customers",
+        "CREATE STATISTICS conversation_counts (dependencies) ON inbound_count, outbound_count FROM crm_conversations",
+    ] {
+        sqlx::query(statement).execute(app.pool()).await.unwrap();
+    }
     let (before, _) = tables(&app).await;
     casebook_replay::rebuild(app.pool(), &casebook_projections::all_projectors())
         .await
@@ -705,11 +709,26 @@ async fn a_first_build_copies_rows_into_a_table_that_a_view_depends_on() {
         after["crm_tickets"], before["crm_tickets"],
         "the others moved in"
     );
+    assert_eq!(
+        after["crm_conversations"], before["crm_conversations"],
+        "the table whose shadow describes otherwise was kept"
+    );
     assert_eq!(app.count("SELECT count(*) FROM customer_names").await, 5);
-    sqlx::query("DROP VIEW customer_names")
-        .execute(app.pool())
-        .await
-        .unwrap();
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM pg_statistic_ext
+              WHERE stxname = 'conversation_counts' AND stxrelid = 'crm_conversations'::regclass"
+        )
+        .await,
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM crm_conversations").await, 5);
+    for statement in [
+        "DROP VIEW customer_names",
+        "DROP STATISTICS conversation_counts",
+    ] {
+        sqlx::query(statement).execute(app.pool()).await.unwrap();
+    }
     app.stop().await;
 }
 
