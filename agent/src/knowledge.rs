@@ -1,8 +1,9 @@
 //! The knowledge base: articles split into sections (each with its heading
-//! path), embedded, stored in pgvector with a weighted tsvector, and
-//! searched both ways: the sections nearest the question's embedding and
-//! those sharing its words are the candidates, ranked by relevance (cosine
-//! similarity plus the idf-weighted share of the question's words each
+//! path), embedded (the section's text, and its heading path alone),
+//! stored in pgvector with a weighted tsvector, and searched both ways: the
+//! sections nearest the question's embedding and those sharing its words
+//! are the candidates, ranked by relevance (the larger of the text's and
+//! the heading path's cosine similarity plus the idf-weighted share of the question's words each
 //! holds, in headings or text, plus its article's support, read against
 //! how near the question is to the knowledge base as a whole:
 //! `casebook_domain::retrieval`); a passage must be at least
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use casebook_domain::knowledge::{sections, title_of};
+use casebook_domain::knowledge::{sections, title_of, Section};
 use casebook_domain::retrieval::{
     has_synonyms, rank, relevant, strip_pleasantries, synonyms, Candidate, CandidateSet, QueryTerm,
     RankingParams, TermMatch, CLOSENESS_NEIGHBOURS,
@@ -72,7 +73,8 @@ const VOCABULARY_TTL: Duration = Duration::from_secs(60);
 /// words corrected, at most.
 const MAX_TYPOS: usize = 4;
 /// What the chunking is: a change re-chunks unchanged documents.
-const CHUNKING: &str = "sections-v1";
+/// "sections-v2": each section's heading path is embedded alone too.
+const CHUNKING: &str = "sections-v2";
 /// HNSW candidates examined per search: recall against latency. On
 /// 100,000 chunks 400 finds the exact ten nearest for questions near a
 /// topic (as questions about the product are) and keeps recall@10 above
@@ -148,6 +150,12 @@ impl Candidates {
     }
 }
 
+/// A section's two vectors: its text's and its heading path's.
+struct SectionVectors {
+    text: Vec<f32>,
+    heading: Vec<f32>,
+}
+
 /// What a re-embedding did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReembedReport {
@@ -162,7 +170,9 @@ fn content_hash(model: &str, title: &str, body: &str) -> String {
 }
 
 type Row = (String, String, String, Option<String>, String, f64);
-/// A [`Row`] and the question's terms it holds ([`held`]).
+/// A [`Row`], the question's cosine to the section's heading path (None
+/// for a chunk stored without its vector) and the question's terms it
+/// holds ([`held`]).
 type HeldRow = (
     String,
     String,
@@ -170,6 +180,7 @@ type HeldRow = (
     Option<String>,
     String,
     f64,
+    Option<f64>,
     Vec<String>,
 );
 
@@ -342,18 +353,38 @@ impl KnowledgeBase {
         })
     }
 
+    /// An article's sections with their vectors: each section's text
+    /// ([`Section::embedding_text`]) and its heading path alone (the parts
+    /// of a long section share theirs: each path is embedded once).
     async fn embed_sections(
         &self,
         title: &str,
         body: &str,
-    ) -> Result<(Vec<casebook_domain::knowledge::Section>, Vec<Vec<f32>>), KnowledgeError> {
+    ) -> Result<(Vec<Section>, Vec<SectionVectors>), KnowledgeError> {
         let chunks = sections(title, body, CHUNK_WORDS);
-        let mut vectors = Vec::with_capacity(chunks.len());
-        for batch in chunks.chunks(16) {
-            let texts: Vec<String> = batch.iter().map(|c| c.embedding_text()).collect();
-            vectors.extend(self.embedder.embed(&texts).await?);
+        let mut headings: Vec<&str> = chunks.iter().map(|c| c.heading.as_str()).collect();
+        headings.dedup();
+        let texts: Vec<String> = chunks
+            .iter()
+            .map(Section::embedding_text)
+            .chain(headings.iter().map(|h| h.to_string()))
+            .collect();
+        let mut vectors = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(16) {
+            vectors.extend(self.embedder.embed(batch).await?);
         }
-        Ok((chunks, vectors))
+        let heading_vectors = vectors.split_off(chunks.len());
+        let by_heading: std::collections::HashMap<&str, &Vec<f32>> =
+            headings.iter().copied().zip(&heading_vectors).collect();
+        let paired = chunks
+            .iter()
+            .zip(vectors)
+            .map(|(c, text)| SectionVectors {
+                text,
+                heading: by_heading[c.heading.as_str()].clone(),
+            })
+            .collect();
+        Ok((chunks, paired))
     }
 
     async fn insert_chunks(
@@ -361,13 +392,13 @@ impl KnowledgeBase {
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         document_id: &str,
         title: &str,
-        chunks: &[casebook_domain::knowledge::Section],
-        vectors: Vec<Vec<f32>>,
+        chunks: &[Section],
+        vectors: Vec<SectionVectors>,
     ) -> Result<(), KnowledgeError> {
         for (c, v) in chunks.iter().zip(vectors) {
             sqlx::query(
-                "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, section, body, embedding, model)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, section, body, embedding, heading_embedding, model)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(format!("{document_id}#{}", c.ordinal))
             .bind(document_id)
@@ -375,7 +406,8 @@ impl KnowledgeBase {
             .bind(title)
             .bind(&c.heading)
             .bind(&c.text)
-            .bind(Vector::from(v))
+            .bind(Vector::from(v.text))
+            .bind(Vector::from(v.heading))
             .bind(self.embedder.model_name())
             .execute(&mut **tx)
             .await?;
@@ -742,7 +774,8 @@ impl KnowledgeBase {
         .fetch_one(&mut *tx)
         .await?;
         let by_vector: Vec<HeldRow> = sqlx::query_as(&format!(
-            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score, {}
+            "SELECT chunk_id, document_id, title, section, body, 1 - (embedding <=> $1) AS score,
+                    1 - (heading_embedding <=> $1) AS heading_score, {}
                FROM kb_chunks WHERE model = $2 ORDER BY embedding <=> $1 LIMIT $3",
             held("kb_chunks", "$4")
         ))
@@ -775,7 +808,7 @@ impl KnowledgeBase {
                       ORDER BY r DESC, chunk_id
                       LIMIT $4)
                  SELECT c.chunk_id, c.document_id, c.title, c.section, c.body, 1 - (c.embedding <=> $1) AS score,
-                        {}
+                        1 - (c.heading_embedding <=> $1) AS heading_score, {}
                    FROM best JOIN kb_chunks c ON c.model = $3 AND c.chunk_id = best.chunk_id
                   ORDER BY best.r DESC, best.chunk_id",
                 held("c", "$2")
@@ -796,9 +829,10 @@ impl KnowledgeBase {
             .map(|(i, t)| (t.as_str(), i))
             .collect();
         let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
+        let mut heading_scores: Vec<Option<f64>> = Vec::with_capacity(rows.capacity());
         let mut holds: std::collections::HashMap<String, Vec<TermMatch>> =
             std::collections::HashMap::new();
-        for (chunk_id, document_id, title, section, body, score, terms_held) in
+        for (chunk_id, document_id, title, section, body, score, heading_score, terms_held) in
             by_vector.into_iter().chain(by_text)
         {
             if holds.contains_key(&chunk_id) {
@@ -817,6 +851,7 @@ impl KnowledgeBase {
                 .collect();
             holds.insert(chunk_id.clone(), matches);
             rows.push((chunk_id, document_id, title, section, body, score));
+            heading_scores.push(heading_score);
         }
         let set = CandidateSet {
             total_sections: total.max(0) as u64,
@@ -832,10 +867,12 @@ impl KnowledgeBase {
                 .collect(),
             candidates: rows
                 .iter()
-                .map(|r| Candidate {
+                .zip(heading_scores)
+                .map(|(r, heading_cosine)| Candidate {
                     id: r.0.clone(),
                     document: r.1.clone(),
                     cosine: r.5,
+                    heading_cosine,
                     matches: holds.remove(r.0.as_str()).unwrap_or_default(),
                 })
                 .collect(),

@@ -3,11 +3,18 @@
 //!
 //! The store hands over candidates (the sections nearest the question's
 //! embedding and those sharing its words), each with its cosine similarity
-//! and which of the question's terms (stemmed lexemes) it holds, in its
+//! (to the section's embedded text, and to its heading path embedded
+//! alone) and which of the question's terms (stemmed lexemes) it holds, in its
 //! heading path (article title and section headings) or in its text, and
 //! how many sections of the whole knowledge base hold each term.
 //!
-//! A section's relevance is its cosine similarity plus a lexical part: the
+//! A section's similarity is the larger of its two cosines
+//! ([`RankingParams::heading_weight`]): an article's headings are often
+//! the customers' own questions ("How do I export my project data?"), and
+//! a question can be as near its heading as its text is far, the text
+//! being written in the product's words rather than the customer's.
+//!
+//! A section's relevance is its similarity plus a lexical part: the
 //! share of the question's terms it holds, each weighted by its inverse
 //! document frequency (a word most sections hold says little; one only a
 //! few hold says much), a term in a heading counting fully and one only in
@@ -50,8 +57,27 @@ pub struct TermMatch {
 pub struct Candidate {
     pub id: String,
     pub document: String,
+    /// Cosine similarity of the question to the section's embedded text
+    /// (heading path and text).
     pub cosine: f64,
+    /// Cosine similarity of the question to the section's heading path
+    /// embedded alone (None for a section stored without it).
+    pub heading_cosine: Option<f64>,
     pub matches: Vec<TermMatch>,
+}
+
+impl Candidate {
+    /// How similar the section is to the question: its text's cosine, or
+    /// its heading path's where that is higher, at `heading_weight`
+    /// ([`RankingParams::heading_weight`]).
+    pub fn similarity(&self, heading_weight: f64) -> f64 {
+        match self.heading_cosine {
+            Some(heading) if heading > self.cosine => {
+                self.cosine + heading_weight.clamp(0.0, 1.0) * (heading - self.cosine)
+            }
+            _ => self.cosine,
+        }
+    }
 }
 
 /// What the store found for one question.
@@ -89,6 +115,10 @@ pub struct RankingParams {
     /// on the cosine's scale where the line and the draft confidence read
     /// it (docs/performance.md).
     pub closeness_centre: f64,
+    /// How much of the heading path's cosine, where it is above the text's,
+    /// a section takes ([`Candidate::similarity`]): 0 reads the text's
+    /// embedding alone, 1 the larger of the two.
+    pub heading_weight: f64,
 }
 
 impl Default for RankingParams {
@@ -99,6 +129,7 @@ impl Default for RankingParams {
             article_support: 0.6,
             specificity: 0.5,
             closeness_centre: 0.34,
+            heading_weight: 1.0,
         }
     }
 }
@@ -109,7 +140,8 @@ pub const CLOSENESS_NEIGHBOURS: usize = 20;
 
 /// How near a question is to the knowledge base as a whole: the mean cosine
 /// of its [`CLOSENESS_NEIGHBOURS`] nearest candidates (all of them when
-/// there are fewer; 0 when there are none).
+/// there are fewer; 0 when there are none). The texts' cosines: the
+/// nearest are found by them, and the centre was measured on them.
 pub fn closeness(set: &CandidateSet) -> f64 {
     let mut cosines: Vec<f64> = set.candidates.iter().map(|c| c.cosine).collect();
     cosines.sort_by(|a, b| b.total_cmp(a));
@@ -126,7 +158,7 @@ pub fn closeness(set: &CandidateSet) -> f64 {
 pub struct Ranked {
     /// Index into [`CandidateSet::candidates`].
     pub candidate: usize,
-    /// The section's own relevance (cosine plus its lexical part).
+    /// The section's own relevance (similarity plus its lexical part).
     pub own: f64,
     /// What ranks it: its own relevance plus its article's support, read
     /// against the question's closeness to the whole knowledge base
@@ -303,7 +335,7 @@ pub fn rank(set: &CandidateSet, params: &RankingParams) -> Vec<Ranked> {
         .candidates
         .iter()
         .zip(&lexical)
-        .map(|(c, l)| c.cosine + params.lexical_weight * l)
+        .map(|(c, l)| c.similarity(params.heading_weight) + params.lexical_weight * l)
         .collect();
     // Each article's sections, most relevant first.
     let mut by_article: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -473,6 +505,7 @@ mod tests {
 
     fn candidate(id: &str, document: &str, cosine: f64, matches: Vec<TermMatch>) -> Candidate {
         Candidate {
+            heading_cosine: None,
             id: id.into(),
             document: document.into(),
             cosine,
@@ -612,6 +645,59 @@ mod tests {
         );
         assert_eq!(ranked[0].relevance, 0.43);
         assert!(rank(&CandidateSet::default(), &RankingParams::default()).is_empty());
+    }
+
+    #[test]
+    fn a_section_whose_heading_is_the_question_takes_the_headings_cosine() {
+        let with_heading = |mut c: Candidate, heading: Option<f64>| {
+            c.heading_cosine = heading;
+            c
+        };
+        let set = CandidateSet {
+            total_sections: 10,
+            terms: vec![],
+            candidates: vec![
+                // Text a little nearer, heading far.
+                with_heading(candidate("a#0", "a", 0.50, vec![]), Some(0.30)),
+                // Text a little farther, heading the customer's question.
+                with_heading(candidate("b#0", "b", 0.45, vec![]), Some(0.70)),
+                // Stored without a heading vector: the text's cosine.
+                candidate("c#0", "c", 0.48, vec![]),
+            ],
+        };
+        let p = RankingParams {
+            specificity: 0.0,
+            ..RankingParams::default()
+        };
+        let ranked = rank(&set, &p);
+        assert_eq!(
+            ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(),
+            [1, 0, 2]
+        );
+        assert_eq!(ranked[0].relevance, 0.70);
+        // A heading farther than the text takes nothing away.
+        assert_eq!(ranked[1].relevance, 0.50);
+        assert_eq!(ranked[2].relevance, 0.48);
+        // Half the weight: half the way from the text's cosine.
+        let half = RankingParams {
+            heading_weight: 0.5,
+            ..p
+        };
+        assert!((rank(&set, &half)[0].relevance - 0.575).abs() < 1e-12);
+        // No weight: the texts' cosines alone decide.
+        let off = RankingParams {
+            heading_weight: 0.0,
+            ..p
+        };
+        assert_eq!(
+            rank(&set, &off)
+                .iter()
+                .map(|r| r.candidate)
+                .collect::<Vec<_>>(),
+            [0, 2, 1]
+        );
+        // The question's closeness is read from the texts' cosines.
+        assert!((closeness(&set) - (0.50 + 0.45 + 0.48) / 3.0).abs() < 1e-12);
     }
 
     #[test]

@@ -77,6 +77,53 @@ async fn search_returns_sections_with_their_heading_path_by_meaning_and_by_words
         versions,
         vec![("all-MiniLM-L6-v2".to_string(), DIMENSIONS as i32)]
     );
+    // Every chunk has its heading path embedded alone too, by the same
+    // model: the vector of the heading path's text.
+    let headings: Vec<(String, Option<String>, Option<pgvector::Vector>)> = sqlx::query_as(
+        "SELECT chunk_id, section, heading_embedding FROM kb_chunks ORDER BY chunk_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(headings.len() > 32, "{}", headings.len());
+    let embedder = local_embedder();
+    for (chunk_id, section, vector) in headings.iter().step_by(7) {
+        let section = section.clone().expect("every chunk has its heading path");
+        let stored = vector.as_ref().expect("every chunk has a heading vector");
+        let expected = embedder.embed(&[section]).await.unwrap().remove(0);
+        let distance = stored
+            .as_slice()
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(distance < 1e-4, "{chunk_id}: {distance}");
+    }
+}
+
+/// A section stored without its heading vector (before the migration that
+/// added it) is still found, by its text's vector and its words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sections_stored_without_a_heading_vector_are_still_found() {
+    let db = TestDb::create().await;
+    let kb = demo_kb(&db).await;
+    let question = "How do I export my tasks to CSV?";
+    let before = kb.search(question, 3, RELEVANCE_THRESHOLD).await.unwrap();
+    assert_eq!(
+        before[0].document_id, "15-export-project-data",
+        "{before:#?}"
+    );
+    sqlx::query("UPDATE kb_chunks SET heading_embedding = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let after = kb.search(question, 3, 0.0).await.unwrap();
+    assert_eq!(after[0].document_id, "15-export-project-data", "{after:#?}");
+    // Ranked by the text's vector alone, its similarity is no higher.
+    assert!(
+        after[0].score <= before[0].score + 1e-9,
+        "{before:#?} {after:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,6 +492,25 @@ async fn reembedding_switches_models_without_a_moment_where_search_finds_nothing
             .unwrap();
     assert_eq!(models.len(), 2, "{models:?}");
     assert_eq!(models[0].1, models[1].1, "{models:?}");
+    // The new model embedded each heading path too.
+    let headings: Vec<(String, Option<pgvector::Vector>)> = sqlx::query_as(
+        "SELECT section, heading_embedding FROM kb_chunks WHERE model = 'bag-of-words'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(headings.len() as i64, models[0].1);
+    for (section, vector) in headings {
+        let stored = vector.expect("a heading vector").to_vec();
+        let expected = bag_of_words(&section);
+        assert!(
+            stored
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| (a - b).abs() < 1e-5),
+            "{section}"
+        );
+    }
     let hit = new.search("export project data csv", 3, 0.0).await.unwrap();
     assert_eq!(hit[0].document_id, "15-export-project-data", "{hit:#?}");
     // Documents now record the new model: ingesting again changes nothing.
