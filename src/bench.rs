@@ -1327,8 +1327,11 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     for (b, batch) in chunks.chunks(500).enumerate() {
         let mut q = sqlx::QueryBuilder::new(
-            "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, section, body, embedding, model) ",
+            "INSERT INTO kb_chunks (chunk_id, document_id, ordinal, title, section, body, embedding, heading_embedding, model) ",
         );
+        // The heading's vector is the text's here: what a search pays for
+        // reading it is what is measured, not what it adds to the ranking
+        // (`casebook bench answers` measures that).
         q.push_values(batch.iter().enumerate(), |mut row, (i, v)| {
             let n = b * 500 + i;
             let s = &sections[n];
@@ -1338,6 +1341,7 @@ async fn kb(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
                 .push_bind(&s.title)
                 .push_bind(&s.section)
                 .push_bind(&s.body)
+                .push_bind(Vector::from(v.clone()))
                 .push_bind(Vector::from(v.clone()))
                 .push_bind(&model);
         });
@@ -1603,6 +1607,10 @@ pub struct AnswersReport {
     calibrated_threshold: f64,
     threshold_in_use: f64,
     tune: RetrievalScores,
+    /// The baseline, in the same run: the tuning split ranked by the
+    /// sections' text vectors alone (`RankingParams::heading_weight` 0),
+    /// at the line calibrated for that ranking.
+    tune_text_vector_only: BaselineScores,
     /// None with `--tune-only`.
     report: Option<RetrievalScores>,
     end_to_end: Option<EndToEnd>,
@@ -1614,6 +1622,12 @@ pub struct AnswersReport {
     /// The same for the tuning split: what to study when tuning (the
     /// report split's misses are for reporting, not for tuning).
     tune_misses: Vec<Miss>,
+}
+
+#[derive(Debug, Serialize)]
+struct BaselineScores {
+    calibrated_threshold: f64,
+    scores: RetrievalScores,
 }
 
 #[derive(Debug, Serialize)]
@@ -1640,6 +1654,12 @@ impl AnswersReport {
             self.threshold_in_use,
             line("tune", &self.tune),
         );
+        out.push_str(&format!(
+            "  baseline, the sections' text vectors alone (tune, its line {:.3}):
+{}",
+            self.tune_text_vector_only.calibrated_threshold,
+            line("tune", &self.tune_text_vector_only.scores),
+        ));
         if let Some(report) = &self.report {
             out.push_str(&line("report", report));
         }
@@ -1678,7 +1698,7 @@ impl AnswersReport {
 async fn answers(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> {
     use casebook_agent::knowledge::{KnowledgeBase, SpellingCorrection, RELEVANCE_THRESHOLD};
     use casebook_domain::knowledge::{calibrate_threshold, retrieval_scores, EvalSplit};
-    use casebook_domain::retrieval::strip_pleasantries;
+    use casebook_domain::retrieval::{strip_pleasantries, RankingParams};
 
     let (grid_search, tune_only, spelling) = (args.grid, args.tune_only, args.spelling);
 
@@ -1728,6 +1748,18 @@ async fn answers(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> 
         (judge_retrieval(&kb, &tune).await?, Vec::new())
     };
     let threshold = calibrate_threshold(&tune_judged);
+    let tune_text_vector_only = {
+        let text_only = kb.clone().with_ranking(RankingParams {
+            heading_weight: 0.0,
+            ..RankingParams::default()
+        });
+        let judged = judge_retrieval(&text_only, &tune).await?;
+        let line = calibrate_threshold(&judged);
+        BaselineScores {
+            calibrated_threshold: (line * 1000.0).round() / 1000.0,
+            scores: retrieval_scores(&judged, line),
+        }
+    };
     if tune_only {
         // How near the line the unanswerable questions come (tuning split
         // only: the answerable ones under it are among the misses).
@@ -1761,6 +1793,7 @@ async fn answers(scratch: &Scratch, args: &BenchArgs) -> anyhow::Result<Report> 
         calibrated_threshold: (threshold * 1000.0).round() / 1000.0,
         threshold_in_use: RELEVANCE_THRESHOLD,
         tune: retrieval_scores(&tune_judged, RELEVANCE_THRESHOLD),
+        tune_text_vector_only,
         report: report_scores,
         end_to_end,
         tune_end_to_end,
