@@ -624,6 +624,11 @@ mod tests {
         assert_eq!(rank(&set, &alone)[0].candidate, 0);
     }
 
+    /// The candidates' indexes, in ranked order.
+    fn order(ranked: &[Ranked]) -> Vec<usize> {
+        ranked.iter().map(|r| r.candidate).collect()
+    }
+
     #[test]
     fn relevance_is_the_cosine_when_no_word_matches() {
         let set = CandidateSet {
@@ -639,10 +644,7 @@ mod tests {
             ..RankingParams::default()
         };
         let ranked = rank(&set, &p);
-        assert_eq!(
-            ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(),
-            [1, 0]
-        );
+        assert_eq!(order(&ranked), [1, 0]);
         assert_eq!(ranked[0].relevance, 0.43);
         assert!(rank(&CandidateSet::default(), &RankingParams::default()).is_empty());
     }
@@ -670,10 +672,7 @@ mod tests {
             ..RankingParams::default()
         };
         let ranked = rank(&set, &p);
-        assert_eq!(
-            ranked.iter().map(|r| r.candidate).collect::<Vec<_>>(),
-            [1, 0, 2]
-        );
+        assert_eq!(order(&ranked), [1, 0, 2]);
         assert_eq!(ranked[0].relevance, 0.70);
         // A heading farther than the text takes nothing away.
         assert_eq!(ranked[1].relevance, 0.50);
@@ -689,13 +688,7 @@ mod tests {
             heading_weight: 0.0,
             ..p
         };
-        assert_eq!(
-            rank(&set, &off)
-                .iter()
-                .map(|r| r.candidate)
-                .collect::<Vec<_>>(),
-            [0, 2, 1]
-        );
+        assert_eq!(order(&rank(&set, &off)), [0, 2, 1]);
         // The question's closeness is read from the texts' cosines.
         assert!((closeness(&set) - (0.50 + 0.45 + 0.48) / 3.0).abs() < 1e-12);
     }
