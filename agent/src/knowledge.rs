@@ -3,11 +3,11 @@
 //! stored in pgvector with a weighted tsvector, and searched both ways: the
 //! sections nearest the question's embedding and those sharing its words
 //! are the candidates, ranked by relevance (the larger of the text's and
-//! the heading path's cosine similarity plus the idf-weighted share of the question's words each
-//! holds, in headings or text, plus its article's support, read against
-//! how near the question is to the knowledge base as a whole:
-//! `casebook_domain::retrieval`); a passage must be at least
-//! [`RELEVANCE_THRESHOLD`] relevant to count.
+//! the heading path's cosine similarity, plus the idf-weighted share of
+//! the question's words each holds, in headings or text, plus its
+//! article's support, read against how near the question is to the
+//! knowledge base as a whole: `casebook_domain::retrieval`); a passage
+//! must be at least [`RELEVANCE_THRESHOLD`] relevant to count.
 //!
 //! Every chunk records the model that embedded it (and the vector's
 //! dimension): search reads only the chunks of the model it embeds the
