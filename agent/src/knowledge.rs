@@ -354,8 +354,9 @@ impl KnowledgeBase {
     }
 
     /// An article's sections with their vectors: each section's text
-    /// ([`Section::embedding_text`]) and its heading path alone (the parts
-    /// of a long section share theirs: each path is embedded once).
+    /// ([`Section::embedding_text`]) and its heading path alone (each
+    /// distinct path once: the parts of a long section share theirs, and
+    /// two sections may have the same headings).
     async fn embed_sections(
         &self,
         title: &str,
@@ -363,6 +364,7 @@ impl KnowledgeBase {
     ) -> Result<(Vec<Section>, Vec<SectionVectors>), KnowledgeError> {
         let chunks = sections(title, body, CHUNK_WORDS);
         let mut headings: Vec<&str> = chunks.iter().map(|c| c.heading.as_str()).collect();
+        headings.sort_unstable();
         headings.dedup();
         let texts: Vec<String> = chunks
             .iter()
@@ -828,14 +830,15 @@ impl KnowledgeBase {
             .enumerate()
             .map(|(i, t)| (t.as_str(), i))
             .collect();
-        let mut rows: Vec<Row> = Vec::with_capacity(by_vector.len() + by_text.len());
-        let mut heading_scores: Vec<Option<f64>> = Vec::with_capacity(rows.capacity());
-        let mut holds: std::collections::HashMap<String, Vec<TermMatch>> =
-            std::collections::HashMap::new();
+        // Each section once (both sides may bring it), with the evidence
+        // the ranking reads and the row its passage is made from.
+        let mut seen: HashSet<String> = HashSet::with_capacity(by_vector.len() + by_text.len());
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(seen.capacity());
+        let mut rows: Vec<Row> = Vec::with_capacity(seen.capacity());
         for (chunk_id, document_id, title, section, body, score, heading_score, terms_held) in
             by_vector.into_iter().chain(by_text)
         {
-            if holds.contains_key(&chunk_id) {
+            if !seen.insert(chunk_id.clone()) {
                 continue;
             }
             let matches = terms_held
@@ -849,9 +852,14 @@ impl KnowledgeBase {
                     })
                 })
                 .collect();
-            holds.insert(chunk_id.clone(), matches);
+            candidates.push(Candidate {
+                id: chunk_id.clone(),
+                document: document_id.clone(),
+                cosine: score,
+                heading_cosine: heading_score,
+                matches,
+            });
             rows.push((chunk_id, document_id, title, section, body, score));
-            heading_scores.push(heading_score);
         }
         let set = CandidateSet {
             total_sections: total.max(0) as u64,
@@ -865,17 +873,7 @@ impl KnowledgeBase {
                     stands_for: *stands_for,
                 })
                 .collect(),
-            candidates: rows
-                .iter()
-                .zip(heading_scores)
-                .map(|(r, heading_cosine)| Candidate {
-                    id: r.0.clone(),
-                    document: r.1.clone(),
-                    cosine: r.5,
-                    heading_cosine,
-                    matches: holds.remove(r.0.as_str()).unwrap_or_default(),
-                })
-                .collect(),
+            candidates,
         };
         Ok(Candidates { set, rows })
     }

@@ -453,6 +453,50 @@ impl Respond for BagOfWords {
     }
 }
 
+/// Ingest embeds each section's text and each distinct heading path once:
+/// two sections under the same headings, apart in the article, share one
+/// heading vector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_distinct_heading_path_is_embedded_once() {
+    let db = TestDb::create().await;
+    let (api, kb) = remote_kb(&db.pool, BagOfWords, "bag-of-words").await;
+    let body = "## Notes\nFirst note.\n\n## Other\nSomething else.\n\n## Notes\nSecond note.";
+    kb.ingest("notes", "Release notes", body, "test")
+        .await
+        .unwrap();
+    let embedded: Vec<String> = api
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            body["input"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let headings: Vec<&String> = embedded.iter().filter(|t| !t.contains('\n')).collect();
+    assert_eq!(
+        headings,
+        ["Release notes › Notes", "Release notes › Other"],
+        "{embedded:?}"
+    );
+    assert_eq!(embedded.len(), 3 + 2, "{embedded:?}");
+    let stored: Vec<(String, pgvector::Vector)> =
+        sqlx::query_as("SELECT section, heading_embedding FROM kb_chunks ORDER BY ordinal")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].0, stored[2].0);
+    assert_eq!(stored[0].1, stored[2].1);
+    assert_eq!(stored[0].1.to_vec(), bag_of_words("Release notes › Notes"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reembedding_switches_models_without_a_moment_where_search_finds_nothing() {
     let db = TestDb::create().await;
