@@ -11,6 +11,7 @@ use casebook::bench::{answer_through_agent, judge_retrieval, load_eval};
 use casebook_agent::embeddings::{Embedder, EmbeddingSource, DIMENSIONS};
 use casebook_agent::knowledge::{KnowledgeBase, SpellingCorrection, RELEVANCE_THRESHOLD};
 use casebook_domain::knowledge::{retrieval_scores, EvalQuestion, EvalSplit};
+use casebook_domain::retrieval::RankingParams;
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -113,6 +114,12 @@ async fn sections_stored_without_a_heading_vector_are_still_found() {
         before[0].document_id, "15-export-project-data",
         "{before:#?}"
     );
+    // The same knowledge base ranked by the texts' vectors alone.
+    let text_only = kb.clone().with_ranking(RankingParams {
+        heading_weight: 0.0,
+        ..RankingParams::default()
+    });
+    let by_text = text_only.search(question, 5, 0.0).await.unwrap();
     sqlx::query("UPDATE kb_chunks SET heading_embedding = NULL")
         .execute(&db.pool)
         .await
@@ -124,6 +131,8 @@ async fn sections_stored_without_a_heading_vector_are_still_found() {
         after[0].score <= before[0].score + 1e-9,
         "{before:#?} {after:#?}"
     );
+    // Exactly as the texts' vectors alone rank it.
+    assert_eq!(kb.search(question, 5, 0.0).await.unwrap(), by_text);
 }
 
 /// A customer's name for an identity provider the single sign-on article
