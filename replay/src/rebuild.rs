@@ -703,12 +703,14 @@ async fn swap_lane(
     let name = lane.projector.name();
     // A shadow that may be moved in gets the readers' indexes now, built
     // whole from its rows, outside the swap (nobody reads it yet).
-    for table in &lane.movable {
+    if !lane.movable.is_empty() {
         let mut conn = pool.acquire().await?;
         let projector = lane.projector.as_ref();
-        let readers = shadow_indexes(&mut conn, projector, table, &lane.schema, true).await?;
-        for definition in readers {
-            sqlx::query(&definition).execute(&mut *conn).await?;
+        for table in &lane.movable {
+            let readers = shadow_indexes(&mut conn, projector, table, &lane.schema, true).await?;
+            for definition in readers {
+                sqlx::query(&definition).execute(&mut *conn).await?;
+            }
         }
     }
     // The swap compares the shadow with the live rows: the planner needs
@@ -888,7 +890,19 @@ async fn move_in(
         }
         outcome => {
             if let Err(e) = &outcome {
-                tracing::info!(table, error = %e, "shadow not moved in; copying its rows");
+                // A reader holding the table past the bound, or an object
+                // depending on it, is what a move expects to meet; anything
+                // else is a fault in the move, which the copy hides.
+                let expected = matches!(
+                    e,
+                    ProjectionError::Database(sqlx::Error::Database(db))
+                        if matches!(db.code().as_deref(), Some("55P03" | "2BP01"))
+                );
+                if expected {
+                    tracing::info!(table, error = %e, "shadow not moved in; copying its rows");
+                } else {
+                    tracing::warn!(table, error = %e, "shadow not moved in; copying its rows");
+                }
             }
             sqlx::query("ROLLBACK TO SAVEPOINT move_in")
                 .execute(&mut *tx)
